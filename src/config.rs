@@ -1,0 +1,355 @@
+//! Configuration: every knob of SPEC.md §4–§5, the presets, and JSON parsing that names the
+//! offending key for unknown keys, wrong types and out-of-range values.
+
+use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// Which objective the loss computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LossKind {
+    /// Clipped PG on rollouts + λ·exploration term against the expert baseline.
+    Calibrl,
+    /// Clipped PG only (the exploration term is off whatever λ says).
+    Grpo,
+    /// Expert rows trained with the LUFFY off-policy term `−A·π/(π+γ)`.
+    Luffy,
+    /// Expert rows trained with the RL-PLUS off-policy term.
+    Rlplus,
+}
+
+/// How Δ is formed (SPEC §4.2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeltaMode {
+    /// The paper: sequence log-prob sums, Δ_i = S_i − E_g.
+    Sequence,
+    /// The authors' code: per token, Δ[i,t] = ℓ[i,t] − ℓ*[g,t].
+    TokenAligned,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    LeakyRelu,
+    Relu,
+    Tanh,
+    Sigmoid,
+    Huber,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Baseline {
+    Expert,
+    RefPolicy,
+}
+
+/// Token aggregation (SPEC §4.5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Aggregation {
+    #[serde(rename = "token-mean")]
+    TokenMean,
+    #[serde(rename = "seq-mean-token-sum")]
+    SeqMeanTokenSum,
+    #[serde(rename = "seq-mean-token-mean")]
+    SeqMeanTokenMean,
+    #[serde(rename = "seq-mean-token-sum-norm")]
+    SeqMeanTokenSumNorm,
+}
+
+/// KL estimator (SPEC §4.3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KlKind {
+    #[serde(rename = "k1")]
+    K1,
+    #[serde(rename = "abs")]
+    Abs,
+    #[serde(rename = "k2", alias = "mse")]
+    K2,
+    #[serde(rename = "k3", alias = "low_var_kl")]
+    K3,
+}
+
+/// The complete configuration. Field names are the JSON keys.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    pub loss: LossKind,
+    pub delta_mode: DeltaMode,
+    /// Divide S_i by n_i and E_g by n*_g (appendix C ablation).
+    pub length_normalize: bool,
+    pub activation: Activation,
+    /// LeakyReLU negative slope α.
+    pub alpha: f64,
+    pub baseline: Baseline,
+    /// w_i = |A_i| when on, 1 when off (Table 4 ablation).
+    pub rarity_weighting: bool,
+    /// λ, the exploration coefficient.
+    pub lambda: f64,
+    pub clip_low: f64,
+    pub clip_high: f64,
+    /// Dual-clip constant c; off when ≤ 1.
+    pub dual_clip: f64,
+    pub agg: Aggregation,
+    /// The constant denominator of `seq-mean-token-sum-norm`.
+    pub t_norm: Option<f64>,
+    pub norm_by_std: bool,
+    pub adv_eps: f64,
+    /// τ: a rollout is correct when r > τ (unless correctness is given explicitly).
+    pub correct_threshold: f64,
+    /// β_H (the entropy bonus enters the loss as −β_H·L_H).
+    pub entropy_coef: f64,
+    /// β_KL.
+    pub kl_coef: f64,
+    pub kl_kind: KlKind,
+    /// γ of LUFFY's f(π) = π/(π+γ).
+    pub luffy_gamma: f64,
+}
+
+pub const PRESETS: [&str; 3] = ["paper", "reference", "grpo"];
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::preset("paper").expect("paper preset exists")
+    }
+}
+
+impl Config {
+    /// A named preset of SPEC §5.
+    pub fn preset(name: &str) -> Result<Config> {
+        let paper = Config {
+            loss: LossKind::Calibrl,
+            delta_mode: DeltaMode::Sequence,
+            length_normalize: false,
+            activation: Activation::LeakyRelu,
+            alpha: 0.5,
+            baseline: Baseline::Expert,
+            rarity_weighting: true,
+            lambda: 0.1,
+            clip_low: 0.2,
+            clip_high: 0.2,
+            dual_clip: 3.0,
+            agg: Aggregation::TokenMean,
+            t_norm: None,
+            norm_by_std: false,
+            adv_eps: 1e-6,
+            correct_threshold: 0.1,
+            entropy_coef: 0.0,
+            kl_coef: 0.0,
+            kl_kind: KlKind::K3,
+            luffy_gamma: 0.1,
+        };
+        match name {
+            "paper" => Ok(paper),
+            "reference" => Ok(Config {
+                delta_mode: DeltaMode::TokenAligned,
+                ..paper
+            }),
+            "grpo" => Ok(Config {
+                loss: LossKind::Grpo,
+                lambda: 0.0,
+                ..paper
+            }),
+            other => Err(Error::config(
+                "preset",
+                format!("unknown preset {other:?} (expected one of {})", PRESETS.join(", ")),
+            )),
+        }
+    }
+
+    /// Parses JSON: an object whose optional `"preset"` key picks the starting point (default
+    /// `paper`) and whose other keys override fields. Errors name the key.
+    pub fn from_json(text: &str) -> Result<Config> {
+        let value: Value = serde_json::from_str(text)
+            .map_err(|e| Error::new(crate::error::CalibrlStatus::InvalidConfig, format!("config JSON: {e}")))?;
+        let Value::Object(map) = value else {
+            return Err(Error::new(
+                crate::error::CalibrlStatus::InvalidConfig,
+                "config JSON: expected an object at the top level",
+            ));
+        };
+        Config::from_map(map)
+    }
+
+    fn from_map(mut map: Map<String, Value>) -> Result<Config> {
+        let preset = match map.remove("preset") {
+            None => "paper".to_string(),
+            Some(Value::String(s)) => s,
+            Some(other) => return Err(Error::config("preset", format!("expected a string, got {other}"))),
+        };
+        let mut base = match serde_json::to_value(Config::preset(&preset)?) {
+            Ok(Value::Object(m)) => m,
+            _ => unreachable!("Config serialises to an object"),
+        };
+        for (key, value) in map {
+            if !base.contains_key(&key) {
+                let known: Vec<&str> = base.keys().map(|k| k.as_str()).collect();
+                return Err(Error::config(
+                    &key,
+                    format!("unknown key (known keys: preset, {})", known.join(", ")),
+                ));
+            }
+            check_type(&key, &base[&key], &value)?;
+            base.insert(key, value);
+        }
+        let cfg: Config = serde_json::from_value(Value::Object(base)).map_err(|e| {
+            Error::new(crate::error::CalibrlStatus::InvalidConfig, format!("config: {e}"))
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("Config serialises")
+    }
+
+    /// Range checks; every error names the key.
+    pub fn validate(&self) -> Result<()> {
+        let finite = |key: &str, v: f64| -> Result<()> {
+            if v.is_finite() {
+                Ok(())
+            } else {
+                Err(Error::config(key, format!("{v} is not finite")))
+            }
+        };
+        for (k, v) in [
+            ("alpha", self.alpha),
+            ("lambda", self.lambda),
+            ("clip_low", self.clip_low),
+            ("clip_high", self.clip_high),
+            ("dual_clip", self.dual_clip),
+            ("adv_eps", self.adv_eps),
+            ("correct_threshold", self.correct_threshold),
+            ("entropy_coef", self.entropy_coef),
+            ("kl_coef", self.kl_coef),
+            ("luffy_gamma", self.luffy_gamma),
+        ] {
+            finite(k, v)?;
+        }
+        if !(0.0..=1.0).contains(&self.alpha) {
+            return Err(Error::config("alpha", format!("{} is outside [0, 1]", self.alpha)));
+        }
+        if self.lambda < 0.0 {
+            return Err(Error::config("lambda", format!("{} is negative", self.lambda)));
+        }
+        if !(0.0..1.0).contains(&self.clip_low) {
+            return Err(Error::config("clip_low", format!("{} is outside [0, 1)", self.clip_low)));
+        }
+        if self.clip_high < 0.0 {
+            return Err(Error::config("clip_high", format!("{} is negative", self.clip_high)));
+        }
+        if self.adv_eps <= 0.0 {
+            return Err(Error::config("adv_eps", format!("{} must be > 0", self.adv_eps)));
+        }
+        if self.luffy_gamma <= 0.0 {
+            return Err(Error::config("luffy_gamma", format!("{} must be > 0", self.luffy_gamma)));
+        }
+        match (self.agg, self.t_norm) {
+            (Aggregation::SeqMeanTokenSumNorm, None) => {
+                return Err(Error::config(
+                    "t_norm",
+                    "is required when agg is \"seq-mean-token-sum-norm\"",
+                ))
+            }
+            (_, Some(t)) if !(t.is_finite() && t > 0.0) => {
+                return Err(Error::config("t_norm", format!("{t} must be finite and > 0")))
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// λ as it applies: zero unless the loss kind is CalibRL.
+    pub fn effective_lambda(&self) -> f64 {
+        if self.loss == LossKind::Calibrl {
+            self.lambda
+        } else {
+            0.0
+        }
+    }
+
+    pub fn trains_expert_rows(&self) -> bool {
+        matches!(self.loss, LossKind::Luffy | LossKind::Rlplus)
+    }
+}
+
+/// Rejects a value whose JSON type differs from the default's (so `"lambda": "0.1"` names the
+/// key instead of a serde position).
+fn check_type(key: &str, default: &Value, value: &Value) -> Result<()> {
+    let ok = match default {
+        Value::Bool(_) => value.is_boolean(),
+        Value::Number(_) => value.is_number(),
+        Value::String(_) => value.is_string(),
+        // Option<f64> fields (t_norm) default to null.
+        Value::Null => value.is_number() || value.is_null(),
+        _ => true,
+    };
+    if !ok {
+        let expected = match default {
+            Value::Bool(_) => "a boolean",
+            Value::Number(_) => "a number",
+            Value::String(_) => "a string",
+            _ => "a number or null",
+        };
+        return Err(Error::config(key, format!("expected {expected}, got {value}")));
+    }
+    if let Value::String(_) = default {
+        // Check the enum value on its own, so the message names this key.
+        let mut probe = serde_json::to_value(Config::default()).expect("serialises");
+        probe[key] = value.clone();
+        if let Err(e) = serde_json::from_value::<Config>(probe) {
+            let msg = e.to_string();
+            let msg = msg.split(" at line").next().unwrap_or(&msg).to_string();
+            return Err(Error::config(key, msg));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_match_spec_table() {
+        let p = Config::preset("paper").unwrap();
+        assert_eq!(p.delta_mode, DeltaMode::Sequence);
+        assert_eq!((p.alpha, p.lambda, p.dual_clip, p.correct_threshold), (0.5, 0.1, 3.0, 0.1));
+        assert!(!p.norm_by_std);
+        let r = Config::preset("reference").unwrap();
+        assert_eq!(r.delta_mode, DeltaMode::TokenAligned);
+        assert_eq!(r.agg, Aggregation::TokenMean);
+        let g = Config::preset("grpo").unwrap();
+        assert_eq!((g.loss, g.lambda), (LossKind::Grpo, 0.0));
+    }
+
+    #[test]
+    fn json_overrides_and_round_trip() {
+        let c = Config::from_json(r#"{"preset":"reference","lambda":0.3,"kl_kind":"low_var_kl"}"#).unwrap();
+        assert_eq!(c.lambda, 0.3);
+        assert_eq!(c.kl_kind, KlKind::K3);
+        assert_eq!(c.delta_mode, DeltaMode::TokenAligned);
+        assert_eq!(Config::from_json(&c.to_json()).unwrap(), c);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            (r#"{"lamda":0.1}"#, "`lamda`"),
+            (r#"{"lambda":"0.1"}"#, "`lambda`"),
+            (r#"{"alpha":1.5}"#, "`alpha`"),
+            (r#"{"activation":"gelu"}"#, "`activation`"),
+            (r#"{"agg":"seq-mean-token-sum-norm"}"#, "`t_norm`"),
+            (r#"{"preset":"ppo"}"#, "`preset`"),
+            (r#"{"clip_low":-0.1}"#, "`clip_low`"),
+        ];
+        for (json, key) in cases {
+            let e = Config::from_json(json).unwrap_err();
+            assert_eq!(e.status, crate::error::CalibrlStatus::InvalidConfig, "{json}");
+            assert!(e.message.contains(key), "{json}: {}", e.message);
+        }
+        assert!(Config::from_json("[1]").is_err());
+        assert!(Config::from_json("{").is_err());
+    }
+}

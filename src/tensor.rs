@@ -1,0 +1,549 @@
+//! Borrowed DLPack tensors: the `DLTensor` descriptor every ABI call takes, and `Tensor`, a
+//! validated view of one that knows its argument name (so every error can name it).
+//!
+//! The structs are layout-identical to DLPack's (`dlpack.h`, v0.6 through v1.x): a caller
+//! that already has a `DLTensor` from PyTorch, JAX or CuPy passes it as is.
+
+use crate::error::{Error, Result};
+use half::{bf16, f16};
+use std::ffi::c_void;
+
+/// DLPack device: `device_type` 1 = CPU, 2 = CUDA, 3 = CUDA pinned host, 13 = CUDA managed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DLDevice {
+    pub device_type: i32,
+    pub device_id: i32,
+}
+
+/// DLPack dtype: `code` 0 = int, 1 = uint, 2 = float, 4 = bfloat, 6 = bool.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DLDataType {
+    pub code: u8,
+    pub bits: u8,
+    pub lanes: u16,
+}
+
+/// DLPack tensor descriptor, borrowed for the duration of one call.
+#[repr(C)]
+#[derive(Debug)]
+pub struct DLTensor {
+    pub data: *mut c_void,
+    pub device: DLDevice,
+    pub ndim: i32,
+    pub dtype: DLDataType,
+    pub shape: *mut i64,
+    /// NULL means compact row-major.
+    pub strides: *mut i64,
+    pub byte_offset: u64,
+}
+
+pub const DL_CPU: i32 = 1;
+pub const DL_CUDA: i32 = 2;
+pub const DL_CUDA_HOST: i32 = 3;
+pub const DL_CUDA_MANAGED: i32 = 13;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F16,
+    BF16,
+    F32,
+    F64,
+    I32,
+    I64,
+    U8,
+    I8,
+    Bool,
+}
+
+impl DType {
+    fn from_dl(dt: DLDataType) -> Option<DType> {
+        if dt.lanes != 1 {
+            return None;
+        }
+        Some(match (dt.code, dt.bits) {
+            (2, 16) => DType::F16,
+            (4, 16) => DType::BF16,
+            (2, 32) => DType::F32,
+            (2, 64) => DType::F64,
+            (0, 32) => DType::I32,
+            (0, 64) => DType::I64,
+            (0, 8) => DType::I8,
+            (1, 8) => DType::U8,
+            (6, 8) => DType::Bool,
+            _ => return None,
+        })
+    }
+    pub fn size(self) -> usize {
+        match self {
+            DType::F16 | DType::BF16 => 2,
+            DType::F32 | DType::I32 => 4,
+            DType::F64 | DType::I64 => 8,
+            DType::U8 | DType::I8 | DType::Bool => 1,
+        }
+    }
+    pub fn is_float(self) -> bool {
+        matches!(self, DType::F16 | DType::BF16 | DType::F32 | DType::F64)
+    }
+    pub fn is_int(self) -> bool {
+        matches!(self, DType::I32 | DType::I64)
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F16 => "float16",
+            DType::BF16 => "bfloat16",
+            DType::F32 => "float32",
+            DType::F64 => "float64",
+            DType::I32 => "int32",
+            DType::I64 => "int64",
+            DType::U8 => "uint8",
+            DType::I8 => "int8",
+            DType::Bool => "bool",
+        }
+    }
+}
+
+/// Where a tensor's memory lives, as far as the backends care.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Device {
+    /// Host memory the CPU can read (plain CPU, CUDA pinned host).
+    Cpu,
+    /// CUDA device memory of the given ordinal (managed memory counts as device memory).
+    Cuda(i32),
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+/// A validated, borrowed view of a `DLTensor`.
+#[derive(Clone, Debug)]
+pub struct Tensor<'a> {
+    pub name: &'static str,
+    /// Data pointer with `byte_offset` already applied.
+    pub ptr: *mut u8,
+    pub dtype: DType,
+    pub device: Device,
+    pub shape: Vec<usize>,
+    /// Strides in elements (always filled in, compact row-major when the descriptor had none).
+    pub strides: Vec<isize>,
+    _borrow: std::marker::PhantomData<&'a DLTensor>,
+}
+
+// A `Tensor` is a borrowed view used within one call; the CPU backend splits the rows of a call
+// across scoped threads that each touch disjoint elements.
+unsafe impl Send for Tensor<'_> {}
+unsafe impl Sync for Tensor<'_> {}
+
+impl<'a> Tensor<'a> {
+    /// Validates a descriptor pointer: non-NULL, known dtype and device, sane shape.
+    ///
+    /// # Safety
+    /// `raw` must be NULL or point to a `DLTensor` whose `shape` (and `strides`, when non-NULL)
+    /// arrays hold `ndim` elements, valid for `'a`.
+    pub unsafe fn from_raw(raw: *const DLTensor, name: &'static str) -> Result<Tensor<'a>> {
+        let t = raw.as_ref().ok_or_else(|| Error::null(name))?;
+        let dtype = DType::from_dl(t.dtype).ok_or_else(|| {
+            Error::dtype(
+                name,
+                format!(
+                    "unsupported DLPack dtype (code {}, bits {}, lanes {})",
+                    t.dtype.code, t.dtype.bits, t.dtype.lanes
+                ),
+            )
+        })?;
+        let device = match t.device.device_type {
+            DL_CPU | DL_CUDA_HOST => Device::Cpu,
+            DL_CUDA | DL_CUDA_MANAGED => Device::Cuda(t.device.device_id),
+            other => {
+                return Err(Error::device(
+                    name,
+                    format!("unsupported DLPack device type {other} (expected CPU=1 or CUDA=2)"),
+                ))
+            }
+        };
+        if !(0..=8).contains(&t.ndim) {
+            return Err(Error::shape(name, format!("ndim {} is out of range 0..=8", t.ndim)));
+        }
+        let ndim = t.ndim as usize;
+        if ndim > 0 && t.shape.is_null() {
+            return Err(Error::null(name).with_suffix(".shape"));
+        }
+        let mut shape = Vec::with_capacity(ndim);
+        for d in 0..ndim {
+            let e = *t.shape.add(d);
+            if e < 0 {
+                return Err(Error::shape(name, format!("dimension {d} is negative ({e})")));
+            }
+            shape.push(e as usize);
+        }
+        let numel = shape
+            .iter()
+            .try_fold(1usize, |acc, &e| acc.checked_mul(e))
+            .ok_or_else(|| Error::shape(name, "element count overflows"))?;
+        let strides = if t.strides.is_null() {
+            compact_strides(&shape)
+        } else {
+            (0..ndim).map(|d| *t.strides.add(d) as isize).collect()
+        };
+        if numel > 0 && t.data.is_null() {
+            return Err(Error::null(name).with_suffix(".data"));
+        }
+        let ptr = (t.data as *mut u8).wrapping_add(t.byte_offset as usize);
+        Ok(Tensor {
+            name,
+            ptr,
+            dtype,
+            device,
+            shape,
+            strides,
+            _borrow: std::marker::PhantomData,
+        })
+    }
+
+    /// Like `from_raw`, but NULL gives `None`.
+    ///
+    /// # Safety
+    /// As `from_raw`.
+    pub unsafe fn optional(raw: *const DLTensor, name: &'static str) -> Result<Option<Tensor<'a>>> {
+        if raw.is_null() {
+            Ok(None)
+        } else {
+            Tensor::from_raw(raw, name).map(Some)
+        }
+    }
+
+    pub fn ndim(&self) -> usize {
+        self.shape.len()
+    }
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+    pub fn is_contiguous(&self) -> bool {
+        self.strides == compact_strides(&self.shape)
+            || self.shape.iter().filter(|&&e| e != 1).count() <= 1 && self.inner_dense()
+    }
+    fn inner_dense(&self) -> bool {
+        // A tensor with at most one non-trivial dimension is contiguous when that dimension has
+        // stride 1 (strides of size-1 dimensions do not matter).
+        self.shape
+            .iter()
+            .zip(&self.strides)
+            .all(|(&e, &s)| e <= 1 || s == 1)
+    }
+
+    pub fn require_contiguous(&self) -> Result<()> {
+        if self.is_contiguous() {
+            Ok(())
+        } else {
+            Err(Error::layout(
+                self.name,
+                format!(
+                    "must be contiguous (row-major), got shape {:?} strides {:?}",
+                    self.shape, self.strides
+                ),
+            ))
+        }
+    }
+
+    pub fn require_dtype(&self, allowed: &[DType]) -> Result<()> {
+        if allowed.contains(&self.dtype) {
+            Ok(())
+        } else {
+            let names: Vec<_> = allowed.iter().map(|d| d.name()).collect();
+            Err(Error::dtype(
+                self.name,
+                format!("dtype {} is not accepted (expected one of {})", self.dtype.name(), names.join(", ")),
+            ))
+        }
+    }
+
+    pub fn require_float(&self) -> Result<()> {
+        self.require_dtype(&[DType::F32, DType::F64, DType::BF16, DType::F16])
+    }
+
+    pub fn require_shape(&self, expected: &[usize]) -> Result<()> {
+        if self.shape == expected {
+            Ok(())
+        } else {
+            Err(Error::shape(
+                self.name,
+                format!("expected shape {:?}, got {:?}", expected, self.shape),
+            ))
+        }
+    }
+
+    pub fn require_ndim(&self, ndim: usize) -> Result<()> {
+        if self.ndim() == ndim {
+            Ok(())
+        } else {
+            Err(Error::shape(
+                self.name,
+                format!("expected {ndim}-D, got {}-D shape {:?}", self.ndim(), self.shape),
+            ))
+        }
+    }
+
+    pub fn require_device(&self, device: Device) -> Result<()> {
+        if self.device == device {
+            Ok(())
+        } else {
+            Err(Error::device(
+                self.name,
+                format!("is on {}, but the call's tensors are on {}", self.device, device),
+            ))
+        }
+    }
+
+    /// Element offset (in elements, may be negative for negative strides) of a flat row-major
+    /// index.
+    fn offset_of(&self, mut flat: usize) -> isize {
+        let mut off = 0isize;
+        for d in (0..self.ndim()).rev() {
+            let e = self.shape[d].max(1);
+            off += (flat % e) as isize * self.strides[d];
+            flat /= e;
+        }
+        off
+    }
+
+    fn require_host(&self) -> Result<()> {
+        if self.device == Device::Cpu {
+            Ok(())
+        } else {
+            Err(Error::device(self.name, format!("is on {}, expected host memory", self.device)))
+        }
+    }
+
+    /// Reads every element (row-major order) as f64. Host tensors only.
+    pub fn read_f64(&self) -> Result<Vec<f64>> {
+        self.require_host()?;
+        let n = self.numel();
+        let contiguous = self.is_contiguous();
+        let mut out = Vec::with_capacity(n);
+        unsafe {
+            macro_rules! read {
+                ($t:ty, $conv:expr) => {{
+                    let base = self.ptr as *const $t;
+                    if contiguous {
+                        let s = std::slice::from_raw_parts(base, n);
+                        out.extend(s.iter().map(|&v| $conv(v)));
+                    } else {
+                        for i in 0..n {
+                            out.push($conv(*base.offset(self.offset_of(i))));
+                        }
+                    }
+                }};
+            }
+            match self.dtype {
+                DType::F16 => read!(f16, |v: f16| v.to_f64()),
+                DType::BF16 => read!(bf16, |v: bf16| v.to_f64()),
+                DType::F32 => read!(f32, |v: f32| v as f64),
+                DType::F64 => read!(f64, |v: f64| v),
+                DType::I32 => read!(i32, |v: i32| v as f64),
+                DType::I64 => read!(i64, |v: i64| v as f64),
+                DType::U8 | DType::Bool => read!(u8, |v: u8| v as f64),
+                DType::I8 => read!(i8, |v: i8| v as f64),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reads a float tensor and rejects NaN or infinity, naming the first bad element.
+    pub fn read_finite_f64(&self) -> Result<Vec<f64>> {
+        let v = self.read_f64()?;
+        if let Some((i, &x)) = v.iter().enumerate().find(|(_, x)| !x.is_finite()) {
+            return Err(Error::non_finite(self.name, i, x));
+        }
+        Ok(v)
+    }
+
+    /// Reads an integer tensor (int32 / int64) as i64. Host tensors only.
+    pub fn read_i64(&self) -> Result<Vec<i64>> {
+        self.require_dtype(&[DType::I32, DType::I64])?;
+        self.require_host()?;
+        let n = self.numel();
+        let mut out = Vec::with_capacity(n);
+        unsafe {
+            for i in 0..n {
+                let off = self.offset_of(i);
+                out.push(match self.dtype {
+                    DType::I32 => *(self.ptr as *const i32).offset(off) as i64,
+                    _ => *(self.ptr as *const i64).offset(off),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reads a boolean-like tensor (bool, uint8, int8, int32, int64): non-zero is true.
+    pub fn read_bool(&self) -> Result<Vec<bool>> {
+        self.require_dtype(&[DType::Bool, DType::U8, DType::I8, DType::I32, DType::I64])?;
+        Ok(self.read_f64()?.into_iter().map(|v| v != 0.0).collect())
+    }
+
+    /// Writes `values` (row-major order) converting to the tensor's float dtype. Host only.
+    /// Callers validate everything first: this is the last step of an operation.
+    pub fn write_f64(&self, values: &[f64]) -> Result<()> {
+        self.require_host()?;
+        if values.len() != self.numel() {
+            return Err(Error::shape(
+                self.name,
+                format!("has {} elements, {} values to write", self.numel(), values.len()),
+            ));
+        }
+        let contiguous = self.is_contiguous();
+        unsafe {
+            macro_rules! write {
+                ($t:ty, $conv:expr) => {{
+                    let base = self.ptr as *mut $t;
+                    if contiguous {
+                        let s = std::slice::from_raw_parts_mut(base, values.len());
+                        for (d, &v) in s.iter_mut().zip(values) {
+                            *d = $conv(v);
+                        }
+                    } else {
+                        for (i, &v) in values.iter().enumerate() {
+                            *base.offset(self.offset_of(i)) = $conv(v);
+                        }
+                    }
+                }};
+            }
+            match self.dtype {
+                DType::F16 => write!(f16, f16::from_f64),
+                DType::BF16 => write!(bf16, bf16::from_f64),
+                DType::F32 => write!(f32, |v: f64| v as f32),
+                DType::F64 => write!(f64, |v: f64| v),
+                other => {
+                    return Err(Error::dtype(
+                        self.name,
+                        format!("output dtype {} is not a float dtype", other.name()),
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Byte range `[start, end)` this tensor's elements can touch (for aliasing checks).
+    pub fn byte_span(&self) -> (usize, usize) {
+        if self.numel() == 0 {
+            return (self.ptr as usize, self.ptr as usize);
+        }
+        let mut lo = 0isize;
+        let mut hi = 0isize;
+        for (&e, &s) in self.shape.iter().zip(&self.strides) {
+            let reach = (e as isize - 1) * s;
+            if reach < 0 {
+                lo += reach
+            } else {
+                hi += reach
+            }
+        }
+        let sz = self.dtype.size() as isize;
+        let base = self.ptr as isize;
+        ((base + lo * sz) as usize, (base + (hi + 1) * sz) as usize)
+    }
+
+    /// True when the two tensors share any bytes.
+    pub fn overlaps(&self, other: &Tensor) -> bool {
+        let (a0, a1) = self.byte_span();
+        let (b0, b1) = other.byte_span();
+        a0 < b1 && b0 < a1
+    }
+}
+
+impl Error {
+    fn with_suffix(mut self, suffix: &str) -> Self {
+        // `name` is NULL -> `name.data` is NULL
+        self.message = self.message.replacen("` is NULL", &format!("{suffix}` is NULL"), 1);
+        self
+    }
+}
+
+pub fn compact_strides(shape: &[usize]) -> Vec<isize> {
+    let mut strides = vec![0isize; shape.len()];
+    let mut acc = 1isize;
+    for d in (0..shape.len()).rev() {
+        strides[d] = acc;
+        acc *= shape[d].max(1) as isize;
+    }
+    strides
+}
+
+/// The single device of a call: every given tensor must be on it.
+pub fn common_device(tensors: &[Option<&Tensor>]) -> Result<Device> {
+    let mut first: Option<&Tensor> = None;
+    for t in tensors.iter().flatten() {
+        match first {
+            None => first = Some(t),
+            Some(f) if f.device != t.device => {
+                return Err(Error::device(
+                    t.name,
+                    format!("is on {}, but `{}` is on {}", t.device, f.name, f.device),
+                ))
+            }
+            _ => {}
+        }
+    }
+    Ok(first.map(|t| t.device).unwrap_or(Device::Cpu))
+}
+
+/// Owned host tensor helper for Rust callers and tests: builds a `DLTensor` over a slice.
+pub struct HostTensor {
+    pub shape: Vec<i64>,
+    pub desc: DLTensor,
+}
+
+impl HostTensor {
+    fn new(data: *mut c_void, dtype: DLDataType, shape: &[usize]) -> Box<HostTensor> {
+        let mut b = Box::new(HostTensor {
+            shape: shape.iter().map(|&s| s as i64).collect(),
+            desc: DLTensor {
+                data,
+                device: DLDevice { device_type: DL_CPU, device_id: 0 },
+                ndim: shape.len() as i32,
+                dtype,
+                shape: std::ptr::null_mut(),
+                strides: std::ptr::null_mut(),
+                byte_offset: 0,
+            },
+        });
+        b.desc.shape = b.shape.as_mut_ptr();
+        b
+    }
+    /// A descriptor over `data` viewed with `shape`. The caller keeps `data` alive.
+    pub fn f64(data: &mut [f64], shape: &[usize]) -> Box<HostTensor> {
+        Self::new(data.as_mut_ptr() as _, DLDataType { code: 2, bits: 64, lanes: 1 }, shape)
+    }
+    pub fn f32(data: &mut [f32], shape: &[usize]) -> Box<HostTensor> {
+        Self::new(data.as_mut_ptr() as _, DLDataType { code: 2, bits: 32, lanes: 1 }, shape)
+    }
+    pub fn bf16(data: &mut [bf16], shape: &[usize]) -> Box<HostTensor> {
+        Self::new(data.as_mut_ptr() as _, DLDataType { code: 4, bits: 16, lanes: 1 }, shape)
+    }
+    pub fn f16(data: &mut [f16], shape: &[usize]) -> Box<HostTensor> {
+        Self::new(data.as_mut_ptr() as _, DLDataType { code: 2, bits: 16, lanes: 1 }, shape)
+    }
+    pub fn i64(data: &mut [i64], shape: &[usize]) -> Box<HostTensor> {
+        Self::new(data.as_mut_ptr() as _, DLDataType { code: 0, bits: 64, lanes: 1 }, shape)
+    }
+    pub fn i32(data: &mut [i32], shape: &[usize]) -> Box<HostTensor> {
+        Self::new(data.as_mut_ptr() as _, DLDataType { code: 0, bits: 32, lanes: 1 }, shape)
+    }
+    pub fn u8(data: &mut [u8], shape: &[usize]) -> Box<HostTensor> {
+        Self::new(data.as_mut_ptr() as _, DLDataType { code: 1, bits: 8, lanes: 1 }, shape)
+    }
+    pub fn as_ptr(&self) -> *const DLTensor {
+        &self.desc
+    }
+    pub fn as_mut_ptr(&mut self) -> *mut DLTensor {
+        &mut self.desc
+    }
+}
