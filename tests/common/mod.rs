@@ -706,21 +706,32 @@ pub fn central_diff(x: &mut [f64], i: usize, h: f64, mut f: impl FnMut(&[f64]) -
 // Logits path wrappers
 // ---------------------------------------------------------------------------------------------
 
+/// Forward with f64 outputs (so a saved lse of |u| ~ 1e4 keeps its precision).
+pub fn lib_logits_forward(
+    logits: &Tensor,
+    labels: &Tensor,
+    temp: f64,
+) -> Result<LibFwd, (i32, String)> {
+    lib_logits_forward_dt(logits, labels, temp, Dt::F64)
+}
+
 pub struct LibFwd {
     pub logp: Vec<f64>,
     pub ent: Vec<f64>,
     pub lse: Vec<f64>,
 }
 
-pub fn lib_logits_forward(
+/// Forward with `[N]` outputs of dtype `out_dt`.
+pub fn lib_logits_forward_dt(
     logits: &Tensor,
     labels: &Tensor,
     temp: f64,
+    out_dt: Dt,
 ) -> Result<LibFwd, (i32, String)> {
     let n = labels.n;
-    let mut lp = Tensor::filled(f64::NAN, &[n], Dt::F32);
-    let mut en = Tensor::filled(f64::NAN, &[n], Dt::F32);
-    let mut ls = Tensor::filled(f64::NAN, &[n], Dt::F32);
+    let mut lp = Tensor::filled(f64::NAN, &[n], out_dt);
+    let mut en = Tensor::filled(f64::NAN, &[n], out_dt);
+    let mut ls = Tensor::filled(f64::NAN, &[n], out_dt);
     let st = unsafe {
         calibrl::ffi::logits::calibrl_logits_forward(
             logits.lib(),
@@ -756,10 +767,10 @@ pub fn lib_logits_backward(
     grad: Option<&mut Tensor>,
 ) -> Result<(), (i32, String)> {
     let n = labels.n;
-    let lse_t = Tensor::new(lse, &[n], Dt::F32);
-    let ent_t = Tensor::new(ent, &[n], Dt::F32);
-    let g_t = Tensor::new(g, &[n], Dt::F32);
-    let h_t = h.map(|h| Tensor::new(h, &[n], Dt::F32));
+    let lse_t = Tensor::new(lse, &[n], Dt::F64);
+    let ent_t = Tensor::new(ent, &[n], Dt::F64);
+    let g_t = Tensor::new(g, &[n], Dt::F64);
+    let h_t = h.map(|h| Tensor::new(h, &[n], Dt::F64));
     let logits_ptr = logits.lib();
     let out = match grad {
         Some(t) => t.lib_mut(),
