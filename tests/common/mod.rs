@@ -795,3 +795,44 @@ pub fn lib_logits_backward(
     }
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------------
+// The built cdylib
+// ---------------------------------------------------------------------------------------------
+
+/// `target/<profile>/libcalibrl.so`, found from the test executable
+/// (`target/<profile>/deps/<test>`). `cargo test --test X` builds only the rlib, so this runs
+/// `cargo build --lib` for the same profile and target directory first (a no-op when fresh);
+/// that also keeps a stale library from being tested.
+pub fn cdylib_path() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target/<profile>")
+        .to_path_buf();
+    let target_dir = profile_dir.parent().expect("target dir");
+    let profile = profile_dir.file_name().unwrap().to_str().unwrap();
+    let profile = if profile == "debug" { "dev" } else { profile };
+    let status = std::process::Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "--lib",
+            "--quiet",
+            "--profile",
+            profile,
+            "--target-dir",
+        ])
+        .arg(target_dir)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("run cargo build --lib");
+    assert!(status.success(), "cargo build --lib failed");
+    let path = profile_dir.join(format!(
+        "{}calibrl{}",
+        std::env::consts::DLL_PREFIX,
+        std::env::consts::DLL_SUFFIX
+    ));
+    assert!(path.exists(), "{} not found", path.display());
+    path
+}
