@@ -49,11 +49,27 @@ struct __align__(16) Vec16 {
 // ---------------------------------------------------------------------------------------------
 // Scalar helpers (no cuda_fp16.h / cuda_bf16.h: conversions are bit operations or PTX cvt).
 
+// PTX-only primitives. `tests/emulate` (a host-side emulation of the kernels for machines
+// without a GPU) defines CALIBRL_HOST_EMULATION and supplies host versions of these.
+#ifndef CALIBRL_HOST_EMULATION
 __device__ __forceinline__ float ex2(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
 }
+
+__device__ __forceinline__ float f16_to_f32(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+__device__ __forceinline__ u16 f32_to_f16(float f) {
+    u16 r;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(f));
+    return r;
+}
+#endif
 
 // max that propagates NaN (fmaxf would drop it and hide a NaN logit).
 __device__ __forceinline__ float max_nan(float a, float b) {
@@ -79,18 +95,6 @@ __device__ __forceinline__ u16 f32_to_bf16(float f) {
     u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
     return (u16)(u >> 16);
 #endif
-}
-
-__device__ __forceinline__ float f16_to_f32(u16 h) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-}
-
-__device__ __forceinline__ u16 f32_to_f16(float f) {
-    u16 r;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(f));
-    return r;
 }
 
 // Logits element types: storage type, elements per 16-byte vector, conversions.
@@ -220,7 +224,6 @@ struct SoftmaxAcc {
 // takes a strided subset), unrolled four vectors deep for memory-level parallelism.
 template <class T>
 __device__ __forceinline__ void accumulate_row(const typename T::S* row, i64 len, float k, SoftmaxAcc& acc) {
-    typedef typename T::S S;
     constexpr int W = T::kVec;
     const i64 tid = threadIdx.x, nt = blockDim.x;
     const i64 head = unaligned_head(row, len);
@@ -370,7 +373,9 @@ template <class T>
 __device__ __forceinline__ float grad_elem(float z, const GradRow& gr) {
     const float a = fmaf(z, gr.k, -gr.lse2);
     const float p = ex2(a);
-    return -p * fmaf(gr.B, fmaxf(a, CALIBRL_MIN_EXP2), gr.A);
+    // _rn: never contracted with the label term, so every code path (vector, scalar, shard
+    // views) gives the same bits for the same element.
+    return __fmul_rn(-p, fmaf(gr.B, fmaxf(a, CALIBRL_MIN_EXP2), gr.A));
 }
 
 template <class T>
@@ -383,7 +388,7 @@ __device__ __forceinline__ void grad_vec(const Vec16& in, Vec16& out, i64 first,
     if ((u64)(gr.label - first) < (u64)W) {
 #pragma unroll
         for (int j = 0; j < W; ++j)
-            if (first + j == gr.label) x[j] += gr.g_t;
+            if (first + j == gr.label) x[j] = __fadd_rn(x[j], gr.g_t);
     }
     out = pack<T>(x);
 }
@@ -436,14 +441,14 @@ __device__ __forceinline__ void logits_backward(const typename T::S* logits, typ
         if (!vec_ok) {
             for (i64 i = tid; i < vocab; i += nt) {
                 float d = grad_elem<T>(T::load(src[i]), gr);
-                if (i == gr.label) d += gr.g_t;
+                if (i == gr.label) d = __fadd_rn(d, gr.g_t);
                 dst[i] = T::store(d);
             }
             continue;
         }
         for (i64 i = tid; i < head; i += nt) {
             float d = grad_elem<T>(T::load(src[i]), gr);
-            if (i == gr.label) d += gr.g_t;
+            if (i == gr.label) d = __fadd_rn(d, gr.g_t);
             dst[i] = T::store(d);
         }
         const Vec16* vsrc = reinterpret_cast<const Vec16*>(src + head);
@@ -469,7 +474,7 @@ __device__ __forceinline__ void logits_backward(const typename T::S* logits, typ
         }
         for (i64 j = tail + tid; j < vocab; j += nt) {
             float d = grad_elem<T>(T::load(src[j]), gr);
-            if (j == gr.label) d += gr.g_t;
+            if (j == gr.label) d = __fadd_rn(d, gr.g_t);
             dst[j] = T::store(d);
         }
     }

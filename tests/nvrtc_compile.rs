@@ -62,8 +62,8 @@ fn every_kernel_compiles_with_nvrtc() {
     );
     let ptx_dir = std::env::var_os("CALIBRL_PTX_DIR");
     for arch in ARCHS {
-        let (reports, modules) =
-            compile_all(arch).unwrap_or_else(|e| panic!("compute_{arch}: {e}"));
+        let compiled = compile_all(arch).unwrap_or_else(|e| panic!("compute_{arch}: {e}"));
+        let (reports, modules) = (&compiled.reports, &compiled.modules);
         for src in SOURCES {
             for kernel in src.kernels {
                 let r = reports
@@ -87,7 +87,7 @@ fn every_kernel_compiles_with_nvrtc() {
         }
         if let Some(dir) = &ptx_dir {
             std::fs::create_dir_all(dir).unwrap();
-            for (name, ptx) in &modules {
+            for (name, ptx) in modules {
                 let path = std::path::Path::new(dir).join(format!("{name}.compute_{arch}.ptx"));
                 std::fs::write(&path, ptx).unwrap();
                 println!("wrote {}", path.display());

@@ -176,9 +176,17 @@ pub struct KernelReport {
     pub ptx_bytes: usize,
 }
 
+/// The result of [`compile_all`].
+#[derive(Clone, Debug)]
+pub struct Compiled {
+    pub reports: Vec<KernelReport>,
+    /// (module name, PTX text)
+    pub modules: Vec<(&'static str, String)>,
+}
+
 /// Compiles every kernel source for `compute_{arch}` and reports each kernel's PTX size. Also
 /// returns the full PTX of each module, for offline tools (`ptxas -v`).
-pub fn compile_all(arch: i32) -> Result<(Vec<KernelReport>, Vec<(&'static str, String)>)> {
+pub fn compile_all(arch: i32) -> Result<Compiled> {
     let mut reports = Vec::new();
     let mut modules = Vec::new();
     for src in SOURCES {
@@ -196,7 +204,7 @@ pub fn compile_all(arch: i32) -> Result<(Vec<KernelReport>, Vec<(&'static str, S
         );
         modules.push((src.name, ptx));
     }
-    Ok((reports, modules))
+    Ok(Compiled { reports, modules })
 }
 
 /// (entry name, byte length) of every `.entry` in a PTX text.
