@@ -12,10 +12,26 @@
 //   loss_finish  (one block)                  → normalisers, loss, metrics
 //   loss_grad    (one block per row)          → ∂L/∂ℓ, ∂L/∂H
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
+// No header is included, so a bare NVRTC compiles this file.
 typedef long long i64;
+typedef unsigned short u16;
+
+__device__ __forceinline__ float bf16_bits_to_f32(u16 h) { return __uint_as_float(((unsigned)h) << 16); }
+__device__ __forceinline__ u16 f32_to_bf16_bits(float f) {
+  u16 r;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
+  return r;
+}
+__device__ __forceinline__ float f16_bits_to_f32(u16 h) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+  return f;
+}
+__device__ __forceinline__ u16 f32_to_f16_bits(float f) {
+  u16 r;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(f));
+  return r;
+}
 
 // dtype codes shared with src/cuda/loss.rs
 #define DT_F32 0
@@ -31,8 +47,8 @@ __device__ __forceinline__ double ld(const void* p, i64 code, i64 i) {
   switch (code) {
     case DT_F32: return (double)((const float*)p)[i];
     case DT_F64: return ((const double*)p)[i];
-    case DT_BF16: return (double)__bfloat162float(((const __nv_bfloat16*)p)[i]);
-    case DT_F16: return (double)__half2float(((const __half*)p)[i]);
+    case DT_BF16: return (double)bf16_bits_to_f32(((const u16*)p)[i]);
+    case DT_F16: return (double)f16_bits_to_f32(((const u16*)p)[i]);
     case DT_U8: return (double)((const unsigned char*)p)[i];
     case DT_I8: return (double)((const signed char*)p)[i];
     case DT_I32: return (double)((const int*)p)[i];
@@ -48,8 +64,8 @@ __device__ __forceinline__ void st(void* p, i64 code, i64 i, double v) {
   switch (code) {
     case DT_F32: ((float*)p)[i] = (float)v; break;
     case DT_F64: ((double*)p)[i] = v; break;
-    case DT_BF16: ((__nv_bfloat16*)p)[i] = __float2bfloat16((float)v); break;
-    default: ((__half*)p)[i] = __float2half((float)v); break;
+    case DT_BF16: ((u16*)p)[i] = f32_to_bf16_bits((float)v); break;
+    default: ((u16*)p)[i] = f32_to_f16_bits((float)v); break;
   }
 }
 
