@@ -67,6 +67,8 @@ struct LossArgs {
 type Cfg = *mut c_void;
 type Stream = *mut c_void;
 
+/// The exports, declared as a consumer would (signatures of include/calibrl.h).
+#[allow(clippy::type_complexity)]
 struct Api {
     version: unsafe extern "C" fn() -> *const c_char,
     abi_version: unsafe extern "C" fn() -> u32,
@@ -86,7 +88,6 @@ struct Api {
         *mut DLTensor,
         Stream,
     ) -> i32,
-    #[allow(clippy::type_complexity)]
     logits_backward: unsafe extern "C" fn(
         *const DLTensor,
         *const DLTensor,

@@ -128,6 +128,7 @@ fn objective(
     (0..n).map(|k| g[k] * f.logp[k] + h[k] * f.ent[k]).sum()
 }
 
+#[allow(clippy::too_many_arguments)]
 fn lib_backward_out_of_place(
     z: &[f64],
     dt: Dt,

@@ -371,7 +371,7 @@ fn sign_case(c: f64, delta_per_token: f64, n: usize) -> Case {
         },
     );
     let b = &mut case.b;
-    b.rows = vec![0..n];
+    b.rows = std::iter::once(0..n).collect();
     case.offsets = vec![0, n as i64];
     b.logp = logp;
     b.mask = vec![1.0; n];
@@ -380,7 +380,7 @@ fn sign_case(c: f64, delta_per_token: f64, n: usize) -> Case {
     b.w = vec![1.0];
     b.c = vec![c];
     b.expert = Some(RefExpert {
-        rows: vec![0..n],
+        rows: std::iter::once(0..n).collect(),
         logp: elogp,
         mask: vec![1.0; n],
         index: vec![0],

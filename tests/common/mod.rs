@@ -2,7 +2,7 @@
 //! structs, layout-identical to dlpack.h), random loss batches, and thin wrappers that call the
 //! library through its C ABI exports (linked through the rlib).
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::needless_range_loop)]
 
 pub mod reference;
 

@@ -2,7 +2,7 @@
 //! written from the specification and docs/abi.md only — never from the library's sources.
 //! Every test compares the library against this file.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::needless_range_loop)]
 
 use calibrl::config::{Activation, Aggregation, Baseline, DeltaMode, KlKind, LossKind};
 use calibrl::Config;
