@@ -163,13 +163,14 @@ void test_advantages() {
 }
 
 // One rollout, one token (SPEC §4.1 + §4.2, paper preset: λ = 0.1, α = 0.5, sequence Δ):
-//   ℓ = −1, ℓold = −1.1, A = 0.5, w = 0.5, c = +1, expert ℓ* = −0.5
+//   ℓ = −1, ℓold = −1.1, A = 0.5, w = 0.4 (any weight; not |A|, to tell them apart), c = +1,
+//   expert ℓ* = −0.5
 //   ρ = e^0.1 (unclipped), L_pg = −A·ρ = −0.5e^0.1
-//   Δ = −1 − (−0.5) = −0.5, x = −c·Δ = 0.5 > 0, L_explore = w·φ(x) = 0.25
-//   L = −0.5e^0.1 + 0.1·0.25,   ∂L/∂ℓ = −A·ρ + λ·w·φ'(x)·(−c) = −0.5e^0.1 − 0.05
+//   Δ = −1 − (−0.5) = −0.5, x = −c·Δ = 0.5 > 0, L_explore = w·φ(x) = 0.2
+//   L = −0.5e^0.1 + 0.1·0.2,   ∂L/∂ℓ = −A·ρ + λ·w·φ'(x)·(−c) = −0.5e^0.1 − 0.04
 void test_loss_one_token() {
   const calibrl::Config cfg = calibrl::Config::preset("paper");
-  std::vector<float> lp{-1.f}, old{-1.1f}, adv{0.5f}, w{0.5f}, sign{1.f}, expert{-0.5f};
+  std::vector<float> lp{-1.f}, old{-1.1f}, adv{0.5f}, w{0.4f}, sign{1.f}, expert{-0.5f};
   std::vector<std::int64_t> offsets{0, 1}, expert_offsets{0, 1}, expert_index{0};
   std::vector<float> grad{7.f};
   std::vector<double> metrics(CALIBRL_METRICS_LEN, -1.0);
@@ -183,10 +184,10 @@ void test_loss_one_token() {
                                                    .expert(expert, expert_offsets, expert_index)
                                                    .grad_logprobs(grad)
                                                    .metrics(metrics));
-  check_near(m.loss, -0.5 * rho + 0.025, 1e-7, "one-token loss L = -0.5e^0.1 + 0.1*0.25");
+  check_near(m.loss, -0.5 * rho + 0.1 * double(0.4f) * 0.5, 1e-7, "one-token loss L = -0.5e^0.1 + 0.1*0.2");
   check_near(m.pg_loss, -0.5 * rho, 1e-7, "one-token pg_loss = -0.5e^0.1");
-  check_near(m.explore_loss, 0.25, 1e-7, "one-token explore_loss = w*phi(0.5) = 0.25");
-  check_near(grad[0], -0.5 * rho - 0.05, 1e-6, "one-token dL/dl = -0.5e^0.1 - 0.05");
+  check_near(m.explore_loss, double(0.4f) * 0.5, 1e-7, "one-token explore_loss = w*phi(0.5) = 0.2");
+  check_near(grad[0], -0.5 * rho - 0.04, 1e-6, "one-token dL/dl = -0.5e^0.1 - 0.04");
   check_near(m.mean_delta, -0.5, 1e-7, "one-token mean_delta = -0.5");
   report(m.clipfrac == 0.0 && m.num_tokens == 1.0 && m.num_seqs == 1.0,
          "one-token clipfrac 0, 1 token, 1 row");
@@ -209,8 +210,9 @@ void test_loss_one_token() {
                                                     .expert(calibrl::TensorView(expert2, {1, 1}),
                                                             expert_index)
                                                     .grad_logprobs(calibrl::TensorView(grad2, {1, 2})));
-  check_near(m2.loss, -0.5 * std::exp(0.1) + 0.025, 1e-12, "padded f64 layout: same loss");
-  report(near(grad2[0], -0.5 * std::exp(0.1) - 0.05, 1e-12) && grad2[1] == 0.0,
+  check_near(m2.loss, -0.5 * std::exp(0.1) + 0.1 * double(0.4f) * 0.5, 1e-12,
+             "padded f64 layout: same loss");
+  report(near(grad2[0], -0.5 * std::exp(0.1) - 0.1 * double(0.4f), 1e-12) && grad2[1] == 0.0,
          "padded f64 layout: same gradient, 0 at the masked token");
 }
 
