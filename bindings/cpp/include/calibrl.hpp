@@ -77,6 +77,12 @@ class Error : public std::runtime_error {
   std::string message_;
 };
 
+/// The name of a status, e.g. "CALIBRL_STATUS_SHAPE_MISMATCH".
+[[nodiscard]] inline std::string_view status_name(calibrl_status status) {
+  const char* name = calibrl_status_name(status);
+  return name != nullptr ? name : "CALIBRL_STATUS_?";
+}
+
 /// Throws calibrl::Error when `status` is not CALIBRL_STATUS_OK. The message is copied at once:
 /// the library's pointer is only valid until the next calibrl call on this thread.
 inline void check(calibrl_status status) {

@@ -76,6 +76,8 @@ void test_version() {
   }
   report(!threw, "check_abi() accepts the installed library");
   report(!calibrl::version().empty(), "version() = " + std::string(calibrl::version()));
+  report(calibrl::status_name(CALIBRL_STATUS_SHAPE_MISMATCH) == "CALIBRL_STATUS_SHAPE_MISMATCH",
+         "status_name()");
 }
 
 void test_config() {
