@@ -75,10 +75,12 @@ fn req(t: &Tensor) -> Result<(*const c_void, i64)> {
     opt(Some(t))
 }
 
+/// (device ordinal, stream) → (buffer, size in bytes).
+type WorkspaceCache = HashMap<(i32, usize), (sys::CUdeviceptr, usize)>;
+
 /// A grow-only device buffer per (device, stream).
 fn workspace(dev: &Device, ordinal: i32, stream: Stream, bytes: usize) -> Result<sys::CUdeviceptr> {
-    static CACHE: OnceLock<Mutex<HashMap<(i32, usize), (sys::CUdeviceptr, usize)>>> =
-        OnceLock::new();
+    static CACHE: OnceLock<Mutex<WorkspaceCache>> = OnceLock::new();
     let mut cache = CACHE
         .get_or_init(Default::default)
         .lock()
