@@ -187,7 +187,7 @@ fn all_row_stats(input: &LogitsInput, labels: &[i64], full_vocab: bool) -> Resul
     let inv_t = (1.0 / input.temperature) as f32;
     let out = SyncPtr(stats.as_mut_ptr());
     let ptr = SyncPtr(input.logits.ptr);
-    for_row_chunks(input.n, 16, |b, e| {
+    for_row_chunks(input.n, rows_per_thread(input.v), |b, e| {
         for k in b..e {
             let st = unsafe {
                 match input.logits.dtype {
@@ -206,6 +206,12 @@ fn all_row_stats(input: &LogitsInput, labels: &[i64], full_vocab: bool) -> Resul
         ));
     }
     Ok(stats)
+}
+
+/// Rows per thread so that each thread gets at least ~64k logits: spawning threads for less
+/// costs more than it saves.
+fn rows_per_thread(v: usize) -> usize {
+    (1 << 16) / v.max(1) + 1
 }
 
 #[derive(Clone, Copy)]
@@ -357,7 +363,7 @@ pub fn backward(args: &Backward) -> Result<()> {
     let inv_t = (1.0 / input.temperature) as f32;
     let bad = std::sync::atomic::AtomicUsize::new(usize::MAX);
     let src = SyncPtr(input.logits.ptr);
-    for_row_chunks(n, 16, |b, e| {
+    for_row_chunks(n, rows_per_thread(input.v), |b, e| {
         for k in b..e {
             let ok = unsafe {
                 match input.logits.dtype {
@@ -384,7 +390,7 @@ pub fn backward(args: &Backward) -> Result<()> {
         args.grad_logits.strides[0] as usize
     };
     let dst = SyncPtr(args.grad_logits.ptr);
-    for_row_chunks(n, 16, |b, e| {
+    for_row_chunks(n, rows_per_thread(input.v), |b, e| {
         for k in b..e {
             let row = RowGrad {
                 lse: lse[k] as f32,
