@@ -8,6 +8,7 @@
 
 pub mod common;
 pub mod logits;
+pub mod scheduler;
 
 use crate::error::{CalibrlStatus, Error, Result};
 use std::cell::RefCell;
