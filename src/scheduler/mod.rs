@@ -29,6 +29,10 @@ mod selection;
 pub use expert::{collect_experts, expert_sums, scatter_expert_logprobs};
 pub use selection::SplitMix64;
 
+/// The global normalisers of one mini-batch (SPEC §4.5), the type `calibrl_loss` takes: the
+/// plan fills them with the response tokens and the number of the rows that are trained.
+pub use crate::cpu::loss::CalibrlNormalizers;
+
 use crate::config::LossKind;
 use crate::error::{CalibrlStatus, Error, Result};
 
@@ -171,17 +175,6 @@ impl SchedulerConfig {
     pub fn trains_experts(&self) -> bool {
         matches!(self.loss_kind, LossKind::Luffy | LossKind::Rlplus)
     }
-}
-
-/// The global normalisers of one mini-batch (SPEC §4.5): what `calibrl_loss` takes as
-/// `calibrl_normalizers`. Counts of the rows that are trained, over all ranks and micro-batches.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct CalibrlNormalizers {
-    /// Response tokens of the trained rows.
-    pub token_count: f64,
-    /// Number of trained rows.
-    pub seq_count: f64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
