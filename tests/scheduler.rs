@@ -87,7 +87,8 @@ fn random_config(rng: &mut Rng, n_prompts: usize) -> SchedulerConfig {
         minibatch_prompts: rng.range(1, n_prompts as u64 + 3) as usize,
         expert_selection,
         loss_kind,
-        quadratic_coef: [0.0, scheduler::DEFAULT_QUADRATIC_COEF, 1e-3][rng.below(3) as usize],
+        quadratic_coef: [0.0, scheduler::CALIBRL_DEFAULT_QUADRATIC_COEF, 1e-3]
+            [rng.below(3) as usize],
     }
 }
 
@@ -838,7 +839,7 @@ fn c_abi_reads_back_the_same_plan() {
         unsafe {
             let (st, plan) = c_plan(&c_config(&cfg), &input);
             assert_eq!(st, CalibrlStatus::Ok, "{}", last_error());
-            let mut sum = CalibrlPlanSummary::default();
+            let mut sum = CalibrlPlanInfo::default();
             assert_eq!(calibrl_plan_summary(plan, &mut sum), CalibrlStatus::Ok);
             assert_eq!(sum.num_rollouts as usize, want.num_rollouts());
             assert_eq!(sum.num_expert_slots as usize, want.num_expert_slots());
@@ -1204,7 +1205,7 @@ fn c_abi_rejects_bad_input_with_named_arguments() {
             CalibrlStatus::NullArgument
         );
         assert_eq!(
-            calibrl_plan_summary(std::ptr::null(), &mut CalibrlPlanSummary::default()),
+            calibrl_plan_summary(std::ptr::null(), &mut CalibrlPlanInfo::default()),
             CalibrlStatus::NullArgument
         );
         assert!(last_error().contains("`plan`"));

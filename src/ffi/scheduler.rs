@@ -16,8 +16,8 @@ use crate::scheduler::{
     self, CalibrlNormalizers, ExpertSelection, PassKind, Plan, PromptInput, SchedulerConfig,
     SeqRef, StepInput,
 };
+use crate::ops::Stream;
 use crate::tensor::{DLTensor, Tensor};
-use std::ffi::c_void;
 
 /// `calibrl_scheduler_config.loss_kind`: CalibRL (expert rows forwarded once, never trained).
 pub const CALIBRL_LOSS_CALIBRL: u32 = 0;
@@ -90,7 +90,7 @@ pub struct CalibrlPromptDesc {
 /// Counts of a plan.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct CalibrlPlanSummary {
+pub struct CalibrlPlanInfo {
     pub num_prompts: u64,
     /// R: rollout ids are 0..R.
     pub num_rollouts: u64,
@@ -167,7 +167,7 @@ pub unsafe extern "C" fn calibrl_scheduler_config_default(
             pass_rate_low: 0.0,
             pass_rate_high: 1.0,
             reward_threshold: 0.1,
-            quadratic_coef: scheduler::DEFAULT_QUADRATIC_COEF,
+            quadratic_coef: scheduler::CALIBRL_DEFAULT_QUADRATIC_COEF,
         };
         Ok(())
     })
@@ -354,14 +354,14 @@ pub unsafe extern "C" fn calibrl_plan_free(plan: *mut CalibrlPlan) {
 #[no_mangle]
 pub unsafe extern "C" fn calibrl_plan_summary(
     plan: *const CalibrlPlan,
-    out: *mut CalibrlPlanSummary,
+    out: *mut CalibrlPlanInfo,
 ) -> CalibrlStatus {
     guard(|| {
         let p = &deref(plan, "plan")?.inner;
         if out.is_null() {
             return Err(Error::null("out"));
         }
-        *out = CalibrlPlanSummary {
+        *out = CalibrlPlanInfo {
             num_prompts: p.num_prompts() as u64,
             num_rollouts: p.num_rollouts() as u64,
             num_expert_slots: p.num_expert_slots() as u64,
@@ -618,12 +618,14 @@ pub unsafe extern "C" fn calibrl_plan_oversize(
         let which = match pass {
             CALIBRL_PASS_NOGRAD => PassKind::NoGrad,
             CALIBRL_PASS_TRAIN => PassKind::Train,
-            other => return Err(Error::invalid(
-                "pass",
-                format!(
+            other => {
+                return Err(Error::invalid(
+                    "pass",
+                    format!(
                     "unknown value {other} (expected CALIBRL_PASS_NOGRAD or CALIBRL_PASS_TRAIN)"
                 ),
-            )),
+                ))
+            }
         };
         let ids: Vec<i64> = p
             .oversize(which)
@@ -687,7 +689,7 @@ pub unsafe extern "C" fn calibrl_plan_collect_experts(
     expert_logprobs: *const DLTensor,
     expert_sums: *const DLTensor,
     length_normalize: bool,
-    stream: *mut c_void,
+    stream: Stream,
 ) -> CalibrlStatus {
     guard(|| {
         let p = &deref(plan, "plan")?.inner;

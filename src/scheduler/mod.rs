@@ -38,7 +38,7 @@ use crate::error::{CalibrlStatus, Error, Result};
 
 /// verl's workload model of a 7B dense transformer (hidden size 4096): FLOPs ∝
 /// `24576·s + s²`, i.e. `s + s²/24576` per sequence of `s` tokens.
-pub const DEFAULT_QUADRATIC_COEF: f64 = 1.0 / 24576.0;
+pub const CALIBRL_DEFAULT_QUADRATIC_COEF: f64 = 1.0 / 24576.0;
 
 /// One prompt of the step.
 #[derive(Clone, Debug, PartialEq)]
@@ -105,7 +105,7 @@ impl SchedulerConfig {
             minibatch_prompts,
             expert_selection: ExpertSelection::All,
             loss_kind: LossKind::Calibrl,
-            quadratic_coef: DEFAULT_QUADRATIC_COEF,
+            quadratic_coef: CALIBRL_DEFAULT_QUADRATIC_COEF,
         }
     }
 
