@@ -8,7 +8,7 @@ use super::policy::{features, Adam, Policy, NUM_FEATURES};
 use super::rng::Rng;
 use super::task::{expert_response, reward, Dataset, Prompt, VOCAB};
 use calibrl::config::{Config, LossKind};
-use calibrl::cpu::loss::{self, ExpertBaseline, LossBatch};
+use calibrl::cpu::loss::{self, CalibrlMetrics, CalibrlNormalizers, ExpertBaseline, LossBatch};
 use calibrl::rarity::{group_advantages, GroupAdvantages};
 use std::ops::Range;
 
@@ -266,7 +266,8 @@ impl Packed {
 }
 
 impl Run<'_> {
-    fn step(&mut self, step: usize, dataset: &Dataset) -> StepLog {
+    /// Everything a step computes before updating: rollouts, plan, advantages, old log-probs.
+    fn prepare(&self, step: usize, dataset: &Dataset) -> Prepared {
         let s = self.s;
         // The same prompts at each step for every method; sampling has its own stream.
         let prompts = dataset.batch(
@@ -288,8 +289,6 @@ impl Run<'_> {
             rollouts,
             experts,
         };
-
-        let sft = self.method == Method::SftGrpo && step < s.sft_steps;
         let train_experts = self.cfg.trains_expert_rows();
         let plan = plan_step(
             &data
@@ -307,20 +306,30 @@ impl Run<'_> {
         );
         let (rewards, adv) = self.advantages(&data, train_experts);
         let old = self.no_grad_pass(&data, &plan);
+        Prepared {
+            data,
+            plan,
+            rewards,
+            adv,
+            old,
+        }
+    }
 
+    fn step(&mut self, step: usize, dataset: &Dataset) -> StepLog {
+        let p = self.prepare(step, dataset);
+        let sft = self.method == Method::SftGrpo && step < self.s.sft_steps;
         let mean_delta = if sft {
-            self.sft_update(&data);
+            self.sft_update(&p.data);
             f64::NAN
         } else {
-            self.rl_update(&data, &plan, &adv, &old)
+            self.rl_update(&p)
         };
-
-        let n_rollouts = data.prompts.len() * s.group_size;
-        let lengths: usize = data.rollouts.iter().flatten().map(Vec::len).sum();
+        let n_rollouts = p.data.prompts.len() * self.s.group_size;
+        let lengths: usize = p.data.rollouts.iter().flatten().map(Vec::len).sum();
         StepLog {
             step,
-            reward: rewards[..n_rollouts].iter().sum::<f64>() / n_rollouts as f64,
-            entropy: old.rollout_entropy,
+            reward: p.rewards[..n_rollouts].iter().sum::<f64>() / n_rollouts as f64,
+            entropy: p.old.rollout_entropy,
             mean_delta,
             length: lengths as f64 / n_rollouts as f64,
             heldout_greedy: f64::NAN,
@@ -399,38 +408,34 @@ impl Run<'_> {
 
     /// The training pass: per mini-batch, loss and gradient per micro-batch with the
     /// mini-batch's normalisers, then one Adam update. Returns the mean Δ over rollouts.
-    fn rl_update(
-        &mut self,
-        data: &StepData,
-        plan: &StepPlan,
-        adv: &GroupAdvantages,
-        old: &OldLogprobs,
-    ) -> f64 {
+    fn rl_update(&mut self, p: &Prepared) -> f64 {
         let (mut delta_sum, mut delta_n) = (0.0, 0.0);
-        for mini in &plan.train {
+        for mini in &p.plan.train {
             let mut grad = vec![0.0; self.policy.w.len()];
             for mb in &mini.micro {
-                let (m, n_rollouts) =
-                    self.micro_step(data, plan, mb, adv, old, mini.normalizers, &mut grad);
-                delta_sum += m.mean_delta * n_rollouts;
-                delta_n += n_rollouts;
+                let m = self.micro_step(p, mb, mini.normalizers, &mut grad);
+                let rollouts = mb
+                    .rows
+                    .iter()
+                    .filter(|r| matches!(r, RowRef::Rollout { .. }));
+                let n = rollouts.count() as f64;
+                delta_sum += m.mean_delta * n;
+                delta_n += n;
             }
             self.adam.step(&mut self.policy.w, &grad);
         }
         delta_sum / delta_n
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Loss of one micro-batch at the current policy; adds its ∂L/∂W to `grad`.
     fn micro_step(
         &self,
-        data: &StepData,
-        plan: &StepPlan,
+        p: &Prepared,
         mb: &MicroBatch,
-        adv: &GroupAdvantages,
-        old: &OldLogprobs,
-        normalizers: calibrl::cpu::loss::CalibrlNormalizers,
+        normalizers: CalibrlNormalizers,
         grad: &mut [f64],
-    ) -> (calibrl::cpu::loss::CalibrlMetrics, f64) {
+    ) -> CalibrlMetrics {
+        let (data, plan, adv, old) = (&p.data, &p.plan, &p.adv, &p.old);
         let mut packed = Packed::new(data, &mb.rows);
         let (mut z, mut fw) = packed.forward(&self.policy);
         let flat: Vec<usize> = mb.rows.iter().map(|&r| data.flat(r)).collect();
@@ -475,12 +480,7 @@ impl Run<'_> {
         for (f, dz) in packed.feats.iter().zip(z.chunks(VOCAB)) {
             Policy::accumulate(f, dz, grad);
         }
-        let n_rollouts = mb
-            .rows
-            .iter()
-            .filter(|r| matches!(r, RowRef::Rollout { .. }))
-            .count();
-        (out.metrics, n_rollouts as f64)
+        out.metrics
     }
 
     /// SFT on the step's expert responses: ∂(mean token NLL)/∂ℓ = −1/N, through the fused
@@ -501,6 +501,46 @@ impl Run<'_> {
         }
         self.adam.step(&mut self.policy.w, &grad);
     }
+}
+
+/// A step's inputs to its updates.
+struct Prepared {
+    data: StepData,
+    plan: StepPlan,
+    rewards: Vec<f64>,
+    adv: GroupAdvantages,
+    old: OldLogprobs,
+}
+
+/// The loss of the first mini-batch of step `step` evaluated at `policy`, and its gradient
+/// ∂L/∂W, with rollouts and old log-probs from `behaviour`: lets a test compare the whole chain
+/// (fused forward → loss → fused backward → outer product) with finite differences.
+#[allow(dead_code)] // used by tests/train_demo.rs, not by the example
+pub fn minibatch_loss(
+    method: Method,
+    s: &Settings,
+    dataset: &Dataset,
+    behaviour: &Policy,
+    policy: &Policy,
+    step: usize,
+) -> (f64, Vec<f64>) {
+    let mut run = Run {
+        method,
+        cfg: method.config(s),
+        s,
+        policy: behaviour.clone(),
+        adam: Adam::new(s.lr, NUM_FEATURES * VOCAB),
+    };
+    let p = run.prepare(step, dataset);
+    run.policy = policy.clone();
+    let mini = &p.plan.train[0];
+    let mut grad = vec![0.0; policy.w.len()];
+    let loss = mini
+        .micro
+        .iter()
+        .map(|mb| run.micro_step(&p, mb, mini.normalizers, &mut grad).loss)
+        .sum();
+    (loss, grad)
 }
 
 /// Outputs of the no-grad pass.
