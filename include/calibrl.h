@@ -38,6 +38,68 @@ typedef struct {
 #define CALIBRL_METRICS_LEN 15
 
 /**
+ * `calibrl_scheduler_config.loss_kind`: CalibRL (expert rows forwarded once, never trained).
+ */
+#define CALIBRL_LOSS_CALIBRL 0
+
+/**
+ * `loss_kind`: GRPO (no expert is forwarded).
+ */
+#define CALIBRL_LOSS_GRPO 1
+
+/**
+ * `loss_kind`: LUFFY (expert rows also trained).
+ */
+#define CALIBRL_LOSS_LUFFY 2
+
+/**
+ * `loss_kind`: RL-PLUS (expert rows also trained).
+ */
+#define CALIBRL_LOSS_RLPLUS 3
+
+/**
+ * `calibrl_scheduler_config.expert_selection`: every prompt that has an expert.
+ */
+#define CALIBRL_SELECT_ALL 0
+
+/**
+ * `expert_selection`: `round(fraction · E)` of the `E` prompts with an expert, seeded by `seed`.
+ */
+#define CALIBRL_SELECT_RANDOM_FRACTION 1
+
+/**
+ * `expert_selection`: prompts whose pass rate (share of rollouts with reward
+ * `> reward_threshold`) lies in `[pass_rate_low, pass_rate_high]`; needs `rewards`.
+ */
+#define CALIBRL_SELECT_PASS_RATE 2
+
+/**
+ * Sequence kind written by the micro-batch queries: a rollout.
+ */
+#define CALIBRL_SEQ_ROLLOUT 0
+
+/**
+ * Sequence kind: an expert response.
+ */
+#define CALIBRL_SEQ_EXPERT 1
+
+/**
+ * `pass` argument of `calibrl_plan_oversize`: the no-grad pass.
+ */
+#define CALIBRL_PASS_NOGRAD 0
+
+/**
+ * `pass` argument of `calibrl_plan_oversize`: the training pass (all mini-batches).
+ */
+#define CALIBRL_PASS_TRAIN 1
+
+/**
+ * verl's workload model of a 7B dense transformer (hidden size 4096): FLOPs ∝
+ * `24576·s + s²`, i.e. `s + s²/24576` per sequence of `s` tokens.
+ */
+#define CALIBRL_DEFAULT_QUADRATIC_COEF (1.0 / 24576.0)
+
+/**
  * Status codes returned by every C ABI function. The numbers are stable: never renumber,
  * only append.
  */
@@ -100,6 +162,11 @@ typedef enum calibrl_status {
  * Opaque configuration handle.
  */
 typedef struct calibrl_config calibrl_config;
+
+/**
+ * Opaque plan handle.
+ */
+typedef struct calibrl_plan calibrl_plan;
 
 /**
  * The caller's CUDA stream (`CUstream`); NULL is the legacy default stream. Ignored on CPU.
@@ -266,6 +333,153 @@ typedef struct calibrl_metrics {
   double num_seqs;
 } calibrl_metrics;
 
+/**
+ * Scheduler configuration. Fill it with `calibrl_scheduler_config_default`, then set fields.
+ */
+typedef struct calibrl_scheduler_config {
+  /**
+   * Data-parallel ranks (>= 1).
+   */
+  uint32_t dp_ranks;
+  /**
+   * Prompts per mini-batch (>= 1); the last mini-batch may hold fewer.
+   */
+  uint32_t minibatch_prompts;
+  /**
+   * Maximum prompt + response tokens of one no-grad micro-batch (>= 1).
+   */
+  uint64_t nograd_token_budget;
+  /**
+   * Maximum prompt + response tokens of one training micro-batch (>= 1).
+   */
+  uint64_t train_token_budget;
+  /**
+   * `CALIBRL_LOSS_*`.
+   */
+  uint32_t loss_kind;
+  /**
+   * `CALIBRL_SELECT_*`.
+   */
+  uint32_t expert_selection;
+  /**
+   * Seed of `CALIBRL_SELECT_RANDOM_FRACTION`.
+   */
+  uint64_t seed;
+  /**
+   * Fraction in [0, 1] for `CALIBRL_SELECT_RANDOM_FRACTION`.
+   */
+  double fraction;
+  /**
+   * Pass-rate window for `CALIBRL_SELECT_PASS_RATE` (0 <= low <= high <= 1).
+   */
+  double pass_rate_low;
+  double pass_rate_high;
+  /**
+   * A rollout passes when its reward is > this (default 0.1, the loss's τ).
+   */
+  double reward_threshold;
+  /**
+   * `c` of the workload model `tokens + c·tokens²` (default 1/24576, verl's 7B model).
+   */
+  double quadratic_coef;
+} calibrl_scheduler_config;
+
+/**
+ * One prompt of the step.
+ */
+typedef struct calibrl_prompt_desc {
+  /**
+   * Prompt tokens.
+   */
+  uint32_t prompt_len;
+  /**
+   * Number of rollouts (>= 1); their lengths follow the previous prompts' in `rollout_lens`.
+   */
+  uint32_t num_rollouts;
+  /**
+   * Expert response length, or -1 when the prompt has none.
+   */
+  int64_t expert_len;
+} calibrl_prompt_desc;
+
+/**
+ * Counts of a plan.
+ */
+typedef struct calibrl_plan_info {
+  uint64_t num_prompts;
+  /**
+   * R: rollout ids are 0..R.
+   */
+  uint64_t num_rollouts;
+  /**
+   * P*: expert slot ids are R..R+P*.
+   */
+  uint64_t num_expert_slots;
+  /**
+   * T*: length of the packed expert tensor.
+   */
+  uint64_t expert_tokens;
+  uint64_t dp_ranks;
+  /**
+   * Micro-batches of the no-grad pass on every rank.
+   */
+  uint64_t nograd_microbatches;
+  uint64_t num_minibatches;
+  /**
+   * Sequences over the no-grad budget (each alone in a micro-batch).
+   */
+  uint64_t nograd_oversize;
+  /**
+   * Sequences over the training budget, all mini-batches together.
+   */
+  uint64_t train_oversize;
+} calibrl_plan_info;
+
+/**
+ * One mini-batch of the training pass.
+ */
+typedef struct calibrl_minibatch_info {
+  /**
+   * Its prompts are first_prompt .. first_prompt + num_prompts.
+   */
+  uint64_t first_prompt;
+  uint64_t num_prompts;
+  /**
+   * Micro-batches on every rank.
+   */
+  uint64_t microbatches;
+  /**
+   * Its global normalisers (what `calibrl_loss` takes).
+   */
+  struct calibrl_normalizers normalizers;
+} calibrl_minibatch_info;
+
+/**
+ * One sequence of a plan.
+ */
+typedef struct calibrl_seq_info {
+  /**
+   * `CALIBRL_SEQ_ROLLOUT` or `CALIBRL_SEQ_EXPERT`.
+   */
+  uint32_t kind;
+  /**
+   * The prompt it belongs to.
+   */
+  uint32_t prompt;
+  /**
+   * Rollout index (0..R) or expert slot (0..P*).
+   */
+  uint32_t index;
+  /**
+   * Prompt + response tokens.
+   */
+  uint32_t tokens;
+  /**
+   * Response tokens.
+   */
+  uint32_t response_len;
+} calibrl_seq_info;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -408,6 +622,187 @@ enum calibrl_status calibrl_loss(const struct calibrl_config *cfg,
                                  const struct calibrl_loss_args *args,
                                  struct calibrl_metrics *host_metrics,
                                  calibrl_stream stream);
+
+/**
+ * Fills `*out` with the defaults: 1 rank, budgets of 16384 tokens, one mini-batch of up to
+ * 2^32 - 1 prompts, CalibRL, all experts, seed 0, reward threshold 0.1, verl's workload model.
+ *
+ * # Safety
+ * `out` is a valid pointer.
+ */
+enum calibrl_status calibrl_scheduler_config_default(struct calibrl_scheduler_config *out);
+
+/**
+ * Plans one training step (SPEC §7). `prompts` holds `n_prompts` descriptors;
+ * `rollout_lens` holds the `n_rollouts` rollout response lengths, prompt by prompt (so
+ * `n_rollouts` = Σ `num_rollouts`); `rewards` (`[n_rollouts]`, same order) may be NULL unless
+ * the selection is `CALIBRL_SELECT_PASS_RATE`. On success `*out` owns a new plan; free it with
+ * `calibrl_plan_free`. The plan is deterministic for a given input and configuration.
+ *
+ * # Safety
+ * `config` and `out` are valid pointers; the arrays are NULL or valid for their counts.
+ */
+enum calibrl_status calibrl_plan_new(const struct calibrl_scheduler_config *config,
+                                     const struct calibrl_prompt_desc *prompts,
+                                     size_t n_prompts,
+                                     const uint32_t *rollout_lens,
+                                     size_t n_rollouts,
+                                     const double *rewards,
+                                     struct calibrl_plan **out);
+
+/**
+ * Releases a plan (NULL is a no-op).
+ *
+ * # Safety
+ * `plan` is NULL or a handle from `calibrl_plan_new` not yet freed.
+ */
+void calibrl_plan_free(struct calibrl_plan *plan);
+
+/**
+ * Writes the plan's counts into `*out`.
+ *
+ * # Safety
+ * `plan` is a valid handle; `out` a valid pointer.
+ */
+enum calibrl_status calibrl_plan_summary(const struct calibrl_plan *plan,
+                                         struct calibrl_plan_info *out);
+
+/**
+ * Writes mini-batch `minibatch`'s prompt range, micro-batch count per rank and normalisers.
+ *
+ * # Safety
+ * `plan` is a valid handle; `out` a valid pointer.
+ */
+enum calibrl_status calibrl_plan_minibatch(const struct calibrl_plan *plan,
+                                           size_t minibatch,
+                                           struct calibrl_minibatch_info *out);
+
+/**
+ * Writes the global normalisers of mini-batch `minibatch` (response tokens and rows that are
+ * trained, over all ranks and micro-batches): pass them to every `calibrl_loss` call of that
+ * mini-batch so the slices' losses and gradients add up to the whole batch's.
+ *
+ * # Safety
+ * `plan` is a valid handle; `out` a valid pointer.
+ */
+enum calibrl_status calibrl_plan_normalizers(const struct calibrl_plan *plan,
+                                             size_t minibatch,
+                                             struct calibrl_normalizers *out);
+
+/**
+ * Micro-batch `mb` of rank `rank` in the no-grad pass: its sequence ids into `seq_ids` and
+ * their kinds (`CALIBRL_SEQ_*`) into `kinds` (either may be NULL; both NULL = size query), the
+ * count into `*len`. Every rank has `calibrl_plan_summary().nograd_microbatches`
+ * micro-batches; some may be empty (`*len` = 0) when a rank holds few sequences.
+ *
+ * # Safety
+ * `plan` is a valid handle; `seq_ids`/`kinds` are NULL or valid for `cap` elements; `len` is
+ * valid.
+ */
+enum calibrl_status calibrl_plan_nograd_microbatch(const struct calibrl_plan *plan,
+                                                   size_t rank,
+                                                   size_t mb,
+                                                   int64_t *seq_ids,
+                                                   uint8_t *kinds,
+                                                   size_t cap,
+                                                   size_t *len);
+
+/**
+ * Micro-batch `mb` of rank `rank` in mini-batch `minibatch` of the training pass; same
+ * outputs as `calibrl_plan_nograd_microbatch`. Expert rows appear only for LUFFY / RL-PLUS.
+ *
+ * # Safety
+ * As `calibrl_plan_nograd_microbatch`.
+ */
+enum calibrl_status calibrl_plan_train_microbatch(const struct calibrl_plan *plan,
+                                                  size_t minibatch,
+                                                  size_t rank,
+                                                  size_t mb,
+                                                  int64_t *seq_ids,
+                                                  uint8_t *kinds,
+                                                  size_t cap,
+                                                  size_t *len);
+
+/**
+ * The gather map `[R]`: for each rollout, its prompt's expert slot, or -1 when the prompt's
+ * expert is not selected (or it has none). It is `expert_index` of `calibrl_loss`.
+ *
+ * # Safety
+ * `plan` is a valid handle; `expert_index` is NULL or valid for `cap` elements; `len` valid.
+ */
+enum calibrl_status calibrl_plan_gather_map(const struct calibrl_plan *plan,
+                                            int64_t *expert_index,
+                                            size_t cap,
+                                            size_t *len);
+
+/**
+ * The prompt of each expert slot `[P*]`.
+ *
+ * # Safety
+ * As `calibrl_plan_gather_map`.
+ */
+enum calibrl_status calibrl_plan_expert_prompts(const struct calibrl_plan *plan,
+                                                int64_t *prompts,
+                                                size_t cap,
+                                                size_t *len);
+
+/**
+ * The offsets `[P*+1]` of the packed expert tensor (`expert_offsets` of `calibrl_loss`): slot
+ * `s` holds its response tokens at `offsets[s]..offsets[s+1]`.
+ *
+ * # Safety
+ * As `calibrl_plan_gather_map`.
+ */
+enum calibrl_status calibrl_plan_expert_offsets(const struct calibrl_plan *plan,
+                                                int64_t *offsets,
+                                                size_t cap,
+                                                size_t *len);
+
+/**
+ * The ids of the sequences longer than a pass's token budget (`CALIBRL_PASS_NOGRAD` or
+ * `CALIBRL_PASS_TRAIN`); each sits alone in a micro-batch, none is dropped.
+ *
+ * # Safety
+ * As `calibrl_plan_gather_map`.
+ */
+enum calibrl_status calibrl_plan_oversize(const struct calibrl_plan *plan,
+                                          uint32_t pass,
+                                          int64_t *seq_ids,
+                                          size_t cap,
+                                          size_t *len);
+
+/**
+ * Describes sequence `seq_id` (kind, prompt, rollout index or slot, token counts).
+ *
+ * # Safety
+ * `plan` is a valid handle; `out` a valid pointer.
+ */
+enum calibrl_status calibrl_plan_seq(const struct calibrl_plan *plan,
+                                     int64_t seq_id,
+                                     struct calibrl_seq_info *out);
+
+/**
+ * Turns the no-grad pass's output into the expert baseline `calibrl_loss` takes.
+ * `nograd_logprobs`: 1-D float, the response-token log-probs of the no-grad plan's sequences
+ * packed without padding in plan order (micro-batch by micro-batch, sequence by sequence,
+ * `response_len` values each) — of rank `rank` only, or of all ranks in rank order when `rank`
+ * is -1. Outputs (each optional, NULL = not wanted, written only on success):
+ * `expert_logprobs` `[T*]` float, the packed expert tensor (offsets from
+ * `calibrl_plan_expert_offsets`); `expert_sums` `[P*]` float, `E_g` per slot (divided by the
+ * expert's length when `length_normalize`). With one rank's part, slots held by other ranks
+ * are 0: sum the outputs over ranks (all-reduce) to get the full tensors. Host tensors only
+ * for now (CUDA tensors give `CALIBRL_STATUS_CUDA_UNAVAILABLE`).
+ *
+ * # Safety
+ * `plan` is a valid handle; the tensors are NULL or valid DLPack descriptors.
+ */
+enum calibrl_status calibrl_plan_collect_experts(const struct calibrl_plan *plan,
+                                                 int64_t rank,
+                                                 const DLTensor *nograd_logprobs,
+                                                 const DLTensor *expert_logprobs,
+                                                 const DLTensor *expert_sums,
+                                                 bool length_normalize,
+                                                 calibrl_stream stream);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -12,6 +12,7 @@ pub mod error;
 pub mod ffi;
 pub mod ops;
 pub mod rarity;
+pub mod scheduler;
 pub mod tensor;
 
 pub use config::Config;

@@ -9,6 +9,7 @@
 pub mod common;
 pub mod logits;
 pub mod loss;
+pub mod scheduler;
 
 use crate::error::{CalibrlStatus, Error, Result};
 use std::cell::RefCell;
