@@ -49,8 +49,11 @@ fn a_fixed_seed_reproduces_the_run_bit_for_bit() {
         let a = train(method, &s, &data);
         let b = train(method, &s, &data);
         // Display of f64 is the shortest exact representation: equal text = equal bits.
-        assert_eq!(report::csv(&[a.clone()]), report::csv(&[b.clone()]));
-        assert_eq!(report::table(&[a]), report::table(&[b]));
+        assert_eq!(
+            report::csv(&[vec![a.clone()]]),
+            report::csv(&[vec![b.clone()]])
+        );
+        assert_eq!(report::table(&[vec![a]]), report::table(&[vec![b]]));
     }
 }
 

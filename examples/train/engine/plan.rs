@@ -1,17 +1,19 @@
-//! Planning the passes of one training step (SPEC §7). This is the one place that decides
-//! which rows run in which pass; everything else follows the plan.
+//! Planning the passes of one training step with the library's scheduler (SPEC §7,
+//! `calibrl::scheduler`), and the plan in the terms the trainer uses: rows named by (prompt,
+//! rollout) or (prompt, expert).
 //!
-//! INTERIM: the library's scheduler (`calibrl::scheduler`, branch `sched`) was not usable when
-//! this demo was written, so `plan_step` packs the passes itself, following SPEC §7 (one rank):
-//! the no-grad pass holds every rollout and exactly one copy of each expert response; the
-//! training pass holds rollouts only (plus expert rows for LUFFY / RL-PLUS); mini-batches get
-//! their global normalisers; a gather map sends each group to its expert slot. Swap the body
-//! for the scheduler's plan once it lands; the types below are what the trainer consumes.
+//! The scheduler decides: the no-grad pass holds every rollout and exactly one copy of each
+//! selected expert response (none for GRPO, which has no use for them); the training pass holds
+//! rollouts only (plus expert rows for LUFFY / RL-PLUS); each mini-batch carries its global
+//! normalisers; the gather map sends each rollout to its prompt's expert slot.
 
+use calibrl::config::LossKind;
 use calibrl::cpu::loss::CalibrlNormalizers;
+use calibrl::scheduler::{self, PromptInput, SchedulerConfig, SeqKind, SeqRef, StepInput};
 
 /// What the planner is told about one prompt of the step.
 pub struct PromptRows {
+    pub prompt_len: usize,
     pub rollout_lens: Vec<usize>,
     /// Length of its expert response, when the prompt has one.
     pub expert_len: Option<usize>,
@@ -39,87 +41,83 @@ pub struct MiniBatch {
 
 #[derive(Clone, Debug)]
 pub struct StepPlan {
-    /// Old log-probs of the rollouts and ℓ* of each expert response (no gradient).
+    /// Old log-probs of the rollouts and ℓ* of each selected expert response (no gradient).
     pub no_grad: Vec<MicroBatch>,
     pub train: Vec<MiniBatch>,
-    /// Gather map: the expert slot of each group (`None` = no expert), slots numbered in the
-    /// order the expert rows appear in the no-grad pass.
+    /// Gather map per group: its expert slot (`None` = no expert forwarded), slots numbered as
+    /// the scheduler numbers them.
     pub expert_slot: Vec<Option<usize>>,
+    pub num_expert_slots: usize,
 }
 
-/// Plans a step: `mini_batches` optimiser updates over whole groups, micro-batches packed
-/// greedily under `token_budget` tokens. Expert rows enter the training pass only when
-/// `train_experts` (LUFFY / RL-PLUS).
+/// Plans a step on one data-parallel rank: `minibatch_prompts` prompts per optimiser update,
+/// micro-batches under `token_budget` tokens (prompt + response).
 pub fn plan_step(
     prompts: &[PromptRows],
-    train_experts: bool,
-    mini_batches: usize,
+    loss: LossKind,
+    minibatch_prompts: usize,
     token_budget: usize,
 ) -> StepPlan {
-    let len = |r: RowRef| match r {
-        RowRef::Rollout { group, index } => prompts[group].rollout_lens[index],
-        RowRef::Expert { group } => prompts[group].expert_len.expect("expert row has a length"),
+    let input = StepInput {
+        prompts: prompts
+            .iter()
+            .map(|p| PromptInput {
+                prompt_len: p.prompt_len as u32,
+                rollout_lens: p.rollout_lens.iter().map(|&l| l as u32).collect(),
+                expert_len: p.expert_len.map(|l| l as u32),
+                rewards: None,
+            })
+            .collect(),
     };
-    let rollouts = |g: usize| {
-        (0..prompts[g].rollout_lens.len()).map(move |i| RowRef::Rollout { group: g, index: i })
+    let config = SchedulerConfig {
+        loss_kind: loss,
+        // The demo's policy costs the same per token whatever the length: no attention term.
+        quadratic_coef: 0.0,
+        ..SchedulerConfig::new(
+            1,
+            token_budget as u64,
+            token_budget as u64,
+            minibatch_prompts,
+        )
     };
-    let expert = |g: usize| prompts[g].expert_len.map(|_| RowRef::Expert { group: g });
+    let plan = scheduler::plan(&input, &config).expect("a valid step plan");
 
-    let mut expert_slot = Vec::with_capacity(prompts.len());
-    let mut next = 0;
-    for p in prompts {
-        expert_slot.push(p.expert_len.map(|_| {
-            next += 1;
-            next - 1
-        }));
-    }
-
-    let all: Vec<RowRef> = (0..prompts.len())
-        .flat_map(|g| rollouts(g).chain(expert(g)))
-        .collect();
-    let no_grad = pack(&all, token_budget, len);
-
-    let per_mini = prompts.len().div_ceil(mini_batches.max(1)).max(1);
-    let train = (0..prompts.len())
-        .collect::<Vec<_>>()
-        .chunks(per_mini)
-        .map(|groups| {
-            let rows: Vec<RowRef> = groups
-                .iter()
-                .flat_map(|&g| {
-                    let e = if train_experts { expert(g) } else { None };
-                    rollouts(g).chain(e)
-                })
-                .collect();
-            MiniBatch {
-                normalizers: CalibrlNormalizers {
-                    token_count: rows.iter().map(|&r| len(r) as f64).sum(),
-                    seq_count: rows.len() as f64,
-                },
-                micro: pack(&rows, token_budget, len),
+    // The scheduler numbers rollouts globally and experts by slot; name them by prompt.
+    let row = |s: &SeqRef| match s.kind {
+        SeqKind::Rollout => {
+            let group = plan.rollout_prompt[s.index as usize] as usize;
+            RowRef::Rollout {
+                group,
+                index: s.index as usize - plan.rollout_offsets[group],
             }
-        })
-        .collect();
-
-    StepPlan {
-        no_grad,
-        train,
-        expert_slot,
-    }
-}
-
-/// Greedy packing in order: start a new micro-batch when the next row would pass the budget.
-fn pack(rows: &[RowRef], budget: usize, len: impl Fn(RowRef) -> usize) -> Vec<MicroBatch> {
-    let mut out = vec![MicroBatch::default()];
-    let mut used = 0;
-    for &r in rows {
-        let n = len(r);
-        if used + n > budget && !out.last().unwrap().rows.is_empty() {
-            out.push(MicroBatch::default());
-            used = 0;
         }
-        out.last_mut().unwrap().rows.push(r);
-        used += n;
+        SeqKind::Expert => RowRef::Expert {
+            group: plan.expert_prompts[s.index as usize] as usize,
+        },
+    };
+    let micro = |mbs: &[scheduler::MicroBatch]| -> Vec<MicroBatch> {
+        mbs.iter()
+            .filter(|mb| !mb.seqs.is_empty())
+            .map(|mb| MicroBatch {
+                rows: mb.seqs.iter().map(row).collect(),
+            })
+            .collect()
+    };
+    let mut expert_slot = vec![None; prompts.len()];
+    for (slot, &g) in plan.expert_prompts.iter().enumerate() {
+        expert_slot[g as usize] = Some(slot);
     }
-    out
+    StepPlan {
+        no_grad: micro(&plan.nograd.ranks[0]),
+        train: plan
+            .minibatches
+            .iter()
+            .map(|m| MiniBatch {
+                micro: micro(&m.pass.ranks[0]),
+                normalizers: m.normalizers,
+            })
+            .collect(),
+        expert_slot,
+        num_expert_slots: plan.num_expert_slots(),
+    }
 }

@@ -132,28 +132,19 @@ pub struct Eval {
     /// Mean token entropy over the sampled responses.
     pub entropy: f64,
     pub length: f64,
+    /// Mean Δ = S − E of the sampled responses against their prompt's expert response (the
+    /// loss's `mean_delta` metric, sequence mode): negative when the policy rates the expert's
+    /// answer above its own samples.
+    pub delta: f64,
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct RunResult {
     pub method: Method,
+    pub seed: u64,
     pub initial: Eval,
     pub last: Eval,
     pub log: Vec<StepLog>,
-}
-
-impl RunResult {
-    /// Mean Δ over the last tenth of the RL steps.
-    pub fn late_delta(&self) -> f64 {
-        let rl: Vec<f64> = self
-            .log
-            .iter()
-            .map(|l| l.mean_delta)
-            .filter(|d| !d.is_nan())
-            .collect();
-        let tail = &rl[rl.len() - (rl.len() / 10).max(1)..];
-        tail.iter().sum::<f64>() / tail.len() as f64
-    }
 }
 
 pub fn train(method: Method, s: &Settings, data: &Dataset) -> RunResult {
@@ -178,6 +169,7 @@ pub fn train(method: Method, s: &Settings, data: &Dataset) -> RunResult {
     let last = evaluate(&run.policy, &data.heldout, s);
     RunResult {
         method,
+        seed: s.seed,
         initial,
         last,
         log,
@@ -292,16 +284,18 @@ impl Run<'_> {
         let train_experts = self.cfg.trains_expert_rows();
         let plan = plan_step(
             &data
-                .rollouts
+                .prompts
                 .iter()
+                .zip(&data.rollouts)
                 .zip(&data.experts)
-                .map(|(rs, e)| PromptRows {
+                .map(|((p, rs), e)| PromptRows {
+                    prompt_len: p.len(),
                     rollout_lens: rs.iter().map(Vec::len).collect(),
                     expert_len: Some(e.len()),
                 })
                 .collect::<Vec<_>>(),
-            train_experts,
-            s.mini_batches,
+            self.cfg.loss,
+            data.prompts.len().div_ceil(s.mini_batches),
             s.token_budget,
         );
         let (rewards, adv) = self.advantages(&data, train_experts);
@@ -376,7 +370,7 @@ impl Run<'_> {
             rollout_entropy: 0.0,
         };
         let (mut h_sum, mut h_n) = (0.0, 0.0);
-        let mut slots: Vec<Vec<f64>> = vec![Vec::new(); data.prompts.len()];
+        let mut slots: Vec<Vec<f64>> = vec![Vec::new(); plan.num_expert_slots];
         for mb in &plan.no_grad {
             let mut packed = Packed::new(data, &mb.rows);
             let (_, fw) = packed.forward(&self.policy);
@@ -418,13 +412,18 @@ impl Run<'_> {
                     .rows
                     .iter()
                     .filter(|r| matches!(r, RowRef::Rollout { .. }));
-                let n = rollouts.count() as f64;
+                // Δ exists only where the plan forwarded experts (not for GRPO).
+                let n = rollouts.count() as f64 * (p.plan.num_expert_slots > 0) as u8 as f64;
                 delta_sum += m.mean_delta * n;
                 delta_n += n;
             }
             self.adam.step(&mut self.policy.w, &grad);
         }
-        delta_sum / delta_n
+        if delta_n > 0.0 {
+            delta_sum / delta_n
+        } else {
+            f64::NAN
+        }
     }
 
     /// Loss of one micro-batch at the current policy; adds its ∂L/∂W to `grad`.
@@ -462,9 +461,10 @@ impl Run<'_> {
                     .map(|r| matches!(r, RowRef::Expert { .. }))
                     .collect(),
             ),
-            // Every method gets the expert baseline so that Δ is measured for all of them; it
-            // enters the gradient only for CalibRL (λ is 0 for the others).
-            expert: Some(ExpertBaseline {
+            // Whenever the plan forwarded experts, the loss gets the baseline, so that Δ is
+            // measured for LUFFY / RL-PLUS too; it enters the gradient only for CalibRL (λ is 0
+            // for the others).
+            expert: (plan.num_expert_slots > 0).then(|| ExpertBaseline {
                 index: mb
                     .rows
                     .iter()
@@ -588,10 +588,48 @@ pub fn evaluate(policy: &Policy, heldout: &[Prompt], s: &Settings) -> Eval {
         .collect();
     let mut packed = Packed::new(&data, &rows);
     let (_, fw) = packed.forward(policy);
+    let entropy = fw.entropy.iter().sum::<f64>() / fw.entropy.len() as f64;
+    let length = packed.labels.len() as f64 / n;
+    let expert_rows: Vec<RowRef> = (0..heldout.len())
+        .map(|group| RowRef::Expert { group })
+        .collect();
+    let mut expert = Packed::new(&data, &expert_rows);
+    let (_, fw_expert) = expert.forward(policy);
+    let probe = LossBatch {
+        rows: packed.rows.clone(),
+        mask: vec![1.0; fw.logprobs.len()],
+        logprobs: fw.logprobs,
+        advantages: vec![0.0; rows.len()],
+        weights: vec![0.0; rows.len()],
+        signs: rows
+            .iter()
+            .map(|&r| match r {
+                RowRef::Rollout { group, index } => {
+                    2.0 * reward(&data.prompts[group], &data.rollouts[group][index]) - 1.0
+                }
+                RowRef::Expert { .. } => unreachable!("rollout rows only"),
+            })
+            .collect(),
+        expert: Some(ExpertBaseline {
+            mask: vec![1.0; fw_expert.logprobs.len()],
+            rows: expert.rows,
+            logprobs: fw_expert.logprobs,
+            index: (0..heldout.len())
+                .flat_map(|g| std::iter::repeat(g as i64).take(s.eval_samples))
+                .collect(),
+        }),
+        ..LossBatch::default()
+    };
+    let paper = Config::preset("paper").expect("preset exists");
+    let delta = loss::compute(&paper, &probe)
+        .expect("valid loss inputs")
+        .metrics
+        .mean_delta;
     Eval {
+        delta,
         greedy: greedy_pass_rate(policy, heldout),
         sampled: sampled / n,
-        entropy: fw.entropy.iter().sum::<f64>() / fw.entropy.len() as f64,
-        length: packed.labels.len() as f64 / n,
+        entropy,
+        length,
     }
 }
