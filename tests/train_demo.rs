@@ -24,6 +24,7 @@ fn short() -> Settings {
 fn every_method_improves_the_heldout_pass_rate() {
     let s = short();
     let data = Dataset::new(s.seed);
+    let mut runs = Vec::new();
     for method in Method::ALL {
         let r = train(method, &s, &data);
         assert!(
@@ -34,7 +35,21 @@ fn every_method_improves_the_heldout_pass_rate() {
             r.last.greedy
         );
         assert!(r.last.sampled > r.initial.sampled, "{}", method.name());
+        runs.push(vec![r]);
     }
+    // The report: one table row and one curve per panel for each method.
+    let table = report::table(&runs);
+    let svg = report::svg(&runs);
+    for method in Method::ALL {
+        assert_eq!(Method::parse(method.name()), Some(method));
+        assert!(
+            table.contains(&format!("| {:<8} |", method.name())),
+            "{table}"
+        );
+        assert!(svg.contains(method.name()));
+    }
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    assert_eq!(svg.matches("<polyline").count(), 3 * Method::ALL.len());
 }
 
 #[test]
