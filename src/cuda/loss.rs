@@ -434,7 +434,7 @@ pub fn loss(
     if b > 0 {
         launch(dev, "calibrl_loss_rows", b, THREADS, stream, &mut p)?;
     }
-    launch(dev, "calibrl_loss_finish", 1, 1024, stream, &mut p)?;
+    launch(dev, "calibrl_loss_finish", 1, THREADS, stream, &mut p)?;
     if b > 0 && (args.grad_logprobs.is_some() || args.grad_entropy.is_some()) {
         launch(dev, "calibrl_loss_grad", b, THREADS, stream, &mut p)?;
     }

@@ -1,0 +1,205 @@
+#!/usr/bin/env bash
+# Tests of the C++ binding (bindings/cpp), run by .ci/run on a fresh machine:
+#   - installs cmake, pkg-config and a C++ compiler when missing;
+#   - builds libcalibrl (cargo build --release) and installs it with scripts/install.sh into a
+#     temporary prefix;
+#   - checks that calibrl.hpp compiles on its own, twice, after a dlpack.h and as C++20 (spans);
+#     that calibrl.h compiles as C;
+#   - builds the tests and the train_step example with CMake through find_package(calibrl)
+#     against the installed package, runs them, and compares the example's loss with the value
+#     the test program computes through an independent path;
+#   - compiles, links and runs a program with `pkg-config --cflags --libs calibrl`;
+#   - builds and runs the libtorch extension example when torch is importable (python3, or the
+#     interpreter in $CALIBRL_TORCH_PYTHON); otherwise says it skipped it.
+# Ends with "N passed, M failed[, K skipped]" and exits non-zero when anything failed.
+#
+# Usage: scripts/cpp-tests.sh [--keep]      (--keep: leave the temporary directory)
+set -uo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+keep=0
+[[ "${1:-}" == "--keep" ]] && keep=1
+work="$(mktemp -d "${TMPDIR:-/tmp}/calibrl-cpp-tests.XXXXXX")"
+if [[ $keep -eq 0 ]]; then trap 'rm -rf "$work"' EXIT; else echo "work dir: $work"; fi
+prefix="$work/prefix"
+jobs="$(nproc 2>/dev/null || echo 2)"
+
+passed=0 failed=0 skipped=0
+pass() { passed=$((passed + 1)); echo "PASS: $1"; }
+fail() { failed=$((failed + 1)); echo "FAIL: $1"; [[ -n "${2:-}" && -f "$2" ]] && tail -n 40 "$2" | sed 's/^/    /'; }
+skip() { skipped=$((skipped + 1)); echo "SKIP: $1"; }
+finish() { echo "$passed passed, $failed failed, $skipped skipped"; [[ $failed -eq 0 ]]; exit $?; }
+
+# --- tools -----------------------------------------------------------------------------------
+need=()
+command -v cmake >/dev/null || need+=(cmake)
+command -v pkg-config >/dev/null || need+=(pkg-config)
+command -v c++ >/dev/null || need+=(g++)
+if [[ ${#need[@]} -gt 0 ]]; then
+  echo "installing ${need[*]}"
+  if command -v apt-get >/dev/null; then
+    SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
+    $SUDO apt-get update -qq >/dev/null 2>&1
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null 2>&1
+  fi
+  if ! command -v cmake >/dev/null; then python3 -m pip install -q cmake >/dev/null 2>&1; fi
+fi
+for tool in cmake pkg-config c++ cargo; do
+  if ! command -v "$tool" >/dev/null; then fail "tool $tool is available"; finish; fi
+done
+CXX="${CXX:-c++}"
+CC="${CC:-cc}"
+echo "cmake: $(cmake --version | head -n1); c++: $($CXX --version | head -n1)"
+
+# --- build and install -----------------------------------------------------------------------
+if "$root/scripts/install.sh" --prefix "$prefix" >"$work/install.log" 2>&1 &&
+   [[ -f "$prefix/lib/libcalibrl.so" && -f "$prefix/lib/libcalibrl.a" &&
+      -f "$prefix/include/calibrl.hpp" && -f "$prefix/lib/cmake/calibrl/calibrlConfig.cmake" &&
+      -f "$prefix/lib/cmake/calibrl/calibrlConfigVersion.cmake" &&
+      -f "$prefix/lib/pkgconfig/calibrl.pc" ]]; then
+  pass "scripts/install.sh --prefix <tmp> installs libraries, headers, CMake config, calibrl.pc"
+else
+  fail "scripts/install.sh" "$work/install.log"
+  finish
+fi
+inc=(-I"$prefix/include")
+warn=(-Wall -Wextra -Wpedantic -Werror)
+
+# --- the headers compile ---------------------------------------------------------------------
+syntax() {  # name, source text, extra flags...
+  local name="$1" src="$2"; shift 2
+  printf '%s\n' "$src" >"$work/$name.cpp"
+  if "$CXX" "$@" -fsyntax-only "${inc[@]}" "$work/$name.cpp" >"$work/$name.log" 2>&1; then
+    return 0
+  fi
+  return 1
+}
+syntax alone '#include <calibrl.hpp>' -std=c++17 "${warn[@]}" &&
+  pass "calibrl.hpp compiles on its own (C++17, -Wall -Wextra -Wpedantic -Werror)" ||
+  fail "calibrl.hpp compiles on its own" "$work/alone.log"
+
+syntax twice $'#include <calibrl.hpp>\n#include <calibrl.hpp>\n#include <calibrl.h>\nint main() { calibrl::TensorView v(static_cast<float*>(nullptr), {0}); return v.dl()->ndim - 1; }' \
+  -std=c++17 "${warn[@]}" &&
+  pass "calibrl.hpp included twice (and calibrl.h after it)" ||
+  fail "calibrl.hpp included twice" "$work/twice.log"
+
+# A stand-in for dlpack.h included first: DLDevice::device_type is an enum there.
+syntax dlpack_first $'#ifndef DLPACK_EXTERN_C\n#define DLPACK_EXTERN_C extern "C"\n#include <stdint.h>\ntypedef enum { kDLCPU = 1, kDLCUDA = 2 } DLDeviceType;\ntypedef struct { DLDeviceType device_type; int32_t device_id; } DLDevice;\ntypedef struct { uint8_t code; uint8_t bits; uint16_t lanes; } DLDataType;\ntypedef struct { void* data; DLDevice device; int32_t ndim; DLDataType dtype; int64_t* shape; int64_t* strides; uint64_t byte_offset; } DLTensor;\n#endif\n#include <calibrl.hpp>\nint f(float* p) { calibrl::TensorView v(p, {2}, calibrl::Device::cuda(1)); return v.dl()->device.device_type == kDLCUDA; }' \
+  -std=c++17 "${warn[@]}" &&
+  pass "calibrl.hpp after a dlpack.h (enum DLDeviceType)" ||
+  fail "calibrl.hpp after a dlpack.h" "$work/dlpack_first.log"
+
+syntax cxx20 $'#include <calibrl.hpp>\n#include <span>\nconst DLTensor* f(std::span<float> s, std::span<const double> c) { static calibrl::TensorView a(s), b(c); return b.read_only() ? a.dl() : nullptr; }' \
+  -std=c++20 "${warn[@]}" &&
+  pass "calibrl.hpp under C++20: std::span views" ||
+  fail "calibrl.hpp under C++20" "$work/cxx20.log"
+
+printf '#include <calibrl.h>\nint main(void) { return calibrl_abi_version() == CALIBRL_ABI_VERSION ? 0 : 1; }\n' >"$work/c_header.c"
+if "$CC" -std=c99 -Wall -Wextra -Wpedantic -Werror -fsyntax-only "${inc[@]}" "$work/c_header.c" >"$work/c_header.log" 2>&1; then
+  pass "calibrl.h compiles as C99"
+else
+  fail "calibrl.h compiles as C99" "$work/c_header.log"
+fi
+
+# --- CMake: tests and example through find_package ---------------------------------------------
+cmake_build() {  # source dir, build dir, log
+  cmake -S "$1" -B "$2" -DCMAKE_PREFIX_PATH="$prefix" -DCMAKE_BUILD_TYPE=Release >"$3" 2>&1 &&
+    cmake --build "$2" -j "$jobs" >>"$3" 2>&1
+}
+
+ref_loss=""
+if cmake_build "$root/bindings/cpp/tests" "$work/tests-build" "$work/tests-build.log"; then
+  pass "bindings/cpp/tests builds with CMake via find_package(calibrl)"
+  if "$work/tests-build/test_calibrl" --train-step-reference >"$work/test_calibrl.log" 2>&1; then
+    pass "test_calibrl: $(grep '^checks:' "$work/test_calibrl.log")"
+  else
+    fail "test_calibrl" "$work/test_calibrl.log"
+  fi
+  ref_loss="$(sed -n 's/^train_step reference loss = //p' "$work/test_calibrl.log")"
+else
+  fail "bindings/cpp/tests builds with CMake via find_package(calibrl)" "$work/tests-build.log"
+fi
+
+# Compares the "loss = X" line of an example's output with the reference (relative 1e-5).
+loss_matches() {
+  local got
+  got="$(sed -n 's/^loss = //p' "$1")"
+  [[ -n "$got" && -n "$ref_loss" ]] || return 1
+  awk -v a="$got" -v b="$ref_loss" 'BEGIN {
+    if (a != a + 0 || a ~ /nan|inf/) exit 1
+    d = a - b; if (d < 0) d = -d; m = b < 0 ? -b : b
+    exit (d <= 1e-5 * (1 + m)) ? 0 : 1 }'
+}
+
+if cmake_build "$root/bindings/cpp/examples" "$work/examples-build" "$work/examples-build.log"; then
+  pass "bindings/cpp/examples builds with CMake via find_package(calibrl) (shared and static)"
+  for exe in train_step train_step_static; do
+    if "$work/examples-build/$exe" >"$work/$exe.log" 2>&1; then
+      if loss_matches "$work/$exe.log"; then
+        pass "$exe runs; its $(grep '^loss = ' "$work/$exe.log") matches the independent path ($ref_loss)"
+      else
+        fail "$exe loss matches the independent path ($ref_loss)" "$work/$exe.log"
+      fi
+    else
+      fail "$exe runs" "$work/$exe.log"
+    fi
+  done
+else
+  fail "bindings/cpp/examples builds with CMake via find_package(calibrl)" "$work/examples-build.log"
+fi
+
+# find_package refuses an incompatible version.
+mkdir -p "$work/version-check"
+cat >"$work/version-check/CMakeLists.txt" <<'EOF'
+cmake_minimum_required(VERSION 3.16)
+project(version_check LANGUAGES NONE)
+find_package(calibrl 99.0 CONFIG REQUIRED)
+EOF
+if cmake -S "$work/version-check" -B "$work/version-check/build" -DCMAKE_PREFIX_PATH="$prefix" >"$work/version-check.log" 2>&1; then
+  fail "find_package(calibrl 99.0) is refused" "$work/version-check.log"
+else
+  grep -q "compatible with requested version" "$work/version-check.log" &&
+    grep -q "version: [0-9.]*\$" "$work/version-check.log" &&
+    pass "find_package(calibrl 99.0) is refused by calibrlConfigVersion.cmake" ||
+    fail "find_package(calibrl 99.0) is refused for the version" "$work/version-check.log"
+fi
+
+# --- pkg-config ------------------------------------------------------------------------------
+cat >"$work/pc.cpp" <<'EOF'
+#include <calibrl.hpp>
+#include <cstdio>
+int main() {
+  calibrl::check_abi();
+  const calibrl::Config cfg = calibrl::Config::preset("paper");
+  const auto r = calibrl::group_advantages(cfg, {0, 1, 1, 1}, {0, 0, 0, 0}, 1);
+  std::printf("%g %g %g %g\n", r.weights[0], r.weights[1], r.weights[2], r.weights[3]);
+  return 0;
+}
+EOF
+export PKG_CONFIG_PATH="$prefix/lib/pkgconfig${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}"
+if flags="$(pkg-config --cflags --libs calibrl 2>"$work/pc.log")" &&
+   "$CXX" -std=c++17 "$work/pc.cpp" $flags -Wl,-rpath,"$prefix/lib" -o "$work/pc" >>"$work/pc.log" 2>&1 &&
+   "$work/pc" >"$work/pc.out" 2>&1 && [[ "$(cat "$work/pc.out")" == "0.75 0.25 0.25 0.25" ]]; then
+  pass "pkg-config: '$flags' compiles, links and runs ([0,1,1,1] -> $(cat "$work/pc.out"))"
+else
+  cat "$work/pc.out" >>"$work/pc.log" 2>/dev/null
+  fail "pkg-config --cflags --libs calibrl builds and runs a program" "$work/pc.log"
+fi
+
+# --- libtorch extension ----------------------------------------------------------------------
+torch_py="${CALIBRL_TORCH_PYTHON:-python3}"
+if "$torch_py" -c "import torch" >/dev/null 2>&1; then
+  if ! command -v ninja >/dev/null && ! "$torch_py" -c "import ninja" >/dev/null 2>&1; then
+    apt-get install -y -qq ninja-build >/dev/null 2>&1 || "$torch_py" -m pip install -q ninja >/dev/null 2>&1
+  fi
+  if TORCH_EXTENSIONS_DIR="$work/torch_extensions" MAX_JOBS="$jobs" \
+     "$torch_py" "$root/bindings/cpp/examples/torch_extension/example.py" --prefix "$prefix" >"$work/torch.log" 2>&1; then
+    pass "torch extension: $(grep '^python loss' "$work/torch.log")"
+  else
+    fail "torch extension example builds and matches the Python loss" "$work/torch.log"
+  fi
+else
+  skip "torch extension example: torch is not importable by $torch_py (set CALIBRL_TORCH_PYTHON)"
+fi
+
+finish
