@@ -12,11 +12,11 @@
 use super::{deref, guard};
 use crate::config::LossKind;
 use crate::error::{CalibrlStatus, Error, Result};
+use crate::ops::Stream;
 use crate::scheduler::{
     self, CalibrlNormalizers, ExpertSelection, PassKind, Plan, PromptInput, SchedulerConfig,
     SeqRef, StepInput,
 };
-use crate::ops::Stream;
 use crate::tensor::{DLTensor, Tensor};
 
 /// `calibrl_scheduler_config.loss_kind`: CalibRL (expert rows forwarded once, never trained).
@@ -376,7 +376,7 @@ pub unsafe extern "C" fn calibrl_plan_summary(
     })
 }
 
-fn minibatch<'a>(p: &'a Plan, index: usize) -> Result<&'a scheduler::Minibatch> {
+fn minibatch(p: &Plan, index: usize) -> Result<&scheduler::Minibatch> {
     scheduler::check_index("minibatch", index, p.minibatches.len())?;
     Ok(&p.minibatches[index])
 }
@@ -492,7 +492,7 @@ unsafe fn write_microbatch(
     Ok(())
 }
 
-fn microbatch<'a>(pass: &'a scheduler::PassPlan, rank: usize, mb: usize) -> Result<&'a [SeqRef]> {
+fn microbatch(pass: &scheduler::PassPlan, rank: usize, mb: usize) -> Result<&[SeqRef]> {
     scheduler::check_index("rank", rank, pass.ranks.len())?;
     scheduler::check_index("mb", mb, pass.microbatches_per_rank())?;
     Ok(&pass.ranks[rank][mb].seqs)

@@ -493,12 +493,13 @@ pub fn plan(input: &StepInput, config: &SchedulerConfig) -> Result<Plan> {
         .map(rollout)
         .chain((0..expert_prompts.len()).map(expert))
         .collect();
-    let nograd = partition::plan_pass(nograd_seqs, ranks, config.nograd_token_budget, coef);
+    let nograd = partition::plan_pass(nograd_seqs, ranks, config.nograd_token_budget, coef, true);
 
-    let mut minibatches = Vec::new();
+    // Mini-batches: prompts in input order, `minibatch_prompts` at a time; planned in parallel
+    // with each other (each one's ranks serially).
     let n_prompts = input.prompts.len();
-    let mut first = 0;
-    while first < n_prompts {
+    let firsts: Vec<usize> = (0..n_prompts).step_by(config.minibatch_prompts).collect();
+    let minibatches = partition::par_map(&firsts, firsts.len() > 1, |&first| {
         let end = (first + config.minibatch_prompts).min(n_prompts);
         let mut seqs: Vec<SeqRef> = (c.rollout_offsets[first]..c.rollout_offsets[end])
             .map(rollout)
@@ -514,15 +515,13 @@ pub fn plan(input: &StepInput, config: &SchedulerConfig) -> Result<Plan> {
             token_count: seqs.iter().map(|s| s.response_len as u64).sum::<u64>() as f64,
             seq_count: seqs.len() as f64,
         };
-        let pass = partition::plan_pass(seqs, ranks, config.train_token_budget, coef);
-        minibatches.push(Minibatch {
+        Minibatch {
             first_prompt: first,
             num_prompts: end - first,
-            pass,
+            pass: partition::plan_pass(seqs, ranks, config.train_token_budget, coef, false),
             normalizers,
-        });
-        first = end;
-    }
+        }
+    });
 
     Ok(Plan {
         config: config.clone(),

@@ -5,9 +5,10 @@
 //!    (n·k above [`KK_LIMIT`]) sorted greedy (LPT), whose error — at most one sequence's
 //!    workload — is then negligible against a rank's load.
 //! 2. Micro-batches: one count `M` for every rank — the smallest count at which every rank
-//!    packs under the budget — then each rank's sequences go into exactly `M` micro-batches by
-//!    LPT (heaviest first into the least-loaded micro-batch that has room). Oversize sequences
-//!    take a micro-batch each.
+//!    packs under the budget, bisected between the volume bound `⌈tokens / budget⌉` and a
+//!    count at which packing provably fits — then each rank's sequences go into exactly `M`
+//!    micro-batches by LPT (heaviest first into the least-loaded micro-batch). Oversize
+//!    sequences take a micro-batch each.
 
 use super::{MicroBatch, PassPlan, SeqRef};
 use std::cmp::{Ordering, Reverse};
@@ -32,6 +33,72 @@ impl Ord for Key {
     fn cmp(&self, other: &Self) -> Ordering {
         self.0.total_cmp(&other.0)
     }
+}
+
+/// A min-heap of bins by load for LPT's one step — "take the lightest bin, add to it" — with
+/// plain float compares (loads are finite) and ties broken by bin index (deterministic).
+struct LoadHeap(Vec<(f64, u32)>);
+
+impl LoadHeap {
+    fn new(bins: usize) -> Self {
+        LoadHeap((0..bins as u32).map(|b| (0.0, b)).collect())
+    }
+    /// The lightest bin and its load.
+    fn lightest(&self) -> (f64, usize) {
+        (self.0[0].0, self.0[0].1 as usize)
+    }
+    /// Adds `w` to the lightest bin.
+    fn add_to_lightest(&mut self, w: f64) {
+        let h = &mut self.0;
+        h[0].0 += w;
+        let less = |a: (f64, u32), b: (f64, u32)| a.0 < b.0 || (a.0 == b.0 && a.1 < b.1);
+        let mut i = 0;
+        loop {
+            let l = 2 * i + 1;
+            if l >= h.len() {
+                break;
+            }
+            let c = if l + 1 < h.len() && less(h[l + 1], h[l]) {
+                l + 1
+            } else {
+                l
+            };
+            if !less(h[c], h[i]) {
+                break;
+            }
+            h.swap(i, c);
+            i = c;
+        }
+    }
+}
+
+/// Maps `f` over `items` on up to `available_parallelism` scoped threads when `parallel`,
+/// keeping the order (each result depends on its item only, so the plan stays deterministic).
+pub(crate) fn par_map<T: Sync, U: Send>(
+    items: &[T],
+    parallel: bool,
+    f: impl Fn(&T) -> U + Sync,
+) -> Vec<U> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |p| p.get())
+        .min(items.len());
+    if !parallel || threads <= 1 {
+        return items.iter().map(f).collect();
+    }
+    let chunk = items.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = items
+            .chunks(chunk)
+            .map(|c| {
+                let f = &f;
+                s.spawn(move || c.iter().map(f).collect::<Vec<U>>())
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("scheduler worker panicked"))
+            .collect()
+    })
 }
 
 pub(crate) fn workload(tokens: u64, coef: f64) -> f64 {
@@ -85,57 +152,52 @@ pub(crate) fn karmarkar_karp(weights: &[f64], k: usize) -> Vec<Vec<usize>> {
         return vec![Vec::new(); k];
     }
     let mut next = vec![NONE; n];
-    // parts[p]: k subsets sorted by decreasing sum.
-    let mut parts: Vec<Vec<Subset>> = Vec::with_capacity(2 * n);
-    // Heap of (spread, creation order reversed) so ties resolve deterministically.
-    let mut heap: BinaryHeap<(Key, Reverse<usize>)> = BinaryHeap::with_capacity(n);
+    // Partial partition p lives in arena[p·k .. (p+1)·k], subsets by decreasing sum; a merge
+    // result overwrites one of its inputs' slots.
+    let empty = Subset {
+        sum: 0.0,
+        head: NONE,
+        tail: NONE,
+    };
+    let mut arena = vec![empty; n * k];
+    // Heap of (spread, creation order reversed, slot): ties resolve deterministically.
+    let mut heap: BinaryHeap<(Key, Reverse<usize>, usize)> = BinaryHeap::with_capacity(n);
     for (i, &w) in weights.iter().enumerate() {
-        let mut p = vec![
-            Subset {
-                sum: 0.0,
-                head: NONE,
-                tail: NONE
-            };
-            k
-        ];
-        p[0] = Subset {
+        arena[i * k] = Subset {
             sum: w,
             head: i as u32,
             tail: i as u32,
         };
-        heap.push((Key(w), Reverse(parts.len())));
-        parts.push(p);
+        heap.push((Key(w), Reverse(i), i));
     }
+    let mut created = n;
+    let mut merged = vec![empty; k];
     while heap.len() > 1 {
-        let (_, Reverse(a)) = heap.pop().expect("len > 1");
-        let (_, Reverse(b)) = heap.pop().expect("len > 1");
-        let pa = std::mem::take(&mut parts[a]);
-        let pb = std::mem::take(&mut parts[b]);
-        let mut merged: Vec<Subset> = (0..k)
-            .map(|j| {
-                let (x, y) = (pa[j], pb[k - 1 - j]);
-                let (head, tail) = match (x.head, y.head) {
-                    (NONE, _) => (y.head, y.tail),
-                    (_, NONE) => (x.head, x.tail),
-                    _ => {
-                        next[x.tail as usize] = y.head;
-                        (x.head, y.tail)
-                    }
-                };
-                Subset {
-                    sum: x.sum + y.sum,
-                    head,
-                    tail,
+        let (_, _, a) = heap.pop().expect("len > 1");
+        let (_, _, b) = heap.pop().expect("len > 1");
+        for (j, m) in merged.iter_mut().enumerate() {
+            let (x, y) = (arena[a * k + j], arena[b * k + k - 1 - j]);
+            let (head, tail) = match (x.head, y.head) {
+                (NONE, _) => (y.head, y.tail),
+                (_, NONE) => (x.head, x.tail),
+                _ => {
+                    next[x.tail as usize] = y.head;
+                    (x.head, y.tail)
                 }
-            })
-            .collect();
+            };
+            *m = Subset {
+                sum: x.sum + y.sum,
+                head,
+                tail,
+            };
+        }
         merged.sort_by(|x, y| y.sum.total_cmp(&x.sum));
-        let spread = merged[0].sum - merged[k - 1].sum;
-        heap.push((Key(spread), Reverse(parts.len())));
-        parts.push(merged);
+        arena[a * k..(a + 1) * k].copy_from_slice(&merged);
+        heap.push((Key(merged[0].sum - merged[k - 1].sum), Reverse(created), a));
+        created += 1;
     }
-    let (_, Reverse(last)) = heap.pop().expect("n >= 1");
-    parts[last]
+    let (_, _, last) = heap.pop().expect("n >= 1");
+    arena[last * k..(last + 1) * k]
         .iter()
         .map(|s| {
             let mut items = Vec::new();
@@ -150,89 +212,112 @@ pub(crate) fn karmarkar_karp(weights: &[f64], k: usize) -> Vec<Vec<usize>> {
         .collect()
 }
 
-/// Packs items (tokens, workload) into exactly `m` bins without exceeding `budget` tokens:
-/// heaviest first into the least-loaded bin, loads measured by workload (`by_tokens` false) or
-/// by tokens. `None` when an item does not fit in the least-loaded bin. Every item must fit
-/// alone (`tokens <= budget`).
-fn pack_exact(
-    tokens: &[u64],
-    work: &[f64],
-    m: usize,
-    budget: u64,
-    by_tokens: bool,
-) -> Option<Vec<Vec<usize>>> {
-    if m == 0 {
-        return tokens.is_empty().then(Vec::new);
-    }
-    let weights: Vec<f64> = if by_tokens {
-        tokens.iter().map(|&t| t as f64).collect()
-    } else {
-        work.to_vec()
-    };
-    let mut bins = vec![Vec::new(); m];
-    let mut filled = vec![0u64; m];
-    let mut heap: BinaryHeap<Reverse<(Key, usize)>> =
-        (0..m).map(|b| Reverse((Key(0.0), b))).collect();
-    for i in heaviest_first(&weights) {
-        let Reverse((Key(load), b)) = heap.pop().expect("m >= 1");
-        if filled[b] + tokens[i] > budget {
-            return None;
-        }
-        filled[b] += tokens[i];
-        bins[b].push(i);
-        heap.push(Reverse((Key(load + weights[i]), b)));
-    }
-    Some(bins)
+/// One rank's packable sequences (oversize ones excluded), sorted once for every probe.
+struct Packable {
+    tokens: Vec<u64>,
+    work: Vec<f64>,
+    by_work: Vec<usize>,
+    by_tokens: Vec<usize>,
 }
 
-/// `pack_exact` balancing workload, or failing that balancing tokens (which fits more often
-/// when the budget is tight, since the budget is in tokens).
-fn pack(tokens: &[u64], work: &[f64], m: usize, budget: u64) -> Option<Vec<Vec<usize>>> {
-    pack_exact(tokens, work, m, budget, false).or_else(|| pack_exact(tokens, work, m, budget, true))
-}
+impl Packable {
+    fn new(tokens: Vec<u64>, work: Vec<f64>) -> Self {
+        let as_f64: Vec<f64> = tokens.iter().map(|&t| t as f64).collect();
+        Packable {
+            by_work: heaviest_first(&work),
+            by_tokens: heaviest_first(&as_f64),
+            tokens,
+            work,
+        }
+    }
 
-/// The smallest bin count (as found by galloping then bisecting from the volume bound) at
-/// which `pack` succeeds. `tokens.len()` bins always succeed: each item gets a bin of its own.
-fn min_bins(tokens: &[u64], work: &[f64], budget: u64) -> usize {
-    let n = tokens.len();
-    if n == 0 {
-        return 0;
-    }
-    let volume: u64 = tokens.iter().sum();
-    let lo = volume.div_ceil(budget).max(1) as usize;
-    let lo = lo.min(n);
-    if pack(tokens, work, lo, budget).is_some() {
-        return lo;
-    }
-    // Gallop to a feasible count, then bisect in (bad, good].
-    let (mut bad, mut good, mut step) = (lo, n, 1usize);
-    loop {
-        let probe = bad + step;
-        if probe >= n {
-            break;
+    /// LPT into exactly `m` bins without exceeding `budget`: heaviest first (workload, or
+    /// tokens when `by_tokens`) into the least-loaded bin. Returns each item's bin, or `None`
+    /// when an item does not fit in the least-loaded bin.
+    fn pack_exact(&self, m: usize, budget: u64, by_tokens: bool) -> Option<Vec<u32>> {
+        if m == 0 {
+            return self.tokens.is_empty().then(Vec::new);
         }
-        if pack(tokens, work, probe, budget).is_some() {
-            good = probe;
-            break;
-        }
-        bad = probe;
-        step *= 2;
-    }
-    while good - bad > 1 {
-        let mid = bad + (good - bad) / 2;
-        if pack(tokens, work, mid, budget).is_some() {
-            good = mid;
+        let (order, weight): (&[usize], &dyn Fn(usize) -> f64) = if by_tokens {
+            (&self.by_tokens, &|i| self.tokens[i] as f64)
         } else {
-            bad = mid;
+            (&self.by_work, &|i| self.work[i])
+        };
+        let mut bin_of = vec![0u32; self.tokens.len()];
+        let mut filled = vec![0u64; m];
+        let mut heap = LoadHeap::new(m);
+        for &i in order {
+            let (_, b) = heap.lightest();
+            if filled[b] + self.tokens[i] > budget {
+                return None;
+            }
+            filled[b] += self.tokens[i];
+            bin_of[i] = b as u32;
+            heap.add_to_lightest(weight(i));
         }
+        Some(bin_of)
     }
-    good
+
+    /// `pack_exact` balancing workload, or failing that balancing tokens (which fits more
+    /// often, the budget being in tokens).
+    fn pack(&self, m: usize, budget: u64) -> Option<Vec<u32>> {
+        self.pack_exact(m, budget, false)
+            .or_else(|| self.pack_exact(m, budget, true))
+    }
+
+    /// A bin count at which token-keyed LPT provably fits: before item i (tokens t_i, after
+    /// V_i tokens placed) the least-loaded bin holds at most the mean V_i/m, and is empty when
+    /// m > i; so m ≥ min(i + 1, ⌈V_i / (budget − t_i)⌉) for every i suffices.
+    fn sufficient_bins(&self, budget: u64) -> usize {
+        let mut placed = 0u64;
+        let mut need = 0usize;
+        for (i, &j) in self.by_tokens.iter().enumerate() {
+            let t = self.tokens[j];
+            let m = if t < budget {
+                (i + 1).min(placed.div_ceil(budget - t).max(1) as usize)
+            } else {
+                i + 1
+            };
+            need = need.max(m);
+            placed += t;
+        }
+        need
+    }
+
+    /// The smallest bin count found by bisecting between the volume bound and
+    /// `sufficient_bins` with token-keyed LPT (feasibility is monotone in practice, though LPT
+    /// does not promise it; the final packing retries workload-keyed first).
+    fn min_bins(&self, budget: u64) -> usize {
+        if self.tokens.is_empty() {
+            return 0;
+        }
+        let volume: u64 = self.tokens.iter().sum();
+        let (mut bad, mut good) = (
+            volume.div_ceil(budget) as usize - 1,
+            self.sufficient_bins(budget),
+        );
+        while good - bad > 1 {
+            let mid = bad + (good - bad) / 2;
+            if self.pack_exact(mid, budget, true).is_some() {
+                good = mid;
+            } else {
+                bad = mid;
+            }
+        }
+        good
+    }
 }
 
 /// Plans one pass over `seqs`: balanced across `ranks`, then into the same number of
 /// micro-batches on every rank, each within `budget` tokens unless it holds one oversize
-/// sequence.
-pub(crate) fn plan_pass(seqs: Vec<SeqRef>, ranks: usize, budget: u64, coef: f64) -> PassPlan {
+/// sequence. `parallel`: pack the ranks on several threads.
+pub(crate) fn plan_pass(
+    seqs: Vec<SeqRef>,
+    ranks: usize,
+    budget: u64,
+    coef: f64,
+    parallel: bool,
+) -> PassPlan {
     let work: Vec<f64> = seqs
         .iter()
         .map(|s| workload(s.tokens as u64, coef))
@@ -243,8 +328,7 @@ pub(crate) fn plan_pass(seqs: Vec<SeqRef>, ranks: usize, budget: u64, coef: f64)
     struct RankItems {
         oversize: Vec<usize>,
         rest: Vec<usize>,
-        tokens: Vec<u64>,
-        work: Vec<f64>,
+        packable: Packable,
     }
     let per_rank: Vec<RankItems> = rank_sets
         .iter()
@@ -252,35 +336,29 @@ pub(crate) fn plan_pass(seqs: Vec<SeqRef>, ranks: usize, budget: u64, coef: f64)
             let (oversize, rest): (Vec<usize>, Vec<usize>) =
                 set.iter().partition(|&&i| seqs[i].tokens as u64 > budget);
             let tokens = rest.iter().map(|&i| seqs[i].tokens as u64).collect();
-            let work = rest.iter().map(|&i| work[i]).collect();
+            let w = rest.iter().map(|&i| work[i]).collect();
             RankItems {
                 oversize,
                 rest,
-                tokens,
-                work,
+                packable: Packable::new(tokens, w),
             }
         })
         .collect();
 
-    let mut m = per_rank
-        .iter()
-        .map(|r| r.oversize.len() + min_bins(&r.tokens, &r.work, budget))
-        .max()
-        .unwrap_or(0);
-    // Every rank must pack into exactly m micro-batches; a rank that packed into fewer may (in
-    // rare cases, LPT not being monotone) fail at m: then try m + 1. m = max rank size always
-    // succeeds.
-    let packed: Vec<Vec<Vec<usize>>> = loop {
-        let attempt: Option<Vec<_>> = per_rank
-            .iter()
-            .map(|r| {
-                pack(&r.tokens, &r.work, m - r.oversize.len(), budget).map(|bins| {
-                    bins.into_iter()
-                        .map(|b| b.into_iter().map(|j| r.rest[j]).collect())
-                        .collect()
-                })
-            })
-            .collect();
+    let mut m = par_map(&per_rank, parallel, |r| {
+        r.oversize.len() + r.packable.min_bins(budget)
+    })
+    .into_iter()
+    .max()
+    .unwrap_or(0);
+    // Every rank packs into exactly m micro-batches. A rank whose own minimum is lower may, LPT
+    // not being monotone, fail at m: then m + 1. It ends at the largest `sufficient_bins`.
+    let packed: Vec<Vec<u32>> = loop {
+        let attempt: Option<Vec<_>> = par_map(&per_rank, parallel, |r| {
+            r.packable.pack(m - r.oversize.len(), budget)
+        })
+        .into_iter()
+        .collect();
         match attempt {
             Some(p) => break p,
             None => m += 1,
@@ -291,13 +369,16 @@ pub(crate) fn plan_pass(seqs: Vec<SeqRef>, ranks: usize, budget: u64, coef: f64)
     let ranks_plan = per_rank
         .iter()
         .zip(packed)
-        .map(|(r, bins)| {
-            let mut mbs: Vec<(f64, MicroBatch)> = r
-                .oversize
-                .iter()
-                .map(|&i| vec![i])
-                .chain(bins)
-                .map(|mut items: Vec<usize>| {
+        .map(|(r, bin_of)| {
+            let mut bins: Vec<Vec<usize>> = r.oversize.iter().map(|&i| vec![i]).collect();
+            let first_packed = bins.len();
+            bins.resize(m, Vec::new());
+            for (j, &b) in bin_of.iter().enumerate() {
+                bins[first_packed + b as usize].push(r.rest[j]);
+            }
+            let mut mbs: Vec<(f64, MicroBatch)> = bins
+                .into_iter()
+                .map(|mut items| {
                     items.sort_unstable_by_key(|&i| (seqs[i].kind, seqs[i].index));
                     let w = items.iter().map(|&i| work[i]).sum::<f64>();
                     (
@@ -377,10 +458,38 @@ mod tests {
     fn pack_respects_budget_and_min_bins_is_tight_for_equal_items() {
         let tokens = vec![10u64; 12];
         let work: Vec<f64> = tokens.iter().map(|&t| t as f64).collect();
-        assert_eq!(min_bins(&tokens, &work, 30), 4);
-        assert_eq!(min_bins(&tokens, &work, 29), 6);
-        let bins = pack(&tokens, &work, 4, 30).unwrap();
-        assert!(bins.iter().all(|b| b.len() == 3));
-        assert!(pack(&tokens, &work, 3, 30).is_none());
+        let p = Packable::new(tokens, work);
+        assert_eq!(p.min_bins(30), 4);
+        assert_eq!(p.min_bins(29), 6);
+        let bin_of = p.pack(4, 30).unwrap();
+        for b in 0..4 {
+            assert_eq!(bin_of.iter().filter(|&&x| x == b).count(), 3);
+        }
+        assert!(p.pack(3, 30).is_none());
+    }
+
+    #[test]
+    fn sufficient_bins_always_packs() {
+        let mut rng = crate::scheduler::SplitMix64::new(9);
+        for trial in 0..300 {
+            let n = 1 + trial % 60;
+            let budget = 50 + rng.below(400);
+            let tokens: Vec<u64> = (0..n).map(|_| 1 + rng.below(budget)).collect();
+            let work: Vec<f64> = tokens.iter().map(|&t| workload(t, 1e-3)).collect();
+            let p = Packable::new(tokens.clone(), work);
+            let m = p.sufficient_bins(budget);
+            let bin_of = p
+                .pack_exact(m, budget, true)
+                .expect("the bound is sufficient");
+            let mut fill = vec![0u64; m];
+            for (i, &b) in bin_of.iter().enumerate() {
+                fill[b as usize] += tokens[i];
+            }
+            assert!(fill.iter().all(|&f| f <= budget));
+            let lower = tokens.iter().sum::<u64>().div_ceil(budget) as usize;
+            let found = p.min_bins(budget);
+            assert!(lower <= found && found <= m);
+            assert!(p.pack(found, budget).is_some());
+        }
     }
 }
