@@ -52,29 +52,43 @@ pub(crate) fn launch(
     stream: Stream,
     args: &[Arg],
 ) -> Result<()> {
-    if geometry.blocks == 0 || geometry.threads == 0 || geometry.threads > 1024 {
-        return Err(Error::cuda(format!(
-            "{name}: invalid launch geometry {geometry:?}"
-        )));
-    }
     let mut slots: Vec<u64> = args.iter().map(|a| a.slot()).collect();
     let mut params: Vec<*mut c_void> = slots
         .iter_mut()
         .map(|s| s as *mut u64 as *mut c_void)
         .collect();
-    let _ctx = dev.activate()?;
-    // SAFETY: `f` belongs to a module loaded in this context; `params` points at one live slot
-    // per kernel parameter, in order, each holding a value of the parameter's type.
-    unsafe {
-        drv::launch_kernel(
-            f.raw(),
-            (geometry.blocks, 1, 1),
-            (geometry.threads, 1, 1),
-            0,
-            stream as sys::CUstream,
-            &mut params,
-        )
+    // SAFETY: one live slot per kernel parameter, in order, each holding the parameter's value.
+    unsafe { launch_raw(dev, f, name, geometry, stream, &mut params) }
+}
+
+/// Launches `f` with a caller-built parameter array (e.g. one `#[repr(C)]` struct passed by
+/// value, as the loss kernels take).
+///
+/// # Safety
+/// `params` holds one pointer per kernel parameter, each to a live value of that parameter's
+/// exact C type and layout.
+pub(crate) unsafe fn launch_raw(
+    dev: &Device,
+    f: Function,
+    name: &str,
+    geometry: Geometry,
+    stream: Stream,
+    params: &mut [*mut c_void],
+) -> Result<()> {
+    if geometry.blocks == 0 || geometry.threads == 0 || geometry.threads > 1024 {
+        return Err(Error::cuda(format!(
+            "{name}: invalid launch geometry {geometry:?}"
+        )));
     }
+    let _ctx = dev.activate()?;
+    drv::launch_kernel(
+        f.raw(),
+        (geometry.blocks, 1, 1),
+        (geometry.threads, 1, 1),
+        0,
+        stream as sys::CUstream,
+        params,
+    )
     .map_err(|e| driver_error(&format!("cuLaunchKernel({name})"), e))
 }
 

@@ -16,6 +16,7 @@
 pub mod compile;
 mod launch;
 pub mod logits;
+pub mod loss;
 
 use crate::error::{Error, Result};
 use compile::KernelSource;
@@ -23,7 +24,7 @@ use cudarc::driver::{result as drv, sys};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
-pub(crate) use launch::{launch, Arg};
+pub(crate) use launch::{launch, launch_raw, Arg, Geometry};
 
 /// Whether the CUDA driver library can be loaded (checked once).
 pub fn driver_available() -> bool {
