@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Builds (here, where cargo is) everything scripts/gpu-check.sh runs on a GPU machine without
 # cargo, into .devbuild/ (git-ignored; carry it to the GPU machine):
-#   .devbuild/bin/<test>      release test executables (gpu_logits, nvrtc_compile, and any other
-#                             integration test named in $CALIBRL_DEVBUILD_TESTS)
+#   .devbuild/bin/<test>      release test executables: every tests/gpu_*.rs and nvrtc_compile
+#                             (or the integration tests named in $CALIBRL_DEVBUILD_TESTS)
 #   .devbuild/lib/libcalibrl.so
 # Debug info is stripped to keep the folder small.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-tests="${CALIBRL_DEVBUILD_TESTS:-gpu_logits nvrtc_compile}"
+default_tests="nvrtc_compile $(cd tests && ls gpu_*.rs 2>/dev/null | sed 's/\.rs$//' | tr '\n' ' ')"
+tests="${CALIBRL_DEVBUILD_TESTS:-$default_tests}"
 args=()
 for t in $tests; do args+=(--test "$t"); done
 cargo build --release --lib

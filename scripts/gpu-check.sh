@@ -2,7 +2,8 @@
 # One-command GPU check. On a machine with an NVIDIA GPU:
 #   1. NVRTC compile check (and PTX for step 4),
 #   2. every prebuilt test executable in .devbuild/bin (the GPU tests compare with the CPU backend),
-#   3. compute-sanitizer memcheck, racecheck, initcheck, synccheck over the GPU tests in quick mode,
+#   3. compute-sanitizer memcheck, racecheck, initcheck, synccheck over each gpu_* test executable
+#      in quick mode (CALIBRL_GPU_TEST_QUICK=1; CALIBRL_SANITIZER_TIMEOUT_S per run, default 100),
 #   4. registers / spills per kernel (scripts/kernel-resources.sh, needs ptxas),
 #   5. the logits benchmark (benchmarks/bench_logits.py: calibrl vs PyTorch eager vs torch.compile),
 # then prints a summary table last. Exit status: 0 when every step that ran passed.
@@ -31,7 +32,7 @@ summary=()
 failed=0
 
 step() { # name status seconds note
-  summary+=("$(printf '%-22s %-8s %6ss  %s' "$1" "$2" "$3" "$4")")
+  summary+=("$(printf '%-26s %-8s %6ss  %s' "$1" "$2" "$3" "$4")")
   [[ "$2" == FAIL ]] && failed=1
   return 0
 }
@@ -128,22 +129,27 @@ fi
 
 # ---- 3. compute-sanitizer ------------------------------------------------------------------
 if ! skipped sanitizer; then
-  if command -v compute-sanitizer >/dev/null && [[ -x "$devbuild/bin/gpu_logits" ]]; then
+  gpu_bins=("$devbuild"/bin/gpu_*)
+  if command -v compute-sanitizer >/dev/null && [[ -x "${gpu_bins[0]}" ]]; then
     for tool in memcheck racecheck initcheck synccheck; do
-      echo "== compute-sanitizer --tool $tool (quick GPU tests)"
-      t=$(now)
-      extra=()
-      [[ $tool == memcheck ]] && extra=(--leak-check no)
-      if CALIBRL_GPU_TEST_QUICK=1 timeout 150 compute-sanitizer --tool "$tool" "${extra[@]}" --error-exitcode 86 \
-        --print-limit 20 "$devbuild/bin/gpu_logits" --test-threads=1 >"$out/sanitizer_$tool.log" 2>&1; then
-        step "sanitizer $tool" ok $(($(now) - t)) "$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitizer_$tool.log" | tail -1)"
-      else
-        grep -E "=========|panicked" "$out/sanitizer_$tool.log" | head -25
-        step "sanitizer $tool" FAIL $(($(now) - t)) "see $out/sanitizer_$tool.log"
-      fi
+      for bin in "${gpu_bins[@]}"; do
+        name="$(basename "$bin")"
+        echo "== compute-sanitizer --tool $tool $name (quick mode)"
+        t=$(now)
+        extra=()
+        [[ $tool == memcheck ]] && extra=(--leak-check no)
+        log="$out/sanitizer_${tool}_$name.log"
+        if CALIBRL_GPU_TEST_QUICK=1 timeout "${CALIBRL_SANITIZER_TIMEOUT_S:-100}" compute-sanitizer --tool "$tool" \
+          "${extra[@]}" --error-exitcode 86 --print-limit 20 "$bin" --test-threads=1 >"$log" 2>&1; then
+          step "$tool $name" ok $(($(now) - t)) "$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -1)"
+        else
+          grep -E "=========|panicked" "$log" | head -25
+          step "$tool $name" FAIL $(($(now) - t)) "see $log (timeout: exit 124)"
+        fi
+      done
     done
   else
-    step sanitizer skipped 0 "compute-sanitizer or gpu_logits not found"
+    step sanitizer skipped 0 "compute-sanitizer or gpu_* test binaries not found"
   fi
 else
   step sanitizer skipped 0 ""
@@ -190,6 +196,6 @@ if [[ -f "$out/bench_logits.log" ]]; then
   sed -n '/^copy bandwidth/,$p' "$out/bench_logits.log"
   echo
 fi
-printf '%-22s %-8s %7s  %s\n' step status time note
+printf '%-26s %-8s %7s  %s\n' step status time note
 printf '%s\n' "${summary[@]}"
 exit $failed

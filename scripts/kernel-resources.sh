@@ -41,7 +41,7 @@ echo "ptxas: $("$ptxas_bin" --version | tail -1)"
 printf '%-8s %-34s %5s %7s %7s %6s %6s\n' sm kernel regs spillST spillLD stack smem
 for sm in $archs; do
   # The PTX compiled for the nearest architecture at or below the device's.
-  ptx=""
+  ptx_arch=""
   for a in $sm 90 80; do
     [[ $a -le $sm && -f "$ptx_dir/logits.compute_$a.ptx" ]] && { ptx_arch=$a; break; }
   done
