@@ -178,7 +178,7 @@ if ! skipped bench; then
     echo "== benchmark (budget ${budget}s)"
     t=$(now)
     # shellcheck disable=SC2086
-    if timeout $((budget + 240)) python3 benchmarks/bench_logits.py --lib "$devbuild/lib/libcalibrl.so" \
+    if timeout $((budget + 90)) python3 benchmarks/bench_logits.py --lib "$devbuild/lib/libcalibrl.so" \
       --out "$out/bench_logits.csv" --budget-s "$budget" ${CALIBRL_BENCH_ARGS:-} 2>&1 | tee "$out/bench_logits.log"; then
       step bench ok $(($(now) - t)) "$out/bench_logits.csv"
     else
