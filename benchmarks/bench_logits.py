@@ -79,10 +79,10 @@ NULL = None
 class Calibrl:
     def __init__(self, path):
         self.lib = ctypes.CDLL(path)
-        P = ctypes.c_void_p
-        self.lib.calibrl_logits_forward.argtypes = [P, P, ctypes.c_double, P, P, P, P]
+        T, S = ctypes.POINTER(DLTensor), ctypes.c_void_p  # descriptor, stream
+        self.lib.calibrl_logits_forward.argtypes = [T, T, ctypes.c_double, T, T, T, S]
         self.lib.calibrl_logits_forward.restype = ctypes.c_int
-        self.lib.calibrl_logits_backward.argtypes = [P, P, ctypes.c_double, ctypes.c_int64, P, P, P, P, P, P]
+        self.lib.calibrl_logits_backward.argtypes = [T, T, ctypes.c_double, ctypes.c_int64, T, T, T, T, T, S]
         self.lib.calibrl_logits_backward.restype = ctypes.c_int
         self.lib.calibrl_last_error_message.restype = ctypes.c_char_p
 
