@@ -482,23 +482,24 @@ __device__ __forceinline__ void logits_backward(const typename T::S* logits, typ
 
 // ---------------------------------------------------------------------------------------------
 // Entry points. Launch: grid = min(N, 2^31 − 1) blocks (rows are grid-strided), block = a
-// multiple of 32 up to 1024 threads, no dynamic shared memory.
+// multiple of 32 up to 256 threads (the launch bounds keep registers at <= 64 so that four
+// blocks of 256 threads fit on an SM), no dynamic shared memory.
 
 #define CALIBRL_LOGITS_KERNELS(SUFFIX, T)                                                                        \
-    extern "C" __global__ void calibrl_logits_forward_##SUFFIX(                                                  \
+    extern "C" __global__ void __launch_bounds__(256, 4) calibrl_logits_forward_##SUFFIX(                                                  \
         const T::S* __restrict__ logits, i64 n_rows, i64 row_stride, i64 vocab, const void* __restrict__ labels, \
         int labels_are_i64, float inv_t, void* logprobs, int logprobs_code, void* entropy, int entropy_code,    \
         void* lse, int lse_code) {                                                                               \
         logits_forward<T>(logits, n_rows, row_stride, vocab, labels, labels_are_i64, inv_t, logprobs,           \
                           logprobs_code, entropy, entropy_code, lse, lse_code);                                  \
     }                                                                                                            \
-    extern "C" __global__ void calibrl_logits_shard_stats_##SUFFIX(                                              \
+    extern "C" __global__ void __launch_bounds__(256, 4) calibrl_logits_shard_stats_##SUFFIX(                                              \
         const T::S* __restrict__ logits, i64 n_rows, i64 row_stride, i64 vocab, const void* __restrict__ labels, \
         int labels_are_i64, i64 vocab_start, float inv_t, float* __restrict__ stats) {                           \
         logits_shard_stats<T>(logits, n_rows, row_stride, vocab, labels, labels_are_i64, vocab_start, inv_t,    \
                               stats);                                                                            \
     }                                                                                                            \
-    extern "C" __global__ void calibrl_logits_backward_##SUFFIX(                                                 \
+    extern "C" __global__ void __launch_bounds__(256, 4) calibrl_logits_backward_##SUFFIX(                                                 \
         const T::S* logits, T::S* grad, i64 n_rows, i64 row_stride, i64 grad_row_stride, i64 vocab,             \
         const void* __restrict__ labels, int labels_are_i64, i64 vocab_start, float inv_t,                       \
         const void* __restrict__ lse, int lse_code, const void* __restrict__ entropy, int entropy_code,         \

@@ -75,7 +75,8 @@ fn require_element_aligned(t: &Tensor) -> Result<()> {
 
 /// One block per row (grid-strided past 2^31 − 1 rows); the block is just large enough to give
 /// every thread four 16-byte vectors of the row, between one warp and 256 threads. Depends only
-/// on (N, V, dtype), which keeps the results deterministic.
+/// on (N, V, dtype), which keeps the results deterministic. At most 256 threads: the kernels'
+/// `__launch_bounds__(256, 4)`.
 fn row_geometry(n: usize, v: usize, dtype: DType) -> Geometry {
     let per_vector = 16 / dtype.size();
     let wanted = v.div_ceil(per_vector * 4).next_power_of_two();

@@ -32,6 +32,7 @@ static float g_shuffle[1024];
 #define __forceinline__ inline
 #define __restrict__
 #define __align__(n) alignas(n)
+#define __launch_bounds__(...)
 #define __shared__ static
 
 inline void __syncthreads() { g_barrier->arrive_and_wait(); }

@@ -1,0 +1,201 @@
+#!/usr/bin/env bash
+# One-command GPU check. On a machine with an NVIDIA GPU:
+#   1. NVRTC compile check (and PTX for step 4),
+#   2. every prebuilt test executable in .devbuild/bin (the GPU tests compare with the CPU backend),
+#   3. compute-sanitizer memcheck, racecheck, initcheck, synccheck over each gpu_* test executable
+#      in quick mode (CALIBRL_GPU_TEST_QUICK=1; CALIBRL_SANITIZER_TIMEOUT_S per run, default 100),
+#   4. registers / spills per kernel (scripts/kernel-resources.sh, needs ptxas),
+#   5. the logits benchmark (benchmarks/bench_logits.py: calibrl vs PyTorch eager vs torch.compile),
+# then prints a summary table last. Exit status: 0 when every step that ran passed.
+#
+# The GPU machine needs no cargo: build here with `scripts/devbuild.sh` and carry `.devbuild/`
+# (or point CALIBRL_DEVBUILD at the folder). Where cargo exists and .devbuild/ is missing, this
+# script runs scripts/devbuild.sh itself.
+#
+# Environment:
+#   OUT                       results folder (default ./out): logs, PTX, bench CSV
+#   CALIBRL_DEVBUILD          prebuilt folder (default .devbuild)
+#   CALIBRL_CHECK_SKIP        space-separated steps to skip: tests sanitizer resources bench
+#   CALIBRL_CHECK_DEADLINE_S  total seconds to aim for (default 540); the benchmark gets what is left
+#   CALIBRL_BENCH_ARGS        extra arguments for bench_logits.py (e.g. "--sizes 16384x152064")
+#   CALIBRL_NVRTC_DIR         folder holding libnvrtc.so.13 (otherwise searched)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+root="$(pwd)"
+t_start=$(date +%s)
+out="${OUT:-$root/out}"
+mkdir -p "$out"
+devbuild="${CALIBRL_DEVBUILD:-$root/.devbuild}"
+skip=" ${CALIBRL_CHECK_SKIP:-} "
+deadline=$((t_start + ${CALIBRL_CHECK_DEADLINE_S:-540}))
+summary=()
+failed=0
+
+step() { # name status seconds note
+  summary+=("$(printf '%-26s %-8s %6ss  %s' "$1" "$2" "$3" "$4")")
+  [[ "$2" == FAIL ]] && failed=1
+  return 0
+}
+skipped() { [[ "$skip" == *" $1 "* ]]; }
+now() { date +%s; }
+
+# ---- environment ---------------------------------------------------------------------------
+find_nvrtc() {
+  local d
+  for d in "${CALIBRL_NVRTC_DIR:-}" "${CUDA_HOME:-}/lib64" /usr/local/cuda/lib64 /usr/local/cuda-13.0/lib64 \
+    /usr/local/cuda/targets/x86_64-linux/lib; do
+    [[ -n "$d" && -e "$d/libnvrtc.so.13" ]] && { echo "$d"; return; }
+  done
+  python3 - <<'PY' 2>/dev/null
+import glob, os
+try:
+    import nvidia
+    for p in nvidia.__path__:
+        for d in sorted(glob.glob(os.path.join(p, "*", "lib"))):
+            if glob.glob(os.path.join(d, "libnvrtc.so.13")):
+                print(d)
+                raise SystemExit
+except ImportError:
+    pass
+PY
+}
+nvrtc_dir="$(find_nvrtc)"
+if [[ -n "$nvrtc_dir" ]]; then
+  export LD_LIBRARY_PATH="$nvrtc_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+for d in "${CUDA_HOME:-}" /usr/local/cuda /usr/local/cuda-13.0; do
+  [[ -n "$d" && -d "$d/bin" ]] && export PATH="$PATH:$d/bin" && [[ -z "${CUDA_HOME:-}" ]] && export CUDA_HOME="$d"
+done
+echo "== environment"
+nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv 2>&1 | head -3
+echo "NVRTC dir: ${nvrtc_dir:-not found (GPU calls will report CUDA_UNAVAILABLE)}"
+echo "compute-sanitizer: $(command -v compute-sanitizer || echo 'not found')"
+echo "ptxas: $(command -v ptxas || echo 'not found')"
+
+if [[ ! -d "$devbuild/bin" ]]; then
+  if command -v cargo >/dev/null; then
+    echo "== building $devbuild (scripts/devbuild.sh)"
+    t=$(now)
+    if CALIBRL_DEVBUILD="$devbuild" scripts/devbuild.sh >"$out/devbuild.log" 2>&1; then
+      step build ok $(($(now) - t)) "$devbuild"
+    else
+      tail -30 "$out/devbuild.log"; step build FAIL $(($(now) - t)) "see $out/devbuild.log"
+    fi
+  else
+    echo "no $devbuild/bin and no cargo: build with scripts/devbuild.sh and carry .devbuild/"; exit 2
+  fi
+fi
+
+# ---- 1. NVRTC compile check ----------------------------------------------------------------
+echo "== NVRTC compile check"
+t=$(now)
+if [[ -x "$devbuild/bin/nvrtc_compile" ]]; then
+  if CALIBRL_REQUIRE_NVRTC=1 CALIBRL_PTX_DIR="$out/ptx" "$devbuild/bin/nvrtc_compile" --test-threads=1 --nocapture \
+    >"$out/nvrtc_compile.log" 2>&1; then
+    step nvrtc-compile ok $(($(now) - t)) "PTX in $out/ptx"
+  else
+    tail -30 "$out/nvrtc_compile.log"; step nvrtc-compile FAIL $(($(now) - t)) "see $out/nvrtc_compile.log"
+  fi
+else
+  step nvrtc-compile FAIL 0 "$devbuild/bin/nvrtc_compile missing"
+fi
+
+# ---- 2. test executables -------------------------------------------------------------------
+if ! skipped tests; then
+  for bin in "$devbuild"/bin/*; do
+    name="$(basename "$bin")"
+    [[ -x "$bin" && "$name" != nvrtc_compile ]] || continue
+    echo "== tests: $name"
+    t=$(now)
+    if timeout 300 "$bin" --test-threads=1 --nocapture >"$out/test_$name.log" 2>&1; then
+      note="$(grep -E '^test result' "$out/test_$name.log" | tail -1 | cut -c1-60)"
+      if grep -q "skipped: no CUDA device" "$out/test_$name.log"; then
+        # On a machine whose driver lists a GPU, a skipped GPU test is a failure.
+        if nvidia-smi -L >/dev/null 2>&1; then
+          step "test $name" FAIL $(($(now) - t)) "GPU tests skipped although nvidia-smi lists a GPU"
+          continue
+        fi
+        note="NO GPU SEEN: $note"
+      fi
+      step "test $name" ok $(($(now) - t)) "$note"
+    else
+      grep -E "panicked|FAILED|failed|error" "$out/test_$name.log" | head -20
+      step "test $name" FAIL $(($(now) - t)) "see $out/test_$name.log"
+    fi
+  done
+else
+  step tests skipped 0 ""
+fi
+
+# ---- 3. compute-sanitizer ------------------------------------------------------------------
+if ! skipped sanitizer; then
+  gpu_bins=("$devbuild"/bin/gpu_*)
+  if command -v compute-sanitizer >/dev/null && [[ -x "${gpu_bins[0]}" ]]; then
+    for tool in memcheck racecheck initcheck synccheck; do
+      for bin in "${gpu_bins[@]}"; do
+        name="$(basename "$bin")"
+        echo "== compute-sanitizer --tool $tool $name (quick mode)"
+        t=$(now)
+        extra=()
+        [[ $tool == memcheck ]] && extra=(--leak-check no)
+        log="$out/sanitizer_${tool}_$name.log"
+        if CALIBRL_GPU_TEST_QUICK=1 timeout "${CALIBRL_SANITIZER_TIMEOUT_S:-100}" compute-sanitizer --tool "$tool" \
+          "${extra[@]}" --error-exitcode 86 --print-limit 20 "$bin" --test-threads=1 >"$log" 2>&1; then
+          step "$tool $name" ok $(($(now) - t)) "$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -1)"
+        else
+          grep -E "=========|panicked" "$log" | head -25
+          step "$tool $name" FAIL $(($(now) - t)) "see $log (timeout: exit 124)"
+        fi
+      done
+    done
+  else
+    step sanitizer skipped 0 "compute-sanitizer or gpu_* test binaries not found"
+  fi
+else
+  step sanitizer skipped 0 ""
+fi
+
+# ---- 4. kernel resources -------------------------------------------------------------------
+if ! skipped resources; then
+  echo "== kernel resources"
+  t=$(now)
+  if CALIBRL_PTX_DIR="$out/ptx" CALIBRL_DEVBUILD="$devbuild" scripts/kernel-resources.sh | tee "$out/kernel_resources.txt"; then
+    spills="$(awk 'NR>2 && ($4>0 || $5>0) {print $2"@"$1}' "$out/kernel_resources.txt" | tr '\n' ' ')"
+    step kernel-resources ok $(($(now) - t)) "${spills:+spills: $spills}"
+  else
+    step kernel-resources FAIL $(($(now) - t)) "see output above"
+  fi
+else
+  step kernel-resources skipped 0 ""
+fi
+
+# ---- 5. benchmark --------------------------------------------------------------------------
+if ! skipped bench; then
+  budget=$((deadline - $(now) - 60))
+  if [[ $budget -lt 30 ]]; then
+    step bench skipped 0 "no time left (CALIBRL_CHECK_DEADLINE_S)"
+  else
+    echo "== benchmark (budget ${budget}s)"
+    t=$(now)
+    # shellcheck disable=SC2086
+    if timeout $((budget + 90)) python3 benchmarks/bench_logits.py --lib "$devbuild/lib/libcalibrl.so" \
+      --out "$out/bench_logits.csv" --budget-s "$budget" ${CALIBRL_BENCH_ARGS:-} 2>&1 | tee "$out/bench_logits.log"; then
+      step bench ok $(($(now) - t)) "$out/bench_logits.csv"
+    else
+      step bench FAIL $(($(now) - t)) "see $out/bench_logits.log"
+    fi
+  fi
+else
+  step bench skipped 0 ""
+fi
+
+# ---- summary -------------------------------------------------------------------------------
+echo
+echo "================ calibrl GPU check summary ($(($(now) - t_start))s) ================"
+if [[ -f "$out/bench_logits.log" ]]; then
+  sed -n '/^copy bandwidth/,$p' "$out/bench_logits.log"
+  echo
+fi
+printf '%-26s %-8s %7s  %s\n' step status time note
+printf '%s\n' "${summary[@]}"
+exit $failed
