@@ -76,6 +76,15 @@ class Desc:
 NULL = None
 
 
+class LossArgs(ctypes.Structure):
+    """calibrl_loss_args (include/calibrl.h): every field a pointer."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in (
+        "logprobs", "seq_offsets", "mask", "old_logprobs", "ref_logprobs", "entropy", "advantages",
+        "weights", "signs", "is_expert", "expert_logprobs", "expert_offsets", "expert_mask",
+        "expert_index", "normalizers", "grad_logprobs", "grad_entropy", "metrics")]
+
+
 class Calibrl:
     def __init__(self, path):
         self.lib = ctypes.CDLL(path)
@@ -85,6 +94,22 @@ class Calibrl:
         self.lib.calibrl_logits_backward.argtypes = [T, T, ctypes.c_double, ctypes.c_int64, T, T, T, T, T, S]
         self.lib.calibrl_logits_backward.restype = ctypes.c_int
         self.lib.calibrl_last_error_message.restype = ctypes.c_char_p
+        self.lib.calibrl_config_new.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_void_p)]
+        self.lib.calibrl_config_new.restype = ctypes.c_int
+        self.lib.calibrl_loss.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, S]
+        self.lib.calibrl_loss.restype = ctypes.c_int
+
+    def config(self, json):
+        cfg = ctypes.c_void_p()
+        self._check(self.lib.calibrl_config_new(json.encode(), ctypes.byref(cfg)), "calibrl_config_new")
+        return cfg
+
+    def loss(self, cfg, **tensors):
+        """calibrl_loss with the named tensors of calibrl_loss_args (others NULL), on device."""
+        descs = {k: Desc(v) for k, v in tensors.items()}
+        args = LossArgs(**{k: ctypes.addressof(d.t) for k, d in descs.items()})
+        stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+        self._check(self.lib.calibrl_loss(cfg, ctypes.byref(args), None, stream), "calibrl_loss")
 
     def _check(self, status, what):
         if status != 0:
@@ -144,6 +169,80 @@ def make_calibrl(lib, logits, labels, temperature, g, h):
         lib.backward(logits, labels, temperature, lse, ent, g, h, logits)  # in place
 
     return step, (lp, ent, lse)
+
+
+SEQS = 16  # sequences per batch in the full-step comparisons
+
+
+def make_calibrl_step(lib, logits, labels, old_lp, adv):
+    """The whole GRPO-style step on calibrl: fused forward (log-prob, entropy, lse), the loss on
+    the GPU (grpo preset + entropy bonus: ∂L/∂ℓ and ∂L/∂H), fused backward in place."""
+    n = logits.shape[0]
+    dev = logits.device
+    f32 = dict(device=dev, dtype=torch.float32)
+    lp, ent, lse = torch.empty(n, **f32), torch.empty(n, **f32), torch.empty(n, **f32)
+    g, h = torch.empty(n, **f32), torch.empty(n, **f32)
+    offsets = torch.linspace(0, n, SEQS + 1, device=dev).round().to(torch.int64)
+    w = adv.abs()
+    signs = torch.where(adv > 0, 1.0, -1.0).to(torch.float32)
+    metrics = torch.empty(15, **f32)
+    cfg = lib.config('{"preset": "grpo", "entropy_coef": 0.001}')
+
+    def step():
+        lib.forward(logits, labels, 1.0, lp, ent, lse)
+        lib.loss(cfg, logprobs=lp, seq_offsets=offsets, old_logprobs=old_lp, entropy=ent, advantages=adv,
+                 weights=w, signs=signs, grad_logprobs=g, grad_entropy=h, metrics=metrics)
+        lib.backward(logits, labels, 1.0, lse, ent, g, h, logits)  # in place
+
+    return step
+
+
+def make_torch_step(logits, labels, old_lp, adv, compiled):
+    """The same step in PyTorch eager (verl-style: f32 upcast, log_softmax, gather, entropy,
+    clipped PG with token-mean, entropy bonus, autograd)."""
+    x = logits.detach().clone().requires_grad_(True)
+    n = logits.shape[0]
+    seq = torch.bucketize(torch.arange(n, device=x.device), torch.linspace(0, n, SEQS + 1, device=x.device).round()[1:-1], right=True)
+    a_tok = adv[seq]
+
+    def loss_fn(x):
+        logp = torch.log_softmax(x.float(), dim=-1)
+        lp = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        ent = -(logp.exp() * logp).sum(-1)
+        ratio = torch.exp(lp - old_lp)
+        p1, p2 = -a_tok * ratio, -a_tok * ratio.clamp(0.8, 1.2)
+        pc = torch.maximum(p1, p2)
+        p = torch.where(a_tok < 0, torch.minimum(pc, -a_tok * 3.0), pc)
+        return p.mean() - 0.001 * ent.mean()
+
+    fn = torch.compile(loss_fn, dynamic=False) if compiled else loss_fn
+
+    def step():
+        x.grad = None
+        fn(x).backward()
+
+    return step
+
+
+def make_liger_grpo(logits, labels, old_lp, adv):
+    """Liger-Kernel's fused GRPO op (log-softmax + clipped PG + in-place backward; no entropy)."""
+    from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+
+    n, v = logits.shape
+    L = n // SEQS
+    x = torch.empty(SEQS, L + 1, v, device=logits.device, dtype=logits.dtype)
+    x[:, :L].copy_(logits[: SEQS * L].view(SEQS, L, v))
+    x.requires_grad_(True)
+    ids = labels[: SEQS * L].view(SEQS, L)
+    old = old_lp[: SEQS * L].view(SEQS, L)
+
+    def step():
+        x.grad = None
+        loss, _ = triton_grpo_loss(x, old, None, ids, adv, temperature=1.0, beta=0.0, eps_low=0.2,
+                                   eps_high=0.2, inplace=True, loss_type="grpo", reduce=True)
+        loss.backward()
+
+    return step
 
 
 def make_liger(logits, labels):
@@ -271,8 +370,14 @@ def main():
         methods = [("calibrl", None), ("torch_eager", False)]
         if not args.no_compile:
             methods.append(("torch_compile", True))
+        old_lp = -torch.rand(n, device="cuda") * 5
+        adv = torch.randn(SEQS, device="cuda")
+        methods += [("calibrl_step", "step"), ("torch_eager_step", "torch_step")]
+        if not args.no_compile:
+            methods.append(("torch_compile_step", "torch_step_compiled"))
         if have_liger:
             methods.append(("liger_ce_no_entropy", "liger"))
+            methods.append(("liger_grpo_step", "liger_grpo"))
         for name, kind in methods:
             row = dict(N=n, V=v, method=name, dtype=args.dtype)
             try:
@@ -281,13 +386,21 @@ def main():
                     step, _ = make_calibrl(lib, logits, labels, 1.0, g, h)
                 elif kind == "liger":
                     step = make_liger(logits, labels)
+                elif kind == "step":
+                    step = make_calibrl_step(lib, logits, labels, old_lp, adv)
+                elif kind == "torch_step":
+                    step = make_torch_step(logits, labels, old_lp, adv, compiled=False)
+                elif kind == "torch_step_compiled":
+                    step = make_torch_step(logits, labels, old_lp, adv, compiled=True)
+                elif kind == "liger_grpo":
+                    step = make_liger_grpo(logits, labels, old_lp, adv)
                 else:
                     step, _ = make_torch(logits, labels, 1.0, g, h, compiled=kind)
                 mem = peak_extra(step)  # also the first call (compilation, module load)
                 row["setup_s"] = round(time.time() - t0, 2)
                 ms = time_it(step, args.iters)
                 row.update(ms=round(ms, 3), peak_extra_mib=round(mem, 1), status="ok")
-                if name == "calibrl":
+                if name in ("calibrl", "calibrl_step"):
                     gbs = 3 * n * v * esize / (ms * 1e-3) / 1e9
                     row.update(gbps=round(gbs, 1), pct_of_copy=round(100 * gbs / bw, 1))
             except torch.OutOfMemoryError:
