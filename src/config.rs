@@ -153,7 +153,10 @@ impl Config {
             }),
             other => Err(Error::config(
                 "preset",
-                format!("unknown preset {other:?} (expected one of {})", PRESETS.join(", ")),
+                format!(
+                    "unknown preset {other:?} (expected one of {})",
+                    PRESETS.join(", ")
+                ),
             )),
         }
     }
@@ -161,8 +164,12 @@ impl Config {
     /// Parses JSON: an object whose optional `"preset"` key picks the starting point (default
     /// `paper`) and whose other keys override fields. Errors name the key.
     pub fn from_json(text: &str) -> Result<Config> {
-        let value: Value = serde_json::from_str(text)
-            .map_err(|e| Error::new(crate::error::CalibrlStatus::InvalidConfig, format!("config JSON: {e}")))?;
+        let value: Value = serde_json::from_str(text).map_err(|e| {
+            Error::new(
+                crate::error::CalibrlStatus::InvalidConfig,
+                format!("config JSON: {e}"),
+            )
+        })?;
         let Value::Object(map) = value else {
             return Err(Error::new(
                 crate::error::CalibrlStatus::InvalidConfig,
@@ -176,7 +183,12 @@ impl Config {
         let preset = match map.remove("preset") {
             None => "paper".to_string(),
             Some(Value::String(s)) => s,
-            Some(other) => return Err(Error::config("preset", format!("expected a string, got {other}"))),
+            Some(other) => {
+                return Err(Error::config(
+                    "preset",
+                    format!("expected a string, got {other}"),
+                ))
+            }
         };
         let mut base = match serde_json::to_value(Config::preset(&preset)?) {
             Ok(Value::Object(m)) => m,
@@ -194,7 +206,10 @@ impl Config {
             base.insert(key, value);
         }
         let cfg: Config = serde_json::from_value(Value::Object(base)).map_err(|e| {
-            Error::new(crate::error::CalibrlStatus::InvalidConfig, format!("config: {e}"))
+            Error::new(
+                crate::error::CalibrlStatus::InvalidConfig,
+                format!("config: {e}"),
+            )
         })?;
         cfg.validate()?;
         Ok(cfg)
@@ -228,22 +243,40 @@ impl Config {
             finite(k, v)?;
         }
         if !(0.0..=1.0).contains(&self.alpha) {
-            return Err(Error::config("alpha", format!("{} is outside [0, 1]", self.alpha)));
+            return Err(Error::config(
+                "alpha",
+                format!("{} is outside [0, 1]", self.alpha),
+            ));
         }
         if self.lambda < 0.0 {
-            return Err(Error::config("lambda", format!("{} is negative", self.lambda)));
+            return Err(Error::config(
+                "lambda",
+                format!("{} is negative", self.lambda),
+            ));
         }
         if !(0.0..1.0).contains(&self.clip_low) {
-            return Err(Error::config("clip_low", format!("{} is outside [0, 1)", self.clip_low)));
+            return Err(Error::config(
+                "clip_low",
+                format!("{} is outside [0, 1)", self.clip_low),
+            ));
         }
         if self.clip_high < 0.0 {
-            return Err(Error::config("clip_high", format!("{} is negative", self.clip_high)));
+            return Err(Error::config(
+                "clip_high",
+                format!("{} is negative", self.clip_high),
+            ));
         }
         if self.adv_eps <= 0.0 {
-            return Err(Error::config("adv_eps", format!("{} must be > 0", self.adv_eps)));
+            return Err(Error::config(
+                "adv_eps",
+                format!("{} must be > 0", self.adv_eps),
+            ));
         }
         if self.luffy_gamma <= 0.0 {
-            return Err(Error::config("luffy_gamma", format!("{} must be > 0", self.luffy_gamma)));
+            return Err(Error::config(
+                "luffy_gamma",
+                format!("{} must be > 0", self.luffy_gamma),
+            ));
         }
         match (self.agg, self.t_norm) {
             (Aggregation::SeqMeanTokenSumNorm, None) => {
@@ -253,7 +286,10 @@ impl Config {
                 ))
             }
             (_, Some(t)) if !(t.is_finite() && t > 0.0) => {
-                return Err(Error::config("t_norm", format!("{t} must be finite and > 0")))
+                return Err(Error::config(
+                    "t_norm",
+                    format!("{t} must be finite and > 0"),
+                ))
             }
             _ => {}
         }
@@ -292,7 +328,10 @@ fn check_type(key: &str, default: &Value, value: &Value) -> Result<()> {
             Value::String(_) => "a string",
             _ => "a number or null",
         };
-        return Err(Error::config(key, format!("expected {expected}, got {value}")));
+        return Err(Error::config(
+            key,
+            format!("expected {expected}, got {value}"),
+        ));
     }
     if let Value::String(_) = default {
         // Check the enum value on its own, so the message names this key.
@@ -315,7 +354,10 @@ mod tests {
     fn presets_match_spec_table() {
         let p = Config::preset("paper").unwrap();
         assert_eq!(p.delta_mode, DeltaMode::Sequence);
-        assert_eq!((p.alpha, p.lambda, p.dual_clip, p.correct_threshold), (0.5, 0.1, 3.0, 0.1));
+        assert_eq!(
+            (p.alpha, p.lambda, p.dual_clip, p.correct_threshold),
+            (0.5, 0.1, 3.0, 0.1)
+        );
         assert!(!p.norm_by_std);
         let r = Config::preset("reference").unwrap();
         assert_eq!(r.delta_mode, DeltaMode::TokenAligned);
@@ -326,7 +368,8 @@ mod tests {
 
     #[test]
     fn json_overrides_and_round_trip() {
-        let c = Config::from_json(r#"{"preset":"reference","lambda":0.3,"kl_kind":"low_var_kl"}"#).unwrap();
+        let c = Config::from_json(r#"{"preset":"reference","lambda":0.3,"kl_kind":"low_var_kl"}"#)
+            .unwrap();
         assert_eq!(c.lambda, 0.3);
         assert_eq!(c.kl_kind, KlKind::K3);
         assert_eq!(c.delta_mode, DeltaMode::TokenAligned);
@@ -346,7 +389,11 @@ mod tests {
         ];
         for (json, key) in cases {
             let e = Config::from_json(json).unwrap_err();
-            assert_eq!(e.status, crate::error::CalibrlStatus::InvalidConfig, "{json}");
+            assert_eq!(
+                e.status,
+                crate::error::CalibrlStatus::InvalidConfig,
+                "{json}"
+            );
             assert!(e.message.contains(key), "{json}: {}", e.message);
         }
         assert!(Config::from_json("[1]").is_err());

@@ -74,7 +74,10 @@ impl Error {
         )
     }
     pub fn config(key: &str, what: impl fmt::Display) -> Self {
-        Self::new(CalibrlStatus::InvalidConfig, format!("config key `{key}`: {what}"))
+        Self::new(
+            CalibrlStatus::InvalidConfig,
+            format!("config key `{key}`: {what}"),
+        )
     }
     pub fn layout(arg: &str, what: impl fmt::Display) -> Self {
         Self::new(CalibrlStatus::LayoutUnsupported, format!("`{arg}`: {what}"))

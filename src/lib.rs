@@ -8,6 +8,7 @@ pub mod cuda;
 pub mod error;
 pub mod ffi;
 pub mod ops;
+pub mod rarity;
 pub mod tensor;
 
 pub use config::Config;

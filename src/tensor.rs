@@ -169,7 +169,10 @@ impl<'a> Tensor<'a> {
             }
         };
         if !(0..=8).contains(&t.ndim) {
-            return Err(Error::shape(name, format!("ndim {} is out of range 0..=8", t.ndim)));
+            return Err(Error::shape(
+                name,
+                format!("ndim {} is out of range 0..=8", t.ndim),
+            ));
         }
         let ndim = t.ndim as usize;
         if ndim > 0 && t.shape.is_null() {
@@ -179,7 +182,10 @@ impl<'a> Tensor<'a> {
         for d in 0..ndim {
             let e = *t.shape.add(d);
             if e < 0 {
-                return Err(Error::shape(name, format!("dimension {d} is negative ({e})")));
+                return Err(Error::shape(
+                    name,
+                    format!("dimension {d} is negative ({e})"),
+                ));
             }
             shape.push(e as usize);
         }
@@ -259,7 +265,11 @@ impl<'a> Tensor<'a> {
             let names: Vec<_> = allowed.iter().map(|d| d.name()).collect();
             Err(Error::dtype(
                 self.name,
-                format!("dtype {} is not accepted (expected one of {})", self.dtype.name(), names.join(", ")),
+                format!(
+                    "dtype {} is not accepted (expected one of {})",
+                    self.dtype.name(),
+                    names.join(", ")
+                ),
             ))
         }
     }
@@ -285,7 +295,11 @@ impl<'a> Tensor<'a> {
         } else {
             Err(Error::shape(
                 self.name,
-                format!("expected {ndim}-D, got {}-D shape {:?}", self.ndim(), self.shape),
+                format!(
+                    "expected {ndim}-D, got {}-D shape {:?}",
+                    self.ndim(),
+                    self.shape
+                ),
             ))
         }
     }
@@ -296,7 +310,10 @@ impl<'a> Tensor<'a> {
         } else {
             Err(Error::device(
                 self.name,
-                format!("is on {}, but the call's tensors are on {}", self.device, device),
+                format!(
+                    "is on {}, but the call's tensors are on {}",
+                    self.device, device
+                ),
             ))
         }
     }
@@ -317,7 +334,10 @@ impl<'a> Tensor<'a> {
         if self.device == Device::Cpu {
             Ok(())
         } else {
-            Err(Error::device(self.name, format!("is on {}, expected host memory", self.device)))
+            Err(Error::device(
+                self.name,
+                format!("is on {}, expected host memory", self.device),
+            ))
         }
     }
 
@@ -395,7 +415,11 @@ impl<'a> Tensor<'a> {
         if values.len() != self.numel() {
             return Err(Error::shape(
                 self.name,
-                format!("has {} elements, {} values to write", self.numel(), values.len()),
+                format!(
+                    "has {} elements, {} values to write",
+                    self.numel(),
+                    values.len()
+                ),
             ));
         }
         let contiguous = self.is_contiguous();
@@ -462,7 +486,9 @@ impl<'a> Tensor<'a> {
 impl Error {
     fn with_suffix(mut self, suffix: &str) -> Self {
         // `name` is NULL -> `name.data` is NULL
-        self.message = self.message.replacen("` is NULL", &format!("{suffix}` is NULL"), 1);
+        self.message = self
+            .message
+            .replacen("` is NULL", &format!("{suffix}` is NULL"), 1);
         self
     }
 }
@@ -507,7 +533,10 @@ impl HostTensor {
             shape: shape.iter().map(|&s| s as i64).collect(),
             desc: DLTensor {
                 data,
-                device: DLDevice { device_type: DL_CPU, device_id: 0 },
+                device: DLDevice {
+                    device_type: DL_CPU,
+                    device_id: 0,
+                },
                 ndim: shape.len() as i32,
                 dtype,
                 shape: std::ptr::null_mut(),
@@ -520,25 +549,81 @@ impl HostTensor {
     }
     /// A descriptor over `data` viewed with `shape`. The caller keeps `data` alive.
     pub fn f64(data: &mut [f64], shape: &[usize]) -> Box<HostTensor> {
-        Self::new(data.as_mut_ptr() as _, DLDataType { code: 2, bits: 64, lanes: 1 }, shape)
+        Self::new(
+            data.as_mut_ptr() as _,
+            DLDataType {
+                code: 2,
+                bits: 64,
+                lanes: 1,
+            },
+            shape,
+        )
     }
     pub fn f32(data: &mut [f32], shape: &[usize]) -> Box<HostTensor> {
-        Self::new(data.as_mut_ptr() as _, DLDataType { code: 2, bits: 32, lanes: 1 }, shape)
+        Self::new(
+            data.as_mut_ptr() as _,
+            DLDataType {
+                code: 2,
+                bits: 32,
+                lanes: 1,
+            },
+            shape,
+        )
     }
     pub fn bf16(data: &mut [bf16], shape: &[usize]) -> Box<HostTensor> {
-        Self::new(data.as_mut_ptr() as _, DLDataType { code: 4, bits: 16, lanes: 1 }, shape)
+        Self::new(
+            data.as_mut_ptr() as _,
+            DLDataType {
+                code: 4,
+                bits: 16,
+                lanes: 1,
+            },
+            shape,
+        )
     }
     pub fn f16(data: &mut [f16], shape: &[usize]) -> Box<HostTensor> {
-        Self::new(data.as_mut_ptr() as _, DLDataType { code: 2, bits: 16, lanes: 1 }, shape)
+        Self::new(
+            data.as_mut_ptr() as _,
+            DLDataType {
+                code: 2,
+                bits: 16,
+                lanes: 1,
+            },
+            shape,
+        )
     }
     pub fn i64(data: &mut [i64], shape: &[usize]) -> Box<HostTensor> {
-        Self::new(data.as_mut_ptr() as _, DLDataType { code: 0, bits: 64, lanes: 1 }, shape)
+        Self::new(
+            data.as_mut_ptr() as _,
+            DLDataType {
+                code: 0,
+                bits: 64,
+                lanes: 1,
+            },
+            shape,
+        )
     }
     pub fn i32(data: &mut [i32], shape: &[usize]) -> Box<HostTensor> {
-        Self::new(data.as_mut_ptr() as _, DLDataType { code: 0, bits: 32, lanes: 1 }, shape)
+        Self::new(
+            data.as_mut_ptr() as _,
+            DLDataType {
+                code: 0,
+                bits: 32,
+                lanes: 1,
+            },
+            shape,
+        )
     }
     pub fn u8(data: &mut [u8], shape: &[usize]) -> Box<HostTensor> {
-        Self::new(data.as_mut_ptr() as _, DLDataType { code: 1, bits: 8, lanes: 1 }, shape)
+        Self::new(
+            data.as_mut_ptr() as _,
+            DLDataType {
+                code: 1,
+                bits: 8,
+                lanes: 1,
+            },
+            shape,
+        )
     }
     pub fn as_ptr(&self) -> *const DLTensor {
         &self.desc

@@ -99,7 +99,12 @@ fn row_stats<T: Elem>(row: &[T], inv_t: f32, target: Option<usize>) -> RowStats 
 }
 
 /// The label's position inside this shard, if any. Errors for labels past the full vocabulary.
-fn local_label(input: &LogitsInput, label: i64, row: usize, full_vocab: bool) -> Result<Option<usize>> {
+fn local_label(
+    input: &LogitsInput,
+    label: i64,
+    row: usize,
+    full_vocab: bool,
+) -> Result<Option<usize>> {
     if label < 0 {
         return Ok(None);
     }
@@ -107,7 +112,10 @@ fn local_label(input: &LogitsInput, label: i64, row: usize, full_vocab: bool) ->
     if full_vocab && (local < 0 || local as usize >= input.v) {
         return Err(Error::invalid(
             "labels",
-            format!("row {row}: label {label} is outside the vocabulary [0, {})", input.v),
+            format!(
+                "row {row}: label {label} is outside the vocabulary [0, {})",
+                input.v
+            ),
         ));
     }
     Ok((local >= 0 && (local as usize) < input.v).then_some(local as usize))
@@ -192,7 +200,10 @@ pub fn shard_stats(args: &ShardStats) -> Result<()> {
 
 /// Combines shard statistics `[R][4]` of one row into global ones.
 pub fn combine(shards: &[[f64; 4]]) -> RowStats {
-    let m = shards.iter().map(|s| s[0]).fold(f64::NEG_INFINITY, f64::max);
+    let m = shards
+        .iter()
+        .map(|s| s[0])
+        .fold(f64::NEG_INFINITY, f64::max);
     let (mut s, mut sc, mut t) = (0.0, 0.0, 0.0);
     for r in shards {
         if r[1] > 0.0 {
@@ -202,7 +213,13 @@ pub fn combine(shards: &[[f64; 4]]) -> RowStats {
         }
         t += r[3];
     }
-    RowStats { max: m, sum_exp: s, sum_exp_centered: sc, target: t, bad: false }
+    RowStats {
+        max: m,
+        sum_exp: s,
+        sum_exp_centered: sc,
+        target: t,
+        bad: false,
+    }
 }
 
 pub fn shard_finish(args: &ShardFinish) -> Result<()> {
@@ -291,9 +308,15 @@ pub fn backward(args: &Backward) -> Result<()> {
         for k in b..e {
             let ok = unsafe {
                 match input.logits.dtype {
-                    DType::BF16 => rows::<bf16>(input, src.get(), k).iter().all(|z| !(z.is_nan() || z.to_f32() == f32::INFINITY)),
-                    DType::F16 => rows::<f16>(input, src.get(), k).iter().all(|z| !(z.is_nan() || z.to_f32() == f32::INFINITY)),
-                    _ => rows::<f32>(input, src.get(), k).iter().all(|z| !(z.is_nan() || *z == f32::INFINITY)),
+                    DType::BF16 => rows::<bf16>(input, src.get(), k)
+                        .iter()
+                        .all(|z| !(z.is_nan() || z.to_f32() == f32::INFINITY)),
+                    DType::F16 => rows::<f16>(input, src.get(), k)
+                        .iter()
+                        .all(|z| !(z.is_nan() || z.to_f32() == f32::INFINITY)),
+                    _ => rows::<f32>(input, src.get(), k)
+                        .iter()
+                        .all(|z| !(z.is_nan() || *z == f32::INFINITY)),
                 }
             };
             if !ok {
@@ -308,7 +331,11 @@ pub fn backward(args: &Backward) -> Result<()> {
             format!("`logits`: row {bad} holds NaN or +inf"),
         ));
     }
-    let dst_stride = if args.in_place() || n <= 1 { input.row_stride } else { args.grad_logits.strides[0] as usize };
+    let dst_stride = if args.in_place() || n <= 1 {
+        input.row_stride
+    } else {
+        args.grad_logits.strides[0] as usize
+    };
     let dst = SyncPtr(args.grad_logits.ptr);
     for_row_chunks(n, 16, |b, e| {
         for k in b..e {

@@ -3,4 +3,5 @@
 //! accumulates in f64.
 
 pub mod logits;
+pub mod loss;
 pub mod parallel;

@@ -3,7 +3,9 @@
 /// Calls `f(begin, end)` for contiguous chunks of `0..n` on up to `available_parallelism`
 /// threads. Chunks are disjoint, so `f` may write the rows it is given.
 pub fn for_row_chunks(n: usize, min_rows_per_thread: usize, f: impl Fn(usize, usize) + Sync) {
-    let threads = std::thread::available_parallelism().map(|p| p.get()).unwrap_or(1);
+    let threads = std::thread::available_parallelism()
+        .map(|p| p.get())
+        .unwrap_or(1);
     let threads = threads.min(n / min_rows_per_thread.max(1)).max(1);
     if threads == 1 {
         f(0, n);

@@ -7,7 +7,9 @@ pub mod logits {
     use crate::ops::Stream;
 
     fn unavailable<T>() -> Result<T> {
-        Err(Error::cuda_unavailable("CUDA tensors were passed but this build has no CUDA backend yet"))
+        Err(Error::cuda_unavailable(
+            "CUDA tensors were passed but this build has no CUDA backend yet",
+        ))
     }
     pub fn forward(_: &Forward, _: i32, _: Stream) -> Result<()> {
         unavailable()
@@ -19,6 +21,32 @@ pub mod logits {
         unavailable()
     }
     pub fn shard_finish(_: &ShardFinish, _: i32, _: Stream) -> Result<()> {
+        unavailable()
+    }
+}
+
+pub mod loss {
+    use crate::config::Config;
+    use crate::cpu::loss::CalibrlMetrics;
+    use crate::error::{Error, Result};
+    use crate::ops::loss::{Advantages, Loss};
+    use crate::ops::Stream;
+
+    fn unavailable<T>() -> Result<T> {
+        Err(Error::cuda_unavailable(
+            "CUDA tensors were passed but this build has no CUDA backend yet",
+        ))
+    }
+    pub fn group_advantages(_: &Config, _: &Advantages, _: i32, _: Stream) -> Result<()> {
+        unavailable()
+    }
+    pub fn loss(
+        _: &Config,
+        _: &Loss,
+        _: Option<&mut CalibrlMetrics>,
+        _: i32,
+        _: Stream,
+    ) -> Result<()> {
         unavailable()
     }
 }

@@ -61,7 +61,10 @@ pub struct CalibrlConfig {
 /// # Safety
 /// `json` is NULL or a NUL-terminated string; `out` is a valid pointer.
 #[no_mangle]
-pub unsafe extern "C" fn calibrl_config_new(json: *const c_char, out: *mut *mut CalibrlConfig) -> CalibrlStatus {
+pub unsafe extern "C" fn calibrl_config_new(
+    json: *const c_char,
+    out: *mut *mut CalibrlConfig,
+) -> CalibrlStatus {
     guard(|| {
         if out.is_null() {
             return Err(Error::null("out"));
@@ -110,7 +113,10 @@ pub unsafe extern "C" fn calibrl_config_to_json(
         if buf.is_null() || capacity < json.len() + 1 {
             return Err(Error::new(
                 CalibrlStatus::BufferTooSmall,
-                format!("`buf`: needs {} bytes, capacity is {capacity}", json.len() + 1),
+                format!(
+                    "`buf`: needs {} bytes, capacity is {capacity}",
+                    json.len() + 1
+                ),
             ));
         }
         std::ptr::copy_nonoverlapping(json.as_ptr(), buf as *mut u8, json.len());

@@ -24,7 +24,12 @@ pub unsafe extern "C" fn calibrl_logits_forward(
 ) -> CalibrlStatus {
     guard(|| {
         let args = Forward {
-            input: LogitsInput::new(Tensor::from_raw(logits, "logits")?, Tensor::from_raw(labels, "labels")?, temperature, 0)?,
+            input: LogitsInput::new(
+                Tensor::from_raw(logits, "logits")?,
+                Tensor::from_raw(labels, "labels")?,
+                temperature,
+                0,
+            )?,
             logprobs: Tensor::from_raw(logprobs, "logprobs")?,
             entropy: Tensor::optional(entropy, "entropy")?,
             lse: Tensor::from_raw(lse, "lse")?,

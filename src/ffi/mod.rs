@@ -8,6 +8,7 @@
 
 pub mod common;
 pub mod logits;
+pub mod loss;
 
 use crate::error::{CalibrlStatus, Error, Result};
 use std::cell::RefCell;
@@ -40,7 +41,9 @@ pub(crate) fn guard(f: impl FnOnce() -> Result<()>) -> CalibrlStatus {
                 .map(|s| s.to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
-            set_last_error(&format!("internal error (panic caught at the C ABI): {what}"));
+            set_last_error(&format!(
+                "internal error (panic caught at the C ABI): {what}"
+            ));
             CalibrlStatus::Panic
         }
     }

@@ -32,7 +32,12 @@ pub struct LogitsInput<'a> {
 }
 
 impl<'a> LogitsInput<'a> {
-    pub fn new(logits: Tensor<'a>, labels: Tensor<'a>, temperature: f64, vocab_start: i64) -> Result<Self> {
+    pub fn new(
+        logits: Tensor<'a>,
+        labels: Tensor<'a>,
+        temperature: f64,
+        vocab_start: i64,
+    ) -> Result<Self> {
         logits.require_dtype(&LOGITS_DTYPES)?;
         logits.require_ndim(2)?;
         labels.require_dtype(&[DType::I32, DType::I64])?;
@@ -49,7 +54,10 @@ impl<'a> LogitsInput<'a> {
             return Err(Error::shape("logits", "vocabulary dimension is 0"));
         }
         if v > 1 && logits.strides[1] != 1 {
-            return Err(Error::layout("logits", "the vocabulary dimension must have stride 1"));
+            return Err(Error::layout(
+                "logits",
+                "the vocabulary dimension must have stride 1",
+            ));
         }
         let row_stride = if n > 1 { logits.strides[0] } else { v as isize };
         if row_stride < v as isize {
@@ -59,10 +67,16 @@ impl<'a> LogitsInput<'a> {
             ));
         }
         if !(temperature.is_finite() && temperature > 0.0) {
-            return Err(Error::invalid("temperature", format!("{temperature} must be finite and > 0")));
+            return Err(Error::invalid(
+                "temperature",
+                format!("{temperature} must be finite and > 0"),
+            ));
         }
         if vocab_start < 0 {
-            return Err(Error::invalid("vocab_start", format!("{vocab_start} is negative")));
+            return Err(Error::invalid(
+                "vocab_start",
+                format!("{vocab_start} is negative"),
+            ));
         }
         Ok(LogitsInput {
             logits,
@@ -117,7 +131,11 @@ impl Forward<'_> {
 
 pub fn forward(args: &Forward, stream: Stream) -> Result<()> {
     let device = args.validate()?;
-    on_device(device, || crate::cpu::logits::forward(args), |d| crate::cuda::logits::forward(args, d, stream))
+    on_device(
+        device,
+        || crate::cpu::logits::forward(args),
+        |d| crate::cuda::logits::forward(args, d, stream),
+    )
 }
 
 /// Backward: `grad_logits = (1/T)·[g·(δ − p) − h·p·(u − lse + H)]` for the rows of this
@@ -136,16 +154,23 @@ pub struct Backward<'a> {
 impl Backward<'_> {
     pub fn validate(&self) -> Result<Device> {
         let n = self.input.n;
-        for t in [Some(&self.lse), self.entropy.as_ref(), Some(&self.grad_logprobs), self.grad_entropy.as_ref()]
-            .into_iter()
-            .flatten()
+        for t in [
+            Some(&self.lse),
+            self.entropy.as_ref(),
+            Some(&self.grad_logprobs),
+            self.grad_entropy.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
         {
             t.require_dtype(&OUT_DTYPES)?;
             t.require_shape(&[n])?;
             t.require_contiguous()?;
         }
         if self.grad_entropy.is_some() && self.entropy.is_none() {
-            return Err(Error::null("entropy").with_reason("is required when `grad_entropy` is given"));
+            return Err(
+                Error::null("entropy").with_reason("is required when `grad_entropy` is given")
+            );
         }
         let g = &self.grad_logits;
         g.require_dtype(&LOGITS_DTYPES)?;
@@ -159,10 +184,16 @@ impl Backward<'_> {
                 ));
             }
             if g.ndim() == 2 && g.shape[1] > 1 && g.strides[1] != 1 {
-                return Err(Error::layout("grad_logits", "the vocabulary dimension must have stride 1"));
+                return Err(Error::layout(
+                    "grad_logits",
+                    "the vocabulary dimension must have stride 1",
+                ));
             }
         } else if g.dtype != self.input.logits.dtype {
-            return Err(Error::dtype("grad_logits", "in-place output must have the logits' dtype"));
+            return Err(Error::dtype(
+                "grad_logits",
+                "in-place output must have the logits' dtype",
+            ));
         }
         common_device(&[
             Some(&self.input.logits),
@@ -182,7 +213,11 @@ impl Backward<'_> {
 
 pub fn backward(args: &Backward, stream: Stream) -> Result<()> {
     let device = args.validate()?;
-    on_device(device, || crate::cpu::logits::backward(args), |d| crate::cuda::logits::backward(args, d, stream))
+    on_device(
+        device,
+        || crate::cpu::logits::backward(args),
+        |d| crate::cuda::logits::backward(args, d, stream),
+    )
 }
 
 /// Phase 1 of the vocabulary-parallel forward: per-row statistics of this shard.
@@ -197,13 +232,21 @@ impl ShardStats<'_> {
         self.stats.require_dtype(&[DType::F32])?;
         self.stats.require_shape(&[self.input.n, STATS_WIDTH])?;
         self.stats.require_contiguous()?;
-        common_device(&[Some(&self.input.logits), Some(&self.input.labels), Some(&self.stats)])
+        common_device(&[
+            Some(&self.input.logits),
+            Some(&self.input.labels),
+            Some(&self.stats),
+        ])
     }
 }
 
 pub fn shard_stats(args: &ShardStats, stream: Stream) -> Result<()> {
     let device = args.validate()?;
-    on_device(device, || crate::cpu::logits::shard_stats(args), |d| crate::cuda::logits::shard_stats(args, d, stream))
+    on_device(
+        device,
+        || crate::cpu::logits::shard_stats(args),
+        |d| crate::cuda::logits::shard_stats(args, d, stream),
+    )
 }
 
 /// Phase 2: combines the all-gathered `[R, N, 4]` statistics into log-prob, entropy and lse.
@@ -241,7 +284,15 @@ impl<'a> ShardFinish<'a> {
         row_output(&Some(logprobs.clone()), n)?;
         row_output(&entropy, n)?;
         row_output(&Some(lse.clone()), n)?;
-        Ok(ShardFinish { stats, labels, logprobs, entropy, lse, shards, n })
+        Ok(ShardFinish {
+            stats,
+            labels,
+            logprobs,
+            entropy,
+            lse,
+            shards,
+            n,
+        })
     }
     pub fn device(&self) -> Result<Device> {
         common_device(&[
@@ -256,12 +307,18 @@ impl<'a> ShardFinish<'a> {
 
 pub fn shard_finish(args: &ShardFinish, stream: Stream) -> Result<()> {
     let device = args.device()?;
-    on_device(device, || crate::cpu::logits::shard_finish(args), |d| crate::cuda::logits::shard_finish(args, d, stream))
+    on_device(
+        device,
+        || crate::cpu::logits::shard_finish(args),
+        |d| crate::cuda::logits::shard_finish(args, d, stream),
+    )
 }
 
 impl Error {
     pub(crate) fn with_reason(mut self, reason: &str) -> Self {
-        self.message = self.message.replace("is NULL", &format!("is NULL but {reason}"));
+        self.message = self
+            .message
+            .replace("is NULL", &format!("is NULL but {reason}"));
         self
     }
 }

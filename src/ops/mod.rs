@@ -3,6 +3,7 @@
 //! backend. Backends receive validated argument structs and may assume what `validate` checked.
 
 pub mod logits;
+pub mod loss;
 
 use crate::error::Result;
 use crate::tensor::Device;

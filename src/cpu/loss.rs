@@ -1,0 +1,547 @@
+//! The CalibRL loss on host data, in f64: the reference semantics of SPEC §4 (value, gradient
+//! with respect to ℓ and H, metrics). `ops::loss` turns tensors into a [`LossBatch`]; Rust
+//! callers (the training demo, the scheduler tests) may build one directly.
+
+use crate::config::{Activation, Aggregation, Baseline, Config, DeltaMode, KlKind, LossKind};
+use crate::error::{Error, Result};
+use std::ops::Range;
+
+/// Global denominators of SPEC §4.5 (all ranks, all micro-batches of a mini-batch).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct CalibrlNormalizers {
+    /// Σ m over the trained rows' tokens.
+    pub token_count: f64,
+    /// Number of trained rows.
+    pub seq_count: f64,
+}
+
+/// Loss metrics, in the order of the `metrics` output tensor.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct CalibrlMetrics {
+    /// Total loss L = L_pg + λ·L_explore − β_H·L_H + β_KL·L_KL (additive across slices).
+    pub loss: f64,
+    pub pg_loss: f64,
+    /// L_explore before λ.
+    pub explore_loss: f64,
+    /// L_H (the entropy aggregate, before −β_H).
+    pub entropy_loss: f64,
+    /// L_KL (before β_KL).
+    pub kl_loss: f64,
+    pub clipfrac: f64,
+    pub clipfrac_lower: f64,
+    pub ppo_kl: f64,
+    pub mean_delta: f64,
+    pub mean_expert_logprob: f64,
+    pub mean_response_length: f64,
+    pub frac_correct: f64,
+    pub mean_rarity_weight: f64,
+    pub num_tokens: f64,
+    pub num_seqs: f64,
+}
+
+pub const METRICS_LEN: usize = 15;
+
+impl CalibrlMetrics {
+    pub fn to_array(&self) -> [f64; METRICS_LEN] {
+        [
+            self.loss,
+            self.pg_loss,
+            self.explore_loss,
+            self.entropy_loss,
+            self.kl_loss,
+            self.clipfrac,
+            self.clipfrac_lower,
+            self.ppo_kl,
+            self.mean_delta,
+            self.mean_expert_logprob,
+            self.mean_response_length,
+            self.frac_correct,
+            self.mean_rarity_weight,
+            self.num_tokens,
+            self.num_seqs,
+        ]
+    }
+}
+
+/// Expert responses' token log-probs (one row per expert slot) and each row's slot.
+#[derive(Clone, Debug, Default)]
+pub struct ExpertBaseline {
+    pub rows: Vec<Range<usize>>,
+    pub logprobs: Vec<f64>,
+    pub mask: Vec<f64>,
+    /// Per policy row: its expert slot, or −1.
+    pub index: Vec<i64>,
+}
+
+/// Host inputs of one loss call. Token arrays are flat; `rows[i]` is row i's token range
+/// (a padded `[B, S]` batch has `rows[i] = i·S..(i+1)·S`). Position t of a row is its offset
+/// inside the range (used by token-aligned Δ).
+#[derive(Clone, Debug, Default)]
+pub struct LossBatch {
+    pub rows: Vec<Range<usize>>,
+    pub logprobs: Vec<f64>,
+    /// 1 for a token that counts, else 0.
+    pub mask: Vec<f64>,
+    pub old_logprobs: Option<Vec<f64>>,
+    pub ref_logprobs: Option<Vec<f64>>,
+    pub entropy: Option<Vec<f64>>,
+    pub advantages: Vec<f64>,
+    pub weights: Vec<f64>,
+    pub signs: Vec<f64>,
+    pub is_expert: Option<Vec<bool>>,
+    pub expert: Option<ExpertBaseline>,
+    pub normalizers: Option<CalibrlNormalizers>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct LossOutput {
+    pub grad_logprobs: Vec<f64>,
+    pub grad_entropy: Vec<f64>,
+    pub metrics: CalibrlMetrics,
+}
+
+/// φ and φ' of SPEC §4.2 (φ'(0) = α for LeakyReLU, as in PyTorch).
+pub fn activation(cfg: &Config, x: f64) -> (f64, f64) {
+    match cfg.activation {
+        Activation::LeakyRelu => {
+            if x > 0.0 {
+                (x, 1.0)
+            } else {
+                (cfg.alpha * x, cfg.alpha)
+            }
+        }
+        Activation::Relu => {
+            if x > 0.0 {
+                (x, 1.0)
+            } else {
+                (0.0, 0.0)
+            }
+        }
+        Activation::Tanh => {
+            let t = x.tanh();
+            (t, 1.0 - t * t)
+        }
+        Activation::Sigmoid => {
+            // Truncated: σ(max(x, 0)).
+            let y = x.max(0.0);
+            let s = 1.0 / (1.0 + (-y).exp());
+            (s, if x > 0.0 { s * (1.0 - s) } else { 0.0 })
+        }
+        Activation::Huber => {
+            // Smooth-L1 (δ = 1) of max(x, 0).
+            if x <= 0.0 {
+                (0.0, 0.0)
+            } else if x < 1.0 {
+                (0.5 * x * x, x)
+            } else {
+                (x - 0.5, 1.0)
+            }
+        }
+    }
+}
+
+/// The clipped policy-gradient term for one token: (p, ∂p/∂ℓ, clipped, lower-clipped).
+pub fn clipped_pg(cfg: &Config, a: f64, logp: f64, old: f64) -> (f64, f64, bool, bool) {
+    let ratio = (logp - old).exp();
+    let p1 = -a * ratio;
+    let p2 = -a * ratio.clamp(1.0 - cfg.clip_low, 1.0 + cfg.clip_high);
+    let clipped = p2 > p1;
+    let pc = p1.max(p2);
+    let mut grad = if clipped { 0.0 } else { -a * ratio };
+    let mut p = pc;
+    let mut lower = false;
+    if cfg.dual_clip > 1.0 && a < 0.0 {
+        let cap = -a * cfg.dual_clip;
+        if pc > cap {
+            p = cap;
+            grad = 0.0;
+            lower = true;
+        }
+    }
+    (p, grad, clipped, lower)
+}
+
+/// The off-policy term of an expert row (LUFFY / RL-PLUS): (p_off, ∂p_off/∂ℓ).
+pub fn off_policy(cfg: &Config, a: f64, logp: f64, old: f64) -> (f64, f64) {
+    let pi = logp.exp();
+    match cfg.loss {
+        LossKind::Luffy => {
+            let g = cfg.luffy_gamma;
+            let f = pi / (pi + g);
+            (-a * f, -a * g * pi / ((pi + g) * (pi + g)))
+        }
+        _ => {
+            let pi_old = old.exp();
+            let denom = pi_old + 0.5 * (pi_old + 1.0);
+            let sg = (1.0 - pi).max(0.0).sqrt();
+            let v = -a * 2.0 * pi / denom * sg;
+            (v, v) // ∂/∂ℓ of e^ℓ is e^ℓ; the sqrt factor carries no gradient
+        }
+    }
+}
+
+/// k(ℓ, ℓref) and ∂k/∂ℓ (SPEC §4.3).
+pub fn kl_term(kind: KlKind, logp: f64, reference: f64) -> (f64, f64) {
+    let d = logp - reference;
+    match kind {
+        KlKind::K1 => (d, 1.0),
+        KlKind::Abs => (
+            d.abs(),
+            if d > 0.0 {
+                1.0
+            } else if d < 0.0 {
+                -1.0
+            } else {
+                0.0
+            },
+        ),
+        KlKind::K2 => (0.5 * d * d, d),
+        KlKind::K3 => {
+            let r = -d; // ℓref − ℓ
+            let raw = r.exp() - r - 1.0;
+            if raw > 10.0 || raw < -10.0 {
+                (raw.clamp(-10.0, 10.0), 0.0)
+            } else {
+                (raw, 1.0 - r.exp())
+            }
+        }
+    }
+}
+
+pub fn compute(cfg: &Config, batch: &LossBatch) -> Result<LossOutput> {
+    let b = batch.rows.len();
+    let expert_row = |i: usize| batch.is_expert.as_ref().is_some_and(|e| e[i]);
+    // Rows that are trained: rollouts, plus expert rows for LUFFY / RL-PLUS.
+    let trained = |i: usize| !expert_row(i) || cfg.trains_expert_rows();
+    let n_tokens: Vec<f64> = batch
+        .rows
+        .iter()
+        .map(|r| batch.mask[r.clone()].iter().sum())
+        .collect();
+    let local_tokens: f64 = (0..b).filter(|&i| trained(i)).map(|i| n_tokens[i]).sum();
+    let local_seqs = (0..b).filter(|&i| trained(i)).count() as f64;
+    let norm = batch.normalizers.unwrap_or(CalibrlNormalizers {
+        token_count: local_tokens,
+        seq_count: local_seqs,
+    });
+    let inv = |x: f64| if x > 0.0 { 1.0 / x } else { 0.0 };
+    let agg_weight = |i: usize| match cfg.agg {
+        Aggregation::TokenMean => inv(norm.token_count),
+        Aggregation::SeqMeanTokenSum => inv(norm.seq_count),
+        Aggregation::SeqMeanTokenMean => inv(norm.seq_count) * inv(n_tokens[i]),
+        Aggregation::SeqMeanTokenSumNorm => inv(cfg.t_norm.unwrap_or(1.0)),
+    };
+
+    let lambda = cfg.effective_lambda();
+    let baseline = explore_baseline(cfg, batch)?;
+    if lambda > 0.0 && baseline.is_none() {
+        return Err(match cfg.baseline {
+            Baseline::Expert => Error::null("expert_logprobs")
+                .with_reason("λ > 0 with the expert baseline needs it"),
+            Baseline::RefPolicy => Error::null("ref_logprobs")
+                .with_reason("λ > 0 with the ref_policy baseline needs it"),
+        });
+    }
+    if cfg.entropy_coef != 0.0 && batch.entropy.is_none() {
+        return Err(Error::null("entropy").with_reason("entropy_coef != 0 needs it"));
+    }
+    if cfg.kl_coef != 0.0 && batch.ref_logprobs.is_none() {
+        return Err(Error::null("ref_logprobs").with_reason("kl_coef != 0 needs it"));
+    }
+
+    let mut out = LossOutput {
+        grad_logprobs: vec![0.0; batch.logprobs.len()],
+        grad_entropy: vec![0.0; batch.logprobs.len()],
+        metrics: CalibrlMetrics::default(),
+    };
+    let m = &mut out.metrics;
+    let (mut clip_n, mut lower_n, mut kl_sum, mut rollout_tokens) = (0.0, 0.0, 0.0, 0.0);
+    let (mut delta_sum, mut delta_n) = (0.0, 0.0);
+
+    for i in (0..b).filter(|&i| trained(i)) {
+        let a = batch.advantages[i];
+        let w = batch.weights[i];
+        let c = batch.signs[i];
+        let aw = agg_weight(i);
+        let is_exp = expert_row(i);
+        for (t, k) in batch.rows[i].clone().enumerate() {
+            if batch.mask[k] == 0.0 {
+                continue;
+            }
+            let logp = batch.logprobs[k];
+            let old = batch.old_logprobs.as_ref().map_or(logp, |o| o[k]);
+            let (p, dp) = if is_exp {
+                off_policy(cfg, a, logp, old)
+            } else {
+                let (p, dp, clipped, lower) = clipped_pg(cfg, a, logp, old);
+                clip_n += clipped as u8 as f64;
+                lower_n += lower as u8 as f64;
+                kl_sum += old - logp;
+                rollout_tokens += 1.0;
+                (p, dp)
+            };
+            m.pg_loss += aw * p;
+            out.grad_logprobs[k] += aw * dp;
+            if let Some(h) = &batch.entropy {
+                m.entropy_loss += aw * h[k];
+                out.grad_entropy[k] = -cfg.entropy_coef * aw;
+            }
+            if let Some(r) = &batch.ref_logprobs {
+                let (kv, dk) = kl_term(cfg.kl_kind, logp, r[k]);
+                m.kl_loss += aw * kv;
+                out.grad_logprobs[k] += cfg.kl_coef * aw * dk;
+            }
+            if let (DeltaMode::TokenAligned, Some(base), false) =
+                (cfg.delta_mode, &baseline, is_exp)
+            {
+                if let Some(bt) = base.token(batch, i, t, k) {
+                    let delta = logp - bt;
+                    let (phi, dphi) = activation(cfg, -c * delta);
+                    m.explore_loss += aw * w * phi;
+                    out.grad_logprobs[k] += lambda * aw * w * dphi * -c;
+                    delta_sum += delta;
+                    delta_n += 1.0;
+                }
+            }
+        }
+        if let (DeltaMode::Sequence, Some(base), false) = (cfg.delta_mode, &baseline, is_exp) {
+            if let Some(e) = base.sequence(cfg, batch, i) {
+                let scale = if cfg.length_normalize {
+                    inv(n_tokens[i])
+                } else {
+                    1.0
+                };
+                let s: f64 = batch.rows[i]
+                    .clone()
+                    .map(|k| batch.mask[k] * batch.logprobs[k])
+                    .sum::<f64>()
+                    * scale;
+                let delta = s - e;
+                let (phi, dphi) = activation(cfg, -c * delta);
+                let inv_seq = inv(norm.seq_count);
+                m.explore_loss += inv_seq * w * phi;
+                let g = lambda * inv_seq * w * dphi * -c * scale;
+                for k in batch.rows[i].clone() {
+                    out.grad_logprobs[k] += g * batch.mask[k];
+                }
+                delta_sum += delta;
+                delta_n += 1.0;
+            }
+        }
+    }
+
+    m.loss = m.pg_loss + lambda * m.explore_loss - cfg.entropy_coef * m.entropy_loss
+        + cfg.kl_coef * m.kl_loss;
+    let rollouts: Vec<usize> = (0..b).filter(|&i| !expert_row(i)).collect();
+    let mean = |s: f64, n: f64| if n > 0.0 { s / n } else { 0.0 };
+    let nr = rollouts.len() as f64;
+    m.clipfrac = mean(clip_n, rollout_tokens);
+    m.clipfrac_lower = mean(lower_n, rollout_tokens);
+    m.ppo_kl = mean(kl_sum, rollout_tokens);
+    m.mean_delta = mean(delta_sum, delta_n);
+    m.mean_expert_logprob = batch.expert.as_ref().map_or(0.0, |e| {
+        mean(
+            e.logprobs.iter().zip(&e.mask).map(|(l, m)| l * m).sum(),
+            e.mask.iter().sum(),
+        )
+    });
+    m.mean_response_length = mean(rollouts.iter().map(|&i| n_tokens[i]).sum(), nr);
+    m.frac_correct = mean(
+        rollouts.iter().filter(|&&i| batch.signs[i] > 0.0).count() as f64,
+        nr,
+    );
+    m.mean_rarity_weight = mean(rollouts.iter().map(|&i| batch.weights[i]).sum(), nr);
+    m.num_tokens = local_tokens;
+    m.num_seqs = local_seqs;
+    Ok(out)
+}
+
+/// Where Δ's baseline comes from, resolved once per call.
+enum BaselineSource<'a> {
+    /// Per-slot expert sums E_g (already length-normalised when configured).
+    Expert {
+        expert: &'a ExpertBaseline,
+        sums: Vec<f64>,
+    },
+    Reference(&'a [f64]),
+}
+
+fn explore_baseline<'a>(cfg: &Config, batch: &'a LossBatch) -> Result<Option<BaselineSource<'a>>> {
+    Ok(match cfg.baseline {
+        Baseline::RefPolicy => batch.ref_logprobs.as_deref().map(BaselineSource::Reference),
+        Baseline::Expert => batch.expert.as_ref().map(|e| {
+            let sums = e
+                .rows
+                .iter()
+                .map(|r| {
+                    let s: f64 = r.clone().map(|k| e.mask[k] * e.logprobs[k]).sum();
+                    let n: f64 = e.mask[r.clone()].iter().sum();
+                    if cfg.length_normalize {
+                        if n > 0.0 {
+                            s / n
+                        } else {
+                            0.0
+                        }
+                    } else {
+                        s
+                    }
+                })
+                .collect();
+            BaselineSource::Expert { expert: e, sums }
+        }),
+    })
+}
+
+impl BaselineSource<'_> {
+    /// The sequence-mode baseline of row i, or None when its prompt has no expert.
+    fn sequence(&self, cfg: &Config, batch: &LossBatch, i: usize) -> Option<f64> {
+        match self {
+            BaselineSource::Expert { expert, sums } => {
+                let slot = expert.index[i];
+                (slot >= 0).then(|| sums[slot as usize])
+            }
+            BaselineSource::Reference(r) => {
+                let rows = batch.rows[i].clone();
+                let n: f64 = batch.mask[rows.clone()].iter().sum();
+                let s: f64 = rows.map(|k| batch.mask[k] * r[k]).sum();
+                Some(if cfg.length_normalize {
+                    if n > 0.0 {
+                        s / n
+                    } else {
+                        0.0
+                    }
+                } else {
+                    s
+                })
+            }
+        }
+    }
+
+    /// The token-aligned baseline at position t (flat index k) of row i: ℓ*[g, t], taken as 0
+    /// past the expert's length or at masked expert positions.
+    fn token(&self, batch: &LossBatch, i: usize, t: usize, k: usize) -> Option<f64> {
+        let _ = batch;
+        match self {
+            BaselineSource::Expert { expert, .. } => {
+                let slot = expert.index[i];
+                if slot < 0 {
+                    return None;
+                }
+                let r = &expert.rows[slot as usize];
+                Some(if t < r.len() {
+                    expert.mask[r.start + t] * expert.logprobs[r.start + t]
+                } else {
+                    0.0
+                })
+            }
+            BaselineSource::Reference(r) => Some(r[k]),
+        }
+    }
+}
+
+/// Reads a loss call's host tensors, computes, and writes the outputs (only on success).
+pub fn run(
+    cfg: &Config,
+    args: &crate::ops::loss::Loss,
+    host_metrics: Option<&mut CalibrlMetrics>,
+) -> Result<()> {
+    let batch = read_batch(args)?;
+    let out = compute(cfg, &batch)?;
+    if let Some(t) = &args.grad_logprobs {
+        t.write_f64(&out.grad_logprobs)?;
+    }
+    if let Some(t) = &args.grad_entropy {
+        t.write_f64(&out.grad_entropy)?;
+    }
+    if let Some(t) = &args.metrics {
+        t.write_f64(&out.metrics.to_array())?;
+    }
+    if let Some(h) = host_metrics {
+        *h = out.metrics;
+    }
+    Ok(())
+}
+
+fn read_batch(args: &crate::ops::loss::Loss) -> Result<LossBatch> {
+    let rows = args.policy.ranges()?;
+    let mask = args.policy.mask_values()?;
+    let b = rows.len();
+    // Only tokens that count must be finite: padding may hold anything.
+    let counted = |name: &'static str, v: Vec<f64>| -> Result<Vec<f64>> {
+        if let Some((k, x)) = v
+            .iter()
+            .zip(&mask)
+            .enumerate()
+            .find(|(_, (x, m))| **m != 0.0 && !x.is_finite())
+            .map(|(k, (x, _))| (k, *x))
+        {
+            return Err(Error::non_finite(name, k, x));
+        }
+        Ok(v)
+    };
+    let logprobs = counted("logprobs", args.policy.values.read_f64()?)?;
+    let opt = |t: &Option<crate::tensor::Tensor>, name| -> Result<Option<Vec<f64>>> {
+        t.as_ref().map(|t| counted(name, t.read_f64()?)).transpose()
+    };
+    let old_logprobs = opt(&args.old_logprobs, "old_logprobs")?;
+    let ref_logprobs = opt(&args.ref_logprobs, "ref_logprobs")?;
+    let entropy = opt(&args.entropy, "entropy")?;
+    let advantages = args.advantages.read_finite_f64()?;
+    let weights = args.weights.read_finite_f64()?;
+    let signs = args.signs.read_finite_f64()?;
+    if let Some((i, s)) = signs.iter().enumerate().find(|(_, s)| s.abs() != 1.0) {
+        return Err(Error::invalid(
+            "signs",
+            format!("element {i} is {s}, expected +1 or -1"),
+        ));
+    }
+    let is_expert = args.is_expert.as_ref().map(|t| t.read_bool()).transpose()?;
+    let expert = match &args.expert {
+        None => None,
+        Some(e) => {
+            let erows = e.ranges()?;
+            let emask = e.mask_values()?;
+            let values = e.values.read_f64()?;
+            if let Some((k, x)) = values
+                .iter()
+                .zip(&emask)
+                .enumerate()
+                .find(|(_, (x, m))| **m != 0.0 && !x.is_finite())
+                .map(|(k, (x, _))| (k, *x))
+            {
+                return Err(Error::non_finite("expert_logprobs", k, x));
+            }
+            let index = args.expert_index.as_ref().expect("validated").read_i64()?;
+            let p = erows.len() as i64;
+            if let Some((i, s)) = index.iter().enumerate().find(|(_, &s)| s < -1 || s >= p) {
+                return Err(Error::invalid(
+                    "expert_index",
+                    format!("row {i}: slot {s} is outside [-1, {p}) (expert rows given: {p})"),
+                ));
+            }
+            Some(ExpertBaseline {
+                rows: erows,
+                logprobs: values,
+                mask: emask,
+                index,
+            })
+        }
+    };
+    debug_assert_eq!(advantages.len(), b);
+    Ok(LossBatch {
+        rows,
+        logprobs,
+        mask,
+        old_logprobs,
+        ref_logprobs,
+        entropy,
+        advantages,
+        weights,
+        signs,
+        is_expert,
+        expert,
+        normalizers: args.normalizers,
+    })
+}
