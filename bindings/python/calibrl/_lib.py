@@ -169,7 +169,7 @@ class AdvantageArgs(ctypes.Structure):
     _fields_ = [
         ("rewards", _T),
         ("group_ids", _T),
-        ("num_groups", c_size_t),
+        ("num_groups", c_int64),
         ("correct", _T),
         ("is_expert", _T),
         ("advantages", _T),

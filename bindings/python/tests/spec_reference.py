@@ -138,7 +138,9 @@ def loss(
     lam = cfg["lambda"] if kind == "calibrl" else 0.0
     l_explore = torch.zeros((), dtype=F64)
     delta_values = []
-    if kind == "calibrl":
+    # L_explore is computed whenever there is a baseline (GRPO reports it as a metric, λ = 0).
+    has_baseline = expert_lp is not None if cfg["baseline"] == "expert" else ref is not None
+    if kind in ("calibrl", "grpo") and has_baseline:
         rm = m * rollout[:, None].to(F64)
         n_r = rm.sum(1)
         has = torch.ones(B, dtype=torch.bool)
@@ -186,7 +188,9 @@ def loss(
     rmask = (m * rollout[:, None].to(F64)) > 0
     with torch.no_grad():
         clipfrac = (p2 > p1)[rmask].to(F64).mean() if rmask.any() else torch.tensor(0.0)
-        lower = ((pc > -A * cd) & (A < 0)).expand(B, S)[rmask].to(F64).mean() if rmask.any() else torch.tensor(0.0)
+        # no lower clip when dual clip is off (c ≤ 1)
+        lower_hit = ((pc > -A * cd) & (A < 0) & (cd > 1)).expand(B, S)
+        lower = lower_hit[rmask].to(F64).mean() if rmask.any() else torch.tensor(0.0)
         ppo_kl = (old_t - lp)[rmask].mean() if rmask.any() else torch.tensor(0.0)
     parts = {
         "loss": total.item(),

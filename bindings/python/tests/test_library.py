@@ -83,23 +83,52 @@ def test_config_errors_name_the_key(kwargs, key):
         calibrl.Config("ppo")
 
 
+def _strip_comments(text: str) -> str:
+    return re.sub(r"/\*.*?\*/|//[^\n]*", "", text, flags=re.S)
+
+
 def _header_structs(text: str) -> dict:
+    """{struct name: [(C type, field name), ...]} of the header's structs."""
     structs = {}
-    for m in re.finditer(r"typedef struct (\w+) \{(.*?)\} \w+;", text, re.S):
-        fields = re.findall(r"(\w+)\s*;", re.sub(r"/\*.*?\*/|//[^\n]*", "", m.group(2), flags=re.S))
-        structs[m.group(1)] = fields
-    for m in re.finditer(r"struct (\w+) \{(.*?)\};", text, re.S):
-        fields = re.findall(r"(\w+)\s*;", re.sub(r"/\*.*?\*/|//[^\n]*", "", m.group(2), flags=re.S))
-        structs.setdefault(m.group(1), fields)
+    for m in re.finditer(r"(?:typedef )?struct (\w+) \{(.*?)\}", _strip_comments(text), re.S):
+        fields = re.findall(r"([\w\s\*]+?)\s*\b(\w+)\s*;", m.group(2))
+        structs.setdefault(m.group(1), [(" ".join(t.split()), n) for t, n in fields])
     return structs
+
+
+def _header_functions(text: str) -> dict:
+    """{function name: (return type, number of parameters)} of the header's prototypes."""
+    out = {}
+    for m in re.finditer(r"([\w\s\*]+?)\b(calibrl_\w+)\(([^)]*)\);", _strip_comments(text)):
+        params = [p for p in m.group(3).split(",") if p.strip() not in ("", "void")]
+        out[m.group(2)] = (" ".join(m.group(1).split()), len(params))
+    return out
+
+
+def _ctype_matches(c_type: str, py_type) -> bool:
+    import ctypes
+
+    if c_type.endswith("*"):
+        return py_type is ctypes.c_void_p or hasattr(py_type, "_type_") and py_type.__name__.startswith("LP_")
+    return {
+        "double": ctypes.c_double,
+        "int64_t": ctypes.c_int64,
+        "int32_t": ctypes.c_int32,
+        "uint8_t": ctypes.c_uint8,
+        "uint16_t": ctypes.c_uint16,
+        "uint64_t": ctypes.c_uint64,
+        "DLDevice": calibrl._dlpack.DLDevice,
+        "DLDataType": calibrl._dlpack.DLDataType,
+    }.get(c_type) is py_type
 
 
 HEADER = REPO / "include" / "calibrl.h"
 
 
 @pytest.mark.skipif(not HEADER.exists(), reason="include/calibrl.h is not in this checkout")
-def test_ctypes_structs_match_the_header():
-    structs = _header_structs(HEADER.read_text())
+def test_ctypes_declarations_match_the_header():
+    text = HEADER.read_text()
+    structs = _header_structs(text)
     ours = {
         "DLTensor": calibrl._dlpack.DLTensor,
         "calibrl_normalizers": _lib.Normalizers,
@@ -107,9 +136,22 @@ def test_ctypes_structs_match_the_header():
         "calibrl_advantage_args": _lib.AdvantageArgs,
         "calibrl_loss_args": _lib.LossArgs,
     }
-    checked = 0
     for cname, cls in ours.items():
-        if cname in structs:
-            assert structs[cname] == [f[0] for f in cls._fields_], cname
-            checked += 1
-    assert checked >= 1
+        if cname not in structs:
+            assert cname == "DLTensor", f"{cname} is not in the header"
+            continue
+        assert [n for _, n in structs[cname]] == [f[0] for f in cls._fields_], cname
+        for (c_type, name), (_, py_type) in zip(structs[cname], cls._fields_):
+            assert _ctype_matches(c_type, py_type), f"{cname}.{name}: {c_type} vs {py_type}"
+    functions = _header_functions(text)
+    for name, (restype, argtypes) in _lib._SIGNATURES.items():
+        assert name in functions, f"{name} is declared in _lib but not in the header"
+        c_ret, n_params = functions[name]
+        assert n_params == len(argtypes), name
+        assert ("calibrl_status" in c_ret) == (name in _lib._CHECKED), name
+    exported = set(functions)
+    assert exported <= set(_lib._SIGNATURES) | {n for n in exported if n.startswith("calibrl_plan")}, (
+        f"header functions without a Python signature: {sorted(exported - set(_lib._SIGNATURES))}"
+    )
+    assert f"#define CALIBRL_ABI_VERSION {_lib.EXPECTED_ABI_VERSION}" in text
+    assert f"#define CALIBRL_METRICS_LEN {_lib.METRICS_LEN}" in text
