@@ -35,12 +35,15 @@ def _loss_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def _run_loss(cfg: Config, logprobs, entropy, inputs: LossInputs, want_grad_entropy: bool):
-    """One library call: returns (loss tensor, metrics dict, grad ℓ, grad H or None)."""
+    """One library call: returns (loss tensor, metrics dict, grad ℓ, grad H or None).
+
+    The token tensors are ``[B, S]``/``[T]``-sized (not vocabulary-sized), so strided ones
+    (e.g. a ``gather`` result's slice) are made contiguous here rather than refused."""
     res = ops.loss(
         cfg,
-        logprobs.detach(),
+        logprobs.detach().contiguous(),
         inputs,
-        entropy=None if entropy is None else entropy.detach(),
+        entropy=None if entropy is None else entropy.detach().contiguous(),
         grad_logprobs=True,
         grad_entropy=want_grad_entropy,
         host_metrics=not logprobs.is_cuda,

@@ -397,3 +397,17 @@ def test_nan_in_autograd_forward_raises():
     lp[0, 0] = float("inf")
     with pytest.raises(calibrl.NonFiniteError, match="element 0"):
         calibrl.calibrl_loss(lp.requires_grad_(), inputs_of(b))
+
+
+def test_autograd_accepts_strided_logprobs_but_the_array_api_refuses_them():
+    b = batch(17)
+    wide = torch.zeros(6, 5, 3, dtype=F64)
+    wide[..., 0] = b["lp"]
+    lp = wide[..., 0]
+    assert not lp.is_contiguous()
+    with pytest.raises(calibrl.LayoutError, match="`logprobs`.*contiguous"):
+        calibrl.loss(calibrl.Config(), lp, inputs_of(b))
+    lp.requires_grad_()
+    loss, _ = calibrl.calibrl_loss(lp, inputs_of(b))
+    loss.backward()
+    torch.testing.assert_close(lp.grad, calibrl.loss(calibrl.Config(), b["lp"], inputs_of(b)).grad_logprobs)
