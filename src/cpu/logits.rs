@@ -2,6 +2,7 @@
 //! Σe^(u−m)·(u−m), target), one pass for the backward. Entropy uses the (u − m) form so that
 //! large logits (±1e4) do not cancel catastrophically.
 
+use super::fastmath::exp_f32;
 use super::parallel::for_row_chunks;
 use crate::error::{Error, Result};
 use crate::ops::logits::{Backward, Forward, LogitsInput, ShardFinish, ShardStats, STATS_WIDTH};
@@ -30,72 +31,123 @@ impl RowStats {
     }
 }
 
+/// Logit element types: bulk conversion of a row to and from f32 (vectorised by `half`).
 trait Elem: Copy + Send + Sync {
-    fn get(self) -> f32;
-    fn put(v: f32) -> Self;
+    fn load_row(src: &[Self], dst: &mut [f32]);
+    fn store_row(src: &[f32], dst: &mut [Self]);
+    /// NaN or +inf (−inf is allowed: a masked vocabulary entry).
+    fn any_bad(row: &[Self]) -> bool;
 }
 impl Elem for f32 {
-    fn get(self) -> f32 {
-        self
+    fn load_row(src: &[Self], dst: &mut [f32]) {
+        dst.copy_from_slice(src)
     }
-    fn put(v: f32) -> Self {
-        v
+    fn store_row(src: &[f32], dst: &mut [Self]) {
+        dst.copy_from_slice(src)
+    }
+    fn any_bad(row: &[Self]) -> bool {
+        row.iter()
+            .fold(false, |bad, &x| bad | (x.is_nan() | (x == f32::INFINITY)))
     }
 }
 impl Elem for bf16 {
-    fn get(self) -> f32 {
-        self.to_f32()
+    fn load_row(src: &[Self], dst: &mut [f32]) {
+        half::slice::HalfFloatSliceExt::convert_to_f32_slice(src, dst)
     }
-    fn put(v: f32) -> Self {
-        bf16::from_f32(v)
+    fn store_row(src: &[f32], dst: &mut [Self]) {
+        half::slice::HalfFloatSliceExt::convert_from_f32_slice(dst, src)
+    }
+    fn any_bad(row: &[Self]) -> bool {
+        // Exponent all ones with any mantissa (NaN), or exactly +inf.
+        row.iter().fold(false, |bad, x| {
+            let b = x.to_bits();
+            bad | ((b & 0x7fff) > 0x7f80) | (b == 0x7f80)
+        })
     }
 }
 impl Elem for f16 {
-    fn get(self) -> f32 {
-        self.to_f32()
+    fn load_row(src: &[Self], dst: &mut [f32]) {
+        half::slice::HalfFloatSliceExt::convert_to_f32_slice(src, dst)
     }
-    fn put(v: f32) -> Self {
-        f16::from_f32(v)
+    fn store_row(src: &[f32], dst: &mut [Self]) {
+        half::slice::HalfFloatSliceExt::convert_from_f32_slice(dst, src)
+    }
+    fn any_bad(row: &[Self]) -> bool {
+        row.iter().fold(false, |bad, x| {
+            let b = x.to_bits();
+            bad | ((b & 0x7fff) > 0x7c00) | (b == 0x7c00)
+        })
     }
 }
 
-/// Two-pass per row (the row is in cache for the second): max, then the sums.
+thread_local! {
+    /// One f32 row per thread, reused across rows and calls.
+    static ROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn with_row<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    ROW.with(|r| {
+        let mut r = r.borrow_mut();
+        if r.len() < len {
+            r.resize(len, 0.0);
+        }
+        f(&mut r[..len])
+    })
+}
+
+/// Statistics of one row: max pass, then a branch-free pass for the sums.
 fn row_stats<T: Elem>(row: &[T], inv_t: f32, target: Option<usize>) -> RowStats {
-    let mut m = f32::NEG_INFINITY;
-    let mut bad = false;
-    for &z in row {
-        let u = z.get() * inv_t;
-        if u.is_nan() || u == f32::INFINITY {
-            bad = true;
-        }
-        m = m.max(u);
-    }
-    let (mut s, mut sc) = (0f64, 0f64);
-    if m.is_finite() {
-        // Accumulate in f32 blocks of 256 then in f64: fast and accurate enough for V = 256k.
-        for chunk in row.chunks(256) {
-            let (mut bs, mut bsc) = (0f32, 0f32);
-            for &z in chunk {
-                let c = z.get() * inv_t - m;
-                let e = c.exp();
-                bs += e;
-                if e > 0.0 {
-                    bsc += e * c;
-                }
+    with_row(row.len(), |u| {
+        T::load_row(row, u);
+        let bad = T::any_bad(row);
+        u.iter_mut().for_each(|x| *x *= inv_t);
+        // Eight independent lanes let the compiler vectorise the reductions.
+        let mut lanes = [f32::NEG_INFINITY; 8];
+        let chunks = u.chunks_exact(8);
+        let tail = chunks.remainder();
+        for c in chunks {
+            for j in 0..8 {
+                lanes[j] = lanes[j].max(c[j]);
             }
-            s += bs as f64;
-            sc += bsc as f64;
         }
-    } else if m == f32::NEG_INFINITY {
-        bad = true; // every logit is -inf: no distribution
-    }
-    RowStats {
-        max: m as f64,
-        sum_exp: s,
-        sum_exp_centered: sc,
-        target: target.map(|y| (row[y].get() * inv_t) as f64).unwrap_or(0.0),
-        bad,
-    }
+        let m = tail
+            .iter()
+            .chain(&lanes)
+            .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let (mut s, mut sc) = (0f64, 0f64);
+        if m.is_finite() {
+            // f32 lane sums over blocks of 1024, accumulated in f64. The centred logit is
+            // clamped at −150, where e^c is already 0 in f32, so −inf entries add 0 (not NaN).
+            for block in u.chunks(1024) {
+                let (mut bs, mut bsc) = ([0f32; 8], [0f32; 8]);
+                let chunks = block.chunks_exact(8);
+                let tail = chunks.remainder();
+                for c8 in chunks {
+                    for j in 0..8 {
+                        let c = (c8[j] - m).max(-150.0);
+                        let e = exp_f32(c);
+                        bs[j] += e;
+                        bsc[j] += e * c;
+                    }
+                }
+                for &x in tail {
+                    let c = (x - m).max(-150.0);
+                    let e = exp_f32(c);
+                    bs[0] += e;
+                    bsc[0] += e * c;
+                }
+                s += bs.iter().map(|&v| v as f64).sum::<f64>();
+                sc += bsc.iter().map(|&v| v as f64).sum::<f64>();
+            }
+        }
+        RowStats {
+            max: m as f64,
+            sum_exp: s,
+            sum_exp_centered: sc,
+            target: target.map(|y| u[y] as f64).unwrap_or(0.0),
+            bad: bad || m == f32::NEG_INFINITY,
+        }
+    })
 }
 
 /// The label's position inside this shard, if any. Errors for labels past the full vocabulary.
@@ -256,20 +308,21 @@ pub fn shard_finish(args: &ShardFinish) -> Result<()> {
 }
 
 /// One row of ∂L/∂z = (1/T)·[g·(δ − p) − h·p·(log p + H)]. `src` and `dst` may be the same
-/// memory (in place): each element is read once, before it is written.
+/// memory (in place): the row is copied to a scratch buffer before anything is written.
 unsafe fn backward_row<T: Elem>(src: *const T, dst: *mut T, len: usize, inv_t: f32, row: RowGrad) {
-    for v in 0..len {
-        let logp = (*src.add(v)).get() * inv_t - row.lse;
-        let p = logp.exp();
-        let mut d = -row.g * p;
-        if row.h != 0.0 && p > 0.0 {
-            d -= row.h * p * (logp + row.entropy);
+    with_row(len, |u| {
+        T::load_row(std::slice::from_raw_parts(src, len), u);
+        let (g, h, lse, ent) = (row.g, row.h, row.lse, row.entropy);
+        for x in u.iter_mut() {
+            let logp = (*x * inv_t - lse).max(-150.0);
+            let p = exp_f32(logp);
+            *x = (-g * p - h * p * (logp + ent)) * inv_t;
         }
-        if Some(v) == row.label {
-            d += row.g;
+        if let Some(y) = row.label {
+            u[y] += g * inv_t;
         }
-        *dst.add(v) = T::put(d * inv_t);
-    }
+        T::store_row(u, std::slice::from_raw_parts_mut(dst, len));
+    })
 }
 
 #[derive(Clone, Copy)]
@@ -308,15 +361,9 @@ pub fn backward(args: &Backward) -> Result<()> {
         for k in b..e {
             let ok = unsafe {
                 match input.logits.dtype {
-                    DType::BF16 => rows::<bf16>(input, src.get(), k)
-                        .iter()
-                        .all(|z| !(z.is_nan() || z.to_f32() == f32::INFINITY)),
-                    DType::F16 => rows::<f16>(input, src.get(), k)
-                        .iter()
-                        .all(|z| !(z.is_nan() || z.to_f32() == f32::INFINITY)),
-                    _ => rows::<f32>(input, src.get(), k)
-                        .iter()
-                        .all(|z| !(z.is_nan() || *z == f32::INFINITY)),
+                    DType::BF16 => !bf16::any_bad(rows::<bf16>(input, src.get(), k)),
+                    DType::F16 => !f16::any_bad(rows::<f16>(input, src.get(), k)),
+                    _ => !f32::any_bad(rows::<f32>(input, src.get(), k)),
                 }
             };
             if !ok {
@@ -353,7 +400,13 @@ pub fn backward(args: &Backward) -> Result<()> {
                         let s = (src.get() as *const $t).add(k * input.row_stride);
                         let d = (dst.get() as *mut $t).add(k * dst_stride);
                         if ignored {
-                            (0..input.v).for_each(|v| *d.add(v) = <$t as Elem>::put(0.0));
+                            with_row(input.v, |z| {
+                                z.fill(0.0);
+                                <$t as Elem>::store_row(
+                                    z,
+                                    std::slice::from_raw_parts_mut(d, input.v),
+                                );
+                            });
                         } else {
                             backward_row::<$t>(s, d, input.v, inv_t, row);
                         }

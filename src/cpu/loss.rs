@@ -201,7 +201,7 @@ pub fn kl_term(kind: KlKind, logp: f64, reference: f64) -> (f64, f64) {
         KlKind::K3 => {
             let r = -d; // ℓref − ℓ
             let raw = r.exp() - r - 1.0;
-            if raw > 10.0 || raw < -10.0 {
+            if !(-10.0..=10.0).contains(&raw) {
                 (raw.clamp(-10.0, 10.0), 0.0)
             } else {
                 (raw, 1.0 - r.exp())

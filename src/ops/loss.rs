@@ -255,7 +255,7 @@ impl<'a> Loss<'a> {
                 "expert_offsets",
             )?),
             None => {
-                for extra in [t.expert_offsets, t.expert_mask].into_iter().flatten() {
+                if let Some(extra) = t.expert_offsets.or(t.expert_mask) {
                     return Err(Error::invalid(
                         extra.name,
                         "is given without `expert_logprobs`",

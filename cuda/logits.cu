@@ -1,0 +1,554 @@
+// calibrl: the fused logits path on CUDA (SPEC §6).
+//
+// Compiled at first use with NVRTC (see src/cuda/compile.rs); the file includes no header, so it
+// builds with a bare NVRTC (no CUDA toolkit headers on the machine). Kernels are `extern "C"` and
+// dtype-suffixed: `_bf16`, `_f16`, `_f32` name the logits dtype.
+//
+// Layout: logits `[N, V]`, unit stride along V, row stride `row_stride` elements (so vocabulary
+// shards can be strided views of a full-vocabulary buffer). One thread block per row (grid-stride
+// over rows), 16-byte vector loads over the part of each row that is 16-byte aligned, scalar
+// loads for the unaligned head and the tail. All indexing is 64-bit.
+//
+// Numerics: u = z / T. Everything is accumulated in f32 in base 2: for a running max `mz` of the
+// raw logits and k = log2(e) / T, each element adds e = 2^d with d = (z - mz)·k to
+// s = Σ e and e·d to c = Σ e·d (so Σ e^(u−m)·(u−m) = ln2 · c). When the max grows, (s, c) are
+// rescaled: s' = α·s, c' = α·c + s'·δ with δ = (m_old − m_new)·k, α = 2^δ.
+//
+// Determinism: the block size depends only on V (chosen by the host), each thread visits a fixed
+// set of elements in a fixed order and the block reduction is a fixed tree: the same call gives
+// the same bits. No atomics.
+//
+// Non-finite logits: the kernels cannot report errors without a host synchronisation, so a NaN
+// or +inf logit, or a row that is entirely -inf, makes that row's outputs NaN (the CPU backend
+// returns CALIBRL_STATUS_NON_FINITE instead). -inf entries in an otherwise finite row are exact
+// zeros of the softmax.
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef long long i64;
+typedef unsigned long long u64;
+
+struct __align__(16) Vec16 {
+    u32 w[4];
+};
+
+#define CALIBRL_INF (__int_as_float(0x7f800000))
+#define CALIBRL_NAN (__int_as_float(0x7fffffff))
+#define CALIBRL_LN2 0.693147180559945309f
+#define CALIBRL_LOG2E 1.442695040888963407f
+// Exponents below this (base 2) underflow to zero in ex2.approx.ftz; clamping d to it keeps
+// 0·d finite for -inf logits without changing any non-zero term.
+#define CALIBRL_MIN_EXP2 (-256.0f)
+
+// Output / scalar dtype codes (match src/cuda/logits.rs `ScalarCode`).
+#define CODE_F32 0
+#define CODE_F64 1
+#define CODE_BF16 2
+#define CODE_F16 3
+
+// ---------------------------------------------------------------------------------------------
+// Scalar helpers (no cuda_fp16.h / cuda_bf16.h: conversions are bit operations or PTX cvt).
+
+// PTX-only primitives. `tests/emulate` (a host-side emulation of the kernels for machines
+// without a GPU) defines CALIBRL_HOST_EMULATION and supplies host versions of these.
+#ifndef CALIBRL_HOST_EMULATION
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+__device__ __forceinline__ float f16_to_f32(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+__device__ __forceinline__ u16 f32_to_f16(float f) {
+    u16 r;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(f));
+    return r;
+}
+#endif
+
+// max that propagates NaN (fmaxf would drop it and hide a NaN logit).
+__device__ __forceinline__ float max_nan(float a, float b) {
+#if __CUDA_ARCH__ >= 800
+    float r;
+    asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+#else
+    return (a != a || b != b) ? CALIBRL_NAN : fmaxf(a, b);
+#endif
+}
+
+__device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
+
+__device__ __forceinline__ u16 f32_to_bf16(float f) {
+#if __CUDA_ARCH__ >= 800
+    u16 r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
+    return r;
+#else
+    u32 u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (u16)((u >> 16) | 0x40u);  // quiet NaN
+    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+    return (u16)(u >> 16);
+#endif
+}
+
+// Logits element types: storage type, elements per 16-byte vector, conversions.
+struct BF16 {
+    typedef u16 S;
+    static constexpr int kVec = 8;
+    __device__ static float load(S x) { return bf16_to_f32(x); }
+    __device__ static S store(float x) { return f32_to_bf16(x); }
+};
+struct F16 {
+    typedef u16 S;
+    static constexpr int kVec = 8;
+    __device__ static float load(S x) { return f16_to_f32(x); }
+    __device__ static S store(float x) { return f32_to_f16(x); }
+};
+struct F32 {
+    typedef float S;
+    static constexpr int kVec = 4;
+    __device__ static float load(S x) { return x; }
+    __device__ static S store(float x) { return x; }
+};
+
+template <class T>
+__device__ __forceinline__ void unpack(const Vec16& v, float (&x)[T::kVec]) {
+    const typename T::S* e = reinterpret_cast<const typename T::S*>(&v);
+#pragma unroll
+    for (int j = 0; j < T::kVec; ++j) x[j] = T::load(e[j]);
+}
+
+template <class T>
+__device__ __forceinline__ Vec16 pack(const float (&x)[T::kVec]) {
+    Vec16 v;
+    typename T::S* e = reinterpret_cast<typename T::S*>(&v);
+#pragma unroll
+    for (int j = 0; j < T::kVec; ++j) e[j] = T::store(x[j]);
+    return v;
+}
+
+// Per-row scalars ([N] tensors) of any float dtype, and labels (int32 / int64).
+__device__ __forceinline__ float load_scalar(const void* p, int code, i64 i) {
+    switch (code) {
+        case CODE_F64: return (float)((const double*)p)[i];
+        case CODE_BF16: return bf16_to_f32(((const u16*)p)[i]);
+        case CODE_F16: return f16_to_f32(((const u16*)p)[i]);
+        default: return ((const float*)p)[i];
+    }
+}
+
+__device__ __forceinline__ void store_scalar(void* p, int code, i64 i, float v) {
+    switch (code) {
+        case CODE_F64: ((double*)p)[i] = (double)v; break;
+        case CODE_BF16: ((u16*)p)[i] = f32_to_bf16(v); break;
+        case CODE_F16: ((u16*)p)[i] = f32_to_f16(v); break;
+        default: ((float*)p)[i] = v; break;
+    }
+}
+
+__device__ __forceinline__ i64 load_label(const void* labels, int labels_are_i64, i64 row) {
+    return labels_are_i64 ? ((const i64*)labels)[row] : (i64)((const int*)labels)[row];
+}
+
+// Number of leading elements of `p` before the first 16-byte boundary (at most `len`).
+template <class S>
+__device__ __forceinline__ i64 unaligned_head(const S* p, i64 len) {
+    i64 head = (i64)(((16u - ((u64)p & 15u)) & 15u) / sizeof(S));
+    return head < len ? head : len;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Online softmax statistics of one row (raw-logit max, base-2 sums).
+
+struct SoftmaxAcc {
+    float m;  // running max of the raw logits z (NaN once a NaN/+inf forced it)
+    float s;  // Σ 2^d
+    float c;  // Σ 2^d · d            with d = (z − m)·k
+
+    __device__ __forceinline__ void init() {
+        m = -CALIBRL_INF;
+        s = 0.f;
+        c = 0.f;
+    }
+
+    // Moves the reference max to `new_m` (>= m, or NaN).
+    __device__ __forceinline__ void rescale(float new_m, float k) {
+        if (new_m != m) {
+            float delta = fmaxf((m - new_m) * k, CALIBRL_MIN_EXP2);
+            if (new_m != new_m) delta = CALIBRL_NAN;
+            float alpha = ex2(delta);
+            s *= alpha;
+            c = fmaf(alpha, c, s * delta);
+            m = new_m;
+        }
+    }
+
+    template <int W>
+    __device__ __forceinline__ void add(const float (&x)[W], float k) {
+        float vm = x[0];
+#pragma unroll
+        for (int j = 1; j < W; ++j) vm = max_nan(vm, x[j]);
+        rescale(max_nan(m, vm), k);
+        if (m == -CALIBRL_INF) return;  // everything so far is -inf: nothing to add
+#pragma unroll
+        for (int j = 0; j < W; ++j) {
+            float d = (x[j] - m) * k;
+            float e = ex2(d);
+            s += e;
+            c = fmaf(e, fmaxf(d, CALIBRL_MIN_EXP2), c);
+        }
+    }
+
+    // Merges another accumulator (commutative bit for bit, so a butterfly is deterministic).
+    __device__ __forceinline__ void merge(float om, float os, float oc, float k) {
+        float nm = max_nan(m, om);
+        float d1 = (m == nm) ? 0.f : fmaxf((m - nm) * k, CALIBRL_MIN_EXP2);
+        float d2 = (om == nm) ? 0.f : fmaxf((om - nm) * k, CALIBRL_MIN_EXP2);
+        if (nm != nm) d1 = d2 = CALIBRL_NAN;
+        float a1 = ex2(d1), a2 = ex2(d2);
+        float s1 = a1 * s, s2 = a2 * os;
+        float c1 = fmaf(a1, c, s1 * d1), c2 = fmaf(a2, oc, s2 * d2);
+        m = nm;
+        s = s1 + s2;
+        c = c1 + c2;
+    }
+};
+
+// Accumulates the `len` elements of `row` into the calling thread's accumulator (each thread
+// takes a strided subset), unrolled four vectors deep for memory-level parallelism.
+template <class T>
+__device__ __forceinline__ void accumulate_row(const typename T::S* row, i64 len, float k, SoftmaxAcc& acc) {
+    constexpr int W = T::kVec;
+    const i64 tid = threadIdx.x, nt = blockDim.x;
+    const i64 head = unaligned_head(row, len);
+    const i64 nvec = (len - head) / W;
+    const i64 tail = head + nvec * W;
+    for (i64 i = tid; i < head; i += nt) {
+        float x[1] = {T::load(row[i])};
+        acc.add<1>(x, k);
+    }
+    const Vec16* vrow = reinterpret_cast<const Vec16*>(row + head);
+    i64 i = tid;
+    for (; i + 3 * nt < nvec; i += 4 * nt) {
+        Vec16 v0 = vrow[i], v1 = vrow[i + nt], v2 = vrow[i + 2 * nt], v3 = vrow[i + 3 * nt];
+        float x0[W], x1[W], x2[W], x3[W];
+        unpack<T>(v0, x0);
+        unpack<T>(v1, x1);
+        unpack<T>(v2, x2);
+        unpack<T>(v3, x3);
+        acc.add<W>(x0, k);
+        acc.add<W>(x1, k);
+        acc.add<W>(x2, k);
+        acc.add<W>(x3, k);
+    }
+    for (; i < nvec; i += nt) {
+        const Vec16 v = vrow[i];
+        float x[W];
+        unpack<T>(v, x);
+        acc.add<W>(x, k);
+    }
+    for (i64 j = tail + tid; j < len; j += nt) {
+        float x[1] = {T::load(row[j])};
+        acc.add<1>(x, k);
+    }
+}
+
+// Block-wide reduction; every thread returns with the row's totals. `blockDim.x` is a multiple
+// of 32 and at most 1024.
+__device__ __forceinline__ void block_reduce(SoftmaxAcc& acc, float k) {
+    __shared__ float sm[3][32];
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+        float om = __shfl_xor_sync(0xffffffffu, acc.m, off);
+        float os = __shfl_xor_sync(0xffffffffu, acc.s, off);
+        float oc = __shfl_xor_sync(0xffffffffu, acc.c, off);
+        acc.merge(om, os, oc, k);
+    }
+    const int warps = blockDim.x >> 5;
+    if (warps == 1) return;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();  // the previous row's readers are done with `sm`
+    if (lane == 0) {
+        sm[0][warp] = acc.m;
+        sm[1][warp] = acc.s;
+        sm[2][warp] = acc.c;
+    }
+    __syncthreads();
+    if (lane < warps) {
+        acc.m = sm[0][lane];
+        acc.s = sm[1][lane];
+        acc.c = sm[2][lane];
+    } else {
+        acc.init();
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+        float om = __shfl_xor_sync(0xffffffffu, acc.m, off);
+        float os = __shfl_xor_sync(0xffffffffu, acc.s, off);
+        float oc = __shfl_xor_sync(0xffffffffu, acc.c, off);
+        acc.merge(om, os, oc, k);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward: logprobs, entropy (optional), lse over full-vocabulary rows.
+
+template <class T>
+__device__ __forceinline__ void logits_forward(const typename T::S* __restrict__ logits, i64 n_rows, i64 row_stride,
+                                               i64 vocab, const void* __restrict__ labels, int labels_are_i64,
+                                               float inv_t, void* logprobs, int logprobs_code, void* entropy,
+                                               int entropy_code, void* lse, int lse_code) {
+    const float k = inv_t * CALIBRL_LOG2E;
+    for (i64 row = blockIdx.x; row < n_rows; row += gridDim.x) {
+        const i64 label = load_label(labels, labels_are_i64, row);
+        if (label < 0) {  // ignored row: zeros, the logits are not read
+            if (threadIdx.x == 0) {
+                store_scalar(logprobs, logprobs_code, row, 0.f);
+                if (entropy) store_scalar(entropy, entropy_code, row, 0.f);
+                store_scalar(lse, lse_code, row, 0.f);
+            }
+            continue;
+        }
+        const typename T::S* r = logits + row * row_stride;
+        SoftmaxAcc acc;
+        acc.init();
+        accumulate_row<T>(r, vocab, k, acc);
+        block_reduce(acc, k);
+        if (threadIdx.x == 0) {
+            const float log_s = logf(acc.s);
+            const float lse_v = fmaf(acc.m, inv_t, log_s);
+            // A label past the vocabulary cannot be reported without a host sync: NaN marks it.
+            const float lp = label < vocab ? fmaf(T::load(r[label]) - acc.m, inv_t, -log_s) : CALIBRL_NAN;
+            store_scalar(logprobs, logprobs_code, row, lp);
+            if (entropy) store_scalar(entropy, entropy_code, row, log_s - CALIBRL_LN2 * acc.c / acc.s);
+            store_scalar(lse, lse_code, row, lse_v);
+        }
+    }
+}
+
+// Phase 1 of the vocabulary-parallel forward: stats[row] = (m, Σe^(u−m), Σe^(u−m)(u−m), u_y or 0).
+template <class T>
+__device__ __forceinline__ void logits_shard_stats(const typename T::S* __restrict__ logits, i64 n_rows,
+                                                   i64 row_stride, i64 vocab, const void* __restrict__ labels,
+                                                   int labels_are_i64, i64 vocab_start, float inv_t,
+                                                   float* __restrict__ stats) {
+    const float k = inv_t * CALIBRL_LOG2E;
+    for (i64 row = blockIdx.x; row < n_rows; row += gridDim.x) {
+        const typename T::S* r = logits + row * row_stride;
+        SoftmaxAcc acc;
+        acc.init();
+        accumulate_row<T>(r, vocab, k, acc);
+        block_reduce(acc, k);
+        if (threadIdx.x == 0) {
+            const i64 local = load_label(labels, labels_are_i64, row) - vocab_start;
+            const bool here = local >= 0 && local < vocab;
+            float* out = stats + row * 4;
+            out[0] = acc.m * inv_t;
+            out[1] = acc.s;
+            out[2] = CALIBRL_LN2 * acc.c;
+            out[3] = here ? T::load(r[here ? local : 0]) * inv_t : 0.f;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward: grad = (1/T)·[g·(δ_y − p) − h·p·(log p + H)], p = exp(u − lse), written over the
+// logits (in place) or into a separate buffer.
+//
+// In base 2: a = z·k − lse·log2(e), p = 2^a, log p = a·ln2, so
+// grad = −p·(A + B·a) + [v == y]·g/T with A = (g + h·H)/T, B = h·ln2/T.
+
+struct GradRow {
+    float k, lse2, A, B, g_t;
+    i64 label;  // local index of the label in this row, or -1
+};
+
+template <class T>
+__device__ __forceinline__ float grad_elem(float z, const GradRow& gr) {
+    const float a = fmaf(z, gr.k, -gr.lse2);
+    const float p = ex2(a);
+    // _rn: never contracted with the label term, so every code path (vector, scalar, shard
+    // views) gives the same bits for the same element.
+    return __fmul_rn(-p, fmaf(gr.B, fmaxf(a, CALIBRL_MIN_EXP2), gr.A));
+}
+
+template <class T>
+__device__ __forceinline__ void grad_vec(const Vec16& in, Vec16& out, i64 first, const GradRow& gr) {
+    constexpr int W = T::kVec;
+    float x[W];
+    unpack<T>(in, x);
+#pragma unroll
+    for (int j = 0; j < W; ++j) x[j] = grad_elem<T>(x[j], gr);
+    if ((u64)(gr.label - first) < (u64)W) {
+#pragma unroll
+        for (int j = 0; j < W; ++j)
+            if (first + j == gr.label) x[j] = __fadd_rn(x[j], gr.g_t);
+    }
+    out = pack<T>(x);
+}
+
+template <class T>
+__device__ __forceinline__ void logits_backward(const typename T::S* logits, typename T::S* grad, i64 n_rows,
+                                                i64 row_stride, i64 grad_row_stride, i64 vocab,
+                                                const void* __restrict__ labels, int labels_are_i64,
+                                                i64 vocab_start, float inv_t, const void* __restrict__ lse,
+                                                int lse_code, const void* __restrict__ entropy, int entropy_code,
+                                                const void* __restrict__ grad_logprobs, int grad_logprobs_code,
+                                                const void* __restrict__ grad_entropy, int grad_entropy_code) {
+    typedef typename T::S S;
+    constexpr int W = T::kVec;
+    const i64 tid = threadIdx.x, nt = blockDim.x;
+    for (i64 row = blockIdx.x; row < n_rows; row += gridDim.x) {
+        const S* src = logits + row * row_stride;
+        S* dst = grad + row * grad_row_stride;
+        const i64 label = load_label(labels, labels_are_i64, row);
+        const i64 head = unaligned_head(dst, vocab);
+        const i64 nvec = (vocab - head) / W;
+        const i64 tail = head + nvec * W;
+        // The vector path needs src and dst equally aligned (always true in place).
+        const bool vec_ok = (((u64)src ^ (u64)dst) & 15u) == 0;
+        if (label < 0) {  // ignored row: zero gradient
+            const S zero = T::store(0.f);
+            if (vec_ok) {
+                for (i64 i = tid; i < head; i += nt) dst[i] = zero;
+                Vec16 z;
+                z.w[0] = z.w[1] = z.w[2] = z.w[3] = 0u;
+                Vec16* vdst = reinterpret_cast<Vec16*>(dst + head);
+                for (i64 i = tid; i < nvec; i += nt) vdst[i] = z;
+                for (i64 i = tail + tid; i < vocab; i += nt) dst[i] = zero;
+            } else {
+                for (i64 i = tid; i < vocab; i += nt) dst[i] = zero;
+            }
+            continue;
+        }
+        const float g = load_scalar(grad_logprobs, grad_logprobs_code, row);
+        const float h = grad_entropy ? load_scalar(grad_entropy, grad_entropy_code, row) : 0.f;
+        const float H = (grad_entropy && entropy) ? load_scalar(entropy, entropy_code, row) : 0.f;
+        GradRow gr;
+        gr.k = inv_t * CALIBRL_LOG2E;
+        gr.lse2 = load_scalar(lse, lse_code, row) * CALIBRL_LOG2E;
+        gr.A = fmaf(h, H, g) * inv_t;
+        gr.B = h * CALIBRL_LN2 * inv_t;
+        gr.g_t = g * inv_t;
+        const i64 local = label - vocab_start;
+        gr.label = (local >= 0 && local < vocab) ? local : -1;
+        if (!vec_ok) {
+            for (i64 i = tid; i < vocab; i += nt) {
+                float d = grad_elem<T>(T::load(src[i]), gr);
+                if (i == gr.label) d = __fadd_rn(d, gr.g_t);
+                dst[i] = T::store(d);
+            }
+            continue;
+        }
+        for (i64 i = tid; i < head; i += nt) {
+            float d = grad_elem<T>(T::load(src[i]), gr);
+            if (i == gr.label) d = __fadd_rn(d, gr.g_t);
+            dst[i] = T::store(d);
+        }
+        const Vec16* vsrc = reinterpret_cast<const Vec16*>(src + head);
+        Vec16* vdst = reinterpret_cast<Vec16*>(dst + head);
+        i64 i = tid;
+        for (; i + 3 * nt < nvec; i += 4 * nt) {
+            Vec16 v0 = vsrc[i], v1 = vsrc[i + nt], v2 = vsrc[i + 2 * nt], v3 = vsrc[i + 3 * nt];
+            Vec16 o0, o1, o2, o3;
+            grad_vec<T>(v0, o0, head + i * W, gr);
+            grad_vec<T>(v1, o1, head + (i + nt) * W, gr);
+            grad_vec<T>(v2, o2, head + (i + 2 * nt) * W, gr);
+            grad_vec<T>(v3, o3, head + (i + 3 * nt) * W, gr);
+            vdst[i] = o0;
+            vdst[i + nt] = o1;
+            vdst[i + 2 * nt] = o2;
+            vdst[i + 3 * nt] = o3;
+        }
+        for (; i < nvec; i += nt) {
+            const Vec16 v = vsrc[i];
+            Vec16 o;
+            grad_vec<T>(v, o, head + i * W, gr);
+            vdst[i] = o;
+        }
+        for (i64 j = tail + tid; j < vocab; j += nt) {
+            float d = grad_elem<T>(T::load(src[j]), gr);
+            if (j == gr.label) d = __fadd_rn(d, gr.g_t);
+            dst[j] = T::store(d);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry points. Launch: grid = min(N, 2^31 − 1) blocks (rows are grid-strided), block = a
+// multiple of 32 up to 1024 threads, no dynamic shared memory.
+
+#define CALIBRL_LOGITS_KERNELS(SUFFIX, T)                                                                        \
+    extern "C" __global__ void calibrl_logits_forward_##SUFFIX(                                                  \
+        const T::S* __restrict__ logits, i64 n_rows, i64 row_stride, i64 vocab, const void* __restrict__ labels, \
+        int labels_are_i64, float inv_t, void* logprobs, int logprobs_code, void* entropy, int entropy_code,    \
+        void* lse, int lse_code) {                                                                               \
+        logits_forward<T>(logits, n_rows, row_stride, vocab, labels, labels_are_i64, inv_t, logprobs,           \
+                          logprobs_code, entropy, entropy_code, lse, lse_code);                                  \
+    }                                                                                                            \
+    extern "C" __global__ void calibrl_logits_shard_stats_##SUFFIX(                                              \
+        const T::S* __restrict__ logits, i64 n_rows, i64 row_stride, i64 vocab, const void* __restrict__ labels, \
+        int labels_are_i64, i64 vocab_start, float inv_t, float* __restrict__ stats) {                           \
+        logits_shard_stats<T>(logits, n_rows, row_stride, vocab, labels, labels_are_i64, vocab_start, inv_t,    \
+                              stats);                                                                            \
+    }                                                                                                            \
+    extern "C" __global__ void calibrl_logits_backward_##SUFFIX(                                                 \
+        const T::S* logits, T::S* grad, i64 n_rows, i64 row_stride, i64 grad_row_stride, i64 vocab,             \
+        const void* __restrict__ labels, int labels_are_i64, i64 vocab_start, float inv_t,                       \
+        const void* __restrict__ lse, int lse_code, const void* __restrict__ entropy, int entropy_code,         \
+        const void* __restrict__ grad_logprobs, int grad_logprobs_code, const void* __restrict__ grad_entropy,  \
+        int grad_entropy_code) {                                                                                 \
+        logits_backward<T>(logits, grad, n_rows, row_stride, grad_row_stride, vocab, labels, labels_are_i64,    \
+                           vocab_start, inv_t, lse, lse_code, entropy, entropy_code, grad_logprobs,              \
+                           grad_logprobs_code, grad_entropy, grad_entropy_code);                                 \
+    }
+
+CALIBRL_LOGITS_KERNELS(bf16, BF16)
+CALIBRL_LOGITS_KERNELS(f16, F16)
+CALIBRL_LOGITS_KERNELS(f32, F32)
+
+// Phase 2: combines all-gathered shard statistics `[R, N, 4]` (one thread per row, shards in
+// order, in f64 like the CPU backend) into logprobs, entropy (optional) and lse.
+extern "C" __global__ void calibrl_logits_shard_finish(const float* __restrict__ stats, i64 n_shards, i64 n_rows,
+                                                       const void* __restrict__ labels, int labels_are_i64,
+                                                       void* logprobs, int logprobs_code, void* entropy,
+                                                       int entropy_code, void* lse, int lse_code) {
+    for (i64 row = (i64)blockIdx.x * blockDim.x + threadIdx.x; row < n_rows; row += (i64)gridDim.x * blockDim.x) {
+        if (load_label(labels, labels_are_i64, row) < 0) {
+            store_scalar(logprobs, logprobs_code, row, 0.f);
+            if (entropy) store_scalar(entropy, entropy_code, row, 0.f);
+            store_scalar(lse, lse_code, row, 0.f);
+            continue;
+        }
+        double m = -(double)CALIBRL_INF;
+        bool nan = false;
+        for (i64 r = 0; r < n_shards; ++r) {
+            const float sm = stats[(r * n_rows + row) * 4];
+            nan |= sm != sm;
+            m = fmax(m, (double)sm);
+        }
+        double s = 0.0, sc = 0.0, t = 0.0;
+        for (i64 r = 0; r < n_shards; ++r) {
+            const float* st = stats + (r * n_rows + row) * 4;
+            const double rm = st[0], rs = st[1], rc = st[2], rt = st[3];
+            nan |= rs != rs || rc != rc || rt != rt;
+            if (rs > 0.0) {
+                const double scale = exp(rm - m);
+                s += rs * scale;
+                sc += (rc + rs * (rm - m)) * scale;
+            }
+            t += rt;
+        }
+        double lse_v = m + log(s), ent = log(s) - sc / s, lp = t - lse_v;
+        if (nan || !(s > 0.0) || !(m > -(double)CALIBRL_INF)) lse_v = ent = lp = (double)CALIBRL_NAN;
+        store_scalar(logprobs, logprobs_code, row, (float)lp);
+        if (entropy) store_scalar(entropy, entropy_code, row, (float)ent);
+        store_scalar(lse, lse_code, row, (float)lse_v);
+    }
+}

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The project's test command (README): Rust tests (CPU backend, C ABI, header freshness, NVRTC
+# compile of every kernel, GPU tests that skip without a GPU), the Python binding tests and the
+# C++ binding tests. Installs what it needs on first use.
+set -uo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+. scripts/dev-env.sh
+export CALIBRL_REQUIRE_NVRTC="${CALIBRL_REQUIRE_NVRTC:-1}"
+
+failed=()
+run() {
+  local name="$1"; shift
+  echo "=== $name: $*"
+  if "$@"; then echo "=== $name: ok"; else echo "=== $name: FAILED"; failed+=("$name"); fi
+}
+
+run rust cargo test --release
+[ -f scripts/python-tests.sh ] && run python bash scripts/python-tests.sh
+[ -f scripts/cpp-tests.sh ] && run cpp bash scripts/cpp-tests.sh
+
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "FAILED suites: ${failed[*]}"
+  exit 1
+fi
+echo "all test suites passed"

@@ -1,0 +1,241 @@
+//! Kernel sources and their NVRTC compilation.
+//!
+//! Every `cuda/*.cu` file is embedded in the library (`include_str!`) and compiled to PTX with
+//! NVRTC at first use, for the device's compute capability; the driver then JIT-compiles the PTX
+//! (its compute cache keeps the result across processes). The sources include no header, so a
+//! bare NVRTC (the `nvidia-cuda-nvrtc` wheel, or the toolkit's `libnvrtc.so.13`) is enough.
+
+use crate::error::{Error, Result};
+use cudarc::nvrtc::{result as nvrtc, sys as nvrtc_sys};
+use std::ffi::CString;
+use std::sync::OnceLock;
+
+/// One kernel source file (an op family) and the kernels it must define.
+#[derive(Debug)]
+pub struct KernelSource {
+    /// Module name, also the file stem under `cuda/`.
+    pub name: &'static str,
+    pub source: &'static str,
+    pub kernels: &'static [&'static str],
+}
+
+/// The fused logits path (SPEC §6).
+pub const LOGITS: KernelSource = KernelSource {
+    name: "logits",
+    source: include_str!("../../cuda/logits.cu"),
+    kernels: &[
+        "calibrl_logits_forward_bf16",
+        "calibrl_logits_forward_f16",
+        "calibrl_logits_forward_f32",
+        "calibrl_logits_backward_bf16",
+        "calibrl_logits_backward_f16",
+        "calibrl_logits_backward_f32",
+        "calibrl_logits_shard_stats_bf16",
+        "calibrl_logits_shard_stats_f16",
+        "calibrl_logits_shard_stats_f32",
+        "calibrl_logits_shard_finish",
+    ],
+};
+
+/// Every kernel source of the library (the CI compile check covers exactly these and fails when
+/// a `cuda/*.cu` file is missing from the list).
+pub const SOURCES: &[&KernelSource] = &[&LOGITS, &super::loss::LOSS];
+
+/// Whether NVRTC can be loaded (checked once; cudarc would panic on a missing library).
+pub fn nvrtc_available() -> bool {
+    static PRESENT: OnceLock<bool> = OnceLock::new();
+    // SAFETY: only probes whether the shared library can be opened.
+    *PRESENT.get_or_init(|| unsafe { nvrtc_sys::is_culib_present() })
+}
+
+pub(crate) fn require_nvrtc() -> Result<()> {
+    if nvrtc_available() {
+        Ok(())
+    } else {
+        Err(Error::cuda_unavailable(
+            "CUDA tensors were passed but NVRTC (libnvrtc.so.13) could not be loaded: install the CUDA 13 \
+             toolkit or `pip install nvidia-cuda-nvrtc==13.0.*` and put its lib directory on LD_LIBRARY_PATH",
+        ))
+    }
+}
+
+/// The NVRTC version as (major, minor).
+pub fn nvrtc_version() -> Result<(i32, i32)> {
+    require_nvrtc()?;
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: NVRTC is loaded; the pointers are valid.
+    unsafe { nvrtc_sys::nvrtcVersion(&mut major, &mut minor) }
+        .result()
+        .map_err(|e| Error::cuda(format!("nvrtcVersion failed: {e:?}")))?;
+    Ok((major, minor))
+}
+
+/// The virtual architectures (e.g. 90 for compute_90) this NVRTC can target, ascending.
+pub fn supported_archs() -> Result<Vec<i32>> {
+    require_nvrtc()?;
+    let mut n = 0;
+    // SAFETY: NVRTC is loaded; the buffer holds `n` entries.
+    unsafe {
+        nvrtc_sys::nvrtcGetNumSupportedArchs(&mut n)
+            .result()
+            .map_err(|e| Error::cuda(format!("nvrtcGetNumSupportedArchs failed: {e:?}")))?;
+        let mut archs = vec![0; n.max(0) as usize];
+        nvrtc_sys::nvrtcGetSupportedArchs(archs.as_mut_ptr())
+            .result()
+            .map_err(|e| Error::cuda(format!("nvrtcGetSupportedArchs failed: {e:?}")))?;
+        archs.sort_unstable();
+        Ok(archs)
+    }
+}
+
+/// The architecture to compile for on a device of compute capability `major.minor`: the device's
+/// own, or the newest one NVRTC knows below it (PTX runs on newer devices).
+pub fn arch_for_device(major: i32, minor: i32) -> Result<i32> {
+    let want = major * 10 + minor;
+    let archs = supported_archs()?;
+    archs.iter().rev().copied().find(|&a| a <= want).ok_or_else(|| {
+        Error::cuda(format!(
+            "NVRTC supports architectures {archs:?}, none of which runs on a device of compute capability \
+             {major}.{minor}"
+        ))
+    })
+}
+
+/// NVRTC options for architecture `arch` (e.g. 90).
+pub fn options(arch: i32) -> Vec<String> {
+    vec![
+        format!("--gpu-architecture=compute_{arch}"),
+        "--std=c++17".into(),
+        // Line tables for compute-sanitizer / profilers; no effect on the generated code.
+        "-lineinfo".into(),
+    ]
+}
+
+/// Compiles `src` to PTX for `compute_{arch}`. The error carries NVRTC's log.
+pub fn compile_ptx(src: &KernelSource, arch: i32) -> Result<CString> {
+    require_nvrtc()?;
+    let code = CString::new(src.source)
+        .map_err(|_| Error::cuda(format!("{}.cu contains a NUL byte", src.name)))?;
+    let name = CString::new(format!("{}.cu", src.name)).expect("module names have no NUL");
+    let prog = nvrtc::create_program(&code, Some(&name))
+        .map_err(|e| Error::cuda(format!("nvrtcCreateProgram({}.cu) failed: {e:?}", src.name)))?;
+    // SAFETY: `prog` is a live program until destroyed below; `code`/`name` outlive it.
+    let result = unsafe {
+        let compiled = nvrtc::compile_program(prog, &options(arch));
+        let log = program_log(prog);
+        let ptx = compiled.and_then(|()| nvrtc::get_ptx(prog));
+        let _ = nvrtc::destroy_program(prog);
+        ptx.map_err(|e| {
+            Error::cuda(format!(
+                "NVRTC failed to compile {}.cu for compute_{arch} ({e:?}):\n{log}",
+                src.name
+            ))
+        })
+    }?;
+    let bytes: Vec<u8> = result
+        .iter()
+        .map(|&c| c as u8)
+        .take_while(|&b| b != 0)
+        .collect();
+    let ptx = CString::new(bytes).expect("NUL was stripped");
+    for kernel in src.kernels {
+        if !ptx
+            .to_bytes()
+            .windows(kernel.len() + 1)
+            .any(|w| w[..kernel.len()] == *kernel.as_bytes() && w[kernel.len()] == b'(')
+        {
+            return Err(Error::cuda(format!(
+                "{}.cu compiled but defines no kernel `{kernel}`",
+                src.name
+            )));
+        }
+    }
+    Ok(ptx)
+}
+
+unsafe fn program_log(prog: nvrtc_sys::nvrtcProgram) -> String {
+    match nvrtc::get_program_log(prog) {
+        Ok(log) => {
+            let bytes: Vec<u8> = log
+                .iter()
+                .map(|&c| c as u8)
+                .take_while(|&b| b != 0)
+                .collect();
+            String::from_utf8_lossy(&bytes).trim().to_string()
+        }
+        Err(e) => format!("(no log: {e:?})"),
+    }
+}
+
+/// One kernel's entry in a compile report.
+#[derive(Clone, Debug)]
+pub struct KernelReport {
+    pub module: &'static str,
+    pub kernel: String,
+    /// Bytes of PTX text from the kernel's `.entry` to the next entry (or the end).
+    pub ptx_bytes: usize,
+}
+
+/// The result of [`compile_all`].
+#[derive(Clone, Debug)]
+pub struct Compiled {
+    pub reports: Vec<KernelReport>,
+    /// (module name, PTX text)
+    pub modules: Vec<(&'static str, String)>,
+}
+
+/// Compiles every kernel source for `compute_{arch}` and reports each kernel's PTX size. Also
+/// returns the full PTX of each module, for offline tools (`ptxas -v`).
+pub fn compile_all(arch: i32) -> Result<Compiled> {
+    let mut reports = Vec::new();
+    let mut modules = Vec::new();
+    for src in SOURCES {
+        let ptx = compile_ptx(src, arch)?
+            .into_string()
+            .map_err(|_| Error::cuda("PTX is not UTF-8"))?;
+        reports.extend(
+            ptx_entries(&ptx)
+                .into_iter()
+                .map(|(kernel, ptx_bytes)| KernelReport {
+                    module: src.name,
+                    kernel,
+                    ptx_bytes,
+                }),
+        );
+        modules.push((src.name, ptx));
+    }
+    Ok(Compiled { reports, modules })
+}
+
+/// (entry name, byte length) of every `.entry` in a PTX text.
+fn ptx_entries(ptx: &str) -> Vec<(String, usize)> {
+    let starts: Vec<usize> = ptx.match_indices(".entry ").map(|(i, _)| i).collect();
+    starts
+        .iter()
+        .enumerate()
+        .map(|(j, &start)| {
+            let end = starts.get(j + 1).copied().unwrap_or(ptx.len());
+            let name = ptx[start + ".entry ".len()..]
+                .split(|c: char| c == '(' || c.is_whitespace())
+                .next()
+                .unwrap_or("")
+                .to_string();
+            (name, end - start)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ptx_entries_splits_at_each_entry() {
+        let ptx = ".version 9.0\n.visible .entry a(\n.param .u64 x\n)\n{ ret; }\n.visible .entry bb(\n)\n{ ret; }\n";
+        let e = ptx_entries(ptx);
+        assert_eq!(e.len(), 2);
+        assert_eq!(e[0].0, "a");
+        assert_eq!(e[1].0, "bb");
+        assert_eq!(e[0].1 + e[1].1 + ptx.find(".entry a").unwrap(), ptx.len());
+    }
+}

@@ -1,0 +1,475 @@
+//! Group advantages and the loss on CUDA (kernels in `cuda/loss.cu`).
+//!
+//! Same semantics as the CPU backend (`crate::cpu::loss`, computed in double on the device),
+//! with these CUDA-specific rules:
+//! - Values are not copied back to be checked: NaN inputs propagate, an out-of-range group id or
+//!   expert slot yields NaN in the affected outputs, instead of an error status.
+//! - Every tensor must be contiguous.
+//! - Workspace: each (device, stream) pair gets a cached device buffer, grown on demand and
+//!   never freed while the process lives (a captured CUDA graph may still point at it). Make one
+//!   call outside stream capture before capturing, so the allocation happens then.
+//! - `host_metrics` synchronises the stream; otherwise nothing synchronises.
+
+use super::compile::KernelSource;
+use super::{device, driver_error, launch_raw, Device, Geometry};
+use crate::config::{Activation, Aggregation, Baseline, Config, DeltaMode, KlKind, LossKind};
+use crate::cpu::loss::{CalibrlMetrics, METRICS_LEN};
+use crate::error::{Error, Result};
+use crate::ops::loss::{Advantages, Layout, Loss, Rows};
+use crate::ops::Stream;
+use crate::tensor::{DType, Tensor};
+use cudarc::driver::{result as drv, sys};
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::{Mutex, OnceLock};
+
+/// The loss family (SPEC §3–§4).
+pub const LOSS: KernelSource = KernelSource {
+    name: "loss",
+    source: include_str!("../../cuda/loss.cu"),
+    kernels: &[
+        "calibrl_group_stats",
+        "calibrl_group_advantages",
+        "calibrl_expert_sums",
+        "calibrl_loss_rows",
+        "calibrl_loss_finish",
+        "calibrl_loss_grad",
+    ],
+};
+
+const ROW_FIELDS: usize = 18; // ROW_FIELDS in cuda/loss.cu
+const FINAL_FIELDS: usize = 4; // FINAL_FIELDS in cuda/loss.cu
+const THREADS: u32 = 256;
+const MAX_BLOCKS: usize = 1 << 20; // grid-stride loops cover more rows
+
+/// dtype codes (`DT_*` in cuda/loss.cu).
+fn code(t: &Tensor) -> i64 {
+    match t.dtype {
+        DType::F32 => 0,
+        DType::F64 => 1,
+        DType::BF16 => 2,
+        DType::F16 => 3,
+        DType::U8 | DType::Bool => 4,
+        DType::I8 => 5,
+        DType::I32 => 6,
+        DType::I64 => 7,
+    }
+}
+
+fn contiguous(t: &Tensor) -> Result<()> {
+    t.require_contiguous()
+}
+
+/// (pointer, dtype code) of an optional tensor.
+fn opt(t: Option<&Tensor>) -> Result<(*const c_void, i64)> {
+    match t {
+        None => Ok((std::ptr::null(), 0)),
+        Some(t) => {
+            contiguous(t)?;
+            Ok((t.ptr as *const c_void, code(t)))
+        }
+    }
+}
+
+fn req(t: &Tensor) -> Result<(*const c_void, i64)> {
+    opt(Some(t))
+}
+
+/// A grow-only device buffer per (device, stream).
+fn workspace(dev: &Device, ordinal: i32, stream: Stream, bytes: usize) -> Result<sys::CUdeviceptr> {
+    static CACHE: OnceLock<Mutex<HashMap<(i32, usize), (sys::CUdeviceptr, usize)>>> =
+        OnceLock::new();
+    let mut cache = CACHE
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    let key = (ordinal, stream as usize);
+    if let Some(&(ptr, size)) = cache.get(&key) {
+        if size >= bytes {
+            return Ok(ptr);
+        }
+    }
+    let size = bytes.max(1 << 16).next_power_of_two();
+    let _ctx = dev.activate()?;
+    // SAFETY: the device's context is current. The old buffer is deliberately leaked: a captured
+    // graph may still reference it.
+    let ptr = unsafe { drv::malloc_sync(size) }
+        .map_err(|e| driver_error("cuMemAlloc (calibrl workspace)", e))?;
+    cache.insert(key, (ptr, size));
+    Ok(ptr)
+}
+
+fn launch<P>(
+    dev: &Device,
+    kernel: &'static str,
+    blocks: usize,
+    threads: u32,
+    stream: Stream,
+    params: &mut P,
+) -> Result<()> {
+    let f = dev.function(&LOSS, kernel)?;
+    let mut slots = [params as *mut P as *mut c_void];
+    let geometry = Geometry {
+        blocks: blocks.clamp(1, MAX_BLOCKS) as u32,
+        threads,
+    };
+    // SAFETY: each loss kernel takes exactly one parameter, the `#[repr(C)]` struct `P` mirrors.
+    unsafe { launch_raw(dev, f, kernel, geometry, stream, &mut slots) }
+}
+
+/// Mirrors `AdvParams` in cuda/loss.cu (every field 8 bytes wide, so the layouts agree).
+#[repr(C)]
+struct AdvParams {
+    rewards: *const c_void,
+    rewards_dt: i64,
+    group_ids: *const c_void,
+    group_ids_dt: i64,
+    correct: *const c_void,
+    correct_dt: i64,
+    is_expert: *const c_void,
+    is_expert_dt: i64,
+    advantages: *const c_void,
+    advantages_dt: i64,
+    weights: *const c_void,
+    weights_dt: i64,
+    signs: *const c_void,
+    signs_dt: i64,
+    stats: sys::CUdeviceptr,
+    rows: i64,
+    num_groups: i64,
+    adv_eps: f64,
+    correct_threshold: f64,
+    norm_by_std: i64,
+    rarity_weighting: i64,
+}
+
+pub fn group_advantages(
+    cfg: &Config,
+    args: &Advantages,
+    ordinal: i32,
+    stream: Stream,
+) -> Result<()> {
+    let rows = args.rewards.shape[0];
+    let (rewards, rewards_dt) = req(&args.rewards)?;
+    let (group_ids, group_ids_dt) = req(&args.group_ids)?;
+    let (correct, correct_dt) = opt(args.correct.as_ref())?;
+    let (is_expert, is_expert_dt) = opt(args.is_expert.as_ref())?;
+    let (advantages, advantages_dt) = req(&args.advantages)?;
+    let (weights, weights_dt) = req(&args.weights)?;
+    let (signs, signs_dt) = req(&args.signs)?;
+    if rows == 0 {
+        return Ok(());
+    }
+    let dev = device(ordinal)?;
+    let stats = workspace(dev, ordinal, stream, args.num_groups.max(1) * 3 * 8)?;
+    let mut p = AdvParams {
+        rewards,
+        rewards_dt,
+        group_ids,
+        group_ids_dt,
+        correct,
+        correct_dt,
+        is_expert,
+        is_expert_dt,
+        advantages,
+        advantages_dt,
+        weights,
+        weights_dt,
+        signs,
+        signs_dt,
+        stats,
+        rows: rows as i64,
+        num_groups: args.num_groups as i64,
+        adv_eps: cfg.adv_eps,
+        correct_threshold: cfg.correct_threshold,
+        norm_by_std: cfg.norm_by_std as i64,
+        rarity_weighting: cfg.rarity_weighting as i64,
+    };
+    if args.num_groups > 0 {
+        launch(
+            dev,
+            "calibrl_group_stats",
+            args.num_groups,
+            THREADS,
+            stream,
+            &mut p,
+        )?;
+    }
+    launch(
+        dev,
+        "calibrl_group_advantages",
+        rows.div_ceil(THREADS as usize),
+        THREADS,
+        stream,
+        &mut p,
+    )
+}
+
+/// Mirrors `LossParams` in cuda/loss.cu.
+#[repr(C)]
+struct LossParams {
+    logprobs: *const c_void,
+    logprobs_dt: i64,
+    offsets: *const c_void,
+    offsets_dt: i64,
+    rows: i64,
+    seq_len: i64,
+    mask: *const c_void,
+    mask_dt: i64,
+    old_logprobs: *const c_void,
+    old_dt: i64,
+    ref_logprobs: *const c_void,
+    ref_dt: i64,
+    entropy: *const c_void,
+    entropy_dt: i64,
+    advantages: *const c_void,
+    advantages_dt: i64,
+    weights: *const c_void,
+    weights_dt: i64,
+    signs: *const c_void,
+    signs_dt: i64,
+    is_expert: *const c_void,
+    is_expert_dt: i64,
+    expert_logprobs: *const c_void,
+    expert_dt: i64,
+    expert_offsets: *const c_void,
+    expert_offsets_dt: i64,
+    expert_rows: i64,
+    expert_seq_len: i64,
+    expert_mask: *const c_void,
+    expert_mask_dt: i64,
+    expert_index: *const c_void,
+    expert_index_dt: i64,
+    grad_logprobs: *const c_void,
+    grad_dt: i64,
+    grad_entropy: *const c_void,
+    grad_entropy_dt: i64,
+    metrics: *const c_void,
+    metrics_dt: i64,
+    expert_ws: sys::CUdeviceptr,
+    row_ws: sys::CUdeviceptr,
+    final_ws: sys::CUdeviceptr,
+    loss_kind: i64,
+    token_aligned: i64,
+    length_normalize: i64,
+    activation: i64,
+    baseline_ref: i64,
+    agg: i64,
+    kl_kind: i64,
+    has_normalizers: i64,
+    norm_tokens: f64,
+    norm_seqs: f64,
+    t_norm: f64,
+    alpha: f64,
+    lambda: f64,
+    clip_low: f64,
+    clip_high: f64,
+    dual_clip: f64,
+    entropy_coef: f64,
+    kl_coef: f64,
+    luffy_gamma: f64,
+}
+
+/// (offsets pointer, offsets dtype, padded row length) of a row structure.
+fn layout(rows: &Rows) -> Result<(*const c_void, i64, i64)> {
+    match rows.layout {
+        Layout::Packed => {
+            let (p, dt) = req(rows.offsets.as_ref().expect("packed layout has offsets"))?;
+            Ok((p, dt, 0))
+        }
+        Layout::Padded { seq_len } => Ok((std::ptr::null(), 0, seq_len as i64)),
+    }
+}
+
+pub fn loss(
+    cfg: &Config,
+    args: &Loss,
+    host_metrics: Option<&mut CalibrlMetrics>,
+    ordinal: i32,
+    stream: Stream,
+) -> Result<()> {
+    let b = args.policy.rows;
+    let (logprobs, logprobs_dt) = req(&args.policy.values)?;
+    let (offsets, offsets_dt, seq_len) = layout(&args.policy)?;
+    let (mask, mask_dt) = opt(args.policy.mask.as_ref())?;
+    let (old_logprobs, old_dt) = opt(args.old_logprobs.as_ref())?;
+    let (ref_logprobs, ref_dt) = opt(args.ref_logprobs.as_ref())?;
+    let (entropy, entropy_dt) = opt(args.entropy.as_ref())?;
+    let (advantages, advantages_dt) = req(&args.advantages)?;
+    let (weights, weights_dt) = req(&args.weights)?;
+    let (signs, signs_dt) = req(&args.signs)?;
+    let (is_expert, is_expert_dt) = opt(args.is_expert.as_ref())?;
+    let (expert_logprobs, expert_dt) = opt(args.expert.as_ref().map(|e| &e.values))?;
+    let (expert_offsets, expert_offsets_dt, expert_seq_len) = match &args.expert {
+        Some(e) => layout(e)?,
+        None => (std::ptr::null(), 0, 0),
+    };
+    let expert_rows = args.expert.as_ref().map_or(0, |e| e.rows);
+    let (expert_mask, expert_mask_dt) = opt(args.expert.as_ref().and_then(|e| e.mask.as_ref()))?;
+    let (expert_index, expert_index_dt) = opt(args.expert_index.as_ref())?;
+    let (grad_logprobs, grad_dt) = opt(args.grad_logprobs.as_ref())?;
+    let (grad_entropy, grad_entropy_dt) = opt(args.grad_entropy.as_ref())?;
+    let (metrics, metrics_dt) = opt(args.metrics.as_ref())?;
+
+    // The same requirements the CPU reference enforces before computing.
+    let lambda = cfg.effective_lambda();
+    let baseline_present = match cfg.baseline {
+        Baseline::Expert => args.expert.is_some(),
+        Baseline::RefPolicy => args.ref_logprobs.is_some(),
+    };
+    if lambda > 0.0 && !baseline_present {
+        return Err(match cfg.baseline {
+            Baseline::Expert => Error::null("expert_logprobs")
+                .with_reason("λ > 0 with the expert baseline needs it"),
+            Baseline::RefPolicy => Error::null("ref_logprobs")
+                .with_reason("λ > 0 with the ref_policy baseline needs it"),
+        });
+    }
+    if cfg.entropy_coef != 0.0 && args.entropy.is_none() {
+        return Err(Error::null("entropy").with_reason("entropy_coef != 0 needs it"));
+    }
+    if cfg.kl_coef != 0.0 && args.ref_logprobs.is_none() {
+        return Err(Error::null("ref_logprobs").with_reason("kl_coef != 0 needs it"));
+    }
+
+    let dev = device(ordinal)?;
+    let ws_doubles = expert_rows * 3 + b * ROW_FIELDS + FINAL_FIELDS + METRICS_LEN;
+    let ws = workspace(dev, ordinal, stream, ws_doubles * 8)?;
+    let expert_ws = ws;
+    let row_ws = ws + (expert_rows * 3 * 8) as u64;
+    let final_ws = row_ws + (b * ROW_FIELDS * 8) as u64;
+    let mut p = LossParams {
+        logprobs,
+        logprobs_dt,
+        offsets,
+        offsets_dt,
+        rows: b as i64,
+        seq_len,
+        mask,
+        mask_dt,
+        old_logprobs,
+        old_dt,
+        ref_logprobs,
+        ref_dt,
+        entropy,
+        entropy_dt,
+        advantages,
+        advantages_dt,
+        weights,
+        weights_dt,
+        signs,
+        signs_dt,
+        is_expert,
+        is_expert_dt,
+        expert_logprobs,
+        expert_dt,
+        expert_offsets,
+        expert_offsets_dt,
+        expert_rows: expert_rows as i64,
+        expert_seq_len,
+        expert_mask,
+        expert_mask_dt,
+        expert_index,
+        expert_index_dt,
+        grad_logprobs,
+        grad_dt,
+        grad_entropy,
+        grad_entropy_dt,
+        metrics,
+        metrics_dt,
+        expert_ws,
+        row_ws,
+        final_ws,
+        loss_kind: match cfg.loss {
+            LossKind::Calibrl => 0,
+            LossKind::Grpo => 1,
+            LossKind::Luffy => 2,
+            LossKind::Rlplus => 3,
+        },
+        token_aligned: (cfg.delta_mode == DeltaMode::TokenAligned) as i64,
+        length_normalize: cfg.length_normalize as i64,
+        activation: match cfg.activation {
+            Activation::LeakyRelu => 0,
+            Activation::Relu => 1,
+            Activation::Tanh => 2,
+            Activation::Sigmoid => 3,
+            Activation::Huber => 4,
+        },
+        baseline_ref: (cfg.baseline == Baseline::RefPolicy) as i64,
+        agg: match cfg.agg {
+            Aggregation::TokenMean => 0,
+            Aggregation::SeqMeanTokenSum => 1,
+            Aggregation::SeqMeanTokenMean => 2,
+            Aggregation::SeqMeanTokenSumNorm => 3,
+        },
+        kl_kind: match cfg.kl_kind {
+            KlKind::K1 => 0,
+            KlKind::Abs => 1,
+            KlKind::K2 => 2,
+            KlKind::K3 => 3,
+        },
+        has_normalizers: args.normalizers.is_some() as i64,
+        norm_tokens: args.normalizers.map_or(0.0, |n| n.token_count),
+        norm_seqs: args.normalizers.map_or(0.0, |n| n.seq_count),
+        t_norm: cfg.t_norm.unwrap_or(1.0),
+        alpha: cfg.alpha,
+        lambda: cfg.lambda,
+        clip_low: cfg.clip_low,
+        clip_high: cfg.clip_high,
+        dual_clip: cfg.dual_clip,
+        entropy_coef: cfg.entropy_coef,
+        kl_coef: cfg.kl_coef,
+        luffy_gamma: cfg.luffy_gamma,
+    };
+    if expert_rows > 0 {
+        launch(
+            dev,
+            "calibrl_expert_sums",
+            expert_rows,
+            THREADS,
+            stream,
+            &mut p,
+        )?;
+    }
+    if b > 0 {
+        launch(dev, "calibrl_loss_rows", b, THREADS, stream, &mut p)?;
+    }
+    launch(dev, "calibrl_loss_finish", 1, 1024, stream, &mut p)?;
+    if b > 0 && (args.grad_logprobs.is_some() || args.grad_entropy.is_some()) {
+        launch(dev, "calibrl_loss_grad", b, THREADS, stream, &mut p)?;
+    }
+    if let Some(h) = host_metrics {
+        let mut values = [0f64; METRICS_LEN];
+        let _ctx = dev.activate()?;
+        // SAFETY: the context is current; `final_ws` holds FINAL_FIELDS + METRICS_LEN doubles
+        // written by `calibrl_loss_finish` on `stream`, which is synchronised first.
+        unsafe {
+            drv::stream::synchronize(stream as sys::CUstream)
+                .map_err(|e| driver_error("cuStreamSynchronize", e))?;
+            drv::memcpy_dtoh_sync(&mut values, final_ws + (FINAL_FIELDS * 8) as u64)
+                .map_err(|e| driver_error("cuMemcpyDtoH (metrics)", e))?;
+        }
+        *h = metrics_from(&values);
+    }
+    Ok(())
+}
+
+fn metrics_from(v: &[f64; METRICS_LEN]) -> CalibrlMetrics {
+    CalibrlMetrics {
+        loss: v[0],
+        pg_loss: v[1],
+        explore_loss: v[2],
+        entropy_loss: v[3],
+        kl_loss: v[4],
+        clipfrac: v[5],
+        clipfrac_lower: v[6],
+        ppo_kl: v[7],
+        mean_delta: v[8],
+        mean_expert_logprob: v[9],
+        mean_response_length: v[10],
+        frac_correct: v[11],
+        mean_rarity_weight: v[12],
+        num_tokens: v[13],
+        num_seqs: v[14],
+    }
+}

@@ -1,0 +1,1530 @@
+//! GPU tests of the fused logits path: every CUDA operation against the CPU backend on fresh
+//! random inputs, through the C ABI.
+//!
+//! Without a CUDA driver or device each test prints "skipped: no CUDA device" and passes.
+//! `CALIBRL_GPU_TEST_QUICK=1` shrinks the sizes (for compute-sanitizer runs) and skips the
+//! > 2^31-element test. `CALIBRL_GPU_TEST_SEED=<u64>` fixes the random seed (default: time).
+//!
+//! Every output buffer is filled with NaN before a GPU call, so a comparison against the
+//! (always finite or ±inf) CPU result also proves each element was written.
+
+use calibrl::ffi::common::calibrl_last_error_message;
+use calibrl::ffi::logits::{
+    calibrl_logits_backward, calibrl_logits_forward, calibrl_logits_shard_finish,
+    calibrl_logits_shard_stats,
+};
+use calibrl::tensor::{DLDataType, DLDevice, DLTensor, DL_CPU, DL_CUDA};
+use calibrl::CalibrlStatus;
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
+use half::{bf16, f16};
+use std::ffi::c_void;
+use std::sync::{Arc, Mutex, OnceLock};
+
+// ------------------------------------------------------------------------------------------------
+// Device, locking, random numbers
+
+struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+}
+
+/// The shared device, or None (with a notice) when there is no driver or device.
+fn gpu() -> Option<&'static Gpu> {
+    static GPU: OnceLock<Option<Gpu>> = OnceLock::new();
+    GPU.get_or_init(|| {
+        // SAFETY: only probes whether libcuda can be opened (cudarc panics on a missing library).
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return None;
+        }
+        let ctx = CudaContext::new(0).ok()?;
+        // SAFETY: the tests order their work on one stream and synchronise explicitly.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().ok()?;
+        Some(Gpu { ctx, stream })
+    })
+    .as_ref()
+}
+
+/// GPU tests run one at a time (they may allocate gigabytes).
+fn gpu_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+macro_rules! require_gpu {
+    () => {{
+        let guard = gpu_lock();
+        match gpu() {
+            Some(g) => {
+                g.ctx.bind_to_thread().unwrap();
+                (g, guard)
+            }
+            None => {
+                println!("skipped: no CUDA device");
+                return;
+            }
+        }
+    }};
+}
+
+fn quick() -> bool {
+    std::env::var("CALIBRL_GPU_TEST_QUICK").is_ok_and(|v| v == "1")
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn new(salt: u64) -> Rng {
+        let seed = std::env::var("CALIBRL_GPU_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+            });
+        println!("rng seed {seed} (salt {salt}); rerun with CALIBRL_GPU_TEST_SEED={seed}");
+        Rng(seed ^ salt.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+    }
+    fn next(&mut self) -> u64 {
+        // SplitMix64
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn uniform(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32
+    }
+    /// Approximately standard normal (Irwin–Hall of 4).
+    fn normal(&mut self) -> f32 {
+        let x = self.next();
+        let u = |s: u32| ((x >> s) & 0xffff) as f32 / 65536.0;
+        (u(0) + u(16) + u(32) + u(48) - 2.0) * 1.732
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// dtypes and host buffers
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Dt {
+    Bf16,
+    F16,
+    F32,
+    F64,
+}
+
+impl Dt {
+    fn size(self) -> usize {
+        match self {
+            Dt::Bf16 | Dt::F16 => 2,
+            Dt::F32 => 4,
+            Dt::F64 => 8,
+        }
+    }
+    fn dl(self) -> DLDataType {
+        match self {
+            Dt::Bf16 => DLDataType {
+                code: 4,
+                bits: 16,
+                lanes: 1,
+            },
+            Dt::F16 => DLDataType {
+                code: 2,
+                bits: 16,
+                lanes: 1,
+            },
+            Dt::F32 => DLDataType {
+                code: 2,
+                bits: 32,
+                lanes: 1,
+            },
+            Dt::F64 => DLDataType {
+                code: 2,
+                bits: 64,
+                lanes: 1,
+            },
+        }
+    }
+    fn encode(self, values: &[f32]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(values.len() * self.size());
+        for &v in values {
+            match self {
+                Dt::Bf16 => out.extend(bf16::from_f32(v).to_le_bytes()),
+                Dt::F16 => out.extend(f16::from_f32(v).to_le_bytes()),
+                Dt::F32 => out.extend(v.to_le_bytes()),
+                Dt::F64 => out.extend((v as f64).to_le_bytes()),
+            }
+        }
+        out
+    }
+    fn decode(self, bytes: &[u8]) -> Vec<f64> {
+        bytes
+            .chunks_exact(self.size())
+            .map(|c| match self {
+                Dt::Bf16 => bf16::from_le_bytes([c[0], c[1]]).to_f64(),
+                Dt::F16 => f16::from_le_bytes([c[0], c[1]]).to_f64(),
+                Dt::F32 => f32::from_le_bytes(c.try_into().unwrap()) as f64,
+                Dt::F64 => f64::from_le_bytes(c.try_into().unwrap()),
+            })
+            .collect()
+    }
+    fn nan(self, n: usize) -> Vec<u8> {
+        self.encode(&vec![f32::NAN; n])
+    }
+    /// Relative spacing of the dtype at the bottom of a binade (one rounding step).
+    fn ulp(self) -> f64 {
+        match self {
+            Dt::Bf16 => 2f64.powi(-7),
+            Dt::F16 => 2f64.powi(-10),
+            Dt::F32 => 2f64.powi(-23),
+            Dt::F64 => 0.0,
+        }
+    }
+    /// Smallest positive subnormal (absolute resolution near zero).
+    fn tiny(self) -> f64 {
+        match self {
+            Dt::F16 => 6e-8,
+            _ => 1e-38,
+        }
+    }
+}
+
+/// 8-byte aligned host bytes (the CPU backend reads them as typed slices).
+struct HostBuf {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl HostBuf {
+    fn new(bytes: &[u8]) -> HostBuf {
+        let mut words = vec![0u64; bytes.len().div_ceil(8)];
+        // SAFETY: `words` holds at least `bytes.len()` bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                words.as_mut_ptr() as *mut u8,
+                bytes.len(),
+            )
+        };
+        HostBuf {
+            words,
+            len: bytes.len(),
+        }
+    }
+    fn ptr(&mut self) -> *mut c_void {
+        self.words.as_mut_ptr() as *mut c_void
+    }
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: `words` holds at least `len` initialised bytes.
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr() as *const u8, self.len) }
+    }
+}
+
+fn labels_bytes(labels: &[i64], as_i64: bool) -> Vec<u8> {
+    if as_i64 {
+        labels.iter().flat_map(|l| l.to_le_bytes()).collect()
+    } else {
+        labels
+            .iter()
+            .flat_map(|&l| (l as i32).to_le_bytes())
+            .collect()
+    }
+}
+
+fn label_dtype(as_i64: bool) -> DLDataType {
+    DLDataType {
+        code: 0,
+        bits: if as_i64 { 64 } else { 32 },
+        lanes: 1,
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// DLPack descriptors
+
+/// A descriptor that owns its shape and strides arrays.
+struct Desc {
+    _shape: Vec<i64>,
+    _strides: Vec<i64>,
+    t: DLTensor,
+}
+
+impl Desc {
+    fn new(
+        data: *mut c_void,
+        device_type: i32,
+        dtype: DLDataType,
+        shape: &[usize],
+        strides: Option<&[usize]>,
+        byte_offset: usize,
+    ) -> Box<Desc> {
+        let mut d = Box::new(Desc {
+            _shape: shape.iter().map(|&s| s as i64).collect(),
+            _strides: strides
+                .map(|s| s.iter().map(|&x| x as i64).collect())
+                .unwrap_or_default(),
+            t: DLTensor {
+                data,
+                device: DLDevice {
+                    device_type,
+                    device_id: 0,
+                },
+                ndim: shape.len() as i32,
+                dtype,
+                shape: std::ptr::null_mut(),
+                strides: std::ptr::null_mut(),
+                byte_offset: byte_offset as u64,
+            },
+        });
+        d.t.shape = d._shape.as_mut_ptr();
+        if strides.is_some() {
+            d.t.strides = d._strides.as_mut_ptr();
+        }
+        d
+    }
+    fn p(&self) -> *const DLTensor {
+        &self.t
+    }
+    fn m(&mut self) -> *mut DLTensor {
+        &mut self.t
+    }
+}
+
+fn host_desc(buf: &mut HostBuf, dtype: DLDataType, shape: &[usize]) -> Box<Desc> {
+    Desc::new(buf.ptr(), DL_CPU, dtype, shape, None, 0)
+}
+
+fn last_error() -> String {
+    // SAFETY: the library returns a valid NUL-terminated string.
+    unsafe { std::ffi::CStr::from_ptr(calibrl_last_error_message()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn ok(status: CalibrlStatus, what: &str) {
+    assert_eq!(status, CalibrlStatus::Ok, "{what}: {}", last_error());
+}
+
+/// Device buffer of raw bytes.
+struct DevBuf {
+    slice: CudaSlice<u8>,
+}
+
+impl DevBuf {
+    fn upload(g: &Gpu, bytes: &[u8]) -> DevBuf {
+        DevBuf {
+            slice: g.stream.memcpy_stod(bytes).unwrap(),
+        }
+    }
+    fn ptr(&self, g: &Gpu) -> *mut c_void {
+        let (p, _sync) = self.slice.device_ptr(&g.stream);
+        p as usize as *mut c_void
+    }
+    fn desc(
+        &self,
+        g: &Gpu,
+        dtype: DLDataType,
+        shape: &[usize],
+        strides: Option<&[usize]>,
+        byte_offset: usize,
+    ) -> Box<Desc> {
+        Desc::new(self.ptr(g), DL_CUDA, dtype, shape, strides, byte_offset)
+    }
+    fn download(&self, g: &Gpu) -> Vec<u8> {
+        let v = g.stream.memcpy_dtov(&self.slice).unwrap();
+        g.stream.synchronize().unwrap();
+        v
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Comparison
+
+/// Compares element-wise; `tol(i, want)` gives the allowed absolute difference. NaN must match
+/// NaN and an infinity the same infinity.
+fn compare(what: &str, got: &[f64], want: &[f64], tol: impl Fn(usize, f64) -> f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let mut bad = Vec::new();
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let fine = if w.is_nan() {
+            g.is_nan()
+        } else if w.is_infinite() {
+            g == w
+        } else {
+            g.is_finite() && (g - w).abs() <= tol(i, w)
+        };
+        if !fine {
+            bad.push(i);
+        }
+    }
+    if let Some(&i) = bad.first() {
+        panic!(
+            "{what}: {} of {} elements differ; first at {i}: got {}, want {} (tolerance {:e})",
+            bad.len(),
+            got.len(),
+            got[i],
+            want[i],
+            tol(i, want[i])
+        );
+    }
+}
+
+fn bits_equal(what: &str, a: &[u8], b: &[u8]) {
+    if let Some(i) = a.iter().zip(b).position(|(x, y)| x != y) {
+        panic!("{what}: not bitwise deterministic (first differing byte {i})");
+    }
+    assert_eq!(a.len(), b.len(), "{what}");
+}
+
+// ------------------------------------------------------------------------------------------------
+// Problems
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kind {
+    /// normal(0, 3) plus a per-row offset in [-20, 20]
+    Normal,
+    /// Normal, with ~1% of entries ±1e4 and ~2% -inf (never a whole row)
+    Extreme,
+}
+
+/// One random problem; `logits` holds values already rounded to `dt`.
+struct Problem {
+    n: usize,
+    v: usize,
+    dt: Dt,
+    temperature: f64,
+    labels: Vec<i64>,
+    labels_i64: bool,
+    logits: Vec<f32>,
+    grad_logprobs: Vec<f32>,
+    grad_entropy: Option<Vec<f32>>,
+    /// max |z / T| over finite logits
+    umax: f64,
+}
+
+impl Problem {
+    fn new(
+        rng: &mut Rng,
+        n: usize,
+        v: usize,
+        dt: Dt,
+        kind: Kind,
+        temperature: f64,
+        with_grad_entropy: bool,
+    ) -> Problem {
+        let mut logits = Vec::with_capacity(n * v);
+        for _ in 0..n {
+            let offset = (rng.uniform() - 0.5) * 40.0;
+            for j in 0..v {
+                let mut z = offset + 3.0 * rng.normal();
+                if kind == Kind::Extreme {
+                    let r = rng.uniform();
+                    if r < 0.005 {
+                        z = 1e4;
+                    } else if r < 0.01 {
+                        z = -1e4;
+                    } else if r < 0.03 && j > 0 {
+                        z = f32::NEG_INFINITY;
+                    }
+                }
+                logits.push(z);
+            }
+        }
+        // Round to the dtype so both backends see the same values.
+        let logits = dt
+            .decode(&dt.encode(&logits))
+            .into_iter()
+            .map(|x| x as f32)
+            .collect::<Vec<_>>();
+        let labels = (0..n)
+            .map(|_| {
+                if rng.uniform() < 0.1 {
+                    -1 - rng.below(3) as i64
+                } else {
+                    rng.below(v) as i64
+                }
+            })
+            .collect();
+        let grad_logprobs = (0..n).map(|_| rng.normal()).collect();
+        let grad_entropy = with_grad_entropy.then(|| (0..n).map(|_| 0.5 * rng.normal()).collect());
+        let umax = logits
+            .iter()
+            .filter(|z| z.is_finite())
+            .fold(0f64, |m, z| m.max(z.abs() as f64))
+            / temperature;
+        Problem {
+            n,
+            v,
+            dt,
+            temperature,
+            labels,
+            labels_i64: rng.uniform() < 0.5,
+            logits,
+            grad_logprobs,
+            grad_entropy,
+            umax,
+        }
+    }
+
+    fn logits_bytes(&self) -> Vec<u8> {
+        self.dt.encode(&self.logits)
+    }
+
+    /// f32 tolerance factor of the kernels' exponent arguments (grows with |u|).
+    fn eps(&self) -> f64 {
+        4e-6 + 5e-7 * self.umax
+    }
+
+    fn forward_tol(&self) -> impl Fn(usize, f64) -> f64 {
+        let a = 2e-5 + 5e-7 * self.umax;
+        move |_, w: f64| a + 2e-6 * w.abs()
+    }
+
+    /// Per-row tolerance of d-logits in dtype `out`.
+    fn backward_tol(&self, entropy: &[f64]) -> impl Fn(usize, f64) -> f64 {
+        let eps = self.eps();
+        let (v, dt, t) = (self.v, self.dt, self.temperature);
+        let scales: Vec<f64> = (0..self.n)
+            .map(|k| {
+                let h = self
+                    .grad_entropy
+                    .as_ref()
+                    .map_or(0.0, |h| h[k].abs() as f64);
+                (self.grad_logprobs[k].abs() as f64 + h * (entropy[k].abs() + 30.0)) / t
+            })
+            .collect();
+        move |i, w: f64| 4.0 * eps * scales[i / v] + (eps + 2.0 * dt.ulp()) * w.abs() + dt.tiny()
+    }
+}
+
+/// (logprobs, entropy, lse) as f64.
+type RowOutputs = (Vec<f64>, Vec<f64>, Vec<f64>);
+
+fn cpu_forward(p: &Problem) -> RowOutputs {
+    let mut logits = HostBuf::new(&p.logits_bytes());
+    let mut labels = HostBuf::new(&labels_bytes(&p.labels, p.labels_i64));
+    let mut outs: Vec<HostBuf> = (0..3).map(|_| HostBuf::new(&Dt::F32.nan(p.n))).collect();
+    let lg = host_desc(&mut logits, p.dt.dl(), &[p.n, p.v]);
+    let lb = host_desc(&mut labels, label_dtype(p.labels_i64), &[p.n]);
+    let mut o: Vec<Box<Desc>> = outs
+        .iter_mut()
+        .map(|b| host_desc(b, Dt::F32.dl(), &[p.n]))
+        .collect();
+    let (a, rest) = o.split_at_mut(1);
+    let (b, c) = rest.split_at_mut(1);
+    // SAFETY: every descriptor points at live host memory of its stated shape.
+    ok(
+        unsafe {
+            calibrl_logits_forward(
+                lg.p(),
+                lb.p(),
+                p.temperature,
+                a[0].m(),
+                b[0].m(),
+                c[0].m(),
+                std::ptr::null_mut(),
+            )
+        },
+        "cpu forward",
+    );
+    drop(o);
+    let d = |b: &HostBuf| Dt::F32.decode(b.bytes());
+    (d(&outs[0]), d(&outs[1]), d(&outs[2]))
+}
+
+/// Row vectors saved by the forward (uploaded as f32 to both backends).
+struct Saved {
+    lse: Vec<f32>,
+    entropy: Vec<f32>,
+}
+
+impl Saved {
+    fn from(fwd: &RowOutputs) -> Saved {
+        Saved {
+            lse: fwd.2.iter().map(|&x| x as f32).collect(),
+            entropy: fwd.1.iter().map(|&x| x as f32).collect(),
+        }
+    }
+}
+
+fn cpu_backward(p: &Problem, saved: &Saved) -> Vec<f64> {
+    let mut logits = HostBuf::new(&p.logits_bytes());
+    let mut grad = HostBuf::new(&p.dt.nan(p.n * p.v));
+    let mut labels = HostBuf::new(&labels_bytes(&p.labels, p.labels_i64));
+    let mut lse = HostBuf::new(&Dt::F32.encode(&saved.lse));
+    let mut ent = HostBuf::new(&Dt::F32.encode(&saved.entropy));
+    let mut gl = HostBuf::new(&Dt::F32.encode(&p.grad_logprobs));
+    let mut ge = p
+        .grad_entropy
+        .as_ref()
+        .map(|h| HostBuf::new(&Dt::F32.encode(h)));
+    let f = Dt::F32.dl();
+    let lg = host_desc(&mut logits, p.dt.dl(), &[p.n, p.v]);
+    let mut gd = host_desc(&mut grad, p.dt.dl(), &[p.n, p.v]);
+    let lb = host_desc(&mut labels, label_dtype(p.labels_i64), &[p.n]);
+    let ls = host_desc(&mut lse, f, &[p.n]);
+    let en = host_desc(&mut ent, f, &[p.n]);
+    let gld = host_desc(&mut gl, f, &[p.n]);
+    let ged = ge.as_mut().map(|b| host_desc(b, f, &[p.n]));
+    let ged_p = ged.as_ref().map_or(std::ptr::null(), |d| d.p());
+    // SAFETY: as in `cpu_forward`.
+    ok(
+        unsafe {
+            calibrl_logits_backward(
+                lg.p(),
+                lb.p(),
+                p.temperature,
+                0,
+                ls.p(),
+                en.p(),
+                gld.p(),
+                ged_p,
+                gd.m(),
+                std::ptr::null_mut(),
+            )
+        },
+        "cpu backward",
+    );
+    drop(gd);
+    p.dt.decode(grad.bytes())
+}
+
+/// The problem's row inputs on the device.
+struct DevRows {
+    labels: DevBuf,
+    lse: DevBuf,
+    entropy: DevBuf,
+    grad_logprobs: DevBuf,
+    grad_entropy: Option<DevBuf>,
+}
+
+impl DevRows {
+    fn upload(g: &Gpu, p: &Problem, saved: &Saved) -> DevRows {
+        DevRows {
+            labels: DevBuf::upload(g, &labels_bytes(&p.labels, p.labels_i64)),
+            lse: DevBuf::upload(g, &Dt::F32.encode(&saved.lse)),
+            entropy: DevBuf::upload(g, &Dt::F32.encode(&saved.entropy)),
+            grad_logprobs: DevBuf::upload(g, &Dt::F32.encode(&p.grad_logprobs)),
+            grad_entropy: p
+                .grad_entropy
+                .as_ref()
+                .map(|h| DevBuf::upload(g, &Dt::F32.encode(h))),
+        }
+    }
+    fn labels_desc(&self, g: &Gpu, p: &Problem) -> Box<Desc> {
+        self.labels
+            .desc(g, label_dtype(p.labels_i64), &[p.n], None, 0)
+    }
+}
+
+/// A `[n, v]` view of a device buffer of row stride `stride` starting `offset` elements in.
+#[derive(Clone, Copy)]
+struct View {
+    n: usize,
+    v: usize,
+    stride: usize,
+    offset: usize,
+}
+
+impl View {
+    fn full(p: &Problem) -> View {
+        View {
+            n: p.n,
+            v: p.v,
+            stride: p.v,
+            offset: 0,
+        }
+    }
+    fn desc(&self, g: &Gpu, buf: &DevBuf, dt: Dt) -> Box<Desc> {
+        buf.desc(
+            g,
+            dt.dl(),
+            &[self.n, self.v],
+            Some(&[self.stride, 1]),
+            self.offset * dt.size(),
+        )
+    }
+}
+
+/// Runs the GPU forward into fresh NaN-poisoned f32 outputs; returns (outputs, raw bytes).
+fn gpu_forward(g: &Gpu, p: &Problem, logits: &DevBuf, rows: &DevRows) -> (RowOutputs, Vec<u8>) {
+    let outs: Vec<DevBuf> = (0..3)
+        .map(|_| DevBuf::upload(g, &Dt::F32.nan(p.n)))
+        .collect();
+    let lg = View::full(p).desc(g, logits, p.dt);
+    let lb = rows.labels_desc(g, p);
+    let mut o: Vec<Box<Desc>> = outs
+        .iter()
+        .map(|b| b.desc(g, Dt::F32.dl(), &[p.n], None, 0))
+        .collect();
+    let (a, rest) = o.split_at_mut(1);
+    let (b, c) = rest.split_at_mut(1);
+    // SAFETY: every descriptor points at live device memory of its stated shape.
+    ok(
+        unsafe {
+            calibrl_logits_forward(
+                lg.p(),
+                lb.p(),
+                p.temperature,
+                a[0].m(),
+                b[0].m(),
+                c[0].m(),
+                g.stream.cu_stream() as *mut c_void,
+            )
+        },
+        "gpu forward",
+    );
+    let raw: Vec<Vec<u8>> = outs.iter().map(|b| b.download(g)).collect();
+    let d = |b: &[u8]| Dt::F32.decode(b);
+    ((d(&raw[0]), d(&raw[1]), d(&raw[2])), raw.concat())
+}
+
+/// Runs the GPU backward over `view` of `logits` writing into `view_out` of `out` (the same
+/// buffer and view for in place).
+#[allow(clippy::too_many_arguments)]
+fn gpu_backward_into(
+    g: &Gpu,
+    p: &Problem,
+    logits: &DevBuf,
+    view: View,
+    out: &DevBuf,
+    view_out: View,
+    vocab_start: i64,
+    rows: &DevRows,
+) {
+    let lg = view.desc(g, logits, p.dt);
+    let mut gd = view_out.desc(g, out, p.dt);
+    let f = Dt::F32.dl();
+    let lb = rows.labels_desc(g, p);
+    let ls = rows.lse.desc(g, f, &[p.n], None, 0);
+    let en = rows.entropy.desc(g, f, &[p.n], None, 0);
+    let gl = rows.grad_logprobs.desc(g, f, &[p.n], None, 0);
+    let ge = rows
+        .grad_entropy
+        .as_ref()
+        .map(|b| b.desc(g, f, &[p.n], None, 0));
+    let ge_p = ge.as_ref().map_or(std::ptr::null(), |d| d.p());
+    // In place: pass the very same descriptor contents for logits and grad_logits.
+    // SAFETY: every descriptor points at live device memory of its stated shape.
+    ok(
+        unsafe {
+            calibrl_logits_backward(
+                lg.p(),
+                lb.p(),
+                p.temperature,
+                vocab_start,
+                ls.p(),
+                en.p(),
+                gl.p(),
+                ge_p,
+                gd.m(),
+                g.stream.cu_stream() as *mut c_void,
+            )
+        },
+        "gpu backward",
+    );
+}
+
+// ------------------------------------------------------------------------------------------------
+// Tests
+
+/// (N, V) pairs: N ∈ {1, 7, 1000} for V up to 32000, fewer rows for the big vocabularies.
+fn sizes() -> Vec<(usize, usize)> {
+    if quick() {
+        return vec![(1, 1), (7, 5), (3, 1000), (2, 32000), (2, 152_064)];
+    }
+    let mut s = Vec::new();
+    for v in [1usize, 5, 32000] {
+        for n in [1usize, 7, 1000] {
+            s.push((n, v));
+        }
+    }
+    for v in [152_064usize, 262_144] {
+        for n in [1usize, 7, 100] {
+            s.push((n, v));
+        }
+    }
+    s
+}
+
+#[test]
+fn forward_and_backward_match_cpu() {
+    let (g, _lock) = require_gpu!();
+    let mut rng = Rng::new(1);
+    let mut case = 0;
+    for dt in [Dt::Bf16, Dt::F16, Dt::F32] {
+        for &(n, v) in &sizes() {
+            case += 1;
+            let kind = if case % 3 == 0 {
+                Kind::Extreme
+            } else {
+                Kind::Normal
+            };
+            let temperature = [1.0, 0.7, 1.3][case % 3];
+            let p = Problem::new(&mut rng, n, v, dt, kind, temperature, case % 2 == 0);
+            let what = format!(
+                "{dt:?} N={n} V={v} {kind:?} T={temperature} labels_i64={}",
+                p.labels_i64
+            );
+            println!("{what}");
+
+            let want = cpu_forward(&p);
+            let saved = Saved::from(&want);
+            let logits = DevBuf::upload(g, &p.logits_bytes());
+            let rows = DevRows::upload(g, &p, &saved);
+            let (got, raw1) = gpu_forward(g, &p, &logits, &rows);
+            compare(
+                &format!("{what}: logprobs"),
+                &got.0,
+                &want.0,
+                p.forward_tol(),
+            );
+            compare(
+                &format!("{what}: entropy"),
+                &got.1,
+                &want.1,
+                p.forward_tol(),
+            );
+            compare(&format!("{what}: lse"), &got.2, &want.2, p.forward_tol());
+            let (_, raw2) = gpu_forward(g, &p, &logits, &rows);
+            bits_equal(&format!("{what}: forward"), &raw1, &raw2);
+
+            let want_grad = cpu_backward(&p, &saved);
+            let tol = p.backward_tol(&want.1);
+            // Out of place, twice (determinism), into NaN-poisoned buffers.
+            let mut outs = Vec::new();
+            for _ in 0..2 {
+                let out = DevBuf::upload(g, &dt.nan(n * v));
+                gpu_backward_into(
+                    g,
+                    &p,
+                    &logits,
+                    View::full(&p),
+                    &out,
+                    View::full(&p),
+                    0,
+                    &rows,
+                );
+                outs.push(out.download(g));
+            }
+            compare(
+                &format!("{what}: d-logits (out of place)"),
+                &dt.decode(&outs[0]),
+                &want_grad,
+                &tol,
+            );
+            bits_equal(&format!("{what}: backward"), &outs[0], &outs[1]);
+            // The logits were not modified by the out-of-place backward.
+            bits_equal(
+                &format!("{what}: logits after out-of-place backward"),
+                &logits.download(g),
+                &p.logits_bytes(),
+            );
+            // In place.
+            gpu_backward_into(
+                g,
+                &p,
+                &logits,
+                View::full(&p),
+                &logits,
+                View::full(&p),
+                0,
+                &rows,
+            );
+            let in_place = logits.download(g);
+            compare(
+                &format!("{what}: d-logits (in place)"),
+                &dt.decode(&in_place),
+                &want_grad,
+                &tol,
+            );
+            bits_equal(
+                &format!("{what}: in place vs out of place"),
+                &in_place,
+                &outs[0],
+            );
+        }
+    }
+}
+
+/// Splits `v` into `parts` uneven, non-empty shards: (start, len).
+fn shards(rng: &mut Rng, v: usize, parts: usize) -> Vec<(usize, usize)> {
+    let parts = parts.min(v);
+    let mut cuts: Vec<usize> = (1..parts).map(|i| i * v / parts).collect();
+    for c in cuts.iter_mut() {
+        // jitter by up to ±7 elements so shards are unaligned and uneven
+        let j = rng.below(15) as isize - 7;
+        *c = (*c as isize + j).clamp(1, v as isize - 1) as usize;
+    }
+    cuts.sort_unstable();
+    cuts.dedup();
+    let mut bounds = vec![0];
+    bounds.extend(cuts);
+    bounds.push(v);
+    bounds.windows(2).map(|w| (w[0], w[1] - w[0])).collect()
+}
+
+#[test]
+fn vocabulary_shards_match_full_vocabulary() {
+    let (g, _lock) = require_gpu!();
+    let mut rng = Rng::new(2);
+    let cases: Vec<(usize, usize, usize)> = if quick() {
+        vec![(7, 5, 2), (3, 1000, 3)]
+    } else {
+        vec![
+            (7, 5, 2),
+            (7, 32000, 3),
+            (64, 152_064, 4),
+            (16, 262_144, 2),
+            (1000, 1001, 3),
+        ]
+    };
+    for dt in [Dt::Bf16, Dt::F16, Dt::F32] {
+        for (i, &(n, v, parts)) in cases.iter().enumerate() {
+            let kind = if i % 2 == 1 {
+                Kind::Extreme
+            } else {
+                Kind::Normal
+            };
+            let p = Problem::new(&mut rng, n, v, dt, kind, 0.8, true);
+            let sh = shards(&mut rng, v, parts);
+            let what = format!("{dt:?} N={n} V={v} shards={sh:?} {kind:?}");
+            println!("{what}");
+            let want = cpu_forward(&p);
+            let saved = Saved::from(&want);
+            let logits = DevBuf::upload(g, &p.logits_bytes());
+            let rows = DevRows::upload(g, &p, &saved);
+            let r = sh.len();
+
+            // Phase 1 per shard into slices of one [R, N, 4] buffer, then phase 2.
+            let stats = DevBuf::upload(g, &Dt::F32.nan(r * n * 4));
+            let lb = rows.labels_desc(g, &p);
+            for (s, &(start, len)) in sh.iter().enumerate() {
+                let view = View {
+                    n,
+                    v: len,
+                    stride: v,
+                    offset: start,
+                };
+                let lg = view.desc(g, &logits, dt);
+                let mut st = stats.desc(g, Dt::F32.dl(), &[n, 4], None, s * n * 4 * 4);
+                // SAFETY: the descriptors point at live device memory of their stated shapes.
+                ok(
+                    unsafe {
+                        calibrl_logits_shard_stats(
+                            lg.p(),
+                            lb.p(),
+                            p.temperature,
+                            start as i64,
+                            st.m(),
+                            g.stream.cu_stream() as *mut c_void,
+                        )
+                    },
+                    "gpu shard_stats",
+                );
+            }
+            // Compare every shard's statistics with the CPU's on the same strided view.
+            let gpu_stats = Dt::F32.decode(&stats.download(g));
+            let mut host_logits = HostBuf::new(&p.logits_bytes());
+            let mut host_labels = HostBuf::new(&labels_bytes(&p.labels, p.labels_i64));
+            for (s, &(start, len)) in sh.iter().enumerate() {
+                let mut out = HostBuf::new(&Dt::F32.nan(n * 4));
+                let lg = Desc::new(
+                    host_logits.ptr(),
+                    DL_CPU,
+                    dt.dl(),
+                    &[n, len],
+                    Some(&[v, 1]),
+                    start * dt.size(),
+                );
+                let lb = host_desc(&mut host_labels, label_dtype(p.labels_i64), &[n]);
+                let mut st = host_desc(&mut out, Dt::F32.dl(), &[n, 4]);
+                // SAFETY: host descriptors over live buffers.
+                ok(
+                    unsafe {
+                        calibrl_logits_shard_stats(
+                            lg.p(),
+                            lb.p(),
+                            p.temperature,
+                            start as i64,
+                            st.m(),
+                            std::ptr::null_mut(),
+                        )
+                    },
+                    "cpu shard_stats",
+                );
+                drop(st);
+                let cpu = Dt::F32.decode(out.bytes());
+                let tol = p.forward_tol();
+                compare(
+                    &format!("{what}: shard {s} stats"),
+                    &gpu_stats[s * n * 4..(s + 1) * n * 4],
+                    &cpu,
+                    |i, w| {
+                        // column 1 (Σe) and 2 (Σe·(u−m)) are sums over up to V terms of size ≤ 1
+                        if i % 4 == 0 || i % 4 == 3 {
+                            tol(i, w)
+                        } else {
+                            1e-5 * (len as f64).sqrt() + 1e-5 * w.abs() + p.eps() * w.abs()
+                        }
+                    },
+                );
+            }
+
+            let outs: Vec<DevBuf> = (0..3).map(|_| DevBuf::upload(g, &Dt::F32.nan(n))).collect();
+            let stt = stats.desc(g, Dt::F32.dl(), &[r, n, 4], None, 0);
+            let mut o: Vec<Box<Desc>> = outs
+                .iter()
+                .map(|b| b.desc(g, Dt::F32.dl(), &[n], None, 0))
+                .collect();
+            let (a, rest) = o.split_at_mut(1);
+            let (b, c) = rest.split_at_mut(1);
+            // SAFETY: as above.
+            ok(
+                unsafe {
+                    calibrl_logits_shard_finish(
+                        stt.p(),
+                        lb.p(),
+                        a[0].m(),
+                        b[0].m(),
+                        c[0].m(),
+                        g.stream.cu_stream() as *mut c_void,
+                    )
+                },
+                "gpu shard_finish",
+            );
+            drop(o);
+            let got: Vec<Vec<f64>> = outs
+                .iter()
+                .map(|b| Dt::F32.decode(&b.download(g)))
+                .collect();
+            let (full, _) = gpu_forward(g, &p, &logits, &rows);
+            for (j, name) in ["logprobs", "entropy", "lse"].iter().enumerate() {
+                let want_j = [&want.0, &want.1, &want.2][j];
+                compare(
+                    &format!("{what}: sharded {name} vs CPU"),
+                    &got[j],
+                    want_j,
+                    p.forward_tol(),
+                );
+                compare(
+                    &format!("{what}: sharded {name} vs GPU full"),
+                    &got[j],
+                    &[&full.0, &full.1, &full.2][j][..],
+                    p.forward_tol(),
+                );
+            }
+
+            // Backward per shard: out of place into the matching columns of one [N, V] buffer,
+            // then in place on each shard of the logits; both equal the full backward.
+            let full_grad = DevBuf::upload(g, &dt.nan(n * v));
+            gpu_backward_into(
+                g,
+                &p,
+                &logits,
+                View::full(&p),
+                &full_grad,
+                View::full(&p),
+                0,
+                &rows,
+            );
+            let full_grad = full_grad.download(g);
+            let want_grad = cpu_backward(&p, &saved);
+            let tol = p.backward_tol(&want.1);
+            compare(
+                &format!("{what}: full d-logits"),
+                &dt.decode(&full_grad),
+                &want_grad,
+                &tol,
+            );
+            let sharded = DevBuf::upload(g, &dt.nan(n * v));
+            for &(start, len) in &sh {
+                let view = View {
+                    n,
+                    v: len,
+                    stride: v,
+                    offset: start,
+                };
+                gpu_backward_into(g, &p, &logits, view, &sharded, view, start as i64, &rows);
+            }
+            bits_equal(
+                &format!("{what}: sharded out-of-place backward vs full"),
+                &sharded.download(g),
+                &full_grad,
+            );
+            for &(start, len) in &sh {
+                let view = View {
+                    n,
+                    v: len,
+                    stride: v,
+                    offset: start,
+                };
+                gpu_backward_into(g, &p, &logits, view, &logits, view, start as i64, &rows);
+            }
+            bits_equal(
+                &format!("{what}: sharded in-place backward vs full"),
+                &logits.download(g),
+                &full_grad,
+            );
+        }
+    }
+}
+
+#[test]
+fn other_row_dtypes_match_cpu() {
+    let (g, _lock) = require_gpu!();
+    let mut rng = Rng::new(3);
+    let (n, v) = (37, 3001);
+    let p = Problem::new(&mut rng, n, v, Dt::Bf16, Kind::Normal, 1.0, true);
+    for (lp_dt, ent_dt, lse_dt) in [
+        (Dt::F64, Dt::Bf16, Dt::F16),
+        (Dt::F16, Dt::F64, Dt::F64),
+        (Dt::Bf16, Dt::F32, Dt::F64),
+    ] {
+        let what = format!("outputs {lp_dt:?}/{ent_dt:?}/{lse_dt:?}");
+        let dts = [lp_dt, ent_dt, lse_dt];
+        // CPU
+        let mut logits = HostBuf::new(&p.logits_bytes());
+        let mut labels = HostBuf::new(&labels_bytes(&p.labels, p.labels_i64));
+        let mut outs: Vec<HostBuf> = dts.iter().map(|d| HostBuf::new(&d.nan(n))).collect();
+        let lg = host_desc(&mut logits, p.dt.dl(), &[n, v]);
+        let lb = host_desc(&mut labels, label_dtype(p.labels_i64), &[n]);
+        let mut o: Vec<Box<Desc>> = outs
+            .iter_mut()
+            .zip(dts)
+            .map(|(b, d)| host_desc(b, d.dl(), &[n]))
+            .collect();
+        let (a, rest) = o.split_at_mut(1);
+        let (b, c) = rest.split_at_mut(1);
+        // SAFETY: host descriptors over live buffers.
+        ok(
+            unsafe {
+                calibrl_logits_forward(
+                    lg.p(),
+                    lb.p(),
+                    1.0,
+                    a[0].m(),
+                    b[0].m(),
+                    c[0].m(),
+                    std::ptr::null_mut(),
+                )
+            },
+            "cpu",
+        );
+        drop(o);
+        let want: Vec<Vec<f64>> = outs
+            .iter()
+            .zip(dts)
+            .map(|(b, d)| d.decode(b.bytes()))
+            .collect();
+        // GPU
+        let dl = DevBuf::upload(g, &p.logits_bytes());
+        let dlab = DevBuf::upload(g, &labels_bytes(&p.labels, p.labels_i64));
+        let douts: Vec<DevBuf> = dts.iter().map(|d| DevBuf::upload(g, &d.nan(n))).collect();
+        let lg = dl.desc(g, p.dt.dl(), &[n, v], None, 0);
+        let lb = dlab.desc(g, label_dtype(p.labels_i64), &[n], None, 0);
+        let mut o: Vec<Box<Desc>> = douts
+            .iter()
+            .zip(dts)
+            .map(|(b, d)| b.desc(g, d.dl(), &[n], None, 0))
+            .collect();
+        let (a, rest) = o.split_at_mut(1);
+        let (b, c) = rest.split_at_mut(1);
+        // SAFETY: device descriptors over live buffers.
+        ok(
+            unsafe {
+                calibrl_logits_forward(
+                    lg.p(),
+                    lb.p(),
+                    1.0,
+                    a[0].m(),
+                    b[0].m(),
+                    c[0].m(),
+                    g.stream.cu_stream() as *mut c_void,
+                )
+            },
+            "gpu",
+        );
+        drop(o);
+        for (j, d) in dts.iter().enumerate() {
+            let got = d.decode(&douts[j].download(g));
+            let base = p.forward_tol();
+            compare(&format!("{what}: output {j}"), &got, &want[j], |i, w| {
+                base(i, w) + 2.0 * d.ulp() * w.abs()
+            });
+        }
+
+        // Backward with the row inputs in these dtypes (the same values on both backends).
+        let fwd32 = cpu_forward(&p);
+        let as_f32 = |x: &[f64]| x.iter().map(|&y| y as f32).collect::<Vec<_>>();
+        let row_in = [
+            (lse_dt, as_f32(&fwd32.2)),
+            (ent_dt, as_f32(&fwd32.1)),
+            (lp_dt, p.grad_logprobs.clone()),
+            (ent_dt, p.grad_entropy.clone().unwrap()),
+        ];
+        let mut host_rows: Vec<HostBuf> = row_in
+            .iter()
+            .map(|(d, x)| HostBuf::new(&d.encode(x)))
+            .collect();
+        let dev_rows: Vec<DevBuf> = row_in
+            .iter()
+            .map(|(d, x)| DevBuf::upload(g, &d.encode(x)))
+            .collect();
+        let mut grad_host = HostBuf::new(&p.dt.nan(n * v));
+        let grad_dev = DevBuf::upload(g, &p.dt.nan(n * v));
+        {
+            let lg = host_desc(&mut logits, p.dt.dl(), &[n, v]);
+            let lb = host_desc(&mut labels, label_dtype(p.labels_i64), &[n]);
+            let r: Vec<Box<Desc>> = host_rows
+                .iter_mut()
+                .zip(&row_in)
+                .map(|(b, (d, _))| host_desc(b, d.dl(), &[n]))
+                .collect();
+            let mut gd = host_desc(&mut grad_host, p.dt.dl(), &[n, v]);
+            // SAFETY: host descriptors over live buffers.
+            ok(
+                unsafe {
+                    calibrl_logits_backward(
+                        lg.p(),
+                        lb.p(),
+                        1.0,
+                        0,
+                        r[0].p(),
+                        r[1].p(),
+                        r[2].p(),
+                        r[3].p(),
+                        gd.m(),
+                        std::ptr::null_mut(),
+                    )
+                },
+                "cpu backward",
+            );
+            let lg = dl.desc(g, p.dt.dl(), &[n, v], None, 0);
+            let lb = dlab.desc(g, label_dtype(p.labels_i64), &[n], None, 0);
+            let r: Vec<Box<Desc>> = dev_rows
+                .iter()
+                .zip(&row_in)
+                .map(|(b, (d, _))| b.desc(g, d.dl(), &[n], None, 0))
+                .collect();
+            let mut gd = grad_dev.desc(g, p.dt.dl(), &[n, v], None, 0);
+            // SAFETY: device descriptors over live buffers.
+            ok(
+                unsafe {
+                    calibrl_logits_backward(
+                        lg.p(),
+                        lb.p(),
+                        1.0,
+                        0,
+                        r[0].p(),
+                        r[1].p(),
+                        r[2].p(),
+                        r[3].p(),
+                        gd.m(),
+                        g.stream.cu_stream() as *mut c_void,
+                    )
+                },
+                "gpu backward",
+            );
+        }
+        let want = p.dt.decode(grad_host.bytes());
+        let ent_used: Vec<f64> = row_in[1].0.decode(&row_in[1].0.encode(&row_in[1].1));
+        compare(
+            &format!("{what}: d-logits"),
+            &p.dt.decode(&grad_dev.download(g)),
+            &want,
+            p.backward_tol(&ent_used),
+        );
+    }
+}
+
+#[test]
+fn non_finite_logits_give_nan_rows_on_cuda() {
+    let (g, _lock) = require_gpu!();
+    let (n, v) = (4, 100);
+    let mut z = vec![0.5f32; n * v];
+    z[v + 17] = f32::NAN; // row 1: NaN
+    z[2 * v + 3] = f32::INFINITY; // row 2: +inf
+    for x in &mut z[3 * v..] {
+        *x = f32::NEG_INFINITY; // row 3: entirely -inf
+    }
+    let labels = vec![1i64, 2, 3, 4];
+    let dl = DevBuf::upload(g, &Dt::F32.encode(&z));
+    let dlab = DevBuf::upload(g, &labels_bytes(&labels, true));
+    let outs: Vec<DevBuf> = (0..3)
+        .map(|_| DevBuf::upload(g, &Dt::F32.encode(&vec![7.0; n])))
+        .collect();
+    let lg = dl.desc(g, Dt::F32.dl(), &[n, v], None, 0);
+    let lb = dlab.desc(g, label_dtype(true), &[n], None, 0);
+    let mut o: Vec<Box<Desc>> = outs
+        .iter()
+        .map(|b| b.desc(g, Dt::F32.dl(), &[n], None, 0))
+        .collect();
+    let (a, rest) = o.split_at_mut(1);
+    let (b, c) = rest.split_at_mut(1);
+    // SAFETY: device descriptors over live buffers.
+    ok(
+        unsafe {
+            calibrl_logits_forward(
+                lg.p(),
+                lb.p(),
+                1.0,
+                a[0].m(),
+                b[0].m(),
+                c[0].m(),
+                g.stream.cu_stream() as *mut c_void,
+            )
+        },
+        "gpu forward",
+    );
+    drop(o);
+    let lp = Dt::F32.decode(&outs[0].download(g));
+    let lse = Dt::F32.decode(&outs[2].download(g));
+    assert!(
+        (lse[0] - (0.5 + (v as f64).ln())).abs() < 1e-5,
+        "finite row: lse {}",
+        lse[0]
+    );
+    assert!(
+        (lp[0] + (v as f64).ln()).abs() < 1e-5,
+        "finite row: logprob {}",
+        lp[0]
+    );
+    for k in 1..n {
+        assert!(lp[k].is_nan(), "row {k}: logprob {} should be NaN", lp[k]);
+    }
+    assert!(
+        lse[1].is_nan() && lse[2].is_nan(),
+        "NaN/+inf rows: lse {:?}",
+        &lse[1..3]
+    );
+}
+
+#[test]
+fn invalid_cuda_arguments_are_rejected_by_name() {
+    let (g, _lock) = require_gpu!();
+    let (n, v) = (3, 10);
+    let dl = DevBuf::upload(g, &Dt::F32.encode(&vec![0.0; n * v + 1]));
+    let dlab = DevBuf::upload(g, &labels_bytes(&[0, 1, 2], true));
+    let outs: Vec<DevBuf> = (0..3).map(|_| DevBuf::upload(g, &Dt::F32.nan(n))).collect();
+    let lb = dlab.desc(g, label_dtype(true), &[n], None, 0);
+    let stream = g.stream.cu_stream() as *mut c_void;
+    let mut o: Vec<Box<Desc>> = outs
+        .iter()
+        .map(|b| b.desc(g, Dt::F32.dl(), &[n], None, 0))
+        .collect();
+    let (a, rest) = o.split_at_mut(1);
+    let (b, c) = rest.split_at_mut(1);
+    // Misaligned logits (1 byte into an f32 buffer).
+    let lg = dl.desc(g, Dt::F32.dl(), &[n, v], None, 1);
+    // SAFETY: device descriptors over live buffers (the misaligned one is rejected unread).
+    let st = unsafe {
+        calibrl_logits_forward(lg.p(), lb.p(), 1.0, a[0].m(), b[0].m(), c[0].m(), stream)
+    };
+    assert_eq!(st, CalibrlStatus::LayoutUnsupported, "{}", last_error());
+    assert!(last_error().contains("`logits`"), "{}", last_error());
+    // Integer output.
+    let lg = dl.desc(g, Dt::F32.dl(), &[n, v], None, 0);
+    let mut bad = outs[0].desc(g, label_dtype(false), &[n], None, 0);
+    // SAFETY: as above.
+    let st =
+        unsafe { calibrl_logits_forward(lg.p(), lb.p(), 1.0, bad.m(), b[0].m(), c[0].m(), stream) };
+    assert_eq!(st, CalibrlStatus::DtypeMismatch, "{}", last_error());
+    assert!(last_error().contains("`logprobs`"), "{}", last_error());
+    // Labels on the host, logits on the device.
+    let mut host_labels = HostBuf::new(&labels_bytes(&[0, 1, 2], true));
+    let hl = host_desc(&mut host_labels, label_dtype(true), &[n]);
+    // SAFETY: as above.
+    let st = unsafe {
+        calibrl_logits_forward(lg.p(), hl.p(), 1.0, a[0].m(), b[0].m(), c[0].m(), stream)
+    };
+    assert_eq!(st, CalibrlStatus::DeviceMismatch, "{}", last_error());
+    // Out-of-place gradient in another dtype than the logits.
+    let grad = DevBuf::upload(g, &Dt::Bf16.nan(n * v));
+    let mut gd = grad.desc(g, Dt::Bf16.dl(), &[n, v], None, 0);
+    let rows = outs
+        .iter()
+        .map(|b| b.desc(g, Dt::F32.dl(), &[n], None, 0))
+        .collect::<Vec<_>>();
+    // SAFETY: as above.
+    let st = unsafe {
+        calibrl_logits_backward(
+            lg.p(),
+            lb.p(),
+            1.0,
+            0,
+            rows[0].p(),
+            std::ptr::null(),
+            rows[1].p(),
+            std::ptr::null(),
+            gd.m(),
+            stream,
+        )
+    };
+    assert_eq!(st, CalibrlStatus::DtypeMismatch, "{}", last_error());
+    assert!(last_error().contains("`grad_logits`"), "{}", last_error());
+}
+
+/// N×V > 2^31 elements: a 61-row random pattern (period coprime with the 2^31- and 2^32-element
+/// row offsets 8192 and 16384, so a wrapped 32-bit index reads a different pattern row) tiled
+/// over N = 8300 rows of V = 262144 bf16 (4.35 GB), forward and in-place backward.
+#[test]
+fn more_than_2_pow_31_elements() {
+    let (g, _lock) = require_gpu!();
+    if quick() {
+        println!("skipped: CALIBRL_GPU_TEST_QUICK=1");
+        return;
+    }
+    const PERIOD: usize = 61;
+    let (n, v, dt) = (8300usize, 262_144usize, Dt::Bf16);
+    assert!(n * v > 1 << 31);
+    let bytes = n * v * dt.size();
+    let (free, _) = cudarc::driver::result::mem_get_info().unwrap();
+    if free < bytes + (1 << 30) {
+        println!(
+            "skipped: needs {} MiB free device memory, {} MiB free",
+            (bytes >> 20) + 1024,
+            free >> 20
+        );
+        return;
+    }
+    let mut rng = Rng::new(4);
+    let pattern = Problem::new(&mut rng, PERIOD, v, dt, Kind::Normal, 1.0, true);
+    let tile = |x: &Vec<f32>| (0..n).map(|k| x[k % PERIOD]).collect::<Vec<f32>>();
+    let p = Problem {
+        n,
+        v,
+        dt,
+        temperature: 1.0,
+        labels: (0..n).map(|k| pattern.labels[k % PERIOD]).collect(),
+        labels_i64: true,
+        logits: Vec::new(), // lives on the device only
+        grad_logprobs: tile(&pattern.grad_logprobs),
+        grad_entropy: pattern.grad_entropy.as_ref().map(tile),
+        umax: pattern.umax,
+    };
+    let want = cpu_forward(&pattern);
+    let saved_pattern = Saved::from(&want);
+    let saved = Saved {
+        lse: (0..n).map(|k| saved_pattern.lse[k % PERIOD]).collect(),
+        entropy: (0..n).map(|k| saved_pattern.entropy[k % PERIOD]).collect(),
+    };
+
+    // Tile the pattern on the device by doubling copies (sizes stay multiples of PERIOD rows).
+    // SAFETY: uninitialised device memory, fully written below before any read.
+    let mut big = DevBuf {
+        slice: unsafe { g.stream.alloc::<u8>(bytes) }.unwrap(),
+    };
+    let row_bytes = v * dt.size();
+    g.stream
+        .memcpy_htod(
+            &pattern.logits_bytes(),
+            &mut big.slice.slice_mut(0..PERIOD * row_bytes),
+        )
+        .unwrap();
+    let mut filled = PERIOD;
+    while filled < n {
+        let count = filled.min(n - filled);
+        let (src, mut dst) = big.slice.split_at_mut(filled * row_bytes);
+        g.stream
+            .memcpy_dtod(
+                &src.slice(0..count * row_bytes),
+                &mut dst.slice_mut(0..count * row_bytes),
+            )
+            .unwrap();
+        filled += count;
+    }
+    g.stream.synchronize().unwrap();
+
+    let rows = DevRows::upload(g, &p, &saved);
+    let (got, _) = gpu_forward(g, &p, &big, &rows);
+    let periodic = |x: &Vec<f64>| (0..n).map(|k| x[k % PERIOD]).collect::<Vec<f64>>();
+    compare(
+        "big: logprobs",
+        &got.0,
+        &periodic(&want.0),
+        pattern.forward_tol(),
+    );
+    compare(
+        "big: entropy",
+        &got.1,
+        &periodic(&want.1),
+        pattern.forward_tol(),
+    );
+    compare(
+        "big: lse",
+        &got.2,
+        &periodic(&want.2),
+        pattern.forward_tol(),
+    );
+
+    gpu_backward_into(g, &p, &big, View::full(&p), &big, View::full(&p), 0, &rows);
+    let want_grad = cpu_backward(&pattern, &saved_pattern);
+    let tol = pattern.backward_tol(&want.1);
+    // The first rows and the rows around and past element 2^31 (row 8192).
+    for range in [0..PERIOD, 8100..n] {
+        let mut host = vec![0u8; range.len() * row_bytes];
+        g.stream
+            .memcpy_dtoh(
+                &big.slice
+                    .slice(range.start * row_bytes..range.end * row_bytes),
+                &mut host,
+            )
+            .unwrap();
+        g.stream.synchronize().unwrap();
+        let got = dt.decode(&host);
+        let want: Vec<f64> = range
+            .clone()
+            .flat_map(|k| {
+                want_grad[(k % PERIOD) * v..(k % PERIOD + 1) * v]
+                    .iter()
+                    .copied()
+            })
+            .collect();
+        let offset = range.start;
+        compare(
+            &format!("big: d-logits rows {range:?}"),
+            &got,
+            &want,
+            |i, w| tol((i / v + offset) % PERIOD * v, w),
+        );
+    }
+}
+
+/// Runs where there is no CUDA driver (CI): CUDA tensors give CUDA_UNAVAILABLE, not a crash.
+#[test]
+fn without_a_driver_cuda_tensors_report_unavailable() {
+    // SAFETY: only probes whether libcuda can be opened.
+    if unsafe { cudarc::driver::sys::is_culib_present() } {
+        println!("skipped: a CUDA driver is present");
+        return;
+    }
+    let mut fake = [0u64; 8];
+    let p = fake.as_mut_ptr() as *mut c_void;
+    let f = Dt::F32.dl();
+    let lg = Desc::new(p, DL_CUDA, f, &[1, 2], None, 0);
+    let lb = Desc::new(p, DL_CUDA, label_dtype(true), &[1], None, 0);
+    let mut a = Desc::new(p, DL_CUDA, f, &[1], None, 0);
+    let mut c = Desc::new(p, DL_CUDA, f, &[1], None, 0);
+    // SAFETY: the call fails before touching the (fake) device pointers.
+    let st = unsafe {
+        calibrl_logits_forward(
+            lg.p(),
+            lb.p(),
+            1.0,
+            a.m(),
+            std::ptr::null_mut(),
+            c.m(),
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(st, CalibrlStatus::CudaUnavailable, "{}", last_error());
+    assert!(last_error().contains("libcuda"), "{}", last_error());
+}

@@ -1,0 +1,662 @@
+//! GPU tests of the loss family: `calibrl_group_advantages` and `calibrl_loss` on CUDA tensors
+//! against the CPU backend on the same inputs, through the C ABI, for every loss kind, Δ mode,
+//! activation, aggregation, baseline and layout, with odd sizes and masked rows.
+//!
+//! Without a CUDA driver or device each test prints "skipped: no CUDA device" and passes.
+//! Outputs are poisoned with NaN before each GPU call, so agreement with the (finite) CPU result
+//! also proves every element was written. `CALIBRL_GPU_TEST_SEED` fixes the seed.
+
+use calibrl::cpu::loss::{CalibrlMetrics, CalibrlNormalizers};
+use calibrl::ffi::common::{
+    calibrl_config_free, calibrl_config_new, calibrl_last_error_message, CalibrlConfig,
+};
+use calibrl::ffi::loss::{
+    calibrl_group_advantages, calibrl_loss, CalibrlAdvantageArgs, CalibrlLossArgs,
+};
+use calibrl::tensor::{DLDataType, DLDevice, DLTensor, DL_CPU, DL_CUDA};
+use calibrl::CalibrlStatus;
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
+use half::bf16;
+use std::ffi::{c_void, CString};
+use std::ptr::{null, null_mut};
+use std::sync::{Arc, Mutex, OnceLock};
+
+struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+}
+
+fn gpu() -> Option<&'static Gpu> {
+    static GPU: OnceLock<Option<Gpu>> = OnceLock::new();
+    GPU.get_or_init(|| {
+        // SAFETY: probes whether libcuda can be opened (cudarc panics on a missing library).
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return None;
+        }
+        let ctx = CudaContext::new(0).ok()?;
+        // SAFETY: the tests order their work on one stream and synchronise explicitly.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().ok()?;
+        Some(Gpu { ctx, stream })
+    })
+    .as_ref()
+}
+
+fn lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+macro_rules! require_gpu {
+    () => {{
+        let guard = lock();
+        match gpu() {
+            Some(g) => {
+                g.ctx.bind_to_thread().unwrap();
+                (g, guard)
+            }
+            None => {
+                println!("skipped: no CUDA device");
+                return;
+            }
+        }
+    }};
+}
+
+struct Rng(u64);
+impl Rng {
+    fn new(salt: u64) -> Rng {
+        let seed = std::env::var("CALIBRL_GPU_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+            });
+        println!("rng seed {seed}; rerun with CALIBRL_GPU_TEST_SEED={seed}");
+        Rng(seed ^ salt.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+    }
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn uniform(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Dt {
+    F32,
+    F64,
+    Bf16,
+    I64,
+    U8,
+}
+
+impl Dt {
+    fn dl(self) -> DLDataType {
+        let (code, bits) = match self {
+            Dt::F32 => (2, 32),
+            Dt::F64 => (2, 64),
+            Dt::Bf16 => (4, 16),
+            Dt::I64 => (0, 64),
+            Dt::U8 => (1, 8),
+        };
+        DLDataType {
+            code,
+            bits,
+            lanes: 1,
+        }
+    }
+    fn encode(self, v: &[f64]) -> Vec<u8> {
+        v.iter()
+            .flat_map(|&x| match self {
+                Dt::F32 => (x as f32).to_le_bytes().to_vec(),
+                Dt::F64 => x.to_le_bytes().to_vec(),
+                Dt::Bf16 => bf16::from_f64(x).to_le_bytes().to_vec(),
+                Dt::I64 => (x as i64).to_le_bytes().to_vec(),
+                Dt::U8 => vec![x as u8],
+            })
+            .collect()
+    }
+    fn decode(self, b: &[u8]) -> Vec<f64> {
+        match self {
+            Dt::F32 => b
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+                .collect(),
+            Dt::F64 => b
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+            Dt::Bf16 => b
+                .chunks_exact(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f64())
+                .collect(),
+            _ => unreachable!("outputs are float"),
+        }
+    }
+    /// Tolerance of one output rounding (two f64 results that differ in the last bits may round
+    /// to neighbouring values).
+    fn ulp(self) -> f64 {
+        match self {
+            Dt::F32 => 2f64.powi(-23),
+            Dt::Bf16 => 2f64.powi(-7),
+            _ => 1e-12,
+        }
+    }
+}
+
+/// One tensor in host memory and (after `upload`) on the device, with its descriptor.
+struct Pair {
+    dt: Dt,
+    shape: Vec<i64>,
+    host: Vec<u64>,
+    len: usize,
+    dev: Option<CudaSlice<u8>>,
+    host_desc: DLTensor,
+    dev_desc: DLTensor,
+}
+
+impl Pair {
+    fn new(g: &Gpu, dt: Dt, values: &[f64], shape: &[usize]) -> Box<Pair> {
+        let bytes = dt.encode(values);
+        let mut host = vec![0u64; bytes.len().div_ceil(8).max(1)];
+        // SAFETY: `host` holds at least `bytes.len()` bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), host.as_mut_ptr() as *mut u8, bytes.len())
+        };
+        let dev = g
+            .stream
+            .memcpy_stod(if bytes.is_empty() { &[0u8][..] } else { &bytes })
+            .unwrap();
+        let blank = DLTensor {
+            data: null_mut(),
+            device: DLDevice {
+                device_type: DL_CPU,
+                device_id: 0,
+            },
+            ndim: shape.len() as i32,
+            dtype: dt.dl(),
+            shape: null_mut(),
+            strides: null_mut(),
+            byte_offset: 0,
+        };
+        let mut p = Box::new(Pair {
+            dt,
+            shape: shape.iter().map(|&s| s as i64).collect(),
+            host,
+            len: bytes.len(),
+            dev: Some(dev),
+            host_desc: DLTensor { ..blank },
+            dev_desc: DLTensor {
+                device: DLDevice {
+                    device_type: DL_CUDA,
+                    device_id: 0,
+                },
+                ..blank
+            },
+        });
+        p.host_desc.shape = p.shape.as_mut_ptr();
+        p.dev_desc.shape = p.shape.as_mut_ptr();
+        p.host_desc.data = p.host.as_mut_ptr() as *mut c_void;
+        let ptr = {
+            let (ptr, _sync) = p.dev.as_ref().unwrap().device_ptr(&g.stream);
+            ptr
+        };
+        p.dev_desc.data = ptr as usize as *mut c_void;
+        p
+    }
+    fn desc(&mut self, on_gpu: bool) -> *mut DLTensor {
+        if on_gpu {
+            &mut self.dev_desc
+        } else {
+            &mut self.host_desc
+        }
+    }
+    fn host_values(&self) -> Vec<f64> {
+        // SAFETY: `host` holds `len` initialised bytes.
+        let b = unsafe { std::slice::from_raw_parts(self.host.as_ptr() as *const u8, self.len) };
+        self.dt.decode(b)
+    }
+    fn dev_values(&self, g: &Gpu) -> Vec<f64> {
+        let b = g.stream.memcpy_dtov(self.dev.as_ref().unwrap()).unwrap();
+        self.dt.decode(&b[..self.len])
+    }
+}
+
+fn last_error() -> String {
+    // SAFETY: the library returns a valid NUL-terminated string.
+    unsafe { std::ffi::CStr::from_ptr(calibrl_last_error_message()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn config(json: &str) -> *mut CalibrlConfig {
+    let c = CString::new(json).unwrap();
+    let mut cfg = null_mut();
+    // SAFETY: valid string and out pointer.
+    let s = unsafe { calibrl_config_new(c.as_ptr(), &mut cfg) };
+    assert_eq!(s, CalibrlStatus::Ok, "{json}: {}", last_error());
+    cfg
+}
+
+fn close(what: &str, cpu: &[f64], gpu: &[f64], dt: Dt, scale: f64) {
+    assert_eq!(cpu.len(), gpu.len(), "{what}: lengths");
+    for (i, (&a, &b)) in cpu.iter().zip(gpu).enumerate() {
+        let tol = 1e-9 * scale.max(1.0) + 2.0 * dt.ulp() * a.abs().max(b.abs());
+        assert!(
+            b.is_finite() == a.is_finite() && (a - b).abs() <= tol,
+            "{what}[{i}]: cpu {a} gpu {b} (tol {tol})"
+        );
+    }
+}
+
+/// A random batch: `b` rows, ragged lengths (some 0), masked tokens, expert rows for the
+/// off-policy kinds, `p` expert responses.
+struct Batch {
+    rows: usize,
+    lens: Vec<usize>,
+    padded: bool,
+    seq_len: usize,
+    tokens: usize,
+    logprobs: Vec<f64>,
+    old: Vec<f64>,
+    reference: Vec<f64>,
+    entropy: Vec<f64>,
+    mask: Vec<f64>,
+    advantages: Vec<f64>,
+    weights: Vec<f64>,
+    signs: Vec<f64>,
+    is_expert: Vec<f64>,
+    prompts: usize,
+    expert_lens: Vec<usize>,
+    expert_logprobs: Vec<f64>,
+    expert_index: Vec<f64>,
+}
+
+fn batch(rng: &mut Rng, rows: usize, padded: bool, expert_rows: bool) -> Batch {
+    let prompts = rows.div_ceil(4).max(1);
+    let lens: Vec<usize> = (0..rows)
+        .map(|_| {
+            if rng.below(9) == 0 {
+                0
+            } else {
+                1 + rng.below(40)
+            }
+        })
+        .collect();
+    let seq_len = lens.iter().copied().max().unwrap_or(0).max(1);
+    let tokens = if padded {
+        rows * seq_len
+    } else {
+        lens.iter().sum()
+    };
+    let mut mask = vec![0.0; tokens];
+    let mut k = 0;
+    for &l in &lens {
+        let width = if padded { seq_len } else { l };
+        for t in 0..width {
+            mask[k + t] = (t < l && rng.below(7) != 0) as u8 as f64;
+        }
+        k += width;
+    }
+    let logprobs: Vec<f64> = (0..tokens).map(|_| -4.0 * rng.uniform() - 1e-3).collect();
+    let old = logprobs
+        .iter()
+        .map(|l| l + 0.6 * (rng.uniform() - 0.5))
+        .collect();
+    let reference = logprobs
+        .iter()
+        .map(|l| l + 0.8 * (rng.uniform() - 0.5))
+        .collect();
+    let entropy = (0..tokens).map(|_| 3.0 * rng.uniform()).collect();
+    let advantages: Vec<f64> = (0..rows).map(|_| 2.0 * rng.uniform() - 1.0).collect();
+    let weights = advantages.iter().map(|a: &f64| a.abs()).collect();
+    let signs = (0..rows)
+        .map(|_| if rng.below(2) == 0 { 1.0 } else { -1.0 })
+        .collect();
+    let is_expert = (0..rows)
+        .map(|_| (expert_rows && rng.below(5) == 0) as u8 as f64)
+        .collect();
+    let expert_lens: Vec<usize> = (0..prompts).map(|_| 1 + rng.below(30)).collect();
+    let expert_logprobs = (0..expert_lens.iter().sum::<usize>())
+        .map(|_| -2.0 * rng.uniform())
+        .collect();
+    let expert_index = (0..rows)
+        .map(|i| {
+            if rng.below(6) == 0 {
+                -1.0
+            } else {
+                (i % prompts) as f64
+            }
+        })
+        .collect();
+    Batch {
+        rows,
+        lens,
+        padded,
+        seq_len,
+        tokens,
+        logprobs,
+        old,
+        reference,
+        entropy,
+        mask,
+        advantages,
+        weights,
+        signs,
+        is_expert,
+        prompts,
+        expert_lens,
+        expert_logprobs,
+        expert_index,
+    }
+}
+
+struct Outputs {
+    grad: Vec<f64>,
+    grad_entropy: Vec<f64>,
+    metrics_tensor: Vec<f64>,
+    metrics: CalibrlMetrics,
+}
+
+/// Runs the loss on the CPU and on the GPU (same inputs) and returns both results.
+fn run_both(
+    g: &Gpu,
+    cfg_json: &str,
+    b: &Batch,
+    dt: Dt,
+    normalizers: Option<CalibrlNormalizers>,
+) -> (Outputs, Outputs) {
+    let cfg = config(cfg_json);
+    let shape: Vec<usize> = if b.padded {
+        vec![b.rows, b.seq_len]
+    } else {
+        vec![b.tokens]
+    };
+    let mut offsets = vec![0.0];
+    for &l in &b.lens {
+        offsets.push(offsets.last().unwrap() + l as f64);
+    }
+    let mut eoff = vec![0.0];
+    for &l in &b.expert_lens {
+        eoff.push(eoff.last().unwrap() + l as f64);
+    }
+    let et = b.expert_logprobs.len();
+    let mut t_lp = Pair::new(g, dt, &b.logprobs, &shape);
+    let mut t_off = Pair::new(g, Dt::I64, &offsets, &[b.rows + 1]);
+    let mut t_mask = Pair::new(g, Dt::U8, &b.mask, &shape);
+    let mut t_old = Pair::new(g, dt, &b.old, &shape);
+    let mut t_ref = Pair::new(g, Dt::F32, &b.reference, &shape); // mixed dtypes on purpose
+    let mut t_ent = Pair::new(g, dt, &b.entropy, &shape);
+    let mut t_adv = Pair::new(g, Dt::F64, &b.advantages, &[b.rows]);
+    let mut t_w = Pair::new(g, Dt::F64, &b.weights, &[b.rows]);
+    let mut t_s = Pair::new(g, Dt::F32, &b.signs, &[b.rows]);
+    let mut t_ie = Pair::new(g, Dt::U8, &b.is_expert, &[b.rows]);
+    let mut t_elp = Pair::new(g, dt, &b.expert_logprobs, &[et]);
+    let mut t_eoff = Pair::new(g, Dt::I64, &eoff, &[b.prompts + 1]);
+    let mut t_eidx = Pair::new(g, Dt::I64, &b.expert_index, &[b.rows]);
+    let n = if b.padded {
+        b.rows * b.seq_len
+    } else {
+        b.tokens
+    };
+    let mut run = |on_gpu: bool| -> Outputs {
+        let nan = vec![f64::NAN; n];
+        let mut t_grad = Pair::new(g, dt, &nan, &shape);
+        let mut t_gent = Pair::new(g, dt, &nan, &shape);
+        let mut t_met = Pair::new(g, Dt::F64, &[f64::NAN; 15], &[15]);
+        let norm = normalizers.unwrap_or_default();
+        let args = CalibrlLossArgs {
+            logprobs: t_lp.desc(on_gpu),
+            seq_offsets: if b.padded { null() } else { t_off.desc(on_gpu) },
+            mask: t_mask.desc(on_gpu),
+            old_logprobs: t_old.desc(on_gpu),
+            ref_logprobs: t_ref.desc(on_gpu),
+            entropy: t_ent.desc(on_gpu),
+            advantages: t_adv.desc(on_gpu),
+            weights: t_w.desc(on_gpu),
+            signs: t_s.desc(on_gpu),
+            is_expert: t_ie.desc(on_gpu),
+            expert_logprobs: t_elp.desc(on_gpu),
+            expert_offsets: t_eoff.desc(on_gpu),
+            expert_mask: null(),
+            expert_index: t_eidx.desc(on_gpu),
+            normalizers: if normalizers.is_some() { &norm } else { null() },
+            grad_logprobs: t_grad.desc(on_gpu),
+            grad_entropy: t_gent.desc(on_gpu),
+            metrics: t_met.desc(on_gpu),
+        };
+        let mut m = CalibrlMetrics::default();
+        let stream = g.stream.cu_stream() as *mut c_void;
+        // SAFETY: every descriptor points at live host or device memory of its stated shape.
+        let s = unsafe { calibrl_loss(cfg, &args, &mut m, stream) };
+        assert_eq!(
+            s,
+            CalibrlStatus::Ok,
+            "{cfg_json} (gpu={on_gpu}): {}",
+            last_error()
+        );
+        g.stream.synchronize().unwrap();
+        if on_gpu {
+            Outputs {
+                grad: t_grad.dev_values(g),
+                grad_entropy: t_gent.dev_values(g),
+                metrics_tensor: t_met.dev_values(g),
+                metrics: m,
+            }
+        } else {
+            Outputs {
+                grad: t_grad.host_values(),
+                grad_entropy: t_gent.host_values(),
+                metrics_tensor: t_met.host_values(),
+                metrics: m,
+            }
+        }
+    };
+    let cpu = run(false);
+    let gpu = run(true);
+    // SAFETY: handle from calibrl_config_new.
+    unsafe { calibrl_config_free(cfg) };
+    (cpu, gpu)
+}
+
+const CONFIGS: &[&str] = &[
+    r#"{"preset":"paper"}"#,
+    r#"{"preset":"reference"}"#,
+    r#"{"preset":"grpo"}"#,
+    r#"{"preset":"paper","loss":"luffy"}"#,
+    r#"{"preset":"paper","loss":"rlplus"}"#,
+    r#"{"preset":"paper","activation":"relu","agg":"seq-mean-token-sum"}"#,
+    r#"{"preset":"paper","activation":"tanh","agg":"seq-mean-token-mean","length_normalize":true}"#,
+    r#"{"preset":"reference","activation":"sigmoid","agg":"seq-mean-token-sum-norm","t_norm":512}"#,
+    r#"{"preset":"reference","activation":"huber","baseline":"ref_policy"}"#,
+    r#"{"preset":"paper","baseline":"ref_policy","length_normalize":true,"alpha":0.3}"#,
+    r#"{"preset":"paper","kl_coef":0.05,"kl_kind":"k3","entropy_coef":0.01}"#,
+    r#"{"preset":"reference","kl_coef":0.1,"kl_kind":"k1","entropy_coef":0.02,"rarity_weighting":false}"#,
+    r#"{"preset":"paper","kl_coef":0.1,"kl_kind":"abs","dual_clip":0.0,"clip_high":0.28}"#,
+    r#"{"preset":"paper","kl_coef":0.1,"kl_kind":"k2","lambda":0.5}"#,
+];
+
+fn compare(label: &str, cpu: &Outputs, gpu: &Outputs, dt: Dt) {
+    let scale = cpu.metrics.loss.abs();
+    close(
+        &format!("{label} grad_logprobs"),
+        &cpu.grad,
+        &gpu.grad,
+        dt,
+        0.0,
+    );
+    close(
+        &format!("{label} grad_entropy"),
+        &cpu.grad_entropy,
+        &gpu.grad_entropy,
+        dt,
+        0.0,
+    );
+    close(
+        &format!("{label} metrics tensor"),
+        &cpu.metrics_tensor,
+        &gpu.metrics_tensor,
+        Dt::F64,
+        scale,
+    );
+    close(
+        &format!("{label} host metrics"),
+        &cpu.metrics.to_array(),
+        &gpu.metrics.to_array(),
+        Dt::F64,
+        scale,
+    );
+}
+
+#[test]
+fn loss_matches_cpu_for_every_configuration() {
+    let (g, _guard) = require_gpu!();
+    let mut rng = Rng::new(11);
+    for (ci, cfg) in CONFIGS.iter().enumerate() {
+        let expert_rows = cfg.contains("luffy") || cfg.contains("rlplus");
+        for (rows, padded, dt) in [
+            (1, false, Dt::F64),
+            (7, true, Dt::F32),
+            (100, false, Dt::Bf16),
+            (33, true, Dt::F64),
+        ] {
+            let b = batch(&mut rng, rows, padded, expert_rows);
+            let norm = (ci % 2 == 0).then_some(CalibrlNormalizers {
+                token_count: 977.0,
+                seq_count: 301.0,
+            });
+            let (cpu, gpu) = run_both(g, cfg, &b, dt, norm);
+            compare(
+                &format!("{cfg} rows={rows} padded={padded} {dt:?}"),
+                &cpu,
+                &gpu,
+                dt,
+            );
+        }
+    }
+}
+
+#[test]
+fn loss_is_bitwise_deterministic() {
+    let (g, _guard) = require_gpu!();
+    let mut rng = Rng::new(12);
+    let b = batch(&mut rng, 257, false, false);
+    let (_, first) = run_both(g, CONFIGS[0], &b, Dt::F32, None);
+    let (_, second) = run_both(g, CONFIGS[0], &b, Dt::F32, None);
+    let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&first.grad), bits(&second.grad));
+    assert_eq!(
+        bits(&first.metrics.to_array()),
+        bits(&second.metrics.to_array())
+    );
+}
+
+#[test]
+fn large_batch_matches_cpu() {
+    let (g, _guard) = require_gpu!();
+    let mut rng = Rng::new(13);
+    let b = batch(&mut rng, 5000, false, false);
+    let (cpu, gpu) = run_both(g, CONFIGS[1], &b, Dt::F32, None);
+    compare("5000 rows", &cpu, &gpu, Dt::F32);
+}
+
+#[test]
+fn advantages_match_cpu() {
+    let (g, _guard) = require_gpu!();
+    let mut rng = Rng::new(14);
+    for (rows, groups, cfg) in [
+        (1usize, 1usize, r#"{}"#),
+        (40, 5, r#"{"norm_by_std":true}"#),
+        (
+            1000,
+            97,
+            r#"{"rarity_weighting":false,"correct_threshold":0.5}"#,
+        ),
+        (4, 4, r#"{"norm_by_std":true}"#), // groups of one rollout
+    ] {
+        let cfgp = config(cfg);
+        let rewards: Vec<f64> = (0..rows)
+            .map(|_| {
+                if rng.below(3) == 0 {
+                    rng.uniform()
+                } else {
+                    rng.below(2) as f64
+                }
+            })
+            .collect();
+        // Every group gets at least one rollout; some rows are expert rows.
+        let gid: Vec<f64> = (0..rows)
+            .map(|i| {
+                if i < groups {
+                    i as f64
+                } else {
+                    rng.below(groups) as f64
+                }
+            })
+            .collect();
+        let expert: Vec<f64> = (0..rows)
+            .map(|i| (i >= groups && rng.below(8) == 0) as u8 as f64)
+            .collect();
+        let correct: Vec<f64> = (0..rows).map(|_| rng.below(2) as f64).collect();
+        for explicit in [false, true] {
+            let mut t_r = Pair::new(g, Dt::F32, &rewards, &[rows]);
+            let mut t_g = Pair::new(g, Dt::I64, &gid, &[rows]);
+            let mut t_e = Pair::new(g, Dt::U8, &expert, &[rows]);
+            let mut t_c = Pair::new(g, Dt::U8, &correct, &[rows]);
+            let mut outs: Vec<Vec<Vec<f64>>> = Vec::new();
+            for on_gpu in [false, true] {
+                let nan = vec![f64::NAN; rows];
+                let (mut a, mut w, mut s) = (
+                    Pair::new(g, Dt::F64, &nan, &[rows]),
+                    Pair::new(g, Dt::F32, &nan, &[rows]),
+                    Pair::new(g, Dt::F32, &nan, &[rows]),
+                );
+                let args = CalibrlAdvantageArgs {
+                    rewards: t_r.desc(on_gpu),
+                    group_ids: t_g.desc(on_gpu),
+                    num_groups: groups as i64,
+                    correct: if explicit { t_c.desc(on_gpu) } else { null() },
+                    is_expert: t_e.desc(on_gpu),
+                    advantages: a.desc(on_gpu),
+                    weights: w.desc(on_gpu),
+                    signs: s.desc(on_gpu),
+                };
+                // SAFETY: live descriptors.
+                let st = unsafe {
+                    calibrl_group_advantages(cfgp, &args, g.stream.cu_stream() as *mut c_void)
+                };
+                assert_eq!(st, CalibrlStatus::Ok, "{}", last_error());
+                g.stream.synchronize().unwrap();
+                outs.push(if on_gpu {
+                    vec![a.dev_values(g), w.dev_values(g), s.dev_values(g)]
+                } else {
+                    vec![a.host_values(), w.host_values(), s.host_values()]
+                });
+            }
+            for (j, name) in ["advantages", "weights", "signs"].iter().enumerate() {
+                let dt = if j == 0 { Dt::F64 } else { Dt::F32 };
+                close(
+                    &format!("{cfg} rows={rows} {name}"),
+                    &outs[0][j],
+                    &outs[1][j],
+                    dt,
+                    0.0,
+                );
+            }
+        }
+        // SAFETY: handle from calibrl_config_new.
+        unsafe { calibrl_config_free(cfgp) };
+    }
+}

@@ -1,0 +1,97 @@
+//! CI compile check: every kernel source under `cuda/` compiles with NVRTC for compute_90 and
+//! compute_80 and defines the kernels the library launches.
+//!
+//! Without NVRTC the test prints a notice and passes, unless `CALIBRL_REQUIRE_NVRTC=1` (set in
+//! CI), where a missing NVRTC fails the run. `CALIBRL_PTX_DIR=<dir>` also writes each module's
+//! PTX there (used by `scripts/kernel-resources.sh`).
+
+use calibrl::cuda::compile::{compile_all, nvrtc_available, nvrtc_version, SOURCES};
+use std::collections::BTreeSet;
+
+const ARCHS: [i32; 2] = [90, 80];
+
+fn nvrtc_or_skip() -> bool {
+    if nvrtc_available() {
+        return true;
+    }
+    let required = std::env::var("CALIBRL_REQUIRE_NVRTC").is_ok_and(|v| v == "1");
+    assert!(
+        !required,
+        "CALIBRL_REQUIRE_NVRTC=1 but NVRTC (libnvrtc.so.13) cannot be loaded; \
+         `pip install nvidia-cuda-nvrtc==13.0.*` and add its nvidia/cu13/lib to LD_LIBRARY_PATH"
+    );
+    println!("skipped: NVRTC not found (set CALIBRL_REQUIRE_NVRTC=1 to make this an error)");
+    false
+}
+
+#[test]
+fn every_cuda_source_is_registered() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/cuda");
+    let on_disk: BTreeSet<String> = std::fs::read_dir(dir)
+        .expect("cuda/ exists")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".cu"))
+        .map(|n| n.trim_end_matches(".cu").to_string())
+        .collect();
+    let registered: BTreeSet<String> = SOURCES.iter().map(|s| s.name.to_string()).collect();
+    assert_eq!(
+        on_disk, registered,
+        "cuda/*.cu files and calibrl::cuda::compile::SOURCES differ"
+    );
+    for src in SOURCES {
+        let file = std::fs::read_to_string(format!("{dir}/{}.cu", src.name)).unwrap();
+        assert_eq!(
+            file, src.source,
+            "{}.cu differs from the embedded source (rebuild)",
+            src.name
+        );
+    }
+}
+
+#[test]
+fn every_kernel_compiles_with_nvrtc() {
+    if !nvrtc_or_skip() {
+        return;
+    }
+    let (major, minor) = nvrtc_version().unwrap();
+    println!("NVRTC {major}.{minor}");
+    assert!(
+        major >= 13,
+        "NVRTC {major}.{minor}: the kernels are checked against CUDA 13"
+    );
+    let ptx_dir = std::env::var_os("CALIBRL_PTX_DIR");
+    for arch in ARCHS {
+        let compiled = compile_all(arch).unwrap_or_else(|e| panic!("compute_{arch}: {e}"));
+        let (reports, modules) = (&compiled.reports, &compiled.modules);
+        for src in SOURCES {
+            for kernel in src.kernels {
+                let r = reports
+                    .iter()
+                    .find(|r| r.module == src.name && r.kernel == *kernel)
+                    .unwrap_or_else(|| {
+                        panic!(
+                            "compute_{arch}: {}.cu has no PTX entry `{kernel}`",
+                            src.name
+                        )
+                    });
+                assert!(
+                    r.ptx_bytes > 200,
+                    "compute_{arch}: `{kernel}` PTX is suspiciously small"
+                );
+                println!(
+                    "compute_{arch}  {:<10} {:<36} {:>8} bytes of PTX",
+                    r.module, r.kernel, r.ptx_bytes
+                );
+            }
+        }
+        if let Some(dir) = &ptx_dir {
+            std::fs::create_dir_all(dir).unwrap();
+            for (name, ptx) in modules {
+                let path = std::path::Path::new(dir).join(format!("{name}.compute_{arch}.ptx"));
+                std::fs::write(&path, ptx).unwrap();
+                println!("wrote {}", path.display());
+            }
+        }
+    }
+}
