@@ -1,0 +1,62 @@
+"""calibrl: the CalibRL objective (hybrid-policy RLVR with controllable exploration).
+
+Python bindings of ``libcalibrl.so`` (C ABI, DLPack tensors, no copies). The array-level API
+takes NumPy arrays, PyTorch tensors (CPU/CUDA, bf16 included) or ``__dlpack__`` objects; the
+PyTorch autograd API lives in :mod:`calibrl.autograd` (imported here when torch is installed).
+"""
+
+from ._lib import (
+    EXPECTED_ABI_VERSION,
+    METRICS_NAMES,
+    AbiMismatchError,
+    BufferTooSmallError,
+    CalibrlError,
+    ConfigError,
+    CudaError,
+    CudaUnavailableError,
+    DeviceError,
+    DtypeError,
+    InvalidArgumentError,
+    LayoutError,
+    LibraryNotFoundError,
+    MissingSymbolError,
+    NonFiniteError,
+    NullArgumentError,
+    PanicError,
+    ShapeError,
+)
+from .config import PRESETS, Config
+from .ops import (
+    LossInputs,
+    LossResult,
+    group_advantages,
+    logits_backward,
+    logits_forward,
+    logits_shard_finish,
+    logits_shard_stats,
+    loss,
+    metrics_dict,
+)
+
+
+def library_version() -> str:
+    """The loaded library's version string."""
+    from ._lib import lib
+
+    return lib().version
+
+
+try:  # PyTorch is optional
+    import torch as _torch  # noqa: F401
+except ImportError:  # pragma: no cover
+    pass
+else:
+    from .autograd import (  # noqa: F401
+        CalibRLLoss,
+        FusedLogitsCalibRL,
+        calibrl_loss,
+        fused_logits_calibrl_loss,
+        vocab_parallel_calibrl_loss,
+    )
+
+__version__ = "0.1.0"

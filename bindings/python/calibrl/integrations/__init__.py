@@ -1,0 +1,1 @@
+"""Drop-ins for trainers: `megatron`, `verl`, `deepspeed` (import the one you use)."""
