@@ -42,8 +42,10 @@ def test_cuda_off_policy_kinds_with_entropy_and_kl(kind):
     cfg = calibrl.Config("paper", loss=kind, entropy_coef=0.01, kl_coef=0.05, kl_kind="k3")
     b = batch(seed=4)
     is_expert = torch.tensor([False, False, True, False, False, True])
-    parts, g_lp, g_ent = reference(cfg, b, ref_lp=True, with_entropy=True, is_expert=is_expert)
-    res = calibrl.loss(cfg, b["lp"].cuda(), cuda_inputs(b, ref_lp=True, is_expert=is_expert), entropy=b["ent"].cuda())
+    # LUFFY / RL-PLUS train the expert rows and take no exploration baseline.
+    parts, g_lp, g_ent = reference(cfg, b, ref_lp=True, with_entropy=True, is_expert=is_expert, experts=False)
+    inputs = cuda_inputs(b, ref_lp=True, is_expert=is_expert, experts=False)
+    res = calibrl.loss(cfg, b["lp"].cuda(), inputs, entropy=b["ent"].cuda())
     assert_metrics(res, parts)
     torch.testing.assert_close(res.grad_logprobs.cpu(), g_lp, atol=1e-12, rtol=1e-9)
     torch.testing.assert_close(res.grad_entropy.cpu(), g_ent, atol=1e-12, rtol=1e-9)
