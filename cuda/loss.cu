@@ -8,9 +8,9 @@
 //
 // Pipeline of one loss call, all on the caller's stream, workspace owned by the caller:
 //   expert_sums  (one block per expert slot)  → E_g, Σ m*ℓ*, Σ m*
-//   loss_rows    (one block per row)          → per-row partial sums
+//   loss_rows    (one warp per row)           → per-row partial sums
 //   loss_finish  (one block)                  → normalisers, loss, metrics
-//   loss_grad    (one block per row)          → ∂L/∂ℓ, ∂L/∂H
+//   loss_grad    (one warp per row)           → ∂L/∂ℓ, ∂L/∂H
 
 // No header is included, so a bare NVRTC compiles this file.
 typedef long long i64;
@@ -92,6 +92,14 @@ __device__ void block_sum(double (&v)[N], double* scratch) {
       v[j] = s;
     }
   }
+}
+
+// Sums N values across a warp in a fixed order; the result is valid in lane 0.
+template <int N>
+__device__ __forceinline__ void warp_sum(double (&v)[N]) {
+#pragma unroll
+  for (int j = 0; j < N; ++j)
+    for (int o = 16; o > 0; o >>= 1) v[j] += __shfl_down_sync(0xffffffffu, v[j], o);
 }
 
 // ---------------------------------------------------------------- group advantages (SPEC §3)
@@ -377,10 +385,12 @@ __device__ __forceinline__ double token_baseline(const LossParams& p, i64 slot, 
   return mask_at(p.expert_mask, p.expert_mask_dt, start + t) * ld(p.expert_logprobs, p.expert_dt, start + t);
 }
 
-// One block per row: the row's partial sums.
+// One warp per row (rows are a few hundred to a few thousand tokens: a block per row spent
+// more time in its reduction than in the tokens): the row's partial sums.
 extern "C" __global__ void calibrl_loss_rows(LossParams p) {
-  __shared__ double scratch[32 * 13];
-  for (i64 i = blockIdx.x; i < p.rows; i += gridDim.x) {
+  const int lane = threadIdx.x & 31;
+  const i64 warps = blockDim.x >> 5;
+  for (i64 i = blockIdx.x * warps + (threadIdx.x >> 5); i < p.rows; i += gridDim.x * warps) {
     const bool is_exp = expert_row(p, i);
     const bool trained = !is_exp || trains_experts(p);
     const double a = ld(p.advantages, p.advantages_dt, i);
@@ -393,7 +403,7 @@ extern "C" __global__ void calibrl_loss_rows(LossParams p) {
     // n, pg, clip, lower, ppo_kl, rtok, ent, kl, tok_ex, dsum, dcnt, S, R
     double v[13] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
     if (trained) {
-      for (i64 t = threadIdx.x; t < len; t += blockDim.x) {
+      for (i64 t = lane; t < len; t += 32) {
         const i64 k = start + t;
         if (mask_at(p.mask, p.mask_dt, k) == 0.0) continue;
         const double logp = ld(p.logprobs, p.logprobs_dt, k);
@@ -425,8 +435,8 @@ extern "C" __global__ void calibrl_loss_rows(LossParams p) {
         }
       }
     }
-    block_sum<13>(v, scratch);
-    if (threadIdx.x == 0) {
+    warp_sum<13>(v);
+    if (lane == 0) {
       double* r = p.row_ws + i * ROW_FIELDS;
       const double n = v[0];
       r[R_N] = n; r[R_PG] = v[1]; r[R_CLIP] = v[2]; r[R_LOWER] = v[3]; r[R_PPO_KL] = v[4];
@@ -452,7 +462,6 @@ extern "C" __global__ void calibrl_loss_rows(LossParams p) {
         r[R_DCNT] = 1.0;
       }
     }
-    __syncthreads();
   }
 }
 
@@ -468,7 +477,7 @@ __device__ __forceinline__ double agg_factor(const LossParams& p, double n_row, 
 #define METRICS 15
 
 // One block: normalisers, the loss and the metrics.
-extern "C" __global__ void calibrl_loss_finish(LossParams p) {
+extern "C" __global__ void __launch_bounds__(512) calibrl_loss_finish(LossParams p) {
   __shared__ double scratch[32 * 16];
   __shared__ double norms[2];
   // Pass 1: local counts (and everything that needs no normaliser).
@@ -531,11 +540,13 @@ extern "C" __global__ void calibrl_loss_finish(LossParams p) {
   }
 }
 
-// One block per row: ∂L/∂ℓ and ∂L/∂H for every element (0 where nothing flows).
+// One warp per row: ∂L/∂ℓ and ∂L/∂H for every element (0 where nothing flows).
 extern "C" __global__ void calibrl_loss_grad(LossParams p) {
   const double n_tok = p.final_ws[0], n_seq = p.final_ws[1];
   const double lambda = effective_lambda(p);
-  for (i64 i = blockIdx.x; i < p.rows; i += gridDim.x) {
+  const int lane = threadIdx.x & 31;
+  const i64 warps = blockDim.x >> 5;
+  for (i64 i = blockIdx.x * warps + (threadIdx.x >> 5); i < p.rows; i += gridDim.x * warps) {
     const double* r = p.row_ws + i * ROW_FIELDS;
     const bool trained = r[R_TRAINED] != 0.0;
     const bool is_exp = expert_row(p, i);
@@ -548,7 +559,7 @@ extern "C" __global__ void calibrl_loss_grad(LossParams p) {
     const double seq_coef = lambda * inv(n_seq) * r[R_SEQ_COEF];
     i64 start, len;
     row_range(p, i, start, len);
-    for (i64 t = threadIdx.x; t < len; t += blockDim.x) {
+    for (i64 t = lane; t < len; t += 32) {
       const i64 k = start + t;
       double g = 0.0, gh = 0.0;
       if (trained && mask_at(p.mask, p.mask_dt, k) != 0.0) {

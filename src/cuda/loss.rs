@@ -40,6 +40,10 @@ pub const LOSS: KernelSource = KernelSource {
 const ROW_FIELDS: usize = 18; // ROW_FIELDS in cuda/loss.cu
 const FINAL_FIELDS: usize = 4; // FINAL_FIELDS in cuda/loss.cu
 const THREADS: u32 = 256;
+/// Rows per block of the row kernels (one warp per row).
+const WARPS: usize = THREADS as usize / 32;
+/// The single-block finish kernel (`__launch_bounds__(512)` in cuda/loss.cu).
+const FINISH_THREADS: u32 = 512;
 const MAX_BLOCKS: usize = 1 << 20; // grid-stride loops cover more rows
 
 /// dtype codes (`DT_*` in cuda/loss.cu).
@@ -434,11 +438,32 @@ pub fn loss(
         )?;
     }
     if b > 0 {
-        launch(dev, "calibrl_loss_rows", b, THREADS, stream, &mut p)?;
+        launch(
+            dev,
+            "calibrl_loss_rows",
+            b.div_ceil(WARPS),
+            THREADS,
+            stream,
+            &mut p,
+        )?;
     }
-    launch(dev, "calibrl_loss_finish", 1, THREADS, stream, &mut p)?;
+    launch(
+        dev,
+        "calibrl_loss_finish",
+        1,
+        FINISH_THREADS,
+        stream,
+        &mut p,
+    )?;
     if b > 0 && (args.grad_logprobs.is_some() || args.grad_entropy.is_some()) {
-        launch(dev, "calibrl_loss_grad", b, THREADS, stream, &mut p)?;
+        launch(
+            dev,
+            "calibrl_loss_grad",
+            b.div_ceil(WARPS),
+            THREADS,
+            stream,
+            &mut p,
+        )?;
     }
     if let Some(h) = host_metrics {
         let mut values = [0f64; METRICS_LEN];
