@@ -7,6 +7,7 @@
 // scripts/cpp-tests.sh to compare with the example's output.
 #include <calibrl.hpp>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdio>
@@ -348,6 +349,216 @@ void test_logits() {
   report(ok, "logits_shard_stats + shard_finish over 2 strided shards = full forward");
 }
 
+// ---- the scheduler (SPEC §7) ----------------------------------------------------------------
+static_assert(!std::is_copy_constructible_v<calibrl::Plan>, "Plan is move-only");
+static_assert(std::is_nothrow_move_constructible_v<calibrl::Plan>);
+
+// A deterministic step: `n` prompts, 1..6 rollouts of 1..60 tokens, an expert for 3 prompts in 4,
+// and one 200-token rollout (over both budgets below).
+std::vector<calibrl::Prompt> plan_prompts(int n) {
+  std::uint64_t state = 7;
+  auto next = [&state](std::uint32_t lo, std::uint32_t hi) {
+    state = state * 6364136223846793005ULL + 1442695040888963407ULL;
+    return lo + static_cast<std::uint32_t>((state >> 33) % (hi - lo + 1));
+  };
+  std::vector<calibrl::Prompt> prompts(n);
+  for (int g = 0; g < n; ++g) {
+    prompts[g].prompt_len = next(1, 40);
+    const std::uint32_t k = next(1, 6);
+    for (std::uint32_t j = 0; j < k; ++j) prompts[g].rollout_lens.push_back(next(1, 60));
+    if (g % 4 != 0) prompts[g].expert_len = next(1, 80);
+  }
+  prompts[2].rollout_lens[0] = 200;
+  return prompts;
+}
+
+// Every property of docs/scheduler.md that a plan must have, for CalibRL or LUFFY.
+void check_plan(const std::vector<calibrl::Prompt>& prompts, const calibrl::SchedulerConfig& cfg,
+                const std::string& name) {
+  const calibrl::Plan plan(cfg, prompts);
+  const calibrl_plan_info info = plan.summary();
+  const bool trains_experts = cfg.capi().loss_kind == CALIBRL_LOSS_LUFFY;
+  std::vector<std::uint32_t> prompt_of, lens;  // per rollout id
+  std::uint64_t experts = 0, expert_tokens = 0;
+  for (std::size_t g = 0; g < prompts.size(); ++g) {
+    for (std::uint32_t n : prompts[g].rollout_lens) {
+      prompt_of.push_back(static_cast<std::uint32_t>(g));
+      lens.push_back(n);
+    }
+    if (prompts[g].expert_len) {
+      experts += 1;
+      expert_tokens += *prompts[g].expert_len;
+    }
+  }
+  const std::int64_t R = static_cast<std::int64_t>(lens.size());
+  const std::int64_t P = static_cast<std::int64_t>(experts);
+  report(info.num_prompts == prompts.size() && info.num_rollouts == lens.size() &&
+             info.num_expert_slots == experts && info.expert_tokens == expert_tokens &&
+             info.dp_ranks == cfg.capi().dp_ranks,
+         name + ": summary counts the input (" + std::to_string(R) + " rollouts, " +
+             std::to_string(P) + " experts)");
+
+  // Sequences describe the input.
+  bool seqs_ok = true;
+  for (std::int64_t i = 0; i < R; ++i) {
+    const calibrl_seq_info s = plan.seq(i);
+    seqs_ok = seqs_ok && s.kind == CALIBRL_SEQ_ROLLOUT && s.prompt == prompt_of[i] &&
+              s.response_len == lens[i] && s.tokens == prompts[s.prompt].prompt_len + lens[i];
+  }
+  report(seqs_ok, name + ": seq(i) of every rollout matches its prompt and length");
+
+  // Gather map, expert slots and offsets.
+  const std::vector<std::int64_t> gather = plan.gather_map(), eprompts = plan.expert_prompts(),
+                                  eoffsets = plan.expert_offsets();
+  bool gather_ok = static_cast<std::int64_t>(gather.size()) == R &&
+                   static_cast<std::int64_t>(eprompts.size()) == P &&
+                   eoffsets.size() == eprompts.size() + 1 && eoffsets.front() == 0;
+  for (std::size_t s = 0; gather_ok && s < eprompts.size(); ++s) {
+    gather_ok = prompts[eprompts[s]].expert_len &&
+                eoffsets[s + 1] - eoffsets[s] == *prompts[eprompts[s]].expert_len &&
+                plan.seq(R + static_cast<std::int64_t>(s)).kind == CALIBRL_SEQ_EXPERT;
+  }
+  for (std::int64_t i = 0; gather_ok && i < R; ++i) {
+    const std::int64_t slot = gather[i];
+    gather_ok = slot == -1 ? !prompts[prompt_of[i]].expert_len
+                           : slot < P && eprompts[slot] == prompt_of[i];
+  }
+  report(gather_ok, name + ": gather map points each rollout at its prompt's expert slot (-1: none)");
+
+  // No-grad pass: every rollout and every expert exactly once; equal micro-batch counts.
+  std::vector<int> seen(R + P, 0);
+  bool ranks_ok = true, kinds_ok = true;
+  for (const auto& rank : plan.nograd()) {
+    ranks_ok = ranks_ok && rank.size() == info.nograd_microbatches;
+    for (const calibrl::Microbatch& mb : rank) {
+      for (std::size_t j = 0; j < mb.size(); ++j) {
+        seen.at(mb.ids[j]) += 1;
+        kinds_ok = kinds_ok && mb.kinds[j] == (mb.ids[j] >= R ? CALIBRL_SEQ_EXPERT : CALIBRL_SEQ_ROLLOUT);
+      }
+    }
+  }
+  report(std::all_of(seen.begin(), seen.end(), [](int c) { return c == 1; }) && ranks_ok && kinds_ok,
+         name + ": no-grad pass holds every rollout and every expert once, " +
+             std::to_string(info.nograd_microbatches) + " micro-batches on each rank");
+
+  // Training pass: every rollout once per pass; experts only for LUFFY; normalisers = counts.
+  std::fill(seen.begin(), seen.end(), 0);
+  bool mb_ok = true, norm_ok = true;
+  for (std::size_t b = 0; b < info.num_minibatches; ++b) {
+    const calibrl_minibatch_info mbi = plan.minibatch(b);
+    double tokens = 0, rows = 0;
+    for (const auto& rank : plan.train(b)) {
+      mb_ok = mb_ok && rank.size() == mbi.microbatches;
+      for (const calibrl::Microbatch& mb : rank) {
+        for (std::int64_t id : mb.ids) {
+          seen.at(id) += 1;
+          const calibrl_seq_info s = plan.seq(id);
+          mb_ok = mb_ok && s.prompt >= mbi.first_prompt && s.prompt < mbi.first_prompt + mbi.num_prompts;
+          tokens += s.response_len;
+          rows += 1;
+        }
+      }
+    }
+    const calibrl_normalizers n = plan.normalizers(b);
+    norm_ok = norm_ok && n.token_count == tokens && n.seq_count == rows &&
+              mbi.normalizers.token_count == tokens && mbi.normalizers.seq_count == rows;
+  }
+  const bool rollouts_once = std::all_of(seen.begin(), seen.begin() + R, [](int c) { return c == 1; });
+  const int want_expert = trains_experts ? 1 : 0;
+  const bool experts_ok = std::all_of(seen.begin() + R, seen.end(), [&](int c) { return c == want_expert; });
+  report(rollouts_once && mb_ok, name + ": training pass holds every rollout once, in its mini-batch, "
+                                        "with equal micro-batch counts per rank");
+  report(experts_ok, name + (trains_experts ? ": LUFFY trains each expert row once"
+                                            : ": CalibRL never trains an expert row"));
+  report(norm_ok, name + ": normalizers(b) = response tokens and rows of the trained sequences");
+
+  // Oversize: the 200-token rollout (id of prompt 2's first rollout) is over both budgets.
+  std::int64_t long_id = 0;
+  for (std::size_t g = 0; g < 2; ++g) long_id += static_cast<std::int64_t>(prompts[g].rollout_lens.size());
+  const auto over_ng = plan.oversize(CALIBRL_PASS_NOGRAD), over_tr = plan.oversize(CALIBRL_PASS_TRAIN);
+  report(std::find(over_ng.begin(), over_ng.end(), long_id) != over_ng.end() &&
+             std::find(over_tr.begin(), over_tr.end(), long_id) != over_tr.end() &&
+             over_ng.size() == info.nograd_oversize && over_tr.size() == info.train_oversize,
+         name + ": oversize(NOGRAD/TRAIN) list the 200-token rollout");
+}
+
+void test_plan() {
+  const std::vector<calibrl::Prompt> prompts = plan_prompts(20);
+  const calibrl::SchedulerConfig defaults;
+  report(defaults.capi().dp_ranks == 1 && defaults.capi().nograd_token_budget == 16384 &&
+             defaults.capi().loss_kind == CALIBRL_LOSS_CALIBRL &&
+             defaults.capi().expert_selection == CALIBRL_SELECT_ALL &&
+             near(defaults.capi().quadratic_coef, CALIBRL_DEFAULT_QUADRATIC_COEF, 1e-15),
+         "SchedulerConfig() holds calibrl_scheduler_config_default");
+  const calibrl::SchedulerConfig cfg = calibrl::SchedulerConfig{}
+                                           .dp_ranks(3)
+                                           .minibatch_prompts(6)
+                                           .nograd_token_budget(150)
+                                           .train_token_budget(100);
+  check_plan(prompts, cfg, "CalibRL plan");
+  check_plan(prompts, calibrl::SchedulerConfig(cfg).loss_kind(CALIBRL_LOSS_LUFFY), "LUFFY plan");
+
+  // The two-call convention of the raw ABI, which the wrapper relies on.
+  calibrl::Plan plan(cfg, prompts);
+  std::size_t len = 0;
+  std::int64_t one[1];
+  const calibrl_status s = calibrl_plan_gather_map(plan.capi(), one, 1, &len);
+  const std::string message = calibrl_last_error_message();  // before the next calibrl call
+  report(s == CALIBRL_STATUS_BUFFER_TOO_SMALL && len == plan.summary().num_rollouts &&
+             message.find("`expert_index`") != std::string::npos,
+         "a short buffer gives BUFFER_TOO_SMALL and the needed length: " + message);
+
+  // collect_experts: each token's value encodes (id, position); the expert tensor and sums follow.
+  const std::int64_t R = static_cast<std::int64_t>(plan.summary().num_rollouts);
+  std::vector<double> nograd_out;
+  for (const auto& rank : plan.nograd()) {
+    for (const calibrl::Microbatch& mb : rank) {
+      for (std::int64_t id : mb.ids) {
+        for (std::uint32_t t = 0; t < plan.seq(id).response_len; ++t) nograd_out.push_back(id * 1000.0 + t);
+      }
+    }
+  }
+  const std::vector<std::int64_t> offsets = plan.expert_offsets();
+  std::vector<double> expert_lp(offsets.back()), sums(offsets.size() - 1);
+  plan.collect_experts(-1, nograd_out, expert_lp, sums);
+  bool collect_ok = true;
+  for (std::size_t slot = 0; slot + 1 < offsets.size(); ++slot) {
+    double sum = 0;
+    for (std::int64_t t = offsets[slot]; t < offsets[slot + 1]; ++t) {
+      const double want = (R + static_cast<std::int64_t>(slot)) * 1000.0 + double(t - offsets[slot]);
+      collect_ok = collect_ok && expert_lp[t] == want;
+      sum += want;
+    }
+    collect_ok = collect_ok && sums[slot] == sum;
+  }
+  report(collect_ok, "collect_experts gathers each expert's no-grad log-probs and sums them");
+  expect_error([&] { plan.collect_experts(-1, expert_lp, std::nullopt, sums); },
+               CALIBRL_STATUS_SHAPE_MISMATCH, "`nograd_logprobs`",
+               "collect_experts with the wrong length names nograd_logprobs");
+
+  calibrl_plan* raw = plan.capi();
+  calibrl::Plan moved = std::move(plan);
+  report(plan.capi() == nullptr && moved.capi() == raw, "Plan moves its handle");  // NOLINT(use-after-move)
+
+  // Errors name the argument.
+  expect_error([&] { calibrl::Plan p(calibrl::SchedulerConfig(cfg).dp_ranks(0), prompts); },
+               CALIBRL_STATUS_INVALID_ARGUMENT, "`config.dp_ranks`", "zero ranks");
+  expect_error([&] { calibrl::Plan p(calibrl::SchedulerConfig(cfg).train_token_budget(0), prompts); },
+               CALIBRL_STATUS_INVALID_ARGUMENT, "`config.train_token_budget`", "zero training budget");
+  std::vector<calibrl::Prompt> bad = prompts;
+  bad[1].rollout_lens.clear();
+  expect_error([&] { calibrl::Plan p(cfg, bad); }, CALIBRL_STATUS_INVALID_ARGUMENT,
+               "`prompts[1].num_rollouts`", "a prompt with no rollouts");
+  bad = prompts;
+  bad[0].rewards.assign(bad[0].rollout_lens.size(), 1.0);
+  expect_error([&] { calibrl::Plan p(cfg, bad); }, CALIBRL_STATUS_INVALID_ARGUMENT,
+               "`prompts[1].rewards`", "rewards for some prompts only");
+  expect_error([&] { (void)moved.minibatch(99); }, CALIBRL_STATUS_INVALID_ARGUMENT, "`minibatch`",
+               "a mini-batch index out of range");
+  expect_error([&] { (void)moved.oversize(7); }, CALIBRL_STATUS_INVALID_ARGUMENT, "`pass`",
+               "an unknown pass");
+}
+
 // The train_step example's batch, recomputed independently: log-softmax by hand in double,
 // advantages by hand, padded [B, S] f64 layout with a mask, the raw C ABI (no wrapper).
 double reference_train_step_loss() {
@@ -465,6 +676,7 @@ int main(int argc, char** argv) {
       {"loss (one token)", test_loss_one_token},
       {"loss (clipping)", test_loss_clipping},
       {"errors", test_errors},       {"logits", test_logits},
+      {"plan", test_plan},
   };
   for (const auto& [name, fn] : groups) {
     std::printf("[%s]\n", name);

@@ -37,6 +37,7 @@ from .ops import (
     loss,
     metrics_dict,
 )
+from .plan import Minibatch, Plan, Prompt, SchedulerConfig, SeqKind, SeqRef, plan
 
 
 def library_version() -> str:

@@ -10,7 +10,19 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
-from ctypes import POINTER, c_char_p, c_double, c_int32, c_int64, c_size_t, c_uint32, c_void_p
+from ctypes import (
+    POINTER,
+    c_bool,
+    c_char_p,
+    c_double,
+    c_int32,
+    c_int64,
+    c_size_t,
+    c_uint8,
+    c_uint32,
+    c_uint64,
+    c_void_p,
+)
 from pathlib import Path
 
 from ._dlpack import DLTensor
@@ -203,12 +215,79 @@ class LossArgs(ctypes.Structure):
     ]
 
 
+class SchedulerConfigC(ctypes.Structure):
+    """``calibrl_scheduler_config`` (SPEC §7); :class:`calibrl.SchedulerConfig` builds it."""
+
+    _fields_ = [
+        ("dp_ranks", c_uint32),
+        ("minibatch_prompts", c_uint32),
+        ("nograd_token_budget", c_uint64),
+        ("train_token_budget", c_uint64),
+        ("loss_kind", c_uint32),
+        ("expert_selection", c_uint32),
+        ("seed", c_uint64),
+        ("fraction", c_double),
+        ("pass_rate_low", c_double),
+        ("pass_rate_high", c_double),
+        ("reward_threshold", c_double),
+        ("quadratic_coef", c_double),
+    ]
+
+
+class PromptDesc(ctypes.Structure):
+    """``calibrl_prompt_desc``: one prompt of the step (``expert_len`` -1: no expert)."""
+
+    _fields_ = [("prompt_len", c_uint32), ("num_rollouts", c_uint32), ("expert_len", c_int64)]
+
+
+class PlanInfo(ctypes.Structure):
+    """``calibrl_plan_info``: the counts of a plan."""
+
+    _fields_ = [
+        ("num_prompts", c_uint64),
+        ("num_rollouts", c_uint64),
+        ("num_expert_slots", c_uint64),
+        ("expert_tokens", c_uint64),
+        ("dp_ranks", c_uint64),
+        ("nograd_microbatches", c_uint64),
+        ("num_minibatches", c_uint64),
+        ("nograd_oversize", c_uint64),
+        ("train_oversize", c_uint64),
+    ]
+
+
+class MinibatchInfo(ctypes.Structure):
+    """``calibrl_minibatch_info``: one mini-batch of the training pass."""
+
+    _fields_ = [
+        ("first_prompt", c_uint64),
+        ("num_prompts", c_uint64),
+        ("microbatches", c_uint64),
+        ("normalizers", Normalizers),
+    ]
+
+
+class SeqInfo(ctypes.Structure):
+    """``calibrl_seq_info``: one sequence of a plan."""
+
+    _fields_ = [
+        ("kind", c_uint32),
+        ("prompt", c_uint32),
+        ("index", c_uint32),
+        ("tokens", c_uint32),
+        ("response_len", c_uint32),
+    ]
+
+
 # --------------------------------------------------------------------------------------------
 # Signatures: every export, in one table. Functions returning calibrl_status are checked.
 
 _status = c_int32
 _stream = c_void_p
 _cfg = c_void_p
+_plan = c_void_p
+_i64p = POINTER(c_int64)
+_sizep = POINTER(c_size_t)
 
 _SIGNATURES: dict[str, tuple[object, list]] = {
     # library
@@ -227,6 +306,29 @@ _SIGNATURES: dict[str, tuple[object, list]] = {
     "calibrl_logits_backward": (_status, [_T, _T, c_double, c_int64, _T, _T, _T, _T, _T, _stream]),
     "calibrl_logits_shard_stats": (_status, [_T, _T, c_double, c_int64, _T, _stream]),
     "calibrl_logits_shard_finish": (_status, [_T, _T, _T, _T, _T, _stream]),
+    # SPEC §7: the scheduler
+    "calibrl_scheduler_config_default": (_status, [POINTER(SchedulerConfigC)]),
+    "calibrl_plan_new": (
+        _status,
+        [POINTER(SchedulerConfigC), POINTER(PromptDesc), c_size_t, POINTER(c_uint32), c_size_t,
+         POINTER(c_double), POINTER(c_void_p)],
+    ),
+    "calibrl_plan_free": (None, [_plan]),
+    "calibrl_plan_summary": (_status, [_plan, POINTER(PlanInfo)]),
+    "calibrl_plan_minibatch": (_status, [_plan, c_size_t, POINTER(MinibatchInfo)]),
+    "calibrl_plan_normalizers": (_status, [_plan, c_size_t, POINTER(Normalizers)]),
+    "calibrl_plan_nograd_microbatch": (
+        _status, [_plan, c_size_t, c_size_t, _i64p, POINTER(c_uint8), c_size_t, _sizep]
+    ),
+    "calibrl_plan_train_microbatch": (
+        _status, [_plan, c_size_t, c_size_t, c_size_t, _i64p, POINTER(c_uint8), c_size_t, _sizep]
+    ),
+    "calibrl_plan_gather_map": (_status, [_plan, _i64p, c_size_t, _sizep]),
+    "calibrl_plan_expert_prompts": (_status, [_plan, _i64p, c_size_t, _sizep]),
+    "calibrl_plan_expert_offsets": (_status, [_plan, _i64p, c_size_t, _sizep]),
+    "calibrl_plan_oversize": (_status, [_plan, c_uint32, _i64p, c_size_t, _sizep]),
+    "calibrl_plan_seq": (_status, [_plan, c_int64, POINTER(SeqInfo)]),
+    "calibrl_plan_collect_experts": (_status, [_plan, c_int64, _T, _T, _T, c_bool, _stream]),
 }
 
 #: Functions whose return value is a ``calibrl_status`` to check.

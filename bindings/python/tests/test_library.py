@@ -97,11 +97,14 @@ def _header_structs(text: str) -> dict:
 
 
 def _header_functions(text: str) -> dict:
-    """{function name: (return type, number of parameters)} of the header's prototypes."""
+    """{function name: (return type, [parameter types])} of the header's prototypes."""
     out = {}
-    for m in re.finditer(r"([\w\s\*]+?)\b(calibrl_\w+)\(([^)]*)\);", _strip_comments(text)):
-        params = [p for p in m.group(3).split(",") if p.strip() not in ("", "void")]
-        out[m.group(2)] = (" ".join(m.group(1).split()), len(params))
+    text = re.sub(r"^\s*#.*$", "", _strip_comments(text), flags=re.M)  # preprocessor lines
+    for m in re.finditer(r"([\w\s\*]+?)\b(calibrl_\w+)\(([^)]*)\);", text):
+        params = [p.strip() for p in m.group(3).split(",") if p.strip() not in ("", "void")]
+        # Drop the parameter name: "const struct calibrl_plan *plan" -> "const struct calibrl_plan *".
+        types = [" ".join(re.sub(r"\w+$", "", p).split()) for p in params]
+        out[m.group(2)] = (" ".join(m.group(1).split()), types)
     return out
 
 
@@ -116,10 +119,52 @@ def _ctype_matches(c_type: str, py_type) -> bool:
         "int32_t": ctypes.c_int32,
         "uint8_t": ctypes.c_uint8,
         "uint16_t": ctypes.c_uint16,
+        "uint32_t": ctypes.c_uint32,
         "uint64_t": ctypes.c_uint64,
         "DLDevice": calibrl._dlpack.DLDevice,
         "DLDataType": calibrl._dlpack.DLDataType,
+        "struct calibrl_normalizers": _lib.Normalizers,
     }.get(c_type) is py_type
+
+
+# Opaque handles and typedefs that the bindings pass as void pointers.
+_OPAQUE = {"calibrl_config", "calibrl_plan"}
+
+
+def _param_matches(c_type: str, py_type, structs: dict) -> bool:
+    """Whether a ctypes argument/return type is exactly the C type of the header (pointers
+    included: ``uint32_t *`` must be ``POINTER(c_uint32)``, ``struct calibrl_plan **``
+    ``POINTER(c_void_p)``)."""
+    import ctypes
+
+    words = [w for w in c_type.replace("*", " * ").split() if w not in ("const", "struct", "enum")]
+    stars = words.count("*")
+    base = " ".join(w for w in words if w != "*")
+    if stars == 0:
+        return {
+            "void": None,
+            "bool": ctypes.c_bool,
+            "double": ctypes.c_double,
+            "int64_t": ctypes.c_int64,
+            "int32_t": ctypes.c_int32,
+            "uint8_t": ctypes.c_uint8,
+            "uint32_t": ctypes.c_uint32,
+            "uint64_t": ctypes.c_uint64,
+            "size_t": ctypes.c_size_t,
+            "calibrl_status": ctypes.c_int32,
+            "calibrl_stream": ctypes.c_void_p,
+        }.get(base, "?") is py_type
+    if stars == 1 and base == "char":
+        return py_type is ctypes.c_char_p
+    if stars == 1 and (base in _OPAQUE or base == "void"):
+        return py_type is ctypes.c_void_p
+    pointee = getattr(py_type, "_type_", None)
+    if not (isinstance(pointee, type) and py_type.__name__.startswith("LP_")):
+        return False
+    inner = base + " *" * (stars - 1)
+    if stars == 1 and base in structs:
+        return pointee is structs[base]
+    return _param_matches(inner, pointee, structs)
 
 
 HEADER = REPO / "include" / "calibrl.h"
@@ -135,6 +180,11 @@ def test_ctypes_declarations_match_the_header():
         "calibrl_metrics": _lib.Metrics,
         "calibrl_advantage_args": _lib.AdvantageArgs,
         "calibrl_loss_args": _lib.LossArgs,
+        "calibrl_scheduler_config": _lib.SchedulerConfigC,
+        "calibrl_prompt_desc": _lib.PromptDesc,
+        "calibrl_plan_info": _lib.PlanInfo,
+        "calibrl_minibatch_info": _lib.MinibatchInfo,
+        "calibrl_seq_info": _lib.SeqInfo,
     }
     for cname, cls in ours.items():
         if cname not in structs:
@@ -143,15 +193,35 @@ def test_ctypes_declarations_match_the_header():
         assert [n for _, n in structs[cname]] == [f[0] for f in cls._fields_], cname
         for (c_type, name), (_, py_type) in zip(structs[cname], cls._fields_):
             assert _ctype_matches(c_type, py_type), f"{cname}.{name}: {c_type} vs {py_type}"
+    # Every struct of the header that a function takes has its ctypes twin above.
+    assert set(structs) <= set(ours), f"header structs without a ctypes class: {set(structs) - set(ours)}"
     functions = _header_functions(text)
     for name, (restype, argtypes) in _lib._SIGNATURES.items():
         assert name in functions, f"{name} is declared in _lib but not in the header"
-        c_ret, n_params = functions[name]
-        assert n_params == len(argtypes), name
+        c_ret, c_params = functions[name]
+        assert len(c_params) == len(argtypes), name
         assert ("calibrl_status" in c_ret) == (name in _lib._CHECKED), name
-    exported = set(functions)
-    assert exported <= set(_lib._SIGNATURES) | {n for n in exported if n.startswith("calibrl_plan")}, (
-        f"header functions without a Python signature: {sorted(exported - set(_lib._SIGNATURES))}"
-    )
+        assert _param_matches(c_ret, restype, ours), f"{name} returns {c_ret}, ctypes says {restype}"
+        for i, (c_type, py_type) in enumerate(zip(c_params, argtypes)):
+            assert _param_matches(c_type, py_type, ours), f"{name} parameter {i}: {c_type} vs {py_type}"
+    # Every export of the header has a Python signature (no exceptions).
+    missing = set(functions) - set(_lib._SIGNATURES)
+    assert not missing, f"header functions without a Python signature: {sorted(missing)}"
     assert f"#define CALIBRL_ABI_VERSION {_lib.EXPECTED_ABI_VERSION}" in text
     assert f"#define CALIBRL_METRICS_LEN {_lib.METRICS_LEN}" in text
+
+
+def test_param_matcher_refuses_wrong_pointer_types():
+    """The header check above is only as good as its matcher: it must tell these apart."""
+    import ctypes
+
+    ours = {"calibrl_seq_info": _lib.SeqInfo, "calibrl_plan_info": _lib.PlanInfo}
+    assert _param_matches("const uint32_t *", ctypes.POINTER(ctypes.c_uint32), ours)
+    assert not _param_matches("const uint32_t *", ctypes.POINTER(ctypes.c_uint64), ours)
+    assert not _param_matches("const uint32_t *", ctypes.c_void_p, ours)
+    assert _param_matches("struct calibrl_plan **", ctypes.POINTER(ctypes.c_void_p), ours)
+    assert not _param_matches("struct calibrl_plan **", ctypes.c_void_p, ours)
+    assert _param_matches("struct calibrl_seq_info *", ctypes.POINTER(_lib.SeqInfo), ours)
+    assert not _param_matches("struct calibrl_seq_info *", ctypes.POINTER(_lib.PlanInfo), ours)
+    assert not _param_matches("size_t", ctypes.c_uint32, ours)
+    assert not _param_matches("uint32_t", ctypes.c_size_t, ours)
