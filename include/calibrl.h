@@ -790,8 +790,9 @@ enum calibrl_status calibrl_plan_seq(const struct calibrl_plan *plan,
  * `expert_logprobs` `[T*]` float, the packed expert tensor (offsets from
  * `calibrl_plan_expert_offsets`); `expert_sums` `[P*]` float, `E_g` per slot (divided by the
  * expert's length when `length_normalize`). With one rank's part, slots held by other ranks
- * are 0: sum the outputs over ranks (all-reduce) to get the full tensors. Host tensors only
- * for now (CUDA tensors give `CALIBRL_STATUS_CUDA_UNAVAILABLE`).
+ * are 0: sum the outputs over ranks (all-reduce) to get the full tensors. Host or CUDA
+ * tensors (on CUDA the plan's offsets are copied to the device first, so do not capture this
+ * call in a CUDA graph; values are not checked there).
  *
  * # Safety
  * `plan` is a valid handle; the tensors are NULL or valid DLPack descriptors.

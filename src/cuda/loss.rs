@@ -11,7 +11,8 @@
 //! - `host_metrics` synchronises the stream; otherwise nothing synchronises.
 
 use super::compile::KernelSource;
-use super::{device, driver_error, launch_raw, Device, Geometry};
+use super::workspace::{launch_struct, workspace};
+use super::{device, driver_error, Device};
 use crate::config::{Activation, Aggregation, Baseline, Config, DeltaMode, KlKind, LossKind};
 use crate::cpu::loss::{CalibrlMetrics, METRICS_LEN};
 use crate::error::{Error, Result};
@@ -19,9 +20,7 @@ use crate::ops::loss::{Advantages, Layout, Loss, Rows};
 use crate::ops::Stream;
 use crate::tensor::{DType, Tensor};
 use cudarc::driver::{result as drv, sys};
-use std::collections::HashMap;
 use std::ffi::c_void;
-use std::sync::{Mutex, OnceLock};
 
 /// The loss family (SPEC §3–§4).
 pub const LOSS: KernelSource = KernelSource {
@@ -44,7 +43,6 @@ const THREADS: u32 = 256;
 const WARPS: usize = THREADS as usize / 32;
 /// The single-block finish kernel (`__launch_bounds__(512)` in cuda/loss.cu).
 const FINISH_THREADS: u32 = 512;
-const MAX_BLOCKS: usize = 1 << 20; // grid-stride loops cover more rows
 
 /// dtype codes (`DT_*` in cuda/loss.cu).
 fn code(t: &Tensor) -> i64 {
@@ -79,32 +77,6 @@ fn req(t: &Tensor) -> Result<(*const c_void, i64)> {
     opt(Some(t))
 }
 
-/// (device ordinal, stream) → (buffer, size in bytes).
-type WorkspaceCache = HashMap<(i32, usize), (sys::CUdeviceptr, usize)>;
-
-/// A grow-only device buffer per (device, stream).
-fn workspace(dev: &Device, ordinal: i32, stream: Stream, bytes: usize) -> Result<sys::CUdeviceptr> {
-    static CACHE: OnceLock<Mutex<WorkspaceCache>> = OnceLock::new();
-    let mut cache = CACHE
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
-    let key = (ordinal, stream as usize);
-    if let Some(&(ptr, size)) = cache.get(&key) {
-        if size >= bytes {
-            return Ok(ptr);
-        }
-    }
-    let size = bytes.max(1 << 16).next_power_of_two();
-    let _ctx = dev.activate()?;
-    // SAFETY: the device's context is current. The old buffer is deliberately leaked: a captured
-    // graph may still reference it.
-    let ptr = unsafe { drv::malloc_sync(size) }
-        .map_err(|e| driver_error("cuMemAlloc (calibrl workspace)", e))?;
-    cache.insert(key, (ptr, size));
-    Ok(ptr)
-}
-
 fn launch<P>(
     dev: &Device,
     kernel: &'static str,
@@ -113,14 +85,7 @@ fn launch<P>(
     stream: Stream,
     params: &mut P,
 ) -> Result<()> {
-    let f = dev.function(&LOSS, kernel)?;
-    let mut slots = [params as *mut P as *mut c_void];
-    let geometry = Geometry {
-        blocks: blocks.clamp(1, MAX_BLOCKS) as u32,
-        threads,
-    };
-    // SAFETY: each loss kernel takes exactly one parameter, the `#[repr(C)]` struct `P` mirrors.
-    unsafe { launch_raw(dev, f, kernel, geometry, stream, &mut slots) }
+    launch_struct(dev, &LOSS, kernel, blocks, threads, stream, params)
 }
 
 /// Mirrors `AdvParams` in cuda/loss.cu (every field 8 bytes wide, so the layouts agree).

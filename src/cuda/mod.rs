@@ -14,9 +14,11 @@
 //!   first-use compilation does not happen during capture).
 
 pub mod compile;
+pub mod expert;
 mod launch;
 pub mod logits;
 pub mod loss;
+mod workspace;
 
 use crate::error::{Error, Result};
 use compile::KernelSource;

@@ -155,14 +155,23 @@ pub fn collect_experts(
             }
             Ok(())
         },
-        // GPU hook: a CUDA version is one gather kernel over `expert_segments` (copy each
-        // segment into its slot, then a segmented sum). Until the CUDA backend provides it,
-        // callers copy the no-grad output to host memory.
-        |_ordinal| {
-            let _ = stream;
-            Err(Error::cuda_unavailable(
-                "calibrl_plan_collect_experts has no CUDA implementation yet: pass host (CPU) tensors",
-            ))
+        |ordinal| {
+            // Where each slot starts in this part of the no-grad output (−1: not in it).
+            let (_, segments) = expert_segments(plan, rank)?;
+            let mut source = vec![-1i64; plan.num_expert_slots()];
+            for (slot, start) in segments {
+                source[slot] = start as i64;
+            }
+            crate::cuda::expert::collect_experts(
+                nograd_logprobs,
+                &source,
+                &plan.expert_offsets,
+                expert_logprobs,
+                expert_sums_out,
+                length_normalize,
+                ordinal,
+                stream,
+            )
         },
     )
 }
