@@ -127,6 +127,19 @@ else
   step tests skipped 0 ""
 fi
 
+# ---- 2b. the Python binding on CUDA (PyTorch end to end) -----------------------------------
+if ! skipped tests; then
+  echo "== tests: Python binding (CUDA)"
+  t=$(now)
+  if (cd bindings/python && PYTHONPATH="$PWD" CALIBRL_LIBRARY="$devbuild/lib/libcalibrl.so" \
+      timeout 300 python3 -m pytest -q -p no:cacheprovider tests/ >"$out/test_python.log" 2>&1); then
+    step "test python" ok $(($(now) - t)) "$(tail -1 "$out/test_python.log" | cut -c1-60)"
+  else
+    tail -30 "$out/test_python.log"
+    step "test python" FAIL $(($(now) - t)) "$(tail -1 "$out/test_python.log" | cut -c1-60)"
+  fi
+fi
+
 # ---- 3. compute-sanitizer ------------------------------------------------------------------
 if ! skipped sanitizer; then
   gpu_bins=("$devbuild"/bin/gpu_*)
@@ -169,8 +182,16 @@ else
   step kernel-resources skipped 0 ""
 fi
 
-# ---- 5. benchmark --------------------------------------------------------------------------
+# ---- 5. benchmarks -------------------------------------------------------------------------
 if ! skipped bench; then
+  echo "== benchmark: the loss on log-prob inputs"
+  t=$(now)
+  if PYTHONPATH="bindings/python" CALIBRL_LIBRARY="$devbuild/lib/libcalibrl.so" timeout 200 \
+      python3 benchmarks/bench_loss.py --out "$out/bench_loss.csv" 2>&1 | tee "$out/bench_loss.log"; then
+    step bench-loss ok $(($(now) - t)) "$out/bench_loss.csv"
+  else
+    step bench-loss FAIL $(($(now) - t)) "see $out/bench_loss.log"
+  fi
   budget=$((deadline - $(now) - 60))
   if [[ $budget -lt 30 ]]; then
     step bench skipped 0 "no time left (CALIBRL_CHECK_DEADLINE_S)"
@@ -192,6 +213,10 @@ fi
 # ---- summary -------------------------------------------------------------------------------
 echo
 echo "================ calibrl GPU check summary ($(($(now) - t_start))s) ================"
+if [[ -f "$out/bench_loss.log" ]]; then
+  sed -n '/^ *tokens method/,$p' "$out/bench_loss.log"
+  echo
+fi
 if [[ -f "$out/bench_logits.log" ]]; then
   sed -n '/^copy bandwidth/,$p' "$out/bench_logits.log"
   echo
