@@ -7,6 +7,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 . scripts/dev-env.sh
 export CALIBRL_REQUIRE_NVRTC="${CALIBRL_REQUIRE_NVRTC:-1}"
+export CALIBRL_REQUIRE_NVRTC_VERSION="${CALIBRL_REQUIRE_NVRTC_VERSION:-13.0}"
 
 failed=()
 run() {

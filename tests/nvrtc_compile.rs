@@ -60,6 +60,14 @@ fn every_kernel_compiles_with_nvrtc() {
         major >= 13,
         "NVRTC {major}.{minor}: the kernels are checked against CUDA 13"
     );
+    // CI pins the NVRTC it compiles with (13.0: driver 580 JITs PTX up to 9.0, what 13.0 emits).
+    if let Ok(want) = std::env::var("CALIBRL_REQUIRE_NVRTC_VERSION") {
+        assert_eq!(
+            format!("{major}.{minor}"),
+            want,
+            "CALIBRL_REQUIRE_NVRTC_VERSION: a different NVRTC was loaded (check LD_LIBRARY_PATH)"
+        );
+    }
     let ptx_dir = std::env::var_os("CALIBRL_PTX_DIR");
     for arch in ARCHS {
         let compiled = compile_all(arch).unwrap_or_else(|e| panic!("compute_{arch}: {e}"));
