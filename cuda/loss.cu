@@ -11,6 +11,8 @@
 //   loss_rows    (one warp per row)           → per-row partial sums
 //   loss_finish  (one block)                  → normalisers, loss, metrics
 //   loss_grad    (one warp per row)           → ∂L/∂ℓ, ∂L/∂H
+// and the scheduler's helper that builds the expert baseline from the no-grad pass's output
+// (collect_experts, one block per expert slot).
 
 // No header is included, so a bare NVRTC compiles this file.
 typedef long long i64;
@@ -591,5 +593,42 @@ extern "C" __global__ void calibrl_loss_grad(LossParams p) {
       if (p.grad_logprobs) st(p.grad_logprobs, p.grad_dt, k, g);
       if (p.grad_entropy) st(p.grad_entropy, p.grad_entropy_dt, k, gh);
     }
+  }
+}
+
+// ------------------------------------------------- expert baseline from the no-grad output (§7)
+
+// Each selected expert's token log-probs copied from its place in the no-grad pass's packed
+// output into its slot of the packed expert tensor, and its sum E_g (optionally divided by its
+// length).
+struct ExpertParams {
+  const void* nograd; i64 nograd_dt;
+  void* expert_logprobs; i64 expert_dt;  // may be null
+  void* expert_sums; i64 sums_dt;        // may be null
+  const i64* source;                     // [slots]: start in `nograd`, −1 if not in this part
+  const i64* offsets;                    // [slots + 1]: the packed expert layout
+  i64 slots, length_normalize;
+};
+
+extern "C" __global__ void calibrl_collect_experts(ExpertParams p) {
+  __shared__ double partial[32];
+  for (i64 s = blockIdx.x; s < p.slots; s += gridDim.x) {
+    const i64 o0 = p.offsets[s], len = p.offsets[s + 1] - o0, src = p.source[s];
+    double sum = 0.0;
+    for (i64 t = threadIdx.x; t < len; t += blockDim.x) {
+      const double v = src >= 0 ? ld(p.nograd, p.nograd_dt, src + t) : 0.0;
+      if (p.expert_logprobs) st(p.expert_logprobs, p.expert_dt, o0 + t, v);
+      sum += v;
+    }
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_down_sync(0xffffffffu, sum, o);
+    if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = sum;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      double total = 0.0;
+      for (int w = 0; w < (int)(blockDim.x >> 5); ++w) total += partial[w];
+      if (p.length_normalize && len > 0) total /= (double)len;
+      if (p.expert_sums) st(p.expert_sums, p.sums_dt, s, total);
+    }
+    __syncthreads();
   }
 }

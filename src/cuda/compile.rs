@@ -39,7 +39,7 @@ pub const LOGITS: KernelSource = KernelSource {
 
 /// Every kernel source of the library (the CI compile check covers exactly these and fails when
 /// a `cuda/*.cu` file is missing from the list).
-pub const SOURCES: &[&KernelSource] = &[&LOGITS, &super::loss::LOSS, &super::expert::EXPERT];
+pub const SOURCES: &[&KernelSource] = &[&LOGITS, &super::loss::LOSS];
 
 /// Whether NVRTC can be loaded (checked once; cudarc would panic on a missing library).
 pub fn nvrtc_available() -> bool {

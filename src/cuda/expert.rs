@@ -1,4 +1,4 @@
-//! The scheduler's expert helper on CUDA (kernel in `cuda/expert.cu`): gathers each selected
+//! The scheduler's expert helper on CUDA (kernel `calibrl_collect_experts` in `cuda/loss.cu`): gathers each selected
 //! expert's log-probs from the packed no-grad output into the packed expert tensor and sums
 //! them, on the caller's stream.
 //!
@@ -6,7 +6,7 @@
 //! stream's workspace first, so this call is not meant for CUDA-graph capture. As elsewhere on
 //! CUDA, values are not checked (a NaN log-prob propagates into its slot's sum).
 
-use super::compile::KernelSource;
+use super::loss::LOSS;
 use super::workspace::{launch_struct, workspace};
 use super::{device, driver_error};
 use crate::error::{Error, Result};
@@ -15,13 +15,7 @@ use crate::tensor::{DType, Tensor};
 use cudarc::driver::{result as drv, sys};
 use std::ffi::c_void;
 
-pub const EXPERT: KernelSource = KernelSource {
-    name: "expert",
-    source: include_str!("../../cuda/expert.cu"),
-    kernels: &["calibrl_collect_experts"],
-};
-
-/// Mirrors `ExpertParams` in cuda/expert.cu (every field 8 bytes wide).
+/// Mirrors `ExpertParams` in cuda/loss.cu (every field 8 bytes wide).
 #[repr(C)]
 struct ExpertParams {
     nograd: *const c_void,
@@ -101,7 +95,7 @@ pub fn collect_experts(
     };
     launch_struct(
         dev,
-        &EXPERT,
+        &LOSS,
         "calibrl_collect_experts",
         slots,
         256,

@@ -22,7 +22,7 @@ use crate::tensor::{DType, Tensor};
 use cudarc::driver::{result as drv, sys};
 use std::ffi::c_void;
 
-/// The loss family (SPEC §3–§4).
+/// The loss family (SPEC §3–§4, and the expert baseline of §7).
 pub const LOSS: KernelSource = KernelSource {
     name: "loss",
     source: include_str!("../../cuda/loss.cu"),
@@ -33,6 +33,7 @@ pub const LOSS: KernelSource = KernelSource {
         "calibrl_loss_rows",
         "calibrl_loss_finish",
         "calibrl_loss_grad",
+        "calibrl_collect_experts",
     ],
 };
 
