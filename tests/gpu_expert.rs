@@ -7,10 +7,12 @@ use calibrl::scheduler::{
     collect_experts, plan, ExpertSelection, PromptInput, SchedulerConfig, StepInput,
 };
 use calibrl::tensor::{DLDataType, DLDevice, DLTensor, Tensor, DL_CPU, DL_CUDA};
-use cudarc::driver::{CudaContext, CudaStream, DevicePtr};
+use cudarc::driver::DevicePtr;
 use half::bf16;
 use std::ffi::c_void;
-use std::sync::Arc;
+
+#[macro_use]
+mod gpu_common;
 
 struct Rng(u64);
 impl Rng {
@@ -21,16 +23,6 @@ impl Rng {
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^ (z >> 31)
     }
-}
-
-fn gpu() -> Option<(Arc<CudaContext>, Arc<CudaStream>)> {
-    // SAFETY: probes whether libcuda can be opened (cudarc panics on a missing library).
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
-        return None;
-    }
-    let ctx = CudaContext::new(0).ok()?;
-    let stream = ctx.new_stream().ok()?;
-    Some((ctx, stream))
 }
 
 fn desc(data: *mut c_void, device_type: i32, bf: bool, shape: &mut [i64]) -> DLTensor {
@@ -86,10 +78,8 @@ fn decode(b: &[u8], bf: bool) -> Vec<f32> {
 
 #[test]
 fn collect_experts_matches_cpu() {
-    let Some((_ctx, stream)) = gpu() else {
-        println!("skipped: no CUDA device");
-        return;
-    };
+    let (g, _guard) = require_gpu!();
+    let stream = g.stream.clone();
     let mut rng = Rng(42);
     let prompts = (0..37)
         .map(|i| PromptInput {

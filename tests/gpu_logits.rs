@@ -15,57 +15,16 @@ use calibrl::ffi::logits::{
 };
 use calibrl::tensor::{DLDataType, DLDevice, DLTensor, DL_CPU, DL_CUDA};
 use calibrl::CalibrlStatus;
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
+use cudarc::driver::{CudaSlice, DevicePtr};
 use half::{bf16, f16};
 use std::ffi::c_void;
-use std::sync::{Arc, Mutex, OnceLock};
+
+#[macro_use]
+mod gpu_common;
+use gpu_common::Gpu;
 
 // ------------------------------------------------------------------------------------------------
-// Device, locking, random numbers
-
-struct Gpu {
-    ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
-}
-
-/// The shared device, or None (with a notice) when there is no driver or device.
-fn gpu() -> Option<&'static Gpu> {
-    static GPU: OnceLock<Option<Gpu>> = OnceLock::new();
-    GPU.get_or_init(|| {
-        // SAFETY: only probes whether libcuda can be opened (cudarc panics on a missing library).
-        if !unsafe { cudarc::driver::sys::is_culib_present() } {
-            return None;
-        }
-        let ctx = CudaContext::new(0).ok()?;
-        // SAFETY: the tests order their work on one stream and synchronise explicitly.
-        unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.new_stream().ok()?;
-        Some(Gpu { ctx, stream })
-    })
-    .as_ref()
-}
-
-/// GPU tests run one at a time (they may allocate gigabytes).
-fn gpu_lock() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-macro_rules! require_gpu {
-    () => {{
-        let guard = gpu_lock();
-        match gpu() {
-            Some(g) => {
-                g.ctx.bind_to_thread().unwrap();
-                (g, guard)
-            }
-            None => {
-                println!("skipped: no CUDA device");
-                return;
-            }
-        }
-    }};
-}
+// Random numbers
 
 fn quick() -> bool {
     std::env::var("CALIBRL_GPU_TEST_QUICK").is_ok_and(|v| v == "1")

@@ -15,53 +15,14 @@ use calibrl::ffi::loss::{
 };
 use calibrl::tensor::{DLDataType, DLDevice, DLTensor, DL_CPU, DL_CUDA};
 use calibrl::CalibrlStatus;
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
+use cudarc::driver::{CudaSlice, DevicePtr};
 use half::bf16;
 use std::ffi::{c_void, CString};
 use std::ptr::{null, null_mut};
-use std::sync::{Arc, Mutex, OnceLock};
 
-struct Gpu {
-    ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
-}
-
-fn gpu() -> Option<&'static Gpu> {
-    static GPU: OnceLock<Option<Gpu>> = OnceLock::new();
-    GPU.get_or_init(|| {
-        // SAFETY: probes whether libcuda can be opened (cudarc panics on a missing library).
-        if !unsafe { cudarc::driver::sys::is_culib_present() } {
-            return None;
-        }
-        let ctx = CudaContext::new(0).ok()?;
-        // SAFETY: the tests order their work on one stream and synchronise explicitly.
-        unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.new_stream().ok()?;
-        Some(Gpu { ctx, stream })
-    })
-    .as_ref()
-}
-
-fn lock() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-macro_rules! require_gpu {
-    () => {{
-        let guard = lock();
-        match gpu() {
-            Some(g) => {
-                g.ctx.bind_to_thread().unwrap();
-                (g, guard)
-            }
-            None => {
-                println!("skipped: no CUDA device");
-                return;
-            }
-        }
-    }};
-}
+#[macro_use]
+mod gpu_common;
+use gpu_common::Gpu;
 
 struct Rng(u64);
 impl Rng {
