@@ -246,13 +246,24 @@ struct Batch {
 }
 
 fn batch(rng: &mut Rng, rows: usize, padded: bool, expert_rows: bool) -> Batch {
+    batch_with_lengths(rng, rows, padded, expert_rows, 40)
+}
+
+/// Rows of up to `max_len` tokens.
+fn batch_with_lengths(
+    rng: &mut Rng,
+    rows: usize,
+    padded: bool,
+    expert_rows: bool,
+    max_len: usize,
+) -> Batch {
     let prompts = rows.div_ceil(4).max(1);
     let lens: Vec<usize> = (0..rows)
         .map(|_| {
             if rng.below(9) == 0 {
                 0
             } else {
-                1 + rng.below(40)
+                1 + rng.below(max_len)
             }
         })
         .collect();
@@ -531,6 +542,26 @@ fn large_batch_matches_cpu() {
     let b = batch(&mut rng, 5000, false, false);
     let (cpu, gpu) = run_both(g, CONFIGS[1], &b, Dt::F32, None);
     compare("5000 rows", &cpu, &gpu, Dt::F32);
+}
+
+#[test]
+fn long_rows_match_cpu() {
+    // Rows of hundreds to thousands of tokens (each row kernel strides a row many times).
+    let (g, _guard) = require_gpu!();
+    let mut rng = Rng::new(15);
+    for (rows, max_len) in [(9, 300), (40, 1200), (6, 5000)] {
+        for cfg in [CONFIGS[0], CONFIGS[1], CONFIGS[3], CONFIGS[10]] {
+            let expert_rows = cfg.contains("luffy");
+            let b = batch_with_lengths(&mut rng, rows, rows % 2 == 0, expert_rows, max_len);
+            let (cpu, gpu) = run_both(g, cfg, &b, Dt::F32, None);
+            compare(
+                &format!("{cfg} rows={rows} max_len={max_len}"),
+                &cpu,
+                &gpu,
+                Dt::F32,
+            );
+        }
+    }
 }
 
 #[test]
