@@ -13,17 +13,7 @@ use std::ffi::c_void;
 
 #[macro_use]
 mod gpu_common;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
+use gpu_common::Rng;
 
 fn desc(data: *mut c_void, device_type: i32, bf: bool, shape: &mut [i64]) -> DLTensor {
     DLTensor {

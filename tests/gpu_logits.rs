@@ -21,7 +21,7 @@ use std::ffi::c_void;
 
 #[macro_use]
 mod gpu_common;
-use gpu_common::Gpu;
+use gpu_common::{Gpu, Rng};
 
 // ------------------------------------------------------------------------------------------------
 // Random numbers
@@ -30,30 +30,7 @@ fn quick() -> bool {
     std::env::var("CALIBRL_GPU_TEST_QUICK").is_ok_and(|v| v == "1")
 }
 
-struct Rng(u64);
-
 impl Rng {
-    fn new(salt: u64) -> Rng {
-        let seed = std::env::var("CALIBRL_GPU_TEST_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos() as u64
-            });
-        println!("rng seed {seed} (salt {salt}); rerun with CALIBRL_GPU_TEST_SEED={seed}");
-        Rng(seed ^ salt.wrapping_mul(0x9e37_79b9_7f4a_7c15))
-    }
-    fn next(&mut self) -> u64 {
-        // SplitMix64
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
     fn uniform(&mut self) -> f32 {
         (self.next() >> 40) as f32 / (1u64 << 24) as f32
     }
@@ -62,9 +39,6 @@ impl Rng {
         let x = self.next();
         let u = |s: u32| ((x >> s) & 0xffff) as f32 / 65536.0;
         (u(0) + u(16) + u(32) + u(48) - 2.0) * 1.732
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
     }
 }
 

@@ -22,35 +22,11 @@ use std::ptr::{null, null_mut};
 
 #[macro_use]
 mod gpu_common;
-use gpu_common::Gpu;
+use gpu_common::{Gpu, Rng};
 
-struct Rng(u64);
 impl Rng {
-    fn new(salt: u64) -> Rng {
-        let seed = std::env::var("CALIBRL_GPU_TEST_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos() as u64
-            });
-        println!("rng seed {seed}; rerun with CALIBRL_GPU_TEST_SEED={seed}");
-        Rng(seed ^ salt.wrapping_mul(0x9e37_79b9_7f4a_7c15))
-    }
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
     fn uniform(&mut self) -> f64 {
         (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
     }
 }
 

@@ -50,3 +50,34 @@ macro_rules! require_gpu {
         }
     }};
 }
+
+/// SplitMix64, seeded from `CALIBRL_GPU_TEST_SEED` (or the clock) so a failing run can be repeated.
+/// Each test file adds the distributions it needs in its own `impl Rng`.
+pub struct Rng(pub u64);
+
+#[allow(dead_code)] // each test binary uses a different subset
+impl Rng {
+    pub fn new(salt: u64) -> Rng {
+        let seed = std::env::var("CALIBRL_GPU_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+            });
+        println!("rng seed {seed} (salt {salt}); rerun with CALIBRL_GPU_TEST_SEED={seed}");
+        Rng(seed ^ salt.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+    }
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
