@@ -1,16 +1,15 @@
 // calibrl loss family: group advantages (SPEC §3) and the loss on log-prob inputs (SPEC §4).
 //
-// Unlike the logits family, these kernels are not dtype-suffixed: they read every tensor
-// through `ld()` with a runtime dtype code (a uniform branch, negligible beside the memory
-// traffic), so mixed input dtypes work as on the CPU backend, and they compute in double, like
-// the CPU reference, so the two backends agree to rounding. Every reduction has a fixed order
-// (warp shuffles, then warps in index order): the same inputs give the same bits.
+// The group-advantage kernels read every tensor through `ld()` with a runtime dtype code, so
+// mixed input dtypes work as on the CPU backend. The loss kernel is instantiated per dtype of
+// its main float inputs (ℓ, ℓold, ∂L/∂ℓ: `calibrl_loss_f32` …, `calibrl_loss_any` for mixed
+// dtypes); its other inputs go through `ld()`. Arithmetic is in double, like the CPU reference,
+// so the two backends agree to rounding. Every reduction has a fixed order (warp shuffles, then
+// warps and blocks in index order): the same inputs give the same bits.
 //
-// Pipeline of one loss call, all on the caller's stream, workspace owned by the caller:
-//   expert_sums  (one block per expert slot)  → E_g, Σ m*ℓ*, Σ m*
-//   loss_rows    (one warp per row)           → per-row partial sums
-//   loss_finish  (one block)                  → normalisers, loss, metrics
-//   loss_grad    (one warp per row)           → ∂L/∂ℓ, ∂L/∂H
+// One loss call, on the caller's stream, workspace owned by the library (see the loss section):
+//   loss_counts (only when N_tok, N_seq are neither given nor known from the layout)
+//   loss_<dtype> (a team of threads per row: row sums, gradients, metrics in the last block)
 // and the scheduler's helper that builds the expert baseline from the no-grad pass's output
 // (collect_experts, one block per expert slot).
 
@@ -175,6 +174,19 @@ extern "C" __global__ void calibrl_group_advantages(AdvParams p) {
 }
 
 // ------------------------------------------------------------------------- loss (SPEC §4)
+//
+// One call is one kernel, `calibrl_loss_<dtype>` (plus `calibrl_loss_counts` first when the
+// token and row counts of the normalisers are neither given nor known from the layout). A team
+// of 2^team_log2 threads owns one row at a time:
+//   pass 1 (only when the row needs a row sum: sequence Δ, seq-mean-token-mean): n_i, S_i and
+//          the expert baseline E_g (summed inline from the expert row, so no kernel runs before);
+//   pass 2: per token ρ, p, ∂p/∂ℓ, the regularisers and the token-aligned term; writes ∂L/∂ℓ
+//          and ∂L/∂H and keeps the metrics' partial sums in registers.
+// Pass 2 re-reads the row right after pass 1, from L2, so DRAM sees each input once. Each
+// block writes its partial sums; the last block to finish (a ticket counter, reset by that
+// block) adds them in block order and writes the metrics. Reductions have a fixed order and
+// the geometry depends only on the shape and the device, so results are bitwise repeatable.
+// Arithmetic is in double (as the CPU reference); ρ's exp is computed once per token.
 
 // Enumerations shared with src/cuda/loss.rs.
 #define LOSS_CALIBRL 0
@@ -194,6 +206,12 @@ extern "C" __global__ void calibrl_group_advantages(AdvParams p) {
 #define KL_ABS 1
 #define KL_K2 2
 #define KL_K3 3
+// Where N_tok and N_seq come from.
+#define COUNTS_GIVEN 0     // the caller's global normalisers
+#define COUNTS_KERNEL 1    // calibrl_loss_counts wrote them to final_ws[0..2]
+#define COUNTS_ALL_ROWS 2  // every row trained, no mask: the layout's token and row counts
+// "Any dtype" instantiation of the loss kernel (runtime switch per load).
+#define DT_ANY (-1)
 
 struct LossParams {
   // policy rows
@@ -204,6 +222,7 @@ struct LossParams {
   const void* old_logprobs; i64 old_dt;
   const void* ref_logprobs; i64 ref_dt;
   const void* entropy; i64 entropy_dt;
+  const void* token_weights; i64 token_weights_dt;  // ω of SPEC §4.1, may be null
   const void* advantages; i64 advantages_dt;
   const void* weights; i64 weights_dt;
   const void* signs; i64 signs_dt;
@@ -219,37 +238,65 @@ struct LossParams {
   void* grad_entropy; i64 grad_entropy_dt;
   void* metrics; i64 metrics_dt;
   // workspace
-  double* expert_ws;  // [expert_rows * 3]: E_g, Σ m*ℓ*, Σ m*
-  double* row_ws;     // [rows * ROW_FIELDS]
-  double* final_ws;   // [FINAL_FIELDS]
+  double* block_ws;   // [gridDim.x * BLOCK_FIELDS]: each block's partial sums
+  double* final_ws;   // [FINAL_FIELDS + METRICS]: N_tok, N_seq, then the metrics
+  unsigned* tickets;  // [2], zero between calls: blocks finished (counts kernel, loss kernel)
+  // geometry and counts
+  i64 team_log2;  // threads per row = 1 << team_log2 (2 … 8)
+  i64 counts;     // COUNTS_*
   // configuration
   i64 loss_kind, token_aligned, length_normalize, activation, baseline_ref, agg, kl_kind;
-  i64 has_normalizers;
   double norm_tokens, norm_seqs, t_norm;
   double alpha, lambda, clip_low, clip_high, dual_clip, entropy_coef, kl_coef, luffy_gamma;
 };
 
-#define ROW_FIELDS 18
-// row_ws fields
-#define R_N 0          // Σ m (tokens that count)
-#define R_PG 1         // Σ m·p
-#define R_CLIP 2       // clipped tokens
-#define R_LOWER 3      // dual-clipped tokens
-#define R_PPO_KL 4     // Σ (ℓold − ℓ) over rollout tokens
-#define R_RTOK 5       // rollout tokens
-#define R_ENT 6        // Σ m·H
-#define R_KL 7         // Σ m·k(ℓ, ℓref)
-#define R_TOK_EX 8     // token-aligned Σ m·w·φ(x)
-#define R_DSUM 9       // Σ Δ
-#define R_DCNT 10      // count of Δ
-#define R_SEQ_EX 11    // sequence mode w·φ(x)
-#define R_SEQ_COEF 12  // sequence mode w·φ'(x)·(−c)·scale
-#define R_TRAINED 13
-#define R_ROLLOUT 14
-#define R_W 15         // w if rollout
-#define R_CORRECT 16   // 1 if rollout and correct
-#define R_NROLL 17     // n if rollout
+#define LOSS_THREADS 256
+#define MAX_TEAMS (LOSS_THREADS / 4)
 #define FINAL_FIELDS 4  // N_tok, N_seq used for the gradients
+#define METRICS 15
+// Block partial sums (block_ws): per-thread sums, then per-row sums kept by each team's leader.
+#define B_NTOK 0     // Σ m over trained rows
+#define B_CLIP 1     // clipped rollout tokens
+#define B_LOWER 2    // dual-clipped rollout tokens
+#define B_RTOK 3     // rollout tokens
+#define B_DCNT 4     // count of Δ (token-aligned: tokens)
+#define B_PPO_KL 5   // Σ (ℓold − ℓ) over rollout tokens
+#define B_DSUM 6     // Σ Δ
+#define B_PG 7       // Σ f·p
+#define B_ENT 8      // Σ f·H
+#define B_KL 9       // Σ f·k(ℓ, ℓref)
+#define B_TOK_EX 10  // token-aligned Σ f·w·φ(x)
+#define THREAD_FIELDS 11
+#define B_SEQS 11      // trained rows
+#define B_ROLLOUTS 12  // rollout rows
+#define B_WSUM 13      // Σ w over rollouts
+#define B_CORRECT 14   // correct rollouts
+#define B_SEQ_EX 15    // sequence mode Σ w·φ(x)
+#define B_EXP_SUM 16   // Σ m*ℓ* over expert rows
+#define B_EXP_CNT 17   // Σ m* over expert rows
+#define BLOCK_FIELDS 18
+#define ROW_FIELDS (BLOCK_FIELDS - THREAD_FIELDS)
+
+#define NAN_D __longlong_as_double(0x7ff8000000000000ll)
+
+// Loads of the main float inputs (ℓ, ℓold, ∂L/∂ℓ), specialised on their common dtype; DT_ANY
+// reads through the runtime switch.
+template <int FT>
+__device__ __forceinline__ double ldf(const void* p, i64 code, i64 i) {
+  if constexpr (FT == DT_F32) return (double)((const float*)p)[i];
+  else if constexpr (FT == DT_F64) return ((const double*)p)[i];
+  else if constexpr (FT == DT_BF16) return (double)bf16_bits_to_f32(((const u16*)p)[i]);
+  else if constexpr (FT == DT_F16) return (double)f16_bits_to_f32(((const u16*)p)[i]);
+  else return ld(p, code, i);
+}
+template <int FT>
+__device__ __forceinline__ void stf(void* p, i64 code, i64 i, double v) {
+  if constexpr (FT == DT_F32) ((float*)p)[i] = (float)v;
+  else if constexpr (FT == DT_F64) ((double*)p)[i] = v;
+  else if constexpr (FT == DT_BF16) ((u16*)p)[i] = f32_to_bf16_bits((float)v);
+  else if constexpr (FT == DT_F16) ((u16*)p)[i] = f32_to_f16_bits((float)v);
+  else st(p, code, i, v);
+}
 
 __device__ __forceinline__ void row_range(const LossParams& p, i64 i, i64& start, i64& len) {
   if (p.offsets) {
@@ -271,8 +318,8 @@ __device__ __forceinline__ void expert_range(const LossParams& p, i64 s, i64& st
   }
 }
 
-__device__ __forceinline__ double mask_at(const void* m, i64 dt, i64 k) {
-  return m ? (ld(m, dt, k) != 0.0 ? 1.0 : 0.0) : 1.0;
+__device__ __forceinline__ bool mask_at(const void* m, i64 dt, i64 k) {
+  return m == nullptr || ld(m, dt, k) != 0.0;
 }
 
 __device__ __forceinline__ void activation(const LossParams& p, double x, double& phi, double& dphi) {
@@ -357,114 +404,13 @@ __device__ __forceinline__ i64 slot_of(const LossParams& p, i64 i) {
   return (s < -1 || s >= p.expert_rows) ? -2 : s;
 }
 
-// One block per expert slot.
-extern "C" __global__ void calibrl_expert_sums(LossParams p) {
-  __shared__ double scratch[32 * 2];
-  for (i64 s = blockIdx.x; s < p.expert_rows; s += gridDim.x) {
-    i64 start, len;
-    expert_range(p, s, start, len);
-    double v[2] = {0.0, 0.0};
-    for (i64 t = threadIdx.x; t < len; t += blockDim.x) {
-      const double m = mask_at(p.expert_mask, p.expert_mask_dt, start + t);
-      if (m != 0.0) { v[0] += ld(p.expert_logprobs, p.expert_dt, start + t); v[1] += 1.0; }
-    }
-    block_sum<2>(v, scratch);
-    if (threadIdx.x == 0) {
-      p.expert_ws[3 * s + 0] = p.length_normalize ? (v[1] > 0.0 ? v[0] / v[1] : 0.0) : v[0];
-      p.expert_ws[3 * s + 1] = v[0];
-      p.expert_ws[3 * s + 2] = v[1];
-    }
-    __syncthreads();
-  }
-}
-
 // Token-aligned baseline ℓ*[g, t] (0 past the expert's length or at masked positions).
 __device__ __forceinline__ double token_baseline(const LossParams& p, i64 slot, i64 t, i64 k) {
   if (p.baseline_ref) return ld(p.ref_logprobs, p.ref_dt, k);
   i64 start, len;
   expert_range(p, slot, start, len);
   if (t >= len) return 0.0;
-  return mask_at(p.expert_mask, p.expert_mask_dt, start + t) * ld(p.expert_logprobs, p.expert_dt, start + t);
-}
-
-// One warp per row (rows are a few hundred to a few thousand tokens: a block per row spent
-// more time in its reduction than in the tokens): the row's partial sums.
-extern "C" __global__ void calibrl_loss_rows(LossParams p) {
-  const int lane = threadIdx.x & 31;
-  const i64 warps = blockDim.x >> 5;
-  for (i64 i = blockIdx.x * warps + (threadIdx.x >> 5); i < p.rows; i += gridDim.x * warps) {
-    const bool is_exp = expert_row(p, i);
-    const bool trained = !is_exp || trains_experts(p);
-    const double a = ld(p.advantages, p.advantages_dt, i);
-    const double w = ld(p.weights, p.weights_dt, i);
-    const double c = ld(p.signs, p.signs_dt, i);
-    const i64 slot = (!p.baseline_ref && p.expert_logprobs) ? slot_of(p, i) : -1;
-    const bool tok_explore = p.token_aligned && has_baseline(p) && !is_exp && (p.baseline_ref || slot != -1);
-    i64 start, len;
-    row_range(p, i, start, len);
-    // n, pg, clip, lower, ppo_kl, rtok, ent, kl, tok_ex, dsum, dcnt, S, R
-    double v[13] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
-    if (trained) {
-      for (i64 t = lane; t < len; t += 32) {
-        const i64 k = start + t;
-        if (mask_at(p.mask, p.mask_dt, k) == 0.0) continue;
-        const double logp = ld(p.logprobs, p.logprobs_dt, k);
-        const double old = p.old_logprobs ? ld(p.old_logprobs, p.old_dt, k) : logp;
-        double pv, dv;
-        v[0] += 1.0;
-        if (is_exp) {
-          off_policy(p, a, logp, old, pv, dv);
-        } else {
-          bool clipped, lower;
-          clipped_pg(p, a, logp, old, pv, dv, clipped, lower);
-          v[2] += clipped; v[3] += lower; v[4] += old - logp; v[5] += 1.0;
-        }
-        v[1] += pv;
-        if (p.entropy) v[6] += ld(p.entropy, p.entropy_dt, k);
-        if (p.ref_logprobs) {
-          double kv, dk;
-          kl_term(p.kl_kind, logp, ld(p.ref_logprobs, p.ref_dt, k), kv, dk);
-          v[7] += kv;
-          v[12] += ld(p.ref_logprobs, p.ref_dt, k);
-        }
-        v[11] += logp;
-        if (tok_explore) {
-          const double delta = slot == -2 ? __longlong_as_double(0x7ff8000000000000ll)
-                                          : logp - token_baseline(p, slot, t, k);
-          double phi, dphi;
-          activation(p, -c * delta, phi, dphi);
-          v[8] += w * phi; v[9] += delta; v[10] += 1.0;
-        }
-      }
-    }
-    warp_sum<13>(v);
-    if (lane == 0) {
-      double* r = p.row_ws + i * ROW_FIELDS;
-      const double n = v[0];
-      r[R_N] = n; r[R_PG] = v[1]; r[R_CLIP] = v[2]; r[R_LOWER] = v[3]; r[R_PPO_KL] = v[4];
-      r[R_RTOK] = v[5]; r[R_ENT] = v[6]; r[R_KL] = v[7]; r[R_TOK_EX] = v[8];
-      r[R_DSUM] = v[9]; r[R_DCNT] = v[10]; r[R_SEQ_EX] = 0.0; r[R_SEQ_COEF] = 0.0;
-      r[R_TRAINED] = trained; r[R_ROLLOUT] = !is_exp;
-      r[R_W] = is_exp ? 0.0 : w;
-      r[R_CORRECT] = (!is_exp && c > 0.0) ? 1.0 : 0.0;
-      r[R_NROLL] = is_exp ? 0.0 : n;
-      const bool seq_explore = !p.token_aligned && has_baseline(p) && trained && !is_exp &&
-                               (p.baseline_ref || slot != -1);
-      if (seq_explore) {
-        const double scale = p.length_normalize ? inv(n) : 1.0;
-        double e;
-        if (p.baseline_ref) e = v[12] * (p.length_normalize ? inv(n) : 1.0);
-        else e = slot == -2 ? __longlong_as_double(0x7ff8000000000000ll) : p.expert_ws[3 * slot];
-        const double delta = v[11] * scale - e;
-        double phi, dphi;
-        activation(p, -c * delta, phi, dphi);
-        r[R_SEQ_EX] = w * phi;
-        r[R_SEQ_COEF] = w * dphi * -c * scale;
-        r[R_DSUM] = delta;
-        r[R_DCNT] = 1.0;
-      }
-    }
-  }
+  return mask_at(p.expert_mask, p.expert_mask_dt, start + t) ? ld(p.expert_logprobs, p.expert_dt, start + t) : 0.0;
 }
 
 __device__ __forceinline__ double agg_factor(const LossParams& p, double n_row, double n_tok, double n_seq) {
@@ -476,125 +422,326 @@ __device__ __forceinline__ double agg_factor(const LossParams& p, double n_row, 
   }
 }
 
-#define METRICS 15
-
-// One block: normalisers, the loss and the metrics.
-extern "C" __global__ void __launch_bounds__(512) calibrl_loss_finish(LossParams p) {
-  __shared__ double scratch[32 * 16];
-  __shared__ double norms[2];
-  // Pass 1: local counts (and everything that needs no normaliser).
-  // local tokens, local seqs, clip, lower, ppo_kl, rtok, dsum, dcnt, rollouts, w, correct, nroll,
-  // expert Σ m*ℓ*, expert Σ m*
-  double a[14] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
-  for (i64 i = threadIdx.x; i < p.rows; i += blockDim.x) {
-    const double* r = p.row_ws + i * ROW_FIELDS;
-    if (r[R_TRAINED] != 0.0) { a[0] += r[R_N]; a[1] += 1.0; }
-    a[2] += r[R_CLIP]; a[3] += r[R_LOWER]; a[4] += r[R_PPO_KL]; a[5] += r[R_RTOK];
-    a[6] += r[R_DSUM]; a[7] += r[R_DCNT]; a[8] += r[R_ROLLOUT]; a[9] += r[R_W];
-    a[10] += r[R_CORRECT]; a[11] += r[R_NROLL];
-  }
-  if (p.expert_logprobs)
-    for (i64 s = threadIdx.x; s < p.expert_rows; s += blockDim.x) {
-      a[12] += p.expert_ws[3 * s + 1];
-      a[13] += p.expert_ws[3 * s + 2];
+// Sums N values over a team of `team` threads (a power of two ≤ LOSS_THREADS, aligned in the
+// block); every thread of the team gets the total. Butterfly order: two partners add the same
+// two values, so all lanes hold the same bits. Every thread of the block must call it.
+// `scratch` holds (LOSS_THREADS / 32) * N doubles.
+template <int N>
+__device__ __forceinline__ void team_sum(double (&v)[N], int team, double* scratch) {
+  const int width = team < 32 ? team : 32;
+#pragma unroll
+  for (int j = 0; j < N; ++j)
+    for (int o = width >> 1; o > 0; o >>= 1) v[j] += __shfl_xor_sync(0xffffffffu, v[j], o);
+  if (team > 32) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int warps = team >> 5, first = warp & ~(warps - 1);
+    if (lane == 0)
+#pragma unroll
+      for (int j = 0; j < N; ++j) scratch[warp * N + j] = v[j];
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      double s = 0.0;
+      for (int w = 0; w < warps; ++w) s += scratch[(first + w) * N + j];
+      v[j] = s;
     }
-  block_sum<14>(a, scratch);
+    __syncthreads();
+  }
+}
+
+// Writes this block's N partial sums (valid in thread 0) to `ws`; returns true in every thread
+// of the last block to finish, which then reads all partials. The ticket is reset by that block.
+template <int N>
+__device__ bool publish_partials(const double (&v)[N], double* ws, unsigned* ticket) {
+  __shared__ bool last;
   if (threadIdx.x == 0) {
-    norms[0] = p.has_normalizers ? p.norm_tokens : a[0];
-    norms[1] = p.has_normalizers ? p.norm_seqs : a[1];
+#pragma unroll
+    for (int j = 0; j < N; ++j) ws[blockIdx.x * N + j] = v[j];
+    __threadfence();
+    last = atomicAdd(ticket, 1u) == gridDim.x - 1;
+    if (last) *ticket = 0u;  // every block has taken its ticket: ready for the next call
   }
   __syncthreads();
-  const double n_tok = norms[0], n_seq = norms[1];
-  // Pass 2: aggregated terms. pg, entropy, kl, token explore, sequence explore
-  double b[5] = {0, 0, 0, 0, 0};
-  for (i64 i = threadIdx.x; i < p.rows; i += blockDim.x) {
-    const double* r = p.row_ws + i * ROW_FIELDS;
-    if (r[R_TRAINED] == 0.0) continue;
-    const double f = agg_factor(p, r[R_N], n_tok, n_seq);
-    b[0] += f * r[R_PG]; b[1] += f * r[R_ENT]; b[2] += f * r[R_KL]; b[3] += f * r[R_TOK_EX];
-    b[4] += r[R_SEQ_EX];
+  if (last) __threadfence();
+  return last;
+}
+
+// In the last block: the sum of every block's N partials, in block order (valid in thread 0).
+template <int N>
+__device__ void gather_partials(double (&v)[N], const double* ws, double* scratch) {
+  const volatile double* w = ws;  // written by other blocks: bypass L1
+#pragma unroll
+  for (int j = 0; j < N; ++j) v[j] = 0.0;
+  for (unsigned b = threadIdx.x; b < gridDim.x; b += blockDim.x)
+#pragma unroll
+    for (int j = 0; j < N; ++j) v[j] += w[(i64)b * N + j];
+  block_sum<N>(v, scratch);
+}
+
+// N_tok and N_seq over the trained rows when they are neither given nor known from the layout
+// (a mask, or expert rows the loss does not train). One warp per row.
+extern "C" __global__ void __launch_bounds__(LOSS_THREADS) calibrl_loss_counts(LossParams p) {
+  __shared__ double scratch[32 * 2];
+  const int lane = threadIdx.x & 31;
+  const i64 warps = blockDim.x >> 5;
+  double v[2] = {0.0, 0.0};  // tokens, rows
+  for (i64 i = blockIdx.x * warps + (threadIdx.x >> 5); i < p.rows; i += gridDim.x * warps) {
+    if (expert_row(p, i) && !trains_experts(p)) continue;
+    i64 start, len;
+    row_range(p, i, start, len);
+    if (p.mask) {
+      for (i64 t = lane; t < len; t += 32) v[0] += mask_at(p.mask, p.mask_dt, start + t) ? 1.0 : 0.0;
+    } else if (lane == 0 && len > 0) {
+      v[0] += (double)len;
+    }
+    if (lane == 0) v[1] += 1.0;
   }
-  block_sum<5>(b, scratch);
-  if (threadIdx.x == 0) {
-    const double explore = p.token_aligned ? b[3] : b[4] * inv(n_seq);
-    auto mean = [](double s, double n) { return n > 0.0 ? s / n : 0.0; };
-    double m[METRICS];
-    m[1] = b[0];
-    m[2] = explore;
-    m[3] = b[1];
-    m[4] = b[2];
-    m[0] = m[1] + effective_lambda(p) * m[2] - p.entropy_coef * m[3] + p.kl_coef * m[4];
-    m[5] = mean(a[2], a[5]);
-    m[6] = mean(a[3], a[5]);
-    m[7] = mean(a[4], a[5]);
-    m[8] = mean(a[6], a[7]);
-    m[9] = mean(a[12], a[13]);
-    m[10] = mean(a[11], a[8]);
-    m[11] = mean(a[10], a[8]);
-    m[12] = mean(a[9], a[8]);
-    m[13] = a[0];
-    m[14] = a[1];
-    if (p.metrics)
-      for (int j = 0; j < METRICS; ++j) st(p.metrics, p.metrics_dt, j, m[j]);
-    p.final_ws[0] = n_tok;
-    p.final_ws[1] = n_seq;
-    for (int j = 0; j < METRICS; ++j) p.final_ws[FINAL_FIELDS + j] = m[j];
+  block_sum<2>(v, scratch);
+  if (publish_partials<2>(v, p.block_ws, &p.tickets[0])) {
+    gather_partials<2>(v, p.block_ws, scratch);  // integers: exact in any order
+    if (threadIdx.x == 0) { p.final_ws[0] = v[0]; p.final_ws[1] = v[1]; }
   }
 }
 
-// One warp per row: ∂L/∂ℓ and ∂L/∂H for every element (0 where nothing flows).
-extern "C" __global__ void calibrl_loss_grad(LossParams p) {
-  const double n_tok = p.final_ws[0], n_seq = p.final_ws[1];
-  const double lambda = effective_lambda(p);
-  const int lane = threadIdx.x & 31;
-  const i64 warps = blockDim.x >> 5;
-  for (i64 i = blockIdx.x * warps + (threadIdx.x >> 5); i < p.rows; i += gridDim.x * warps) {
-    const double* r = p.row_ws + i * ROW_FIELDS;
-    const bool trained = r[R_TRAINED] != 0.0;
-    const bool is_exp = expert_row(p, i);
-    const double f = trained ? agg_factor(p, r[R_N], n_tok, n_seq) : 0.0;
-    const double a = ld(p.advantages, p.advantages_dt, i);
-    const double w = ld(p.weights, p.weights_dt, i);
-    const double c = ld(p.signs, p.signs_dt, i);
-    const i64 slot = (!p.baseline_ref && p.expert_logprobs) ? slot_of(p, i) : -1;
-    const bool tok_explore = p.token_aligned && has_baseline(p) && !is_exp && (p.baseline_ref || slot != -1);
-    const double seq_coef = lambda * inv(n_seq) * r[R_SEQ_COEF];
-    i64 start, len;
-    row_range(p, i, start, len);
-    for (i64 t = lane; t < len; t += 32) {
-      const i64 k = start + t;
-      double g = 0.0, gh = 0.0;
-      if (trained && mask_at(p.mask, p.mask_dt, k) != 0.0) {
-        const double logp = ld(p.logprobs, p.logprobs_dt, k);
-        const double old = p.old_logprobs ? ld(p.old_logprobs, p.old_dt, k) : logp;
-        double pv, dv;
-        if (is_exp) {
-          off_policy(p, a, logp, old, pv, dv);
-        } else {
-          bool clipped, lower;
-          clipped_pg(p, a, logp, old, pv, dv, clipped, lower);
-        }
-        g = f * dv;
-        if (p.ref_logprobs && p.kl_coef != 0.0) {
-          double kv, dk;
-          kl_term(p.kl_kind, logp, ld(p.ref_logprobs, p.ref_dt, k), kv, dk);
-          g += p.kl_coef * f * dk;
-        }
-        if (tok_explore) {
-          const double delta = slot == -2 ? __longlong_as_double(0x7ff8000000000000ll)
-                                          : logp - token_baseline(p, slot, t, k);
-          double phi, dphi;
-          activation(p, -c * delta, phi, dphi);
-          g += lambda * f * w * dphi * -c;
-        }
-        g += seq_coef;
-        if (p.entropy) gh = -p.entropy_coef * f;
-      }
-      if (p.grad_logprobs) st(p.grad_logprobs, p.grad_dt, k, g);
-      if (p.grad_entropy) st(p.grad_entropy, p.grad_entropy_dt, k, gh);
-    }
+// N_tok and N_seq as the gradients use them.
+__device__ __forceinline__ void normalisers(const LossParams& p, double& n_tok, double& n_seq) {
+  if (p.counts == COUNTS_GIVEN) {
+    n_tok = p.norm_tokens; n_seq = p.norm_seqs;
+  } else if (p.counts == COUNTS_KERNEL) {
+    n_tok = p.final_ws[0]; n_seq = p.final_ws[1];
+  } else {
+    n_tok = p.offsets ? (double)(ld_index(p.offsets, p.offsets_dt, p.rows) - ld_index(p.offsets, p.offsets_dt, 0))
+                      : (double)p.rows * (double)p.seq_len;
+    n_seq = (double)p.rows;
   }
 }
+
+// The metrics from the block partials' totals (thread 0 of the last block).
+__device__ void write_metrics(const LossParams& p, const double (&a)[BLOCK_FIELDS], double n_tok, double n_seq) {
+  const double explore = p.token_aligned ? a[B_TOK_EX] : a[B_SEQ_EX] * inv(n_seq);
+  auto mean = [](double s, double n) { return n > 0.0 ? s / n : 0.0; };
+  double m[METRICS];
+  m[1] = a[B_PG];
+  m[2] = explore;
+  m[3] = a[B_ENT];
+  m[4] = a[B_KL];
+  m[0] = m[1] + effective_lambda(p) * m[2] - p.entropy_coef * m[3] + p.kl_coef * m[4];
+  m[5] = mean(a[B_CLIP], a[B_RTOK]);
+  m[6] = mean(a[B_LOWER], a[B_RTOK]);
+  m[7] = mean(a[B_PPO_KL], a[B_RTOK]);
+  m[8] = mean(a[B_DSUM], a[B_DCNT]);
+  m[9] = mean(a[B_EXP_SUM], a[B_EXP_CNT]);
+  m[10] = mean(a[B_RTOK], a[B_ROLLOUTS]);  // every rollout token is a counted token of a rollout
+  m[11] = mean(a[B_CORRECT], a[B_ROLLOUTS]);
+  m[12] = mean(a[B_WSUM], a[B_ROLLOUTS]);
+  m[13] = a[B_NTOK];
+  m[14] = a[B_SEQS];
+  if (p.metrics)
+    for (int j = 0; j < METRICS; ++j) st(p.metrics, p.metrics_dt, j, m[j]);
+  p.final_ws[0] = n_tok;
+  p.final_ws[1] = n_seq;
+  for (int j = 0; j < METRICS; ++j) p.final_ws[FINAL_FIELDS + j] = m[j];
+}
+
+// Tokens each thread loads before computing on them (memory-level parallelism).
+#define UNROLL 4
+
+template <int FT>
+__device__ __forceinline__ void loss_kernel(const LossParams& p) {
+  __shared__ double scratch[32 * BLOCK_FIELDS];
+  __shared__ double team_rows[MAX_TEAMS][ROW_FIELDS];  // per-row sums, kept by each team's leader
+  const int team = 1 << p.team_log2;
+  const int lane = threadIdx.x & (team - 1);
+  const int slot_in_block = threadIdx.x >> p.team_log2;
+  const int teams = LOSS_THREADS >> p.team_log2;
+  const bool leader = lane == 0;
+  if (leader)
+    for (int j = 0; j < ROW_FIELDS; ++j) team_rows[slot_in_block][j] = 0.0;
+  double n_tok, n_seq;
+  normalisers(p, n_tok, n_seq);
+  const double lambda = effective_lambda(p);
+  const bool baseline = has_baseline(p);
+  const bool expert_baseline = !p.baseline_ref && p.expert_logprobs != nullptr;
+  // Whether any row may need pass 1 (block-uniform, so the team sums below are too).
+  const bool row_pass = p.agg == AGG_SEQ_MEAN || (!p.token_aligned && baseline);
+
+  double acc_pg = 0.0, acc_ent = 0.0, acc_kl = 0.0, acc_tok_ex = 0.0, acc_ppo_kl = 0.0, acc_dsum = 0.0;
+  int n_counted = 0, n_clip = 0, n_lower = 0, n_rtok = 0, n_delta = 0;
+
+  const i64 per_round = (i64)gridDim.x * teams;
+  const i64 rounds = (p.rows + per_round - 1) / per_round;
+  for (i64 r = 0; r < rounds; ++r) {
+    const i64 i = (r * gridDim.x + blockIdx.x) * teams + slot_in_block;
+    const bool active = i < p.rows;
+    bool is_exp = false, trained = false;
+    double a = 0.0, w = 0.0, c = 0.0;
+    i64 slot = -1, start = 0, len = 0;
+    if (active) {
+      is_exp = expert_row(p, i);
+      trained = !is_exp || trains_experts(p);
+      a = ld(p.advantages, p.advantages_dt, i);
+      w = ld(p.weights, p.weights_dt, i);
+      c = ld(p.signs, p.signs_dt, i);
+      slot = expert_baseline ? slot_of(p, i) : -1;
+      row_range(p, i, start, len);
+    }
+    const bool explores = baseline && trained && !is_exp && (p.baseline_ref || slot != -1);
+    const bool seq_explore = explores && !p.token_aligned;
+    const bool tok_explore = explores && p.token_aligned;
+
+    // Pass 1: n_i, S_i = Σ m·ℓ, Σ m·ℓref, and the expert's Σ m*ℓ*, Σ m*.
+    double s1[5] = {0.0, 0.0, 0.0, 0.0, 0.0};
+    if (row_pass) {
+      if (trained && (p.agg == AGG_SEQ_MEAN || seq_explore)) {
+        for (i64 t = lane; t < len; t += team) {
+          const i64 k = start + t;
+          if (!mask_at(p.mask, p.mask_dt, k)) continue;
+          s1[0] += 1.0;
+          s1[1] += ldf<FT>(p.logprobs, p.logprobs_dt, k);
+          if (p.baseline_ref && p.ref_logprobs) s1[2] += ld(p.ref_logprobs, p.ref_dt, k);
+        }
+        if (seq_explore && expert_baseline && slot >= 0) {
+          i64 es, el;
+          expert_range(p, slot, es, el);
+          for (i64 t = lane; t < el; t += team) {
+            if (!mask_at(p.expert_mask, p.expert_mask_dt, es + t)) continue;
+            s1[3] += ld(p.expert_logprobs, p.expert_dt, es + t);
+            s1[4] += 1.0;
+          }
+        }
+      }
+      team_sum<5>(s1, team, scratch);
+    }
+    const double n_row = s1[0];
+    const double f = trained ? agg_factor(p, n_row, n_tok, n_seq) : 0.0;
+    double seq_coef = 0.0;
+    if (seq_explore) {
+      const double scale = p.length_normalize ? inv(n_row) : 1.0;
+      double e;
+      if (p.baseline_ref) e = s1[2] * scale;
+      else if (slot == -2) e = NAN_D;
+      else e = p.length_normalize ? (s1[4] > 0.0 ? s1[3] / s1[4] : 0.0) : s1[3];
+      const double delta = s1[1] * scale - e;
+      double phi, dphi;
+      activation(p, -c * delta, phi, dphi);
+      seq_coef = lambda * inv(n_seq) * w * dphi * -c * scale;
+      if (leader) {
+        team_rows[slot_in_block][B_SEQ_EX - THREAD_FIELDS] += w * phi;
+        acc_dsum += delta;
+        n_delta += 1;
+      }
+    }
+    if (active && leader) {
+      double* tr = team_rows[slot_in_block];
+      if (trained) tr[B_SEQS - THREAD_FIELDS] += 1.0;
+      if (!is_exp) {
+        tr[B_ROLLOUTS - THREAD_FIELDS] += 1.0;
+        tr[B_WSUM - THREAD_FIELDS] += w;
+        if (c > 0.0) tr[B_CORRECT - THREAD_FIELDS] += 1.0;
+      }
+    }
+
+    // Pass 2: every element of the row gets its gradients (0 where nothing flows).
+    for (i64 t0 = lane; t0 < len; t0 += (i64)UNROLL * team) {
+      bool m[UNROLL];
+      double lp[UNROLL], od[UNROLL];
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u) {
+        const i64 t = t0 + (i64)u * team, k = start + t;
+        m[u] = t < len && trained && mask_at(p.mask, p.mask_dt, k);
+        lp[u] = m[u] ? ldf<FT>(p.logprobs, p.logprobs_dt, k) : 0.0;
+        od[u] = (m[u] && p.old_logprobs) ? ldf<FT>(p.old_logprobs, p.old_dt, k) : lp[u];
+      }
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u) {
+        const i64 t = t0 + (i64)u * team, k = start + t;
+        if (t >= len) break;
+        double g = 0.0, gh = 0.0;
+        if (m[u]) {
+          const double logp = lp[u], old = od[u];
+          double pv, dv;
+          if (is_exp) {
+            off_policy(p, a, logp, old, pv, dv);
+          } else {
+            bool clipped, lower;
+            clipped_pg(p, a, logp, old, pv, dv, clipped, lower);
+            n_clip += clipped; n_lower += lower; acc_ppo_kl += old - logp; n_rtok += 1;
+          }
+          if (p.token_weights) {
+            const double omega = ld(p.token_weights, p.token_weights_dt, k);
+            pv *= omega; dv *= omega;
+          }
+          n_counted += 1;
+          acc_pg += f * pv;
+          g = f * dv;
+          if (p.entropy) { acc_ent += f * ld(p.entropy, p.entropy_dt, k); gh = -p.entropy_coef * f; }
+          if (p.ref_logprobs) {
+            double kv, dk;
+            kl_term(p.kl_kind, logp, ld(p.ref_logprobs, p.ref_dt, k), kv, dk);
+            acc_kl += f * kv;
+            if (p.kl_coef != 0.0) g += p.kl_coef * f * dk;
+          }
+          if (tok_explore) {
+            const double delta = slot == -2 ? NAN_D : logp - token_baseline(p, slot, t, k);
+            double phi, dphi;
+            activation(p, -c * delta, phi, dphi);
+            acc_tok_ex += f * w * phi; acc_dsum += delta; n_delta += 1;
+            g += lambda * f * w * dphi * -c;
+          }
+          g += seq_coef;
+        }
+        if (p.grad_logprobs) stf<FT>(p.grad_logprobs, p.grad_dt, k, g);
+        if (p.grad_entropy) st(p.grad_entropy, p.grad_entropy_dt, k, gh);
+      }
+    }
+  }
+
+  // The expert rows' Σ m*ℓ*, Σ m* (metric), one team per expert row.
+  if (p.expert_logprobs) {
+    const i64 slot_rounds = (p.expert_rows + per_round - 1) / per_round;
+    for (i64 r = 0; r < slot_rounds; ++r) {
+      const i64 s = (r * gridDim.x + blockIdx.x) * teams + slot_in_block;
+      double e[2] = {0.0, 0.0};
+      if (s < p.expert_rows) {
+        i64 es, el;
+        expert_range(p, s, es, el);
+        for (i64 t = lane; t < el; t += team) {
+          if (!mask_at(p.expert_mask, p.expert_mask_dt, es + t)) continue;
+          e[0] += ld(p.expert_logprobs, p.expert_dt, es + t);
+          e[1] += 1.0;
+        }
+      }
+      team_sum<2>(e, team, scratch);
+      if (leader) {
+        team_rows[slot_in_block][B_EXP_SUM - THREAD_FIELDS] += e[0];
+        team_rows[slot_in_block][B_EXP_CNT - THREAD_FIELDS] += e[1];
+      }
+    }
+  }
+
+  // This block's partial sums, then the last block's totals and metrics.
+  double v[BLOCK_FIELDS];
+  v[B_NTOK] = n_counted; v[B_CLIP] = n_clip; v[B_LOWER] = n_lower; v[B_RTOK] = n_rtok;
+  v[B_DCNT] = n_delta; v[B_PPO_KL] = acc_ppo_kl; v[B_DSUM] = acc_dsum; v[B_PG] = acc_pg;
+  v[B_ENT] = acc_ent; v[B_KL] = acc_kl; v[B_TOK_EX] = acc_tok_ex;
+  for (int j = THREAD_FIELDS; j < BLOCK_FIELDS; ++j) v[j] = 0.0;
+  block_sum<BLOCK_FIELDS>(v, scratch);  // ends with a barrier after which team_rows is final
+  if (threadIdx.x == 0)
+    for (int tm = 0; tm < teams; ++tm)
+      for (int j = THREAD_FIELDS; j < BLOCK_FIELDS; ++j) v[j] += team_rows[tm][j - THREAD_FIELDS];
+  if (publish_partials<BLOCK_FIELDS>(v, p.block_ws, &p.tickets[1])) {
+    gather_partials<BLOCK_FIELDS>(v, p.block_ws, scratch);
+    if (threadIdx.x == 0) write_metrics(p, v, n_tok, n_seq);
+  }
+}
+
+#define LOSS_KERNEL(suffix, FT) \
+  extern "C" __global__ void __launch_bounds__(LOSS_THREADS, 2) calibrl_loss_##suffix(LossParams p) { loss_kernel<FT>(p); }
+LOSS_KERNEL(f32, DT_F32)
+LOSS_KERNEL(f64, DT_F64)
+LOSS_KERNEL(bf16, DT_BF16)
+LOSS_KERNEL(f16, DT_F16)
+LOSS_KERNEL(any, DT_ANY)
 
 // ------------------------------------------------- expert baseline from the no-grad output (§7)
 

@@ -11,7 +11,7 @@
 //! - `host_metrics` synchronises the stream; otherwise nothing synchronises.
 
 use super::compile::KernelSource;
-use super::workspace::{launch_struct, workspace};
+use super::workspace::{launch_struct, tickets, workspace};
 use super::{device, driver_error, Device};
 use crate::config::{Activation, Aggregation, Baseline, Config, DeltaMode, KlKind, LossKind};
 use crate::cpu::loss::{CalibrlMetrics, METRICS_LEN};
@@ -29,21 +29,23 @@ pub const LOSS: KernelSource = KernelSource {
     kernels: &[
         "calibrl_group_stats",
         "calibrl_group_advantages",
-        "calibrl_expert_sums",
-        "calibrl_loss_rows",
-        "calibrl_loss_finish",
-        "calibrl_loss_grad",
+        "calibrl_loss_counts",
+        "calibrl_loss_f32",
+        "calibrl_loss_f64",
+        "calibrl_loss_bf16",
+        "calibrl_loss_f16",
+        "calibrl_loss_any",
         "calibrl_collect_experts",
     ],
 };
 
-const ROW_FIELDS: usize = 18; // ROW_FIELDS in cuda/loss.cu
+const BLOCK_FIELDS: usize = 18; // BLOCK_FIELDS in cuda/loss.cu
 const FINAL_FIELDS: usize = 4; // FINAL_FIELDS in cuda/loss.cu
-const THREADS: u32 = 256;
-/// Rows per block of the row kernels (one warp per row).
-const WARPS: usize = THREADS as usize / 32;
-/// The single-block finish kernel (`__launch_bounds__(512)` in cuda/loss.cu).
-const FINISH_THREADS: u32 = 512;
+const THREADS: u32 = 256; // LOSS_THREADS in cuda/loss.cu
+/// Tokens a thread loads before computing on them (UNROLL in cuda/loss.cu).
+const UNROLL: usize = 4;
+/// Resident blocks per SM the grids are sized for (the kernels loop over rows).
+const BLOCKS_PER_SM: usize = 4;
 
 /// dtype codes (`DT_*` in cuda/loss.cu).
 fn code(t: &Tensor) -> i64 {
@@ -194,6 +196,8 @@ struct LossParams {
     ref_dt: i64,
     entropy: *const c_void,
     entropy_dt: i64,
+    token_weights: *const c_void,
+    token_weights_dt: i64,
     advantages: *const c_void,
     advantages_dt: i64,
     weights: *const c_void,
@@ -218,9 +222,11 @@ struct LossParams {
     grad_entropy_dt: i64,
     metrics: *const c_void,
     metrics_dt: i64,
-    expert_ws: sys::CUdeviceptr,
-    row_ws: sys::CUdeviceptr,
+    block_ws: sys::CUdeviceptr,
     final_ws: sys::CUdeviceptr,
+    tickets: sys::CUdeviceptr,
+    team_log2: i64,
+    counts: i64,
     loss_kind: i64,
     token_aligned: i64,
     length_normalize: i64,
@@ -228,7 +234,6 @@ struct LossParams {
     baseline_ref: i64,
     agg: i64,
     kl_kind: i64,
-    has_normalizers: i64,
     norm_tokens: f64,
     norm_seqs: f64,
     t_norm: f64,
@@ -242,6 +247,17 @@ struct LossParams {
     luffy_gamma: f64,
 }
 
+/// Where the kernel takes N_tok and N_seq from (`COUNTS_*` in cuda/loss.cu).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Counts {
+    /// The caller's global normalisers.
+    Given = 0,
+    /// Counted by `calibrl_loss_counts` before the loss kernel.
+    Kernel = 1,
+    /// Every row is trained and there is no mask: the layout's token and row counts.
+    AllRows = 2,
+}
+
 /// (offsets pointer, offsets dtype, padded row length) of a row structure.
 fn layout(rows: &Rows) -> Result<(*const c_void, i64, i64)> {
     match rows.layout {
@@ -253,43 +269,13 @@ fn layout(rows: &Rows) -> Result<(*const c_void, i64, i64)> {
     }
 }
 
-pub fn loss(
-    cfg: &Config,
-    args: &Loss,
-    host_metrics: Option<&mut CalibrlMetrics>,
-    ordinal: i32,
-    stream: Stream,
-) -> Result<()> {
-    let b = args.policy.rows;
-    let (logprobs, logprobs_dt) = req(&args.policy.values)?;
-    let (offsets, offsets_dt, seq_len) = layout(&args.policy)?;
-    let (mask, mask_dt) = opt(args.policy.mask.as_ref())?;
-    let (old_logprobs, old_dt) = opt(args.old_logprobs.as_ref())?;
-    let (ref_logprobs, ref_dt) = opt(args.ref_logprobs.as_ref())?;
-    let (entropy, entropy_dt) = opt(args.entropy.as_ref())?;
-    let (advantages, advantages_dt) = req(&args.advantages)?;
-    let (weights, weights_dt) = req(&args.weights)?;
-    let (signs, signs_dt) = req(&args.signs)?;
-    let (is_expert, is_expert_dt) = opt(args.is_expert.as_ref())?;
-    let (expert_logprobs, expert_dt) = opt(args.expert.as_ref().map(|e| &e.values))?;
-    let (expert_offsets, expert_offsets_dt, expert_seq_len) = match &args.expert {
-        Some(e) => layout(e)?,
-        None => (std::ptr::null(), 0, 0),
-    };
-    let expert_rows = args.expert.as_ref().map_or(0, |e| e.rows);
-    let (expert_mask, expert_mask_dt) = opt(args.expert.as_ref().and_then(|e| e.mask.as_ref()))?;
-    let (expert_index, expert_index_dt) = opt(args.expert_index.as_ref())?;
-    let (grad_logprobs, grad_dt) = opt(args.grad_logprobs.as_ref())?;
-    let (grad_entropy, grad_entropy_dt) = opt(args.grad_entropy.as_ref())?;
-    let (metrics, metrics_dt) = opt(args.metrics.as_ref())?;
-
-    // The same requirements the CPU reference enforces before computing.
-    let lambda = cfg.effective_lambda();
+/// The same requirements the CPU reference enforces before computing.
+fn check_inputs(cfg: &Config, args: &Loss) -> Result<()> {
     let baseline_present = match cfg.baseline {
         Baseline::Expert => args.expert.is_some(),
         Baseline::RefPolicy => args.ref_logprobs.is_some(),
     };
-    if lambda > 0.0 && !baseline_present {
+    if cfg.effective_lambda() > 0.0 && !baseline_present {
         return Err(match cfg.baseline {
             Baseline::Expert => Error::null("expert_logprobs")
                 .with_reason("λ > 0 with the expert baseline needs it"),
@@ -303,19 +289,70 @@ pub fn loss(
     if cfg.kl_coef != 0.0 && args.ref_logprobs.is_none() {
         return Err(Error::null("ref_logprobs").with_reason("kl_coef != 0 needs it"));
     }
+    Ok(())
+}
 
-    let dev = device(ordinal)?;
-    let ws_doubles = expert_rows * 3 + b * ROW_FIELDS + FINAL_FIELDS + METRICS_LEN;
-    let ws = workspace(dev, ordinal, stream, ws_doubles * 8)?;
-    let expert_ws = ws;
-    let row_ws = ws + (expert_rows * 3 * 8) as u64;
-    let final_ws = row_ws + (b * ROW_FIELDS * 8) as u64;
-    let mut p = LossParams {
+/// The loss kernel instantiated for the common dtype of ℓ, ℓold and ∂L/∂ℓ, or the mixed one.
+fn loss_kernel(args: &Loss) -> &'static str {
+    let dt = args.policy.values.dtype;
+    let same = |t: Option<&Tensor>| t.map_or(true, |t| t.dtype == dt);
+    if !(same(args.old_logprobs.as_ref()) && same(args.grad_logprobs.as_ref())) {
+        return "calibrl_loss_any";
+    }
+    match dt {
+        DType::F32 => "calibrl_loss_f32",
+        DType::F64 => "calibrl_loss_f64",
+        DType::BF16 => "calibrl_loss_bf16",
+        DType::F16 => "calibrl_loss_f16",
+        _ => "calibrl_loss_any",
+    }
+}
+
+/// log2 of the threads that share one row: about UNROLL tokens per thread and pass for the
+/// mean row length, between 4 threads (many short rows) and the whole block (long rows).
+fn team_log2(tokens: usize, rows: usize) -> i64 {
+    let per_thread = tokens.div_ceil(rows.max(1)).div_ceil(UNROLL);
+    per_thread.clamp(4, THREADS as usize).next_power_of_two().trailing_zeros() as i64
+}
+
+fn counts_mode(cfg: &Config, args: &Loss) -> Counts {
+    if args.normalizers.is_some() {
+        Counts::Given
+    } else if args.policy.mask.is_none() && (args.is_expert.is_none() || cfg.trains_expert_rows()) {
+        Counts::AllRows
+    } else {
+        Counts::Kernel
+    }
+}
+
+fn loss_params(cfg: &Config, args: &Loss) -> Result<LossParams> {
+    let (logprobs, logprobs_dt) = req(&args.policy.values)?;
+    let (offsets, offsets_dt, seq_len) = layout(&args.policy)?;
+    let (mask, mask_dt) = opt(args.policy.mask.as_ref())?;
+    let (old_logprobs, old_dt) = opt(args.old_logprobs.as_ref())?;
+    let (ref_logprobs, ref_dt) = opt(args.ref_logprobs.as_ref())?;
+    let (entropy, entropy_dt) = opt(args.entropy.as_ref())?;
+    let (token_weights, token_weights_dt) = (std::ptr::null(), 0);
+    let (advantages, advantages_dt) = req(&args.advantages)?;
+    let (weights, weights_dt) = req(&args.weights)?;
+    let (signs, signs_dt) = req(&args.signs)?;
+    let (is_expert, is_expert_dt) = opt(args.is_expert.as_ref())?;
+    let (expert_logprobs, expert_dt) = opt(args.expert.as_ref().map(|e| &e.values))?;
+    let (expert_offsets, expert_offsets_dt, expert_seq_len) = match &args.expert {
+        Some(e) => layout(e)?,
+        None => (std::ptr::null(), 0, 0),
+    };
+    let (expert_mask, expert_mask_dt) = opt(args.expert.as_ref().and_then(|e| e.mask.as_ref()))?;
+    let (expert_index, expert_index_dt) = opt(args.expert_index.as_ref())?;
+    let (grad_logprobs, grad_dt) = opt(args.grad_logprobs.as_ref())?;
+    let (grad_entropy, grad_entropy_dt) = opt(args.grad_entropy.as_ref())?;
+    let (metrics, metrics_dt) = opt(args.metrics.as_ref())?;
+    Ok(LossParams {
         logprobs,
         logprobs_dt,
         offsets,
         offsets_dt,
-        rows: b as i64,
+        rows: args.policy.rows as i64,
         seq_len,
         mask,
         mask_dt,
@@ -325,6 +362,8 @@ pub fn loss(
         ref_dt,
         entropy,
         entropy_dt,
+        token_weights,
+        token_weights_dt,
         advantages,
         advantages_dt,
         weights,
@@ -337,7 +376,7 @@ pub fn loss(
         expert_dt,
         expert_offsets,
         expert_offsets_dt,
-        expert_rows: expert_rows as i64,
+        expert_rows: args.expert.as_ref().map_or(0, |e| e.rows) as i64,
         expert_seq_len,
         expert_mask,
         expert_mask_dt,
@@ -349,9 +388,11 @@ pub fn loss(
         grad_entropy_dt,
         metrics,
         metrics_dt,
-        expert_ws,
-        row_ws,
-        final_ws,
+        block_ws: 0,
+        final_ws: 0,
+        tickets: 0,
+        team_log2: team_log2(args.policy.values.numel(), args.policy.rows),
+        counts: counts_mode(cfg, args) as i64,
         loss_kind: match cfg.loss {
             LossKind::Calibrl => 0,
             LossKind::Grpo => 1,
@@ -380,7 +421,6 @@ pub fn loss(
             KlKind::K2 => 2,
             KlKind::K3 => 3,
         },
-        has_normalizers: args.normalizers.is_some() as i64,
         norm_tokens: args.normalizers.map_or(0.0, |n| n.token_count),
         norm_seqs: args.normalizers.map_or(0.0, |n| n.seq_count),
         t_norm: cfg.t_norm.unwrap_or(1.0),
@@ -392,54 +432,43 @@ pub fn loss(
         entropy_coef: cfg.entropy_coef,
         kl_coef: cfg.kl_coef,
         luffy_gamma: cfg.luffy_gamma,
-    };
-    if expert_rows > 0 {
-        launch(
-            dev,
-            "calibrl_expert_sums",
-            expert_rows,
-            THREADS,
-            stream,
-            &mut p,
-        )?;
+    })
+}
+
+pub fn loss(
+    cfg: &Config,
+    args: &Loss,
+    host_metrics: Option<&mut CalibrlMetrics>,
+    ordinal: i32,
+    stream: Stream,
+) -> Result<()> {
+    check_inputs(cfg, args)?;
+    let mut p = loss_params(cfg, args)?;
+    let dev = device(ordinal)?;
+    let rows = args.policy.rows;
+    let max_blocks = dev.sms * BLOCKS_PER_SM;
+    let teams = (THREADS as usize) >> p.team_log2;
+    let blocks = rows.div_ceil(teams).clamp(1, max_blocks);
+    let count_blocks = rows.div_ceil(THREADS as usize / 32).clamp(1, max_blocks);
+    // Workspace: the final values (N_tok, N_seq, metrics), then the blocks' partial sums.
+    let final_doubles = FINAL_FIELDS + METRICS_LEN;
+    let ws = workspace(dev, ordinal, stream, (final_doubles + blocks.max(count_blocks) * BLOCK_FIELDS) * 8)?;
+    p.final_ws = ws;
+    p.block_ws = ws + (final_doubles * 8) as u64;
+    p.tickets = tickets(dev, ordinal, stream)?;
+    if p.counts == Counts::Kernel as i64 {
+        launch(dev, "calibrl_loss_counts", count_blocks, THREADS, stream, &mut p)?;
     }
-    if b > 0 {
-        launch(
-            dev,
-            "calibrl_loss_rows",
-            b.div_ceil(WARPS),
-            THREADS,
-            stream,
-            &mut p,
-        )?;
-    }
-    launch(
-        dev,
-        "calibrl_loss_finish",
-        1,
-        FINISH_THREADS,
-        stream,
-        &mut p,
-    )?;
-    if b > 0 && (args.grad_logprobs.is_some() || args.grad_entropy.is_some()) {
-        launch(
-            dev,
-            "calibrl_loss_grad",
-            b.div_ceil(WARPS),
-            THREADS,
-            stream,
-            &mut p,
-        )?;
-    }
+    launch(dev, loss_kernel(args), blocks, THREADS, stream, &mut p)?;
     if let Some(h) = host_metrics {
         let mut values = [0f64; METRICS_LEN];
         let _ctx = dev.activate()?;
         // SAFETY: the context is current; `final_ws` holds FINAL_FIELDS + METRICS_LEN doubles
-        // written by `calibrl_loss_finish` on `stream`, which is synchronised first.
+        // written by the loss kernel's last block on `stream`, which is synchronised first.
         unsafe {
             drv::stream::synchronize(stream as sys::CUstream)
                 .map_err(|e| driver_error("cuStreamSynchronize", e))?;
-            drv::memcpy_dtoh_sync(&mut values, final_ws + (FINAL_FIELDS * 8) as u64)
+            drv::memcpy_dtoh_sync(&mut values, p.final_ws + (FINAL_FIELDS * 8) as u64)
                 .map_err(|e| driver_error("cuMemcpyDtoH (metrics)", e))?;
         }
         *h = metrics_from(&values);

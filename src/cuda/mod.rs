@@ -83,6 +83,8 @@ pub(crate) struct Device {
     ctx: sys::CUcontext,
     /// The architecture the modules are compiled for (e.g. 90).
     pub arch: i32,
+    /// Streaming multiprocessors (sizes the grids of kernels that loop over their work).
+    pub sms: usize,
     modules: Mutex<HashMap<&'static str, Arc<Module>>>,
 }
 // SAFETY: a primary context handle may be pushed by any thread; the module map is locked.
@@ -129,12 +131,14 @@ impl Device {
         let major = attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
         let minor = attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
         let arch = compile::arch_for_device(major, minor)?;
+        let sms = attr(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(1) as usize;
         // SAFETY: `dev` is valid. The primary context is retained for the life of the process.
         let ctx = unsafe { drv::primary_ctx::retain(dev) }
             .map_err(|e| driver_error("cuDevicePrimaryCtxRetain", e))?;
         Ok(Device {
             ctx,
             arch,
+            sms,
             modules: Mutex::new(HashMap::new()),
         })
     }

@@ -48,6 +48,33 @@ pub(crate) fn workspace(
     Ok(ptr)
 }
 
+/// A small zeroed device buffer per (device, stream) for the kernels' "last block" tickets.
+/// Kernels leave every ticket at zero when they finish, so it is zeroed once, at allocation.
+pub(crate) fn tickets(dev: &Device, ordinal: i32, stream: Stream) -> Result<sys::CUdeviceptr> {
+    const BYTES: usize = 256;
+    static CACHE: OnceLock<Mutex<HashMap<(i32, usize), sys::CUdeviceptr>>> = OnceLock::new();
+    let mut cache = CACHE
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    let key = (ordinal, stream as usize);
+    if let Some(&ptr) = cache.get(&key) {
+        return Ok(ptr);
+    }
+    let _ctx = dev.activate()?;
+    // SAFETY: the device's context is current; the buffer lives as long as the process (a
+    // captured graph may reference it).
+    let ptr = unsafe {
+        let ptr = drv::malloc_sync(BYTES)
+            .map_err(|e| driver_error("cuMemAlloc (calibrl tickets)", e))?;
+        drv::memset_d8_sync(ptr, 0, BYTES)
+            .map_err(|e| driver_error("cuMemsetD8 (calibrl tickets)", e))?;
+        ptr
+    };
+    cache.insert(key, ptr);
+    Ok(ptr)
+}
+
 /// Launches a kernel of `src` that takes one `#[repr(C)]` struct `P` by value (the loss and
 /// expert families), with a 1-D grid (capped: the kernels loop grid-stride).
 pub(crate) fn launch_struct<P>(
