@@ -298,6 +298,13 @@ typedef struct calibrl_loss_args {
    * Optional output `[CALIBRL_METRICS_LEN]` float metrics on the call's device.
    */
   DLTensor *metrics;
+  /**
+   * Optional per-token importance weights ρ ≥ 0, shape of `logprobs` (NULL: all 1). Each
+   * token's policy-gradient term and its gradient are multiplied by ρ (verl's
+   * `rollout_is_weights`); no gradient flows into ρ. Last field: older callers that zero the
+   * struct keep working.
+   */
+  const DLTensor *token_weights;
 } calibrl_loss_args;
 
 /**

@@ -97,6 +97,7 @@ fn c_program_compiles_runs_and_agrees_with_rust() {
         old_logprobs: Some(old),
         ref_logprobs: None,
         entropy: None,
+        token_weights: None,
         advantages: adv.advantages.clone(),
         weights: adv.weights.clone(),
         signs: adv.signs.clone(),

@@ -87,6 +87,9 @@ pub struct LossBatch {
     pub old_logprobs: Option<Vec<f64>>,
     pub ref_logprobs: Option<Vec<f64>>,
     pub entropy: Option<Vec<f64>>,
+    /// Per-token importance weights ρ (verl's `rollout_is_weights`): multiply each token's
+    /// policy-gradient term p and its gradient; None = all 1.
+    pub token_weights: Option<Vec<f64>>,
     pub advantages: Vec<f64>,
     pub weights: Vec<f64>,
     pub signs: Vec<f64>,
@@ -282,8 +285,10 @@ pub fn compute(cfg: &Config, batch: &LossBatch) -> Result<LossOutput> {
                 rollout_tokens += 1.0;
                 (p, dp)
             };
-            m.pg_loss += aw * p;
-            out.grad_logprobs[k] += aw * dp;
+            // ρ is a constant per token (no gradient flows into it), as in verl.
+            let rho = batch.token_weights.as_ref().map_or(1.0, |r| r[k]);
+            m.pg_loss += aw * rho * p;
+            out.grad_logprobs[k] += aw * rho * dp;
             if let Some(h) = &batch.entropy {
                 m.entropy_loss += aw * h[k];
                 out.grad_entropy[k] = -cfg.entropy_coef * aw;
@@ -488,6 +493,19 @@ fn read_batch(args: &crate::ops::loss::Loss) -> Result<LossBatch> {
     let old_logprobs = opt(&args.old_logprobs, "old_logprobs")?;
     let ref_logprobs = opt(&args.ref_logprobs, "ref_logprobs")?;
     let entropy = opt(&args.entropy, "entropy")?;
+    let token_weights = opt(&args.token_weights, "token_weights")?;
+    if let Some((k, r)) = token_weights.as_ref().and_then(|w| {
+        w.iter()
+            .zip(&mask)
+            .enumerate()
+            .find(|(_, (r, m))| **m != 0.0 && **r < 0.0)
+            .map(|(k, (r, _))| (k, *r))
+    }) {
+        return Err(Error::invalid(
+            "token_weights",
+            format!("element {k} is {r}; importance weights must be >= 0"),
+        ));
+    }
     let advantages = args.advantages.read_finite_f64()?;
     let weights = args.weights.read_finite_f64()?;
     let signs = args.signs.read_finite_f64()?;
@@ -537,6 +555,7 @@ fn read_batch(args: &crate::ops::loss::Loss) -> Result<LossBatch> {
         old_logprobs,
         ref_logprobs,
         entropy,
+        token_weights,
         advantages,
         weights,
         signs,

@@ -71,6 +71,11 @@ pub struct CalibrlLossArgs {
     pub grad_entropy: *mut DLTensor,
     /// Optional output `[CALIBRL_METRICS_LEN]` float metrics on the call's device.
     pub metrics: *mut DLTensor,
+    /// Optional per-token importance weights ρ ≥ 0, shape of `logprobs` (NULL: all 1). Each
+    /// token's policy-gradient term and its gradient are multiplied by ρ (verl's
+    /// `rollout_is_weights`); no gradient flows into ρ. Last field: older callers that zero the
+    /// struct keep working.
+    pub token_weights: *const DLTensor,
 }
 
 /// Group-normalised advantages, rarity weights and correctness signs (SPEC §3).
@@ -135,6 +140,7 @@ pub unsafe extern "C" fn calibrl_loss(
             old_logprobs: Tensor::optional(a.old_logprobs, "old_logprobs")?,
             ref_logprobs: Tensor::optional(a.ref_logprobs, "ref_logprobs")?,
             entropy: Tensor::optional(a.entropy, "entropy")?,
+            token_weights: Tensor::optional(a.token_weights, "token_weights")?,
             advantages: Tensor::from_raw(a.advantages, "advantages")?,
             weights: Tensor::from_raw(a.weights, "weights")?,
             signs: Tensor::from_raw(a.signs, "signs")?,

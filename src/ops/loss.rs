@@ -221,6 +221,8 @@ pub struct Loss<'a> {
     pub old_logprobs: Option<Tensor<'a>>,
     pub ref_logprobs: Option<Tensor<'a>>,
     pub entropy: Option<Tensor<'a>>,
+    /// Per-token importance weights ρ on the policy-gradient term (verl's `rollout_is_weights`).
+    pub token_weights: Option<Tensor<'a>>,
     pub advantages: Tensor<'a>,
     pub weights: Tensor<'a>,
     pub signs: Tensor<'a>,
@@ -273,6 +275,7 @@ impl<'a> Loss<'a> {
             self.old_logprobs.as_ref(),
             self.ref_logprobs.as_ref(),
             self.entropy.as_ref(),
+            self.token_weights.as_ref(),
         ]
         .into_iter()
         .flatten()
@@ -334,6 +337,7 @@ impl<'a> Loss<'a> {
             self.old_logprobs.as_ref(),
             self.ref_logprobs.as_ref(),
             self.entropy.as_ref(),
+            self.token_weights.as_ref(),
             Some(&self.advantages),
             Some(&self.weights),
             Some(&self.signs),
@@ -359,6 +363,10 @@ pub fn loss(
 ) -> Result<()> {
     match args.validate(cfg)? {
         Device::Cpu => crate::cpu::loss::run(cfg, args, host_metrics),
+        Device::Cuda(_) if args.token_weights.is_some() => Err(Error::layout(
+            "token_weights",
+            "is not supported by the CUDA loss yet (CPU tensors only)",
+        )),
         Device::Cuda(d) => crate::cuda::loss::loss(cfg, args, host_metrics, d, stream),
     }
 }

@@ -519,6 +519,9 @@ class LossArgs {
   LossArgs& old_logprobs(TensorView v) { old_logprobs_ = v; return *this; }
   LossArgs& ref_logprobs(TensorView v) { ref_logprobs_ = v; return *this; }
   LossArgs& entropy(TensorView v) { entropy_ = v; return *this; }
+  /// Per-token importance weights ρ ≥ 0 (layout of logprobs) on the policy-gradient term,
+  /// like verl's rollout_is_weights. CPU backend only for now.
+  LossArgs& token_weights(TensorView v) { token_weights_ = v; return *this; }
   /// `[B]` advantages, rarity weights and signs (as from calibrl::group_advantages).
   LossArgs& advantages(TensorView v) { advantages_ = v; return *this; }
   LossArgs& weights(TensorView v) { weights_ = v; return *this; }
@@ -572,13 +575,14 @@ class LossArgs {
     a.grad_logprobs = detail::out(grad_logprobs_, "grad_logprobs");
     a.grad_entropy = detail::out(grad_entropy_, "grad_entropy");
     a.metrics = detail::out(metrics_, "metrics");
+    a.token_weights = detail::in(token_weights_);
     return a;
   }
 
  private:
   OptionalView logprobs_, seq_offsets_, mask_, old_logprobs_, ref_logprobs_, entropy_,
       advantages_, weights_, signs_, is_expert_, expert_logprobs_, expert_offsets_,
-      expert_mask_, expert_index_, grad_logprobs_, grad_entropy_, metrics_;
+      expert_mask_, expert_index_, grad_logprobs_, grad_entropy_, metrics_, token_weights_;
   std::optional<calibrl_normalizers> normalizers_;
 };
 

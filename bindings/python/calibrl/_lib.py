@@ -212,6 +212,7 @@ class LossArgs(ctypes.Structure):
         ("grad_logprobs", _T),
         ("grad_entropy", _T),
         ("metrics", _T),
+        ("token_weights", _T),
     ]
 
 

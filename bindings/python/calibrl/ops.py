@@ -130,7 +130,8 @@ class LossInputs:
     (padded ``[P, S*]`` with optional ``expert_mask``, or packed ``[T*]`` with
     ``expert_offsets [P+1]``) plus ``expert_index`` (each row's expert slot, −1 for none).
     ``normalizers`` is ``(token_count, seq_count)`` of the global mini-batch, or ``None`` for
-    this call's own counts. See docs/abi.md.
+    this call's own counts. ``token_weights`` (layout of ``logprobs``, ≥ 0) multiplies each
+    token's policy-gradient term, like verl's ``rollout_is_weights``. See docs/abi.md.
     """
 
     advantages: Any
@@ -146,6 +147,7 @@ class LossInputs:
     expert_mask: Any = None
     expert_index: Any = None
     normalizers: Any = None
+    token_weights: Any = None
 
     def map_tensors(self, fn) -> "LossInputs":
         """A copy with ``fn`` applied to every tensor field (e.g. ``.to(device)``)."""
@@ -214,6 +216,7 @@ def loss(
         "old_logprobs": view(i.old_logprobs, "old_logprobs"),
         "ref_logprobs": view(i.ref_logprobs, "ref_logprobs"),
         "entropy": view(entropy, "entropy"),
+        "token_weights": view(i.token_weights, "token_weights"),
         "advantages": view(i.advantages, "advantages"),
         "weights": view(i.weights, "weights"),
         "signs": view(i.signs, "signs"),

@@ -85,6 +85,7 @@ def loss(
     expert_mask=None,
     expert_index=None,
     normalizers=None,
+    token_weights=None,
 ):
     """Returns (L, parts dict). ``lp`` and ``ent`` are float64 leaves the caller
     differentiates; every other input is data."""
@@ -132,6 +133,9 @@ def loss(
             pi_old = torch.exp(old_t)
             p_off = -A * (2 * pi / (pi_old + 0.5 * (pi_old + 1))) * torch.sqrt(1 - pi).detach()
         p = torch.where(expert[:, None], p_off, p)
+    # Per-token importance weights (verl's rollout_is_weights): data, no gradient.
+    if token_weights is not None:
+        p = p * torch.as_tensor(token_weights).to(F64)
     l_pg = agg(p)
 
     # §4.2 exploration

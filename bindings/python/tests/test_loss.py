@@ -161,6 +161,58 @@ def test_loss_matches_spec(preset, overrides):
     assert torch.all(res.grad_logprobs[b["mask"] == 0] == 0)
 
 
+TOKEN_WEIGHT_CONFIGS = [
+    ("paper", {}),
+    ("grpo", {"agg": "seq-mean-token-mean"}),
+    ("reference", {"agg": "seq-mean-token-sum"}),
+    ("paper", {"loss": "luffy"}),
+]
+
+
+@pytest.mark.parametrize("preset, overrides", TOKEN_WEIGHT_CONFIGS, ids=[f"{p}-{o}" for p, o in TOKEN_WEIGHT_CONFIGS])
+def test_token_weights_match_spec(preset, overrides):
+    """token_weights ρ multiplies each token's policy-gradient term (verl's rollout_is_weights)."""
+    cfg = calibrl.Config(preset, **overrides)
+    b = batch(21)
+    g = torch.Generator().manual_seed(5)
+    rho = torch.rand(b["mask"].shape, generator=g, dtype=F64) * 2
+    luffy = overrides.get("loss") == "luffy"  # trains an expert row; no expert baseline
+    is_expert = torch.tensor([False, False, True, False, False, False]) if luffy else None
+    inputs = inputs_of(b, is_expert=is_expert, experts=not luffy)
+    inputs.token_weights = rho
+    res = calibrl.loss(cfg, b["lp"], inputs)
+    lp = b["lp"].clone().requires_grad_()
+    total, parts = ref.loss(cfg.to_dict(), lp, b["mask"], b["adv"], b["w"], b["c"], old=b["old"],
+                            is_expert=is_expert, expert_lp=None if luffy else b["expert_lp"],
+                            expert_mask=None if luffy else b["expert_mask"],
+                            expert_index=None if luffy else b["expert_index"], token_weights=rho)
+    total.backward()
+    check(res, parts, lp.grad)
+    # the weights matter, and all-ones weights are the unweighted loss
+    unweighted = calibrl.loss(cfg, b["lp"], inputs_of(b, is_expert=is_expert, experts=not luffy))
+    assert abs(unweighted.metrics["pg_loss"] - res.metrics["pg_loss"]) > 1e-6
+    inputs.token_weights = torch.ones_like(rho)
+    ones = calibrl.loss(cfg, b["lp"], inputs)
+    assert ones.metrics["loss"] == unweighted.metrics["loss"]
+    torch.testing.assert_close(ones.grad_logprobs, unweighted.grad_logprobs, rtol=0, atol=0)
+
+
+def test_token_weights_gradient_by_finite_differences():
+    cfg = calibrl.Config("paper", clip_high=0.28)
+    b = batch(22)
+    rho = torch.rand(b["mask"].shape, generator=torch.Generator().manual_seed(6), dtype=F64) * 1.5
+    inputs = inputs_of(b)
+    inputs.token_weights = rho
+    res = calibrl.loss(cfg, b["lp"], inputs)
+    h = 1e-6
+    for i, j in [(0, 0), (0, 4), (2, 1), (4, 3), (5, 1)]:
+        plus, minus = b["lp"].clone(), b["lp"].clone()
+        plus[i, j] += h
+        minus[i, j] -= h
+        fd = (calibrl.loss(cfg, plus, inputs).loss - calibrl.loss(cfg, minus, inputs).loss) / (2 * h)
+        assert res.grad_logprobs[i, j].item() == pytest.approx(fd, abs=1e-7, rel=1e-5), (i, j)
+
+
 def test_on_policy_without_old_logprobs():
     cfg = calibrl.Config()
     b = batch(2)
@@ -378,15 +430,20 @@ def sentinel_outputs(shape):
         (lambda b: b.__setitem__("old", b["old"].t().contiguous().t()), calibrl.LayoutError, "`old_logprobs`"),
         (lambda b: b.__setitem__("expert_index", torch.tensor([0, 0, 0, 1, 1, 2])), calibrl.InvalidArgumentError, "`expert_index`"),
         (lambda b: b.__setitem__("c", b["c"] * 0.5), calibrl.InvalidArgumentError, "`signs`"),
+        (lambda b: b.__setitem__("tw", -torch.ones_like(b["lp"])), calibrl.InvalidArgumentError, "`token_weights`"),
+        (lambda b: b.__setitem__("tw", torch.ones(6, 4, dtype=F64)), calibrl.ShapeError, "`token_weights`"),
     ],
-    ids=["nan", "shape", "dtype", "non-contiguous", "expert-slot", "signs"],
+    ids=["nan", "shape", "dtype", "non-contiguous", "expert-slot", "signs", "negative-token-weights",
+         "token-weights-shape"],
 )
 def test_bad_loss_input_raises_and_writes_nothing(mutate, error, match):
     b = batch(15)
     mutate(b)
     gl, ge, m = sentinel_outputs(b["mask"].shape)
+    inputs = inputs_of(b)
+    inputs.token_weights = b.get("tw")
     with pytest.raises(error, match=match):
-        calibrl.loss(calibrl.Config(), b["lp"], inputs_of(b), entropy=b["ent"], grad_logprobs=gl, grad_entropy=ge, metrics=m)
+        calibrl.loss(calibrl.Config(), b["lp"], inputs, entropy=b["ent"], grad_logprobs=gl, grad_entropy=ge, metrics=m)
     for t in (gl, ge, m):
         assert torch.all(t == 7.0)
 

@@ -452,6 +452,7 @@ impl Run<'_> {
             ),
             ref_logprobs: None,
             entropy: Some(fw.entropy.clone()),
+            token_weights: None,
             advantages: flat.iter().map(|&i| adv.advantages[i]).collect(),
             weights: flat.iter().map(|&i| adv.weights[i]).collect(),
             signs: flat.iter().map(|&i| adv.signs[i]).collect(),
