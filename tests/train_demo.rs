@@ -24,7 +24,6 @@ fn short() -> Settings {
 fn arm(r: engine::trainer::RunResult) -> Arm {
     Arm {
         label: r.method.name().to_string(),
-        method: r.method,
         runs: vec![r],
     }
 }
@@ -54,13 +53,34 @@ fn every_method_learns_the_task() {
     let table = report::table(&arms);
     for method in Method::ALL {
         assert_eq!(Method::parse(method.name()), Some(method));
-        assert!(table.contains(&format!("| {:<8} ", method.name())), "{table}");
+        assert!(
+            table.contains(&format!("| {:<8} ", method.name())),
+            "{table}"
+        );
     }
     let svg = report::curves_svg(&arms, "test");
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
     // Four metrics per method, each with a band; GRPO's reference line in the other rows.
-    assert_eq!(svg.matches(r#"class="band""#).count(), 4 * Method::ALL.len());
+    assert_eq!(
+        svg.matches(r#"class="band""#).count(),
+        4 * Method::ALL.len()
+    );
     assert!(!svg.contains("NaN"));
+    let paired = report::paired_table(&arms);
+    assert_eq!(
+        paired.matches(" − grpo ").count(),
+        Method::ALL.len() - 1,
+        "{paired}"
+    );
+    let sweep = report::sweep_svg(
+        &[("α", arms.iter().map(|a| (a.label.clone(), a)).collect())],
+        Some(&arms[0]),
+    );
+    // Entropy and OOD pass@1 panels, one band per arm in each.
+    assert_eq!(
+        sweep.matches(r#"class="band""#).count(),
+        2 * Method::ALL.len()
+    );
     let bars = report::bars_svg(&arms, "OOD", |e| e.ood_pass1);
     assert_eq!(bars.matches(r#"class="ci""#).count(), Method::ALL.len());
     assert!(!report::evals_csv(&arms).contains("NaN"));
@@ -69,6 +89,10 @@ fn every_method_learns_the_task() {
 #[test]
 fn a_fixed_seed_reproduces_the_run_bit_for_bit() {
     for task in [Task::Reach, Task::Sums] {
+        assert_eq!(Task::parse(task.name()), Some(task));
+        assert!(task
+            .describe()
+            .starts_with(&format!("task {}", task.name())));
         let s = Settings {
             task,
             steps: 20,
@@ -103,7 +127,12 @@ fn weight_gradient_matches_finite_differences() {
         }
         // Not RL-PLUS: its sg(1 − e^ℓ)^½ factor is a stop-gradient, so by design its gradient is
         // not the derivative of its loss value.
-        for method in [Method::Calibrl, Method::Grpo, Method::Entropy, Method::Luffy] {
+        for method in [
+            Method::Calibrl,
+            Method::Grpo,
+            Method::Entropy,
+            Method::Luffy,
+        ] {
             let (_, grad) = minibatch_loss(method, &s, &data, &behaviour, &policy, 0);
             let gmax = grad.iter().fold(0.0f64, |a, g| a.max(g.abs()));
             assert!(gmax > 1e-4, "{}: gradient is zero", method.name());

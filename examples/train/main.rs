@@ -90,13 +90,23 @@ fn main() {
     if calibrl {
         for a in [0.3, 0.8] {
             if a != base.alpha {
-                arms.push(spec(format!("calibrl α={a}"), Method::Calibrl, a, base.lambda));
+                arms.push(spec(
+                    format!("calibrl α={a}"),
+                    Method::Calibrl,
+                    a,
+                    base.lambda,
+                ));
             }
         }
         if sweep {
             for l in [0.01, 0.03, 0.05, 0.3, 0.5] {
                 if l != base.lambda {
-                    arms.push(spec(format!("calibrl λ={l}"), Method::Calibrl, base.alpha, l));
+                    arms.push(spec(
+                        format!("calibrl λ={l}"),
+                        Method::Calibrl,
+                        base.alpha,
+                        l,
+                    ));
                 }
             }
         }
@@ -141,13 +151,17 @@ fn main() {
             });
         }
     });
-    let mut results = results.into_inner().expect("no worker panicked").into_iter();
+    let mut results = results
+        .into_inner()
+        .expect("no worker panicked")
+        .into_iter();
     let done: Vec<Arm> = arms
         .iter()
         .map(|a| Arm {
             label: a.label.clone(),
-            method: a.method,
-            runs: (0..seeds).map(|_| results.next().flatten().expect("run finished")).collect(),
+            runs: (0..seeds)
+                .map(|_| results.next().flatten().expect("run finished"))
+                .collect(),
         })
         .collect();
     println!(
@@ -165,6 +179,13 @@ fn main() {
          incl. EOS) over the ID samples.",
         base.steps, base.eval_samples
     );
+    if done.len() > 1 && seeds > 1 {
+        println!();
+        print!("{}", report::paired_table(&done));
+        println!(
+            "mean ± 95% CI of the per-seed difference (same seeds, prompts and sampling streams)."
+        );
+    }
 
     std::fs::create_dir_all(&out).expect("create the output directory");
     let mut written = Vec::new();
@@ -175,30 +196,56 @@ fn main() {
     };
     write("evals.csv", report::evals_csv(&done));
     write("steps.csv", report::steps_csv(&done));
-    let methods: Vec<Arm> = done.iter().take_while(|a| !a.label.contains('=')).cloned().collect();
+    let methods: Vec<Arm> = done
+        .iter()
+        .take_while(|a| !a.label.contains('='))
+        .cloned()
+        .collect();
     let title = format!(
         "task {}: mean and 95% CI over {seeds} seeds (evaluated every {} steps)",
         base.task.name(),
         base.eval_every
     );
     write("curves.svg", report::curves_svg(&methods, &title));
-    let by_prefix = |p: &str| -> Vec<&Arm> {
-        done.iter()
-            .filter(|a| a.method == Method::Calibrl && (a.label == "calibrl" || a.label.starts_with(p)))
-            .collect()
+    // Sweep panels: CalibRL arms in order of the swept value, the main arm among them.
+    let sweep_of = |key: &str, value: fn(&ArmSpec) -> f64| {
+        let mut g: Vec<(f64, String, &Arm)> = arms
+            .iter()
+            .zip(&done)
+            .filter(|(a, _)| {
+                a.method == Method::Calibrl && (a.label == "calibrl" || a.label.contains(key))
+            })
+            .map(|(a, d)| (value(a), format!("{key}={}", value(a)), d))
+            .collect();
+        g.sort_by(|x, y| x.0.total_cmp(&y.0));
+        g.into_iter().map(|(_, l, d)| (l, d)).collect::<Vec<_>>()
     };
-    let mut groups = vec![("CalibRL α sweep", by_prefix("calibrl α"))];
+    let mut groups = vec![("CalibRL α sweep", sweep_of("α", |a| a.alpha))];
     if sweep {
-        groups.push(("CalibRL λ sweep", by_prefix("calibrl λ")));
+        groups.push(("CalibRL λ sweep", sweep_of("λ", |a| a.lambda)));
     }
     if groups[0].1.len() > 1 {
-        write("sweep.svg", report::sweep_svg(&groups));
+        write(
+            "sweep.svg",
+            report::sweep_svg(&groups, done.iter().find(|a| a.label == "grpo")),
+        );
     }
-    if done.iter().flat_map(|a| &a.runs).any(|r| r.last().ood_pass1.is_finite()) {
-        let t = format!("OOD pass@1 after {} steps (mean, 95% CI, {seeds} seeds)", base.steps);
+    if done
+        .iter()
+        .flat_map(|a| &a.runs)
+        .any(|r| r.last().ood_pass1.is_finite())
+    {
+        let t = format!(
+            "OOD pass@1 after {} steps (mean, 95% CI, {seeds} seeds)",
+            base.steps
+        );
         write("ood.svg", report::bars_svg(&done, &t, |e| e.ood_pass1));
     }
-    let svgs: Vec<PathBuf> = written.iter().filter(|p| p.extension().is_some_and(|e| e == "svg")).cloned().collect();
+    let svgs: Vec<PathBuf> = written
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "svg"))
+        .cloned()
+        .collect();
     let pngs = to_png(&svgs);
     for p in written.iter().chain(&pngs) {
         println!("wrote {}", p.display());
@@ -227,4 +274,3 @@ fn to_png(svgs: &[PathBuf]) -> Vec<PathBuf> {
     }
     out
 }
-

@@ -4,14 +4,13 @@
 //! entropy curves, and a bar chart of OOD pass@1. Every curve carries its 95% CI band.
 
 use super::stats::mean_ci;
-use super::trainer::{Eval, Method, RunResult};
+use super::trainer::{Eval, RunResult};
 use std::fmt::Write as _;
 
 /// One arm of the comparison (a method with its settings) and its runs, one per seed.
 #[derive(Clone, Debug)]
 pub struct Arm {
     pub label: String,
-    pub method: Method,
     pub runs: Vec<RunResult>,
 }
 
@@ -46,7 +45,12 @@ fn cell(arm: &Arm, f: Metric, digits: usize) -> String {
 /// Markdown table of the final evaluation (mean ± 95% CI half-width over seeds), then the
 /// initial policy's values.
 pub fn table(arms: &[Arm]) -> String {
-    let width = arms.iter().map(|a| a.label.chars().count()).max().unwrap_or(6).max(6);
+    let width = arms
+        .iter()
+        .map(|a| a.label.chars().count())
+        .max()
+        .unwrap_or(6)
+        .max(6);
     let mut s = format!("| {:<width$} |", "method");
     let mut rule = format!("|{}|", "-".repeat(width + 2));
     for (h, _, _) in COLUMNS {
@@ -63,16 +67,81 @@ pub fn table(arms: &[Arm]) -> String {
         let _ = writeln!(s);
     }
     if let Some(first) = arms.first() {
-        let init = |f: Metric| mean_ci(&first.runs.iter().map(|r| f(&r.evals[0])).collect::<Vec<_>>()).0;
+        let init = |f: Metric| {
+            mean_ci(
+                &first
+                    .runs
+                    .iter()
+                    .map(|r| f(&r.evals[0]))
+                    .collect::<Vec<_>>(),
+            )
+            .0
+        };
+        let ood = init(|e| e.ood_pass1);
+        let ood = if ood.is_nan() {
+            "—".into()
+        } else {
+            format!("{ood:.4}")
+        };
         let _ = writeln!(
             s,
-            "initial policy: ID pass@1 {:.4}, ID pass@8 {:.3}, OOD pass@1 {:.4}, entropy {:.3}, mean Δ {:.2}",
+            "initial policy: ID pass@1 {:.4}, ID pass@8 {:.3}, OOD pass@1 {ood}, entropy {:.3}, mean Δ {:.2}",
             init(|e| e.id_pass1),
             init(|e| e.id_pass_k),
-            init(|e| e.ood_pass1),
             init(|e| e.entropy),
             init(|e| e.delta)
         );
+    }
+    s
+}
+
+/// Each arm minus the first (GRPO), paired by seed (same prompts and sampling streams), at the
+/// end: mean difference ± 95% CI. Tighter than comparing two independent intervals.
+pub fn paired_table(arms: &[Arm]) -> String {
+    let cols: [(&str, Metric, usize); 4] = [
+        ("Δ ID pass@1", |e| e.id_pass1, 3),
+        ("Δ OOD pass@1", |e| e.ood_pass1, 3),
+        ("Δ distinct correct", |e| e.distinct, 2),
+        ("Δ entropy", |e| e.entropy, 3),
+    ];
+    let Some(base) = arms.first() else {
+        return String::new();
+    };
+    let width = arms
+        .iter()
+        .map(|a| a.label.chars().count())
+        .max()
+        .unwrap_or(6)
+        + 9;
+    let mut s = format!(
+        "| {:<width$} |",
+        "difference from ".to_string() + &base.label
+    );
+    let mut rule = format!("|{}|", "-".repeat(width + 2));
+    for (h, _, _) in cols {
+        let _ = write!(s, " {h:<18} |");
+        rule.push_str(&format!("{}|", "-".repeat(20)));
+    }
+    let _ = writeln!(s);
+    let _ = writeln!(s, "{rule}");
+    for a in &arms[1..] {
+        let _ = write!(s, "| {:<width$} |", format!("{} − {}", a.label, base.label));
+        for (_, f, d) in cols {
+            let diffs: Vec<f64> = a
+                .runs
+                .iter()
+                .zip(&base.runs)
+                .map(|(x, y)| f(x.last()) - f(y.last()))
+                .collect();
+            let (m, h) = mean_ci(&diffs);
+            let c = if m.is_nan() {
+                "—".to_string()
+            } else {
+                format!("{m:+.d$} ± {h:.d$}")
+            };
+            let _ = write!(s, " {c:<18} |");
+        }
+        let _ = writeln!(s);
     }
     s
 }
@@ -231,7 +300,14 @@ impl Panel {
     }
 
     /// A mean curve with its CI band (the band omitted for a reference curve).
-    fn curve(&self, s: &mut String, pts: &[(f64, f64, f64)], color: &str, dashed: bool, with_band: bool) {
+    fn curve(
+        &self,
+        s: &mut String,
+        pts: &[(f64, f64, f64)],
+        color: &str,
+        dashed: bool,
+        with_band: bool,
+    ) {
         let pts: Vec<_> = pts.iter().filter(|p| p.1.is_finite()).collect();
         if pts.is_empty() {
             return;
@@ -257,7 +333,11 @@ impl Panel {
             .iter()
             .map(|&&(x, m, _)| format!("{:.1},{:.1}", self.px(x), self.py(m)))
             .collect();
-        let dash = if dashed { r#" stroke-dasharray="5,3""# } else { "" };
+        let dash = if dashed {
+            r#" stroke-dasharray="5,3""#
+        } else {
+            ""
+        };
         let _ = writeln!(
             s,
             r#"<polyline fill="none" stroke="{color}" stroke-width="{}"{dash} points="{}"/>"#,
@@ -295,7 +375,10 @@ pub fn curves_svg(arms: &[Arm], title: &str) -> String {
     ];
     let cols: Vec<_> = cols
         .into_iter()
-        .filter(|(_, f)| arms.iter().any(|a| a.runs.iter().any(|r| f(r.last()).is_finite())))
+        .filter(|(_, f)| {
+            arms.iter()
+                .any(|a| a.runs.iter().any(|r| f(r.last()).is_finite()))
+        })
         .collect();
     let all: Vec<&Arm> = arms.iter().collect();
     let xmax = arms[0].runs[0].last().step as f64;
@@ -324,7 +407,13 @@ pub fn curves_svg(arms: &[Arm], title: &str) -> String {
             if ri > 0 {
                 p.curve(&mut s, &band(&arms[0], *f), "#9a9a9a", true, false);
             }
-            p.curve(&mut s, &band(arm, *f), COLORS[ri % COLORS.len()], false, true);
+            p.curve(
+                &mut s,
+                &band(arm, *f),
+                COLORS[ri % COLORS.len()],
+                false,
+                true,
+            );
             if ci + 1 == cols.len() {
                 let _ = writeln!(
                     s,
@@ -351,18 +440,21 @@ pub fn curves_svg(arms: &[Arm], title: &str) -> String {
 }
 
 /// Sweep panels side by side: for each group of arms, their entropy curves (and OOD pass@1
-/// curves underneath) with CI bands and a legend.
-pub fn sweep_svg(groups: &[(&str, Vec<&Arm>)]) -> String {
+/// curves underneath) with CI bands and a legend; `reference` (GRPO) dashed grey.
+pub fn sweep_svg(groups: &[(&str, Vec<(String, &Arm)>)], reference: Option<&Arm>) -> String {
     let rows: [(&str, Metric); 2] = [
         ("policy entropy (nats/token)", |e| e.entropy),
         ("OOD pass@1", |e| e.ood_pass1),
     ];
-    let w = LEFT + groups.len() as f64 * (PW + 150.0) + 20.0;
+    let w = LEFT + groups.len() as f64 * (PW + 120.0) + 10.0;
     let h = TOP + rows.len() as f64 * (PH + GAP_Y) + 10.0;
     let mut s = String::new();
     svg_open(&mut s, w, h);
     for (ri, (name, f)) in rows.iter().enumerate() {
-        let all: Vec<&Arm> = groups.iter().flat_map(|g| g.1.iter().copied()).collect();
+        let all: Vec<&Arm> = groups
+            .iter()
+            .flat_map(|g| g.1.iter().map(|a| a.1))
+            .collect();
         let (yt, ymax) = if name.contains("pass") {
             (vec![0.0, 0.25, 0.5, 0.75, 1.0], 1.0)
         } else {
@@ -370,14 +462,37 @@ pub fn sweep_svg(groups: &[(&str, Vec<&Arm>)]) -> String {
         };
         for (gi, (title, arms)) in groups.iter().enumerate() {
             let p = Panel {
-                x0: LEFT + gi as f64 * (PW + 150.0),
+                x0: LEFT + gi as f64 * (PW + 120.0),
                 y0: TOP + ri as f64 * (PH + GAP_Y),
-                xmax: arms[0].runs[0].last().step as f64,
+                xmax: arms[0].1.runs[0].last().step as f64,
                 ymax,
             };
-            p.axes(&mut s, &format!("{title}: {name}"), &yt, ri + 1 == rows.len());
-            for (ai, a) in arms.iter().enumerate() {
-                p.curve(&mut s, &band(a, *f), COLORS[(ai + 1) % COLORS.len()], false, true);
+            p.axes(
+                &mut s,
+                &format!("{title}: {name}"),
+                &yt,
+                ri + 1 == rows.len(),
+            );
+            if let Some(r) = reference {
+                p.curve(&mut s, &band(r, *f), "#9a9a9a", true, false);
+                if ri == 0 {
+                    let _ = writeln!(
+                        s,
+                        r##"<text x="{:.1}" y="{:.1}" fill="#777" font-size="10">dashed: {}</text>"##,
+                        p.x0 + PW + 10.0,
+                        p.y0 + 14.0 + 16.0 * arms.len() as f64,
+                        r.label
+                    );
+                }
+            }
+            for (ai, (legend, a)) in arms.iter().enumerate() {
+                p.curve(
+                    &mut s,
+                    &band(a, *f),
+                    COLORS[(ai + 1) % COLORS.len()],
+                    false,
+                    true,
+                );
                 if ri == 0 {
                     let _ = writeln!(
                         s,
@@ -388,7 +503,7 @@ pub fn sweep_svg(groups: &[(&str, Vec<&Arm>)]) -> String {
                         p.y0 + 10.0 + 16.0 * ai as f64,
                         p.x0 + PW + 33.0,
                         p.y0 + 14.0 + 16.0 * ai as f64,
-                        a.label,
+                        legend,
                         c = COLORS[(ai + 1) % COLORS.len()]
                     );
                 }
@@ -405,17 +520,20 @@ pub fn bars_svg(arms: &[Arm], title: &str, f: Metric) -> String {
     let gap = 22.0;
     let ph = 220.0;
     let (x0, y0) = (LEFT, TOP);
-    let w = x0 + arms.len() as f64 * (bw + gap) + gap + 20.0;
-    let h = y0 + ph + 80.0;
+    let w = x0 + arms.len() as f64 * (bw + gap) + gap + 90.0;
+    let h = y0 + ph + 90.0;
     let mut s = String::new();
     svg_open(&mut s, w, h);
-    let _ = writeln!(s, r#"<text x="{x0}" y="22" font-size="14" font-weight="bold">{title}</text>"#);
+    let _ = writeln!(
+        s,
+        r#"<text x="{x0}" y="22" font-size="14" font-weight="bold">{title}</text>"#
+    );
     let py = |v: f64| y0 + ph * (1.0 - v.clamp(0.0, 1.0));
     for v in [0.0, 0.25, 0.5, 0.75, 1.0] {
         let _ = writeln!(
             s,
             r##"<line x1="{x0}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#e3e3e3"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"##,
-            w - 20.0,
+            w - 90.0,
             x0 - 5.0,
             py(v) + 4.0,
             label(v),
@@ -464,7 +582,7 @@ pub fn bars_svg(arms: &[Arm], title: &str, f: Metric) -> String {
     let _ = writeln!(
         s,
         r#"<rect x="{x0}" y="{y0}" width="{:.1}" height="{ph}" fill="none" stroke="black"/>"#,
-        w - 20.0 - x0
+        w - 90.0 - x0
     );
     s.push_str("</svg>\n");
     s

@@ -29,7 +29,9 @@ pub fn pass_at_k(n: usize, c: usize, k: usize) -> f64 {
     if n - c < k {
         return 1.0;
     }
-    1.0 - (0..k).map(|i| (n - c - i) as f64 / (n - i) as f64).product::<f64>()
+    1.0 - (0..k)
+        .map(|i| (n - c - i) as f64 / (n - i) as f64)
+        .product::<f64>()
 }
 
 #[cfg(test)]

@@ -43,7 +43,9 @@ impl Task {
     }
 
     pub fn parse(s: &str) -> Option<Task> {
-        [Task::Reach, Task::Sums].into_iter().find(|t| t.name() == s)
+        [Task::Reach, Task::Sums]
+            .into_iter()
+            .find(|t| t.name() == s)
     }
 
     pub fn vocab(self) -> usize {

@@ -553,7 +553,12 @@ struct OldLogprobs {
 }
 
 /// Samples `n` responses per prompt at temperature 1.
-fn sample_all(policy: &Policy, prompts: &[Prompt], n: usize, rng: &mut Rng) -> Vec<Vec<Vec<usize>>> {
+fn sample_all(
+    policy: &Policy,
+    prompts: &[Prompt],
+    n: usize,
+    rng: &mut Rng,
+) -> Vec<Vec<Vec<usize>>> {
     prompts
         .iter()
         .map(|p| (0..n).map(|_| policy.generate(p, Some(rng))).collect())
@@ -604,7 +609,9 @@ pub fn evaluate(policy: &Policy, data: &Dataset, s: &Settings, step: usize) -> E
     let (_, fw) = packed.forward(policy);
     let entropy = fw.entropy.iter().sum::<f64>() / fw.entropy.len() as f64;
     let length = packed.labels.len() as f64 / rows.len() as f64;
-    let expert_rows: Vec<RowRef> = (0..id.len()).map(|group| RowRef::Expert { group }).collect();
+    let expert_rows: Vec<RowRef> = (0..id.len())
+        .map(|group| RowRef::Expert { group })
+        .collect();
     let mut expert = Packed::new(task, &data, &expert_rows);
     let (_, fw_expert) = expert.forward(policy);
     // Δ through the library: a loss call whose only output used is the `mean_delta` metric.
