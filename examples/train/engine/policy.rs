@@ -1,72 +1,51 @@
 //! The policy: a log-linear softmax over the vocabulary, `z = Wᵀ·φ(state)`, where φ is a sparse
-//! binary feature vector of (prompt, position, previous token). Small enough to need no
+//! binary feature vector of the state (five active features, defined by the task). Small enough to need no
 //! deep-learning framework: the gradient of W is the outer product φ ⊗ ∂L/∂z, and ∂L/∂z comes
 //! from the library's fused logits backward.
 
 use super::rng::Rng;
-use super::task::{Prompt, BASE, EOS, MAX_RESPONSE, VOCAB};
+use super::task::{Prompt, Task};
 
-// Feature layout (indices into φ).
-const BIAS: usize = 0;
-/// On once every prompt digit has been consumed (t ≥ K): where EOS belongs.
-const EXHAUSTED: usize = 1;
-/// The prompt digit at the current step, d_t.
-const DIGIT: usize = 2;
-/// The previous token (BOS or a digit).
-const PREV: usize = DIGIT + BASE;
-/// The pair (previous token, d_t): enough to express s_t = s_{t-1} + d_t as a lookup.
-const PAIR: usize = PREV + BASE + 1;
-/// The previous token once the prompt is consumed (lets EOS depend on what came before).
-const PREV_EXHAUSTED: usize = PAIR + (BASE + 1) * BASE;
-const POSITION: usize = PREV_EXHAUSTED + BASE + 1;
-pub const NUM_FEATURES: usize = POSITION + MAX_RESPONSE;
-const BOS: usize = BASE;
-
-/// Active features of the state "prompt, t tokens generated, last one `prev`" (None = BOS).
-pub fn features(prompt: &[usize], t: usize, prev: Option<usize>) -> [usize; 5] {
-    let prev = prev.unwrap_or(BOS);
-    let (digit, pair) = match prompt.get(t) {
-        Some(&d) => (DIGIT + d, PAIR + prev * BASE + d),
-        None => (EXHAUSTED, PREV_EXHAUSTED + prev),
-    };
-    [BIAS, digit, PREV + prev, pair, POSITION + t]
-}
+/// Largest vocabulary of the tasks (logits live in a stack array of this size).
+const MAX_VOCAB: usize = 8;
 
 #[derive(Clone, Debug)]
 pub struct Policy {
-    /// `[NUM_FEATURES, VOCAB]`, row-major.
+    pub task: Task,
+    /// `[num_features, vocab]`, row-major.
     pub w: Vec<f64>,
 }
 
 impl Policy {
-    /// The starting policy: uniform over digits, and a format prior (like a base model that
-    /// knows to stop after the last step, but not the arithmetic): EOS is unlikely while prompt
-    /// digits remain (≈1%) and likely once they are consumed (≈80%).
-    pub fn base() -> Policy {
-        let mut w = vec![0.0; NUM_FEATURES * VOCAB];
-        w[BIAS * VOCAB + EOS] = -3.0;
-        w[EXHAUSTED * VOCAB + EOS] = 6.0;
-        Policy { w }
+    /// The task's starting policy (its format prior; see the task modules).
+    pub fn base(task: Task) -> Policy {
+        debug_assert!(task.vocab() <= MAX_VOCAB);
+        Policy {
+            task,
+            w: task.base_weights(),
+        }
     }
 
-    /// Logits of one state, written into `out[..VOCAB]` as f32 (the dtype the fused path reads).
+    /// Logits of one state, written into `out[..vocab]` as f32 (the dtype the fused path reads).
     pub fn logits(&self, f: &[usize; 5], out: &mut [f32]) {
-        let mut z = [0f64; VOCAB];
+        let v = self.task.vocab();
+        let mut z = [0f64; MAX_VOCAB];
         for &i in f {
-            for (v, zv) in z.iter_mut().enumerate() {
-                *zv += self.w[i * VOCAB + v];
+            for (k, zv) in z[..v].iter_mut().enumerate() {
+                *zv += self.w[i * v + k];
             }
         }
-        for (o, zv) in out.iter_mut().zip(z) {
+        for (o, zv) in out[..v].iter_mut().zip(z) {
             *o = zv as f32;
         }
     }
 
-    /// Accumulates ∂L/∂W += φ ⊗ ∂L/∂z for one state.
+    /// Accumulates ∂L/∂W += φ ⊗ ∂L/∂z for one state (`dz` holds the vocabulary).
     pub fn accumulate(f: &[usize; 5], dz: &[f32], grad: &mut [f64]) {
+        let v = dz.len();
         for &i in f {
-            for (v, &d) in dz.iter().enumerate().take(VOCAB) {
-                grad[i * VOCAB + v] += d as f64;
+            for (k, &d) in dz.iter().enumerate() {
+                grad[i * v + k] += d as f64;
             }
         }
     }
@@ -74,17 +53,18 @@ impl Policy {
     /// One response, sampled at temperature 1 (or greedy: argmax, first index on ties). This is
     /// the "inference engine" of the demo; the training computations go through the library.
     pub fn generate(&self, prompt: &Prompt, rng: Option<&mut Rng>) -> Vec<usize> {
+        let (v, eos) = (self.task.vocab(), self.task.eos());
         let mut rng = rng;
         let mut out = Vec::new();
-        let mut z = [0f32; VOCAB];
-        while out.len() < MAX_RESPONSE {
-            self.logits(&features(prompt, out.len(), out.last().copied()), &mut z);
+        let mut z = [0f32; MAX_VOCAB];
+        while out.len() < self.task.max_response() {
+            self.logits(&self.task.features(prompt, &out), &mut z);
             let tok = match rng.as_deref_mut() {
-                Some(r) => sample(&z, r),
-                None => argmax(&z),
+                Some(r) => sample(&z[..v], r),
+                None => argmax(&z[..v]),
             };
             out.push(tok);
-            if tok == EOS {
+            if tok == eos {
                 break;
             }
         }

@@ -1,76 +1,32 @@
-//! The verifiable task: running sums modulo 5, written out step by step.
-//!
-//! A prompt is K digits `d1..dK` (K = 2, 3 or 4, digits 0–4). The answer is the chain of
-//! partial sums `s1 = d1, s2 = s1 + d2, …, sK` (mod 5) followed by EOS: each token is one
-//! arithmetic step and the last one is the final answer. The reward is 1 iff the whole response
-//! is exactly right, else 0 (binary and verifiable). The expert response of a prompt is that
-//! correct chain. Longer prompts make correct answers rarer for an untrained policy, and the
-//! held-out prompts are combinations never seen in training, so passing them needs the rule,
-//! not a memorised table of prompts.
+//! The task a run trains on: `reach` (the default: many correct answers, the expert shows one
+//! style, an out-of-distribution split) or `sums` (the previous main job: one correct answer,
+//! which the expert shows). Everything task-specific the trainer needs goes through `Task`.
 
-use super::rng::Rng;
-
-/// Digits are tokens 0..BASE; EOS is token BASE.
-pub const BASE: usize = 5;
-pub const EOS: usize = BASE;
-pub const VOCAB: usize = BASE + 1;
-pub const LENGTHS: [usize; 3] = [2, 3, 4];
-/// Generation stops at EOS or after this many tokens (room for two tokens past the longest
-/// answer, so over-long responses can happen and be penalised).
-pub const MAX_RESPONSE: usize = 6;
-/// Share of the prompts of each length held out for evaluation.
-const HELDOUT_FRACTION: f64 = 0.2;
+use super::{reach, sums};
 
 pub type Prompt = Vec<usize>;
 
-/// The correct response: partial sums mod BASE, then EOS.
-pub fn expert_response(prompt: &[usize]) -> Vec<usize> {
-    let mut s = 0;
-    let mut out: Vec<usize> = prompt
-        .iter()
-        .map(|&d| {
-            s = (s + d) % BASE;
-            s
-        })
-        .collect();
-    out.push(EOS);
-    out
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Task {
+    Reach,
+    Sums,
 }
 
-/// 1 iff the response is exactly the correct chain and its EOS.
-pub fn reward(prompt: &[usize], response: &[usize]) -> f64 {
-    (response == expert_response(prompt).as_slice()) as u8 as f64
-}
-
-/// Train and held-out prompts, split per prompt length.
+/// Training prompts (in pools drawn equally often) and the evaluation splits.
 pub struct Dataset {
-    /// `train[j]` holds the training prompts of length `LENGTHS[j]`.
     pub train: Vec<Vec<Prompt>>,
-    pub heldout: Vec<Prompt>,
+    /// In-distribution evaluation prompts.
+    pub id_eval: Vec<Prompt>,
+    /// Out-of-distribution evaluation prompts (empty for `sums`).
+    pub ood_eval: Vec<Prompt>,
 }
 
 impl Dataset {
-    /// Every prompt of every length, shuffled with `seed` and split per length.
-    pub fn new(seed: u64) -> Dataset {
-        let mut rng = Rng::stream(seed, 0x5EED_0001);
-        let mut train = Vec::new();
-        let mut heldout = Vec::new();
-        for &k in &LENGTHS {
-            let mut all = all_prompts(k);
-            rng.shuffle(&mut all);
-            let n_held = (all.len() as f64 * HELDOUT_FRACTION).round() as usize;
-            heldout.extend(all.drain(..n_held));
-            train.push(all);
-        }
-        Dataset { train, heldout }
-    }
-
-    /// A training batch with the same number of prompts of each length, so that the short
-    /// prompts (where a lucky rollout is likelier) are seen as often as the long ones.
-    pub fn batch(&self, rng: &mut Rng, per_length: usize) -> Vec<Prompt> {
+    /// A training batch with `per_pool` prompts from each pool.
+    pub fn batch(&self, rng: &mut super::rng::Rng, per_pool: usize) -> Vec<Prompt> {
         let mut out = Vec::new();
         for pool in &self.train {
-            for _ in 0..per_length {
+            for _ in 0..per_pool {
                 out.push(pool[rng.below(pool.len())].clone());
             }
         }
@@ -78,29 +34,96 @@ impl Dataset {
     }
 }
 
-fn all_prompts(k: usize) -> Vec<Prompt> {
-    let count = BASE.pow(k as u32);
-    (0..count)
-        .map(|mut n| {
-            (0..k)
-                .map(|_| {
-                    let d = n % BASE;
-                    n /= BASE;
-                    d
-                })
-                .collect()
-        })
-        .collect()
-}
+impl Task {
+    pub fn name(self) -> &'static str {
+        match self {
+            Task::Reach => "reach",
+            Task::Sums => "sums",
+        }
+    }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+    pub fn parse(s: &str) -> Option<Task> {
+        [Task::Reach, Task::Sums]
+            .into_iter()
+            .find(|t| t.name() == s)
+    }
 
-    #[test]
-    fn expert_is_the_chain_of_partial_sums() {
-        assert_eq!(expert_response(&[3, 4, 1]), vec![3, 2, 3, EOS]);
-        assert_eq!(reward(&[3, 4, 1], &[3, 2, 3, EOS]), 1.0);
-        assert_eq!(reward(&[3, 4, 1], &[3, 2, 3]), 0.0);
+    pub fn vocab(self) -> usize {
+        match self {
+            Task::Reach => reach::VOCAB,
+            Task::Sums => sums::VOCAB,
+        }
+    }
+
+    pub fn eos(self) -> usize {
+        match self {
+            Task::Reach => reach::EOS,
+            Task::Sums => sums::EOS,
+        }
+    }
+
+    pub fn max_response(self) -> usize {
+        match self {
+            Task::Reach => reach::MAX_RESPONSE,
+            Task::Sums => sums::MAX_RESPONSE,
+        }
+    }
+
+    pub fn num_features(self) -> usize {
+        match self {
+            Task::Reach => reach::NUM_FEATURES,
+            Task::Sums => sums::NUM_FEATURES,
+        }
+    }
+
+    pub fn features(self, prompt: &[usize], prefix: &[usize]) -> [usize; 5] {
+        match self {
+            Task::Reach => reach::features(prompt, prefix),
+            Task::Sums => sums::features(prompt, prefix),
+        }
+    }
+
+    pub fn expert(self, prompt: &[usize]) -> Vec<usize> {
+        match self {
+            Task::Reach => reach::expert_response(prompt),
+            Task::Sums => sums::expert_response(prompt),
+        }
+    }
+
+    pub fn reward(self, prompt: &[usize], response: &[usize]) -> f64 {
+        match self {
+            Task::Reach => reach::reward(prompt, response),
+            Task::Sums => sums::reward(prompt, response),
+        }
+    }
+
+    pub fn base_weights(self) -> Vec<f64> {
+        match self {
+            Task::Reach => reach::base_weights(),
+            Task::Sums => sums::base_weights(),
+        }
+    }
+
+    /// The prompts; `sums` splits its prompts per seed, `reach` has one fixed split.
+    pub fn dataset(self, seed: u64) -> Dataset {
+        match self {
+            Task::Reach => reach::dataset(),
+            Task::Sums => sums::dataset(seed),
+        }
+    }
+
+    /// One line for the run's header.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Task::Reach => {
+                "task reach: write steps of +1..+4 that sum to the target N, then EOS, within 12 \
+                 tokens; in distribution N = 2..11 (the expert writes N × (+1)), out of \
+                 distribution N = 12..24 (the expert's style cannot fit)"
+            }
+            Task::Sums => {
+                "task sums: running sums mod 5 written step by step, prompts of 2–4 digits; one \
+                 correct answer per prompt; 80/20 train / held-out split per seed (no OOD split)"
+            }
+        }
     }
 }

@@ -4,9 +4,10 @@
 
 use super::fused::{self, Forward};
 use super::plan::{plan_step, MicroBatch, PromptRows, RowRef, StepPlan};
-use super::policy::{features, Adam, Policy, NUM_FEATURES};
+use super::policy::{Adam, Policy};
 use super::rng::Rng;
-use super::task::{expert_response, reward, Dataset, Prompt, VOCAB};
+use super::stats::pass_at_k;
+use super::task::{Dataset, Prompt, Task};
 use calibrl::config::{Config, LossKind};
 use calibrl::cpu::loss::{self, CalibrlMetrics, CalibrlNormalizers, ExpertBaseline, LossBatch};
 use calibrl::rarity::{group_advantages, GroupAdvantages};
@@ -15,6 +16,8 @@ use std::ops::Range;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Method {
     Grpo,
+    /// GRPO with an entropy bonus of 0.01 (the paper's Table 6 row).
+    Entropy,
     SftGrpo,
     Luffy,
     Rlplus,
@@ -22,8 +25,9 @@ pub enum Method {
 }
 
 impl Method {
-    pub const ALL: [Method; 5] = [
+    pub const ALL: [Method; 6] = [
         Method::Grpo,
+        Method::Entropy,
         Method::SftGrpo,
         Method::Luffy,
         Method::Rlplus,
@@ -33,6 +37,7 @@ impl Method {
     pub fn name(self) -> &'static str {
         match self {
             Method::Grpo => "grpo",
+            Method::Entropy => "entropy",
             Method::SftGrpo => "sft-grpo",
             Method::Luffy => "luffy",
             Method::Rlplus => "rlplus",
@@ -59,6 +64,7 @@ impl Method {
             }
             Method::Luffy => cfg.loss = LossKind::Luffy,
             Method::Rlplus => cfg.loss = LossKind::Rlplus,
+            Method::Entropy => cfg.entropy_coef = 0.01,
             Method::Grpo | Method::SftGrpo => {}
         }
         cfg.validate().expect("valid configuration");
@@ -68,10 +74,11 @@ impl Method {
 
 #[derive(Clone, Debug)]
 pub struct Settings {
+    pub task: Task,
     pub seed: u64,
     pub steps: usize,
-    /// Prompts per prompt length in each step's batch (3 lengths).
-    pub prompts_per_length: usize,
+    /// Prompts per training pool in each step's batch (2 pools for `reach`, 3 for `sums`).
+    pub prompts_per_pool: usize,
     /// G, rollouts per prompt.
     pub group_size: usize,
     pub alpha: f64,
@@ -85,16 +92,19 @@ pub struct Settings {
     /// SFT steps on expert responses before GRPO (sft-grpo only; part of the step budget).
     pub sft_steps: usize,
     pub eval_every: usize,
-    /// Sampled responses per held-out prompt in the final evaluation.
+    /// Sampled responses per evaluation prompt (n of pass@k).
     pub eval_samples: usize,
+    /// k of pass@k.
+    pub pass_k: usize,
 }
 
 impl Default for Settings {
     fn default() -> Settings {
         Settings {
+            task: Task::Reach,
             seed: 1,
             steps: 150,
-            prompts_per_length: 8,
+            prompts_per_pool: 8,
             group_size: 8,
             alpha: 0.5,
             lambda: 0.1,
@@ -103,7 +113,8 @@ impl Default for Settings {
             token_budget: 256,
             sft_steps: 15,
             eval_every: 10,
-            eval_samples: 8,
+            eval_samples: 16,
+            pass_k: 8,
         }
     }
 }
@@ -112,39 +123,49 @@ impl Default for Settings {
 #[derive(Clone, Debug, PartialEq)]
 pub struct StepLog {
     pub step: usize,
+    /// Mean reward of the rollouts (the in-distribution pass@1 on the step's prompts).
     pub reward: f64,
     /// Mean token entropy of the rollouts.
     pub entropy: f64,
-    /// Mean Δ = S − E over rollouts (loss metric `mean_delta`; NaN on SFT steps).
-    pub mean_delta: f64,
     pub length: f64,
-    /// Greedy pass rate on held-out prompts at the last evaluation.
-    pub heldout_greedy: f64,
 }
 
-/// Held-out evaluation of a policy.
+/// An evaluation of the policy after `step` updates, with `eval_samples` responses per prompt
+/// at temperature 1.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Eval {
-    /// Greedy decoding, one response per prompt.
-    pub greedy: f64,
-    /// Temperature 1, `eval_samples` responses per prompt (mean pass@1).
-    pub sampled: f64,
-    /// Mean token entropy over the sampled responses.
+    pub step: usize,
+    /// In-distribution pass@1 (mean over samples and prompts).
+    pub id_pass1: f64,
+    /// In-distribution pass@k (unbiased estimate from the n samples).
+    pub id_pass_k: f64,
+    /// Out-of-distribution pass@1 (NaN when the task has no OOD split).
+    pub ood_pass1: f64,
+    /// Distinct correct responses per in-distribution prompt among its n samples.
+    pub distinct: f64,
+    /// Mean token entropy of the in-distribution samples (nats/token, fused forward).
     pub entropy: f64,
-    pub length: f64,
-    /// Mean Δ = S − E of the sampled responses against their prompt's expert response (the
-    /// loss's `mean_delta` metric, sequence mode): negative when the policy rates the expert's
-    /// answer above its own samples.
+    /// Mean Δ = S − E of the in-distribution samples against their prompt's expert response
+    /// (the loss's `mean_delta` metric, sequence mode): negative when the policy rates the
+    /// expert's answer above its own samples. Measured the same way for every method.
     pub delta: f64,
+    /// Mean length of the in-distribution samples (tokens incl. EOS).
+    pub length: f64,
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct RunResult {
     pub method: Method,
     pub seed: u64,
-    pub initial: Eval,
-    pub last: Eval,
+    /// Evaluations at step 0, every `eval_every` steps, and at the end.
+    pub evals: Vec<Eval>,
     pub log: Vec<StepLog>,
+}
+
+impl RunResult {
+    pub fn last(&self) -> &Eval {
+        self.evals.last().expect("at least the initial evaluation")
+    }
 }
 
 pub fn train(method: Method, s: &Settings, data: &Dataset) -> RunResult {
@@ -152,26 +173,21 @@ pub fn train(method: Method, s: &Settings, data: &Dataset) -> RunResult {
         method,
         cfg: method.config(s),
         s,
-        policy: Policy::base(),
-        adam: Adam::new(s.lr, NUM_FEATURES * VOCAB),
+        policy: Policy::base(s.task),
+        adam: Adam::new(s.lr, s.task.num_features() * s.task.vocab()),
     };
-    let initial = evaluate(&run.policy, &data.heldout, s);
-    let mut heldout_greedy = initial.greedy;
+    let mut evals = vec![evaluate(&run.policy, data, s, 0)];
     let mut log = Vec::with_capacity(s.steps);
     for step in 0..s.steps {
-        let mut entry = run.step(step, data);
-        if (step + 1) % s.eval_every == 0 {
-            heldout_greedy = greedy_pass_rate(&run.policy, &data.heldout);
+        log.push(run.step(step, data));
+        if (step + 1) % s.eval_every == 0 || step + 1 == s.steps {
+            evals.push(evaluate(&run.policy, data, s, step + 1));
         }
-        entry.heldout_greedy = heldout_greedy;
-        log.push(entry);
     }
-    let last = evaluate(&run.policy, &data.heldout, s);
     RunResult {
         method,
         seed: s.seed,
-        initial,
-        last,
+        evals,
         log,
     }
 }
@@ -221,7 +237,7 @@ struct Packed {
 }
 
 impl Packed {
-    fn new(data: &StepData, rows: &[RowRef]) -> Packed {
+    fn new(task: Task, data: &StepData, rows: &[RowRef]) -> Packed {
         let mut p = Packed {
             feats: Vec::new(),
             labels: Vec::new(),
@@ -231,8 +247,7 @@ impl Packed {
             let start = p.labels.len();
             let (prompt, toks) = (data.prompt(r), data.tokens(r));
             for (t, &tok) in toks.iter().enumerate() {
-                let prev = t.checked_sub(1).map(|u| toks[u]);
-                p.feats.push(features(prompt, t, prev));
+                p.feats.push(task.features(prompt, &toks[..t]));
                 p.labels.push(tok as i64);
             }
             p.rows.push(start..p.labels.len());
@@ -241,8 +256,9 @@ impl Packed {
     }
 
     fn logits(&self, policy: &Policy) -> Vec<f32> {
-        let mut z = vec![0f32; self.labels.len() * VOCAB];
-        for (f, row) in self.feats.iter().zip(z.chunks_mut(VOCAB)) {
+        let v = policy.task.vocab();
+        let mut z = vec![0f32; self.labels.len() * v];
+        for (f, row) in self.feats.iter().zip(z.chunks_mut(v)) {
             policy.logits(f, row);
         }
         z
@@ -252,7 +268,7 @@ impl Packed {
     /// in-place backward) and the saved outputs.
     fn forward(&mut self, policy: &Policy) -> (Vec<f32>, Forward) {
         let mut z = self.logits(policy);
-        let fw = fused::forward(&mut z, &mut self.labels, VOCAB);
+        let fw = fused::forward(&mut z, &mut self.labels, policy.task.vocab());
         (z, fw)
     }
 }
@@ -264,7 +280,7 @@ impl Run<'_> {
         // The same prompts at each step for every method; sampling has its own stream.
         let prompts = dataset.batch(
             &mut Rng::stream(s.seed, (1 << 32) | step as u64),
-            s.prompts_per_length,
+            s.prompts_per_pool,
         );
         let mut rng = Rng::stream(s.seed, (2 << 32) | step as u64);
         let rollouts: Vec<Vec<Vec<usize>>> = prompts
@@ -275,7 +291,7 @@ impl Run<'_> {
                     .collect()
             })
             .collect();
-        let experts = prompts.iter().map(|p| expert_response(p)).collect();
+        let experts = prompts.iter().map(|p| s.task.expert(p)).collect();
         let data = StepData {
             prompts,
             rollouts,
@@ -311,22 +327,18 @@ impl Run<'_> {
 
     fn step(&mut self, step: usize, dataset: &Dataset) -> StepLog {
         let p = self.prepare(step, dataset);
-        let sft = self.method == Method::SftGrpo && step < self.s.sft_steps;
-        let mean_delta = if sft {
+        if self.method == Method::SftGrpo && step < self.s.sft_steps {
             self.sft_update(&p.data);
-            f64::NAN
         } else {
-            self.rl_update(&p)
-        };
+            self.rl_update(&p);
+        }
         let n_rollouts = p.data.prompts.len() * self.s.group_size;
         let lengths: usize = p.data.rollouts.iter().flatten().map(Vec::len).sum();
         StepLog {
             step,
             reward: p.rewards[..n_rollouts].iter().sum::<f64>() / n_rollouts as f64,
             entropy: p.old.rollout_entropy,
-            mean_delta,
             length: lengths as f64 / n_rollouts as f64,
-            heldout_greedy: f64::NAN,
         }
     }
 
@@ -341,14 +353,14 @@ impl Run<'_> {
         let mut is_expert = Vec::new();
         for (gi, (prompt, rs)) in data.prompts.iter().zip(&data.rollouts).enumerate() {
             for r in rs {
-                rewards.push(reward(prompt, r));
+                rewards.push(self.s.task.reward(prompt, r));
                 groups.push(gi as i64);
                 is_expert.push(false);
             }
         }
         if with_experts {
             for (gi, (prompt, e)) in data.prompts.iter().zip(&data.experts).enumerate() {
-                rewards.push(reward(prompt, e));
+                rewards.push(self.s.task.reward(prompt, e));
                 groups.push(gi as i64);
                 is_expert.push(true);
             }
@@ -372,7 +384,7 @@ impl Run<'_> {
         let (mut h_sum, mut h_n) = (0.0, 0.0);
         let mut slots: Vec<Vec<f64>> = vec![Vec::new(); plan.num_expert_slots];
         for mb in &plan.no_grad {
-            let mut packed = Packed::new(data, &mb.rows);
+            let mut packed = Packed::new(self.s.task, data, &mb.rows);
             let (_, fw) = packed.forward(&self.policy);
             for (&r, range) in mb.rows.iter().zip(&packed.rows) {
                 let lp = fw.logprobs[range.clone()].to_vec();
@@ -401,28 +413,14 @@ impl Run<'_> {
     }
 
     /// The training pass: per mini-batch, loss and gradient per micro-batch with the
-    /// mini-batch's normalisers, then one Adam update. Returns the mean Δ over rollouts.
-    fn rl_update(&mut self, p: &Prepared) -> f64 {
-        let (mut delta_sum, mut delta_n) = (0.0, 0.0);
+    /// mini-batch's normalisers, then one Adam update.
+    fn rl_update(&mut self, p: &Prepared) {
         for mini in &p.plan.train {
             let mut grad = vec![0.0; self.policy.w.len()];
             for mb in &mini.micro {
-                let m = self.micro_step(p, mb, mini.normalizers, &mut grad);
-                let rollouts = mb
-                    .rows
-                    .iter()
-                    .filter(|r| matches!(r, RowRef::Rollout { .. }));
-                // Δ exists only where the plan forwarded experts (not for GRPO).
-                let n = rollouts.count() as f64 * (p.plan.num_expert_slots > 0) as u8 as f64;
-                delta_sum += m.mean_delta * n;
-                delta_n += n;
+                self.micro_step(p, mb, mini.normalizers, &mut grad);
             }
             self.adam.step(&mut self.policy.w, &grad);
-        }
-        if delta_n > 0.0 {
-            delta_sum / delta_n
-        } else {
-            f64::NAN
         }
     }
 
@@ -435,7 +433,7 @@ impl Run<'_> {
         grad: &mut [f64],
     ) -> CalibrlMetrics {
         let (data, plan, adv, old) = (&p.data, &p.plan, &p.adv, &p.old);
-        let mut packed = Packed::new(data, &mb.rows);
+        let mut packed = Packed::new(self.s.task, data, &mb.rows);
         let (mut z, mut fw) = packed.forward(&self.policy);
         let flat: Vec<usize> = mb.rows.iter().map(|&r| data.flat(r)).collect();
         let group = |r: RowRef| match r {
@@ -477,8 +475,9 @@ impl Run<'_> {
         };
         let out = loss::compute(&self.cfg, &batch).expect("valid loss inputs");
         let (mut gl, mut gh) = (out.grad_logprobs, out.grad_entropy);
-        fused::backward(&mut z, &mut packed.labels, VOCAB, &mut fw, &mut gl, &mut gh);
-        for (f, dz) in packed.feats.iter().zip(z.chunks(VOCAB)) {
+        let v = self.s.task.vocab();
+        fused::backward(&mut z, &mut packed.labels, v, &mut fw, &mut gl, &mut gh);
+        for (f, dz) in packed.feats.iter().zip(z.chunks(v)) {
             Policy::accumulate(f, dz, grad);
         }
         out.metrics
@@ -490,14 +489,15 @@ impl Run<'_> {
         let rows: Vec<RowRef> = (0..data.prompts.len())
             .map(|group| RowRef::Expert { group })
             .collect();
-        let mut packed = Packed::new(data, &rows);
+        let v = self.s.task.vocab();
+        let mut packed = Packed::new(self.s.task, data, &rows);
         let (mut z, mut fw) = packed.forward(&self.policy);
         let n = packed.labels.len();
         let mut gl = vec![-1.0 / n as f64; n];
         let mut gh = vec![0.0; n];
-        fused::backward(&mut z, &mut packed.labels, VOCAB, &mut fw, &mut gl, &mut gh);
+        fused::backward(&mut z, &mut packed.labels, v, &mut fw, &mut gl, &mut gh);
         let mut grad = vec![0.0; self.policy.w.len()];
-        for (f, dz) in packed.feats.iter().zip(z.chunks(VOCAB)) {
+        for (f, dz) in packed.feats.iter().zip(z.chunks(v)) {
             Policy::accumulate(f, dz, &mut grad);
         }
         self.adam.step(&mut self.policy.w, &grad);
@@ -530,7 +530,7 @@ pub fn minibatch_loss(
         cfg: method.config(s),
         s,
         policy: behaviour.clone(),
-        adam: Adam::new(s.lr, NUM_FEATURES * VOCAB),
+        adam: Adam::new(s.lr, behaviour.w.len()),
     };
     let p = run.prepare(step, dataset);
     run.policy = policy.clone();
@@ -553,49 +553,69 @@ struct OldLogprobs {
     rollout_entropy: f64,
 }
 
-pub fn greedy_pass_rate(policy: &Policy, prompts: &[Prompt]) -> f64 {
-    let passed: f64 = prompts
+/// Samples `n` responses per prompt at temperature 1.
+fn sample_all(
+    policy: &Policy,
+    prompts: &[Prompt],
+    n: usize,
+    rng: &mut Rng,
+) -> Vec<Vec<Vec<usize>>> {
+    prompts
         .iter()
-        .map(|p| reward(p, &policy.generate(p, None)))
-        .sum();
-    passed / prompts.len() as f64
+        .map(|p| (0..n).map(|_| policy.generate(p, Some(rng))).collect())
+        .collect()
 }
 
-/// Held-out evaluation: greedy and sampled pass rates, and the entropy (through the fused
-/// forward) and length of the sampled responses.
-pub fn evaluate(policy: &Policy, heldout: &[Prompt], s: &Settings) -> Eval {
-    let mut rng = Rng::stream(s.seed, 3 << 32);
-    let rollouts: Vec<Vec<Vec<usize>>> = heldout
-        .iter()
-        .map(|p| {
-            (0..s.eval_samples)
-                .map(|_| policy.generate(p, Some(&mut rng)))
-                .collect()
-        })
-        .collect();
-    let n = (heldout.len() * s.eval_samples) as f64;
-    let sampled: f64 = heldout
-        .iter()
-        .zip(&rollouts)
-        .map(|(p, rs)| rs.iter().map(|r| reward(p, r)).sum::<f64>())
-        .sum();
+/// Evaluation after `step` updates: pass rates in and out of distribution, distinct correct
+/// answers, and the entropy (through the fused forward), Δ and length of the in-distribution
+/// samples. Its sampling stream depends on the seed and the step only, so every method is
+/// evaluated on the same random numbers.
+pub fn evaluate(policy: &Policy, data: &Dataset, s: &Settings, step: usize) -> Eval {
+    let task = s.task;
+    let n = s.eval_samples;
+    let mut rng = Rng::stream(s.seed, (3 << 32) | step as u64);
+    let id = &data.id_eval;
+    let rollouts = sample_all(policy, id, n, &mut rng);
+    let (mut pass1, mut pass_k, mut distinct) = (0.0, 0.0, 0.0);
+    for (p, rs) in id.iter().zip(&rollouts) {
+        let mut correct: Vec<&Vec<usize>> = rs.iter().filter(|r| task.reward(p, r) > 0.0).collect();
+        pass1 += correct.len() as f64 / n as f64;
+        pass_k += pass_at_k(n, correct.len(), s.pass_k);
+        correct.sort();
+        correct.dedup();
+        distinct += correct.len() as f64;
+    }
+    let ood_pass1 = if data.ood_eval.is_empty() {
+        f64::NAN
+    } else {
+        let ood = sample_all(policy, &data.ood_eval, n, &mut rng);
+        let passed: f64 = data
+            .ood_eval
+            .iter()
+            .zip(&ood)
+            .map(|(p, rs)| rs.iter().map(|r| task.reward(p, r)).sum::<f64>())
+            .sum();
+        passed / (data.ood_eval.len() * n) as f64
+    };
+
     let data = StepData {
-        prompts: heldout.to_vec(),
-        experts: heldout.iter().map(|p| expert_response(p)).collect(),
+        prompts: id.to_vec(),
+        experts: id.iter().map(|p| task.expert(p)).collect(),
         rollouts,
     };
-    let rows: Vec<RowRef> = (0..heldout.len())
-        .flat_map(|group| (0..s.eval_samples).map(move |index| RowRef::Rollout { group, index }))
+    let rows: Vec<RowRef> = (0..id.len())
+        .flat_map(|group| (0..n).map(move |index| RowRef::Rollout { group, index }))
         .collect();
-    let mut packed = Packed::new(&data, &rows);
+    let mut packed = Packed::new(task, &data, &rows);
     let (_, fw) = packed.forward(policy);
     let entropy = fw.entropy.iter().sum::<f64>() / fw.entropy.len() as f64;
-    let length = packed.labels.len() as f64 / n;
-    let expert_rows: Vec<RowRef> = (0..heldout.len())
+    let length = packed.labels.len() as f64 / rows.len() as f64;
+    let expert_rows: Vec<RowRef> = (0..id.len())
         .map(|group| RowRef::Expert { group })
         .collect();
-    let mut expert = Packed::new(&data, &expert_rows);
+    let mut expert = Packed::new(task, &data, &expert_rows);
     let (_, fw_expert) = expert.forward(policy);
+    // Δ through the library: a loss call whose only output used is the `mean_delta` metric.
     let probe = LossBatch {
         rows: packed.rows.clone(),
         mask: vec![1.0; fw.logprobs.len()],
@@ -606,7 +626,7 @@ pub fn evaluate(policy: &Policy, heldout: &[Prompt], s: &Settings) -> Eval {
             .iter()
             .map(|&r| match r {
                 RowRef::Rollout { group, index } => {
-                    2.0 * reward(&data.prompts[group], &data.rollouts[group][index]) - 1.0
+                    2.0 * task.reward(&data.prompts[group], &data.rollouts[group][index]) - 1.0
                 }
                 RowRef::Expert { .. } => unreachable!("rollout rows only"),
             })
@@ -615,8 +635,8 @@ pub fn evaluate(policy: &Policy, heldout: &[Prompt], s: &Settings) -> Eval {
             mask: vec![1.0; fw_expert.logprobs.len()],
             rows: expert.rows,
             logprobs: fw_expert.logprobs,
-            index: (0..heldout.len())
-                .flat_map(|g| std::iter::repeat(g as i64).take(s.eval_samples))
+            index: (0..id.len())
+                .flat_map(|g| std::iter::repeat(g as i64).take(n))
                 .collect(),
         }),
         ..LossBatch::default()
@@ -626,11 +646,15 @@ pub fn evaluate(policy: &Policy, heldout: &[Prompt], s: &Settings) -> Eval {
         .expect("valid loss inputs")
         .metrics
         .mean_delta;
+    let k = id.len() as f64;
     Eval {
-        delta,
-        greedy: greedy_pass_rate(policy, heldout),
-        sampled: sampled / n,
+        step,
+        id_pass1: pass1 / k,
+        id_pass_k: pass_k / k,
+        ood_pass1,
+        distinct: distinct / k,
         entropy,
+        delta,
         length,
     }
 }
