@@ -311,6 +311,25 @@ fn batch_with_lengths(
     }
 }
 
+/// Which optional inputs a run passes (the kernel takes other paths without them: the layout's
+/// counts instead of the counts kernel, no KL, no entropy; token weights only when asked).
+#[derive(Clone, Copy)]
+struct Inputs {
+    mask: bool,
+    is_expert: bool,
+    reference: bool,
+    entropy: bool,
+    token_weights: bool,
+}
+
+const ALL_INPUTS: Inputs = Inputs {
+    mask: true,
+    is_expert: true,
+    reference: true,
+    entropy: true,
+    token_weights: false,
+};
+
 struct Outputs {
     grad: Vec<f64>,
     grad_entropy: Vec<f64>,
@@ -325,6 +344,17 @@ fn run_both(
     b: &Batch,
     dt: Dt,
     normalizers: Option<CalibrlNormalizers>,
+) -> (Outputs, Outputs) {
+    run_both_with(g, cfg_json, b, dt, normalizers, ALL_INPUTS)
+}
+
+fn run_both_with(
+    g: &Gpu,
+    cfg_json: &str,
+    b: &Batch,
+    dt: Dt,
+    normalizers: Option<CalibrlNormalizers>,
+    inputs: Inputs,
 ) -> (Outputs, Outputs) {
     let cfg = config(cfg_json);
     let shape: Vec<usize> = if b.padded {
@@ -354,6 +384,12 @@ fn run_both(
     let mut t_elp = Pair::new(g, dt, &b.expert_logprobs, &[et]);
     let mut t_eoff = Pair::new(g, Dt::I64, &eoff, &[b.prompts + 1]);
     let mut t_eidx = Pair::new(g, Dt::I64, &b.expert_index, &[b.rows]);
+    // Importance weights in [0, 2), some exactly 0 (truncated).
+    let omega: Vec<f64> = (0..b.logprobs.len())
+        .map(|k| ((k * 7919) % 13) as f64 / 6.5 * ((k % 11 != 0) as u8 as f64))
+        .collect();
+    let mut t_tw = Pair::new(g, Dt::F32, &omega, &shape);
+    let pick = |on: bool, p: &mut Pair, on_gpu: bool| if on { p.desc(on_gpu) } else { null_mut() };
     let n = if b.padded {
         b.rows * b.seq_len
     } else {
@@ -368,14 +404,14 @@ fn run_both(
         let args = CalibrlLossArgs {
             logprobs: t_lp.desc(on_gpu),
             seq_offsets: if b.padded { null() } else { t_off.desc(on_gpu) },
-            mask: t_mask.desc(on_gpu),
+            mask: pick(inputs.mask, &mut t_mask, on_gpu),
             old_logprobs: t_old.desc(on_gpu),
-            ref_logprobs: t_ref.desc(on_gpu),
-            entropy: t_ent.desc(on_gpu),
+            ref_logprobs: pick(inputs.reference, &mut t_ref, on_gpu),
+            entropy: pick(inputs.entropy, &mut t_ent, on_gpu),
             advantages: t_adv.desc(on_gpu),
             weights: t_w.desc(on_gpu),
             signs: t_s.desc(on_gpu),
-            is_expert: t_ie.desc(on_gpu),
+            is_expert: pick(inputs.is_expert, &mut t_ie, on_gpu),
             expert_logprobs: t_elp.desc(on_gpu),
             expert_offsets: t_eoff.desc(on_gpu),
             expert_mask: null(),
@@ -384,6 +420,7 @@ fn run_both(
             grad_logprobs: t_grad.desc(on_gpu),
             grad_entropy: t_gent.desc(on_gpu),
             metrics: t_met.desc(on_gpu),
+            token_weights: pick(inputs.token_weights, &mut t_tw, on_gpu),
         };
         let mut m = CalibrlMetrics::default();
         let stream = g.stream.cu_stream() as *mut c_void;
@@ -536,6 +573,47 @@ fn long_rows_match_cpu() {
                 &gpu,
                 Dt::F32,
             );
+        }
+    }
+}
+
+#[test]
+fn loss_matches_cpu_without_optional_inputs_and_with_token_weights() {
+    // No mask and no expert flags: N_tok and N_seq come from the layout (no counts kernel);
+    // without ref/entropy the KL and entropy paths are off; token weights scale the PG term.
+    // Row lengths from 1 to 5000 cover every team size (4 … 256 threads per row).
+    let (g, _guard) = require_gpu!();
+    let mut rng = Rng::new(16);
+    let variants = [
+        (true, false, false, false, false),
+        (false, false, false, false, true),
+        (false, true, true, true, true),
+        (true, true, false, true, true),
+    ];
+    for (rows, max_len) in [(301, 6), (64, 40), (17, 300), (5, 5000)] {
+        for (vi, &(mask, is_expert, reference, entropy, token_weights)) in
+            variants.iter().enumerate()
+        {
+            for cfg in [CONFIGS[0], CONFIGS[1], CONFIGS[2], CONFIGS[3], CONFIGS[6]] {
+                let trains_experts = cfg.contains("luffy");
+                let b = batch_with_lengths(&mut rng, rows, vi % 2 == 1, trains_experts, max_len);
+                let inputs = Inputs {
+                    mask,
+                    is_expert,
+                    reference,
+                    entropy,
+                    token_weights,
+                };
+                for dt in [Dt::F32, Dt::Bf16] {
+                    let (cpu, gpu) = run_both_with(g, cfg, &b, dt, None, inputs);
+                    compare(
+                        &format!("{cfg} rows={rows} max_len={max_len} variant={vi} {dt:?}"),
+                        &cpu,
+                        &gpu,
+                        dt,
+                    );
+                }
+            }
         }
     }
 }

@@ -16,6 +16,15 @@ fn committed_header_is_fresh() {
         .expect("cbindgen generates the header")
         .write(&mut generated);
     let generated = String::from_utf8(generated).expect("header is UTF-8");
+    // The version macro comes from cbindgen.toml: it must name the library's constant.
+    let define = format!(
+        "#define CALIBRL_ABI_VERSION {}\n",
+        calibrl::ffi::common::CALIBRL_ABI_VERSION
+    );
+    assert!(
+        generated.contains(&define),
+        "cbindgen.toml's CALIBRL_ABI_VERSION differs from src/ffi/common.rs"
+    );
     let path = root.join("include/calibrl.h");
     if std::env::var_os("CALIBRL_BLESS").is_some() {
         std::fs::write(&path, &generated).expect("write include/calibrl.h");

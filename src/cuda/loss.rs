@@ -312,7 +312,10 @@ fn loss_kernel(args: &Loss) -> &'static str {
 /// mean row length, between 4 threads (many short rows) and the whole block (long rows).
 fn team_log2(tokens: usize, rows: usize) -> i64 {
     let per_thread = tokens.div_ceil(rows.max(1)).div_ceil(UNROLL);
-    per_thread.clamp(4, THREADS as usize).next_power_of_two().trailing_zeros() as i64
+    per_thread
+        .clamp(4, THREADS as usize)
+        .next_power_of_two()
+        .trailing_zeros() as i64
 }
 
 fn counts_mode(cfg: &Config, args: &Loss) -> Counts {
@@ -332,7 +335,7 @@ fn loss_params(cfg: &Config, args: &Loss) -> Result<LossParams> {
     let (old_logprobs, old_dt) = opt(args.old_logprobs.as_ref())?;
     let (ref_logprobs, ref_dt) = opt(args.ref_logprobs.as_ref())?;
     let (entropy, entropy_dt) = opt(args.entropy.as_ref())?;
-    let (token_weights, token_weights_dt) = (std::ptr::null(), 0);
+    let (token_weights, token_weights_dt) = opt(args.token_weights.as_ref())?;
     let (advantages, advantages_dt) = req(&args.advantages)?;
     let (weights, weights_dt) = req(&args.weights)?;
     let (signs, signs_dt) = req(&args.signs)?;
@@ -452,12 +455,24 @@ pub fn loss(
     let count_blocks = rows.div_ceil(THREADS as usize / 32).clamp(1, max_blocks);
     // Workspace: the final values (N_tok, N_seq, metrics), then the blocks' partial sums.
     let final_doubles = FINAL_FIELDS + METRICS_LEN;
-    let ws = workspace(dev, ordinal, stream, (final_doubles + blocks.max(count_blocks) * BLOCK_FIELDS) * 8)?;
+    let ws = workspace(
+        dev,
+        ordinal,
+        stream,
+        (final_doubles + blocks.max(count_blocks) * BLOCK_FIELDS) * 8,
+    )?;
     p.final_ws = ws;
     p.block_ws = ws + (final_doubles * 8) as u64;
     p.tickets = tickets(dev, ordinal, stream)?;
     if p.counts == Counts::Kernel as i64 {
-        launch(dev, "calibrl_loss_counts", count_blocks, THREADS, stream, &mut p)?;
+        launch(
+            dev,
+            "calibrl_loss_counts",
+            count_blocks,
+            THREADS,
+            stream,
+            &mut p,
+        )?;
     }
     launch(dev, loss_kernel(args), blocks, THREADS, stream, &mut p)?;
     if let Some(h) = host_metrics {

@@ -65,8 +65,8 @@ pub(crate) fn tickets(dev: &Device, ordinal: i32, stream: Stream) -> Result<sys:
     // SAFETY: the device's context is current; the buffer lives as long as the process (a
     // captured graph may reference it).
     let ptr = unsafe {
-        let ptr = drv::malloc_sync(BYTES)
-            .map_err(|e| driver_error("cuMemAlloc (calibrl tickets)", e))?;
+        let ptr =
+            drv::malloc_sync(BYTES).map_err(|e| driver_error("cuMemAlloc (calibrl tickets)", e))?;
         drv::memset_d8_sync(ptr, 0, BYTES)
             .map_err(|e| driver_error("cuMemsetD8 (calibrl tickets)", e))?;
         ptr

@@ -363,10 +363,6 @@ pub fn loss(
 ) -> Result<()> {
     match args.validate(cfg)? {
         Device::Cpu => crate::cpu::loss::run(cfg, args, host_metrics),
-        Device::Cuda(_) if args.token_weights.is_some() => Err(Error::layout(
-            "token_weights",
-            "is not supported by the CUDA loss yet (CPU tensors only)",
-        )),
         Device::Cuda(d) => crate::cuda::loss::loss(cfg, args, host_metrics, d, stream),
     }
 }
