@@ -251,7 +251,7 @@ struct LossParams {
 };
 
 #define LOSS_THREADS 256
-#define MAX_TEAMS (LOSS_THREADS / 4)
+#define MAX_TEAMS (LOSS_THREADS / 2)
 #define FINAL_FIELDS 4  // N_tok, N_seq used for the gradients
 #define METRICS 15
 // Block partial sums (block_ws): per-thread sums, then per-row sums kept by each team's leader.
@@ -543,8 +543,29 @@ __device__ void write_metrics(const LossParams& p, const double (&a)[BLOCK_FIELD
   for (int j = 0; j < METRICS; ++j) p.final_ws[FINAL_FIELDS + j] = m[j];
 }
 
-// Tokens each thread loads before computing on them (memory-level parallelism).
-#define UNROLL 4
+// Tokens each thread loads before using any of them: keeps enough bytes in flight to cover
+// the memory latency (a row round is otherwise a chain of dependent waits).
+#define BATCH 8
+
+// Raw storage of the main float inputs while a batch is in flight (the loaded bits, converted
+// to double only when used).
+template <int FT> struct RawOf { typedef double T; };
+template <> struct RawOf<DT_F32> { typedef float T; };
+template <> struct RawOf<DT_BF16> { typedef u16 T; };
+template <> struct RawOf<DT_F16> { typedef u16 T; };
+template <int FT>
+__device__ __forceinline__ typename RawOf<FT>::T ld_raw(const void* p, i64 code, i64 i) {
+  if constexpr (FT == DT_F32) return ((const float*)p)[i];
+  else if constexpr (FT == DT_F64) return ((const double*)p)[i];
+  else if constexpr (FT == DT_BF16 || FT == DT_F16) return ((const u16*)p)[i];
+  else return ld(p, code, i);
+}
+template <int FT>
+__device__ __forceinline__ double raw_value(typename RawOf<FT>::T r) {
+  if constexpr (FT == DT_BF16) return (double)bf16_bits_to_f32(r);
+  else if constexpr (FT == DT_F16) return (double)f16_bits_to_f32(r);
+  else return (double)r;
+}
 
 template <int FT>
 __device__ __forceinline__ void loss_kernel(const LossParams& p) {
@@ -593,20 +614,44 @@ __device__ __forceinline__ void loss_kernel(const LossParams& p) {
     double s1[5] = {0.0, 0.0, 0.0, 0.0, 0.0};
     if (row_pass) {
       if (trained && (p.agg == AGG_SEQ_MEAN || seq_explore)) {
-        for (i64 t = lane; t < len; t += team) {
-          const i64 k = start + t;
-          if (!mask_at(p.mask, p.mask_dt, k)) continue;
-          s1[0] += 1.0;
-          s1[1] += ldf<FT>(p.logprobs, p.logprobs_dt, k);
-          if (p.baseline_ref && p.ref_logprobs) s1[2] += ld(p.ref_logprobs, p.ref_dt, k);
+        const bool with_ref = p.baseline_ref && p.ref_logprobs;
+        for (i64 t0 = lane; t0 < len; t0 += (i64)BATCH * team) {
+          typename RawOf<FT>::T lr[BATCH];
+          double rr[BATCH];
+          unsigned in = 0;
+#pragma unroll
+          for (int u = 0; u < BATCH; ++u) {
+            const i64 t = t0 + (i64)u * team, k = start + t;
+            const bool ok = t < len && mask_at(p.mask, p.mask_dt, k);
+            in |= (unsigned)ok << u;
+            lr[u] = ok ? ld_raw<FT>(p.logprobs, p.logprobs_dt, k) : typename RawOf<FT>::T(0);
+            rr[u] = (ok && with_ref) ? ld(p.ref_logprobs, p.ref_dt, k) : 0.0;
+          }
+#pragma unroll
+          for (int u = 0; u < BATCH; ++u) {
+            if (!((in >> u) & 1u)) continue;
+            s1[0] += 1.0;
+            s1[1] += raw_value<FT>(lr[u]);
+            s1[2] += rr[u];
+          }
         }
         if (seq_explore && expert_baseline && slot >= 0) {
           i64 es, el;
           expert_range(p, slot, es, el);
-          for (i64 t = lane; t < el; t += team) {
-            if (!mask_at(p.expert_mask, p.expert_mask_dt, es + t)) continue;
-            s1[3] += ld(p.expert_logprobs, p.expert_dt, es + t);
-            s1[4] += 1.0;
+          for (i64 t0 = lane; t0 < el; t0 += (i64)BATCH * team) {
+            double ev[BATCH];
+#pragma unroll
+            for (int u = 0; u < BATCH; ++u) {
+              const i64 t = t0 + (i64)u * team;
+              ev[u] = (t < el && mask_at(p.expert_mask, p.expert_mask_dt, es + t))
+                          ? ld(p.expert_logprobs, p.expert_dt, es + t) : NAN_D;
+            }
+#pragma unroll
+            for (int u = 0; u < BATCH; ++u)
+              if (t0 + (i64)u * team < el && mask_at(p.expert_mask, p.expert_mask_dt, es + t0 + (i64)u * team)) {
+                s1[3] += ev[u];
+                s1[4] += 1.0;
+              }
           }
         }
       }
@@ -642,23 +687,26 @@ __device__ __forceinline__ void loss_kernel(const LossParams& p) {
     }
 
     // Pass 2: every element of the row gets its gradients (0 where nothing flows).
-    for (i64 t0 = lane; t0 < len; t0 += (i64)UNROLL * team) {
-      bool m[UNROLL];
-      double lp[UNROLL], od[UNROLL];
+    for (i64 t0 = lane; t0 < len; t0 += (i64)BATCH * team) {
+      typename RawOf<FT>::T lr[BATCH], orr[BATCH];
+      unsigned in = 0;  // bit u: token u of the batch counts
 #pragma unroll
-      for (int u = 0; u < UNROLL; ++u) {
+      for (int u = 0; u < BATCH; ++u) {
         const i64 t = t0 + (i64)u * team, k = start + t;
-        m[u] = t < len && trained && mask_at(p.mask, p.mask_dt, k);
-        lp[u] = m[u] ? ldf<FT>(p.logprobs, p.logprobs_dt, k) : 0.0;
-        od[u] = (m[u] && p.old_logprobs) ? ldf<FT>(p.old_logprobs, p.old_dt, k) : lp[u];
+        const bool ok = t < len && trained;
+        // Loaded whatever the mask says (in bounds), so the mask's load is not waited for first;
+        // a masked value is never used.
+        lr[u] = ok ? ld_raw<FT>(p.logprobs, p.logprobs_dt, k) : typename RawOf<FT>::T(0);
+        orr[u] = (ok && p.old_logprobs) ? ld_raw<FT>(p.old_logprobs, p.old_dt, k) : lr[u];
+        in |= (unsigned)(ok && mask_at(p.mask, p.mask_dt, k)) << u;
       }
-#pragma unroll
-      for (int u = 0; u < UNROLL; ++u) {
+#pragma unroll 1
+      for (int u = 0; u < BATCH; ++u) {
         const i64 t = t0 + (i64)u * team, k = start + t;
         if (t >= len) break;
         double g = 0.0, gh = 0.0;
-        if (m[u]) {
-          const double logp = lp[u], old = od[u];
+        if ((in >> u) & 1u) {
+          const double logp = raw_value<FT>(lr[u]), old = raw_value<FT>(orr[u]);
           double pv, dv;
           if (is_exp) {
             off_policy(p, a, logp, old, pv, dv);

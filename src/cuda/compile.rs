@@ -111,10 +111,27 @@ pub fn options(arch: i32) -> Vec<String> {
     ]
 }
 
+/// The source NVRTC compiles: the embedded one, or `$CALIBRL_KERNEL_DIR/<name>.cu` when that
+/// variable is set (kernel development: try a variant on a GPU machine without rebuilding).
+fn kernel_source(src: &KernelSource) -> Result<String> {
+    match std::env::var_os("CALIBRL_KERNEL_DIR") {
+        None => Ok(src.source.to_string()),
+        Some(dir) => {
+            let path = std::path::Path::new(&dir).join(format!("{}.cu", src.name));
+            std::fs::read_to_string(&path).map_err(|e| {
+                Error::cuda(format!(
+                    "CALIBRL_KERNEL_DIR is set but {} cannot be read: {e}",
+                    path.display()
+                ))
+            })
+        }
+    }
+}
+
 /// Compiles `src` to PTX for `compute_{arch}`. The error carries NVRTC's log.
 pub fn compile_ptx(src: &KernelSource, arch: i32) -> Result<CString> {
     require_nvrtc()?;
-    let code = CString::new(src.source)
+    let code = CString::new(kernel_source(src)?)
         .map_err(|_| Error::cuda(format!("{}.cu contains a NUL byte", src.name)))?;
     let name = CString::new(format!("{}.cu", src.name)).expect("module names have no NUL");
     let prog = nvrtc::create_program(&code, Some(&name))

@@ -42,8 +42,10 @@ pub const LOSS: KernelSource = KernelSource {
 const BLOCK_FIELDS: usize = 18; // BLOCK_FIELDS in cuda/loss.cu
 const FINAL_FIELDS: usize = 4; // FINAL_FIELDS in cuda/loss.cu
 const THREADS: u32 = 256; // LOSS_THREADS in cuda/loss.cu
-/// Tokens a thread loads before computing on them (UNROLL in cuda/loss.cu).
-const UNROLL: usize = 4;
+/// Tokens a thread loads before using them (BATCH in cuda/loss.cu).
+const BATCH: usize = 8;
+/// The most threads that share a row: a team within one warp needs no block barrier.
+const MAX_TEAM: usize = 32;
 /// Resident blocks per SM the grids are sized for (the kernels loop over rows).
 const BLOCKS_PER_SM: usize = 4;
 
@@ -308,12 +310,12 @@ fn loss_kernel(args: &Loss) -> &'static str {
     }
 }
 
-/// log2 of the threads that share one row: about UNROLL tokens per thread and pass for the
-/// mean row length, between 4 threads (many short rows) and the whole block (long rows).
+/// log2 of the threads that share one row: about two batches of BATCH tokens per thread and
+/// pass for the mean row length, between 2 threads (many short rows) and a warp (long rows).
 fn team_log2(tokens: usize, rows: usize) -> i64 {
-    let per_thread = tokens.div_ceil(rows.max(1)).div_ceil(UNROLL);
-    per_thread
-        .clamp(4, THREADS as usize)
+    let threads = tokens.div_ceil(rows.max(1)).div_ceil(2 * BATCH);
+    threads
+        .clamp(2, MAX_TEAM)
         .next_power_of_two()
         .trailing_zeros() as i64
 }
