@@ -164,6 +164,7 @@ fn main() {
         grad_logprobs: t_grad.as_mut_ptr(),
         grad_entropy: null_mut(),
         metrics: null_mut(),
+        token_weights: std::ptr::null(),
     };
     let mut metrics = CalibrlMetrics::default();
     unsafe { check(calibrl_loss(cfg, &loss_args, &mut metrics, null_mut())) };

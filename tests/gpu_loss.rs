@@ -384,6 +384,7 @@ fn run_both(
             grad_logprobs: t_grad.desc(on_gpu),
             grad_entropy: t_gent.desc(on_gpu),
             metrics: t_met.desc(on_gpu),
+            token_weights: std::ptr::null(),
         };
         let mut m = CalibrlMetrics::default();
         let stream = g.stream.cu_stream() as *mut c_void;

@@ -676,6 +676,7 @@ pub fn lib_loss_cfg(cfg: &Cfg, case: &Case, o: &CallOpts) -> Result<LibLoss, (i3
         grad_logprobs: opt_lib_mut(&mut grad_l),
         grad_entropy: opt_lib_mut(&mut grad_h),
         metrics: opt_lib_mut(&mut mt),
+        token_weights: std::ptr::null(),
     };
     let mut hm = calibrl::cpu::loss::CalibrlMetrics::default();
     let st =

@@ -81,9 +81,10 @@ def test_readme_shows_the_tested_overrides():
     from conftest import REPO
     from verl_harness import README_OVERRIDES
 
-    text = (REPO / "integration" / "verl" / "README.md").read_text()
-    for line in README_OVERRIDES[:3]:
-        assert line in text, line
+    for readme in (REPO / "integration" / "verl" / "README.md", REPO / "README.md"):
+        text = readme.read_text()
+        for line in README_OVERRIDES[:3]:
+            assert line in text, (readme, line)
 
 
 def test_without_the_config_class_verl_rejects_the_block():
@@ -200,6 +201,24 @@ def test_expert_baseline_follows_its_rows_through_reorder_chunk_and_shuffle():
         shifted.batch[key] = torch.roll(shifted.batch[key], 4, 0)
     other, *_ = run_update(model, shifted, config, micro_batch_size=2)
     assert abs(other - want) > 1e-6
+
+
+def test_expert_pass_scores_each_rows_prompt_and_expert_response():
+    """attach_expert_log_probs (through verl's compute_log_prob layout conversions) gives, for
+    every row, log p(expert response | that row's prompt), computed here token by token."""
+    from verl_harness import PAD
+
+    model = TinyPolicy()
+    data = make_batch(model, seed=10)
+    b = data.batch
+    for i in range(len(data)):
+        prompt = b["prompts"][i][b["prompts"][i] != PAD]
+        expert = b[cv.EXPERT_RESPONSES][i][b[cv.EXPERT_RESPONSES][i] != PAD]
+        with torch.no_grad():
+            lp = model.next_log_probs(torch.cat([prompt, expert]))[len(prompt) - 1 : -1]
+        got = b[cv.EXPERT_LOG_PROBS][i]
+        torch.testing.assert_close(got[: len(expert)], lp.float(), rtol=1e-6, atol=1e-6)
+        assert torch.all(got[len(expert):] == 0) and torch.all(b[cv.EXPERT_MASK][i, len(expert):] == 0)
 
 
 def _dp_worker(rank, world, path, seed):
