@@ -62,6 +62,7 @@ struct LossArgs {
     grad_logprobs: *mut DLTensor,
     grad_entropy: *mut DLTensor,
     metrics: *mut DLTensor,
+    token_weights: *const DLTensor,
 }
 
 type Cfg = *mut c_void;
@@ -203,10 +204,10 @@ fn version_and_abi_version() {
         .to_str()
         .unwrap();
     assert_eq!(v, env!("CARGO_PKG_VERSION"));
-    assert_eq!(unsafe { (api().abi_version)() }, 1);
+    assert_eq!(unsafe { (api().abi_version)() }, 2);
     let header =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/include/calibrl.h")).unwrap();
-    assert!(header.contains("#define CALIBRL_ABI_VERSION 1"));
+    assert!(header.contains("#define CALIBRL_ABI_VERSION 2"));
     for (st, name) in [
         (0, "CALIBRL_STATUS_OK"),
         (3, "CALIBRL_STATUS_SHAPE_MISMATCH"),
@@ -406,6 +407,7 @@ impl LossBufs {
             grad_logprobs: self.grad.mptr(),
             grad_entropy: self.gradh.mptr(),
             metrics: self.metrics.mptr(),
+            token_weights: std::ptr::null(),
         }
     }
     fn untouched(&self) -> bool {
@@ -458,6 +460,7 @@ fn loss_valid_call_matches_the_reference() {
         }),
         norm: Some((20.0, 6.0)),
         sg_logp: None,
+        tw: None,
     };
     let want = reference::ref_loss(&common::config(JSON), &batch);
     common::assert_vec_close("metrics", &host, &want.m.to_array(), 1e-6, 1e-7);

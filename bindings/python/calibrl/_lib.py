@@ -28,7 +28,7 @@ from pathlib import Path
 from ._dlpack import DLTensor
 
 #: The ABI version these bindings are written against (``CALIBRL_ABI_VERSION`` in the header).
-EXPECTED_ABI_VERSION = 1
+EXPECTED_ABI_VERSION = 2
 
 #: Environment variable naming the library file to load instead of the packaged one.
 LIBRARY_ENV = "CALIBRL_LIBRARY"

@@ -166,6 +166,22 @@ def test_grpo_preset_equals_verl_vanilla_with_rollout_is_weights(agg):
     assert abs(c - a) > 1e-4
 
 
+def test_correctness_comes_from_verl_rewards_without_user_code():
+    """Without ``calibrl_correct`` the loss reads verl's ``token_level_scores`` (reward > τ):
+    the same loss as with it. Control: wrong correctness changes the loss."""
+    model = TinyPolicy()
+    data = make_batch(model, seed=11)
+    config = actor_config()
+    with_key, *_ = run_update(model, data, config, micro_batch_size=4, shuffle=False)
+    right = data.batch[cv.CORRECT].clone()
+    data.batch[cv.CORRECT] = 1 - right
+    wrong, *_ = run_update(model, data, config, micro_batch_size=4, shuffle=False)
+    assert abs(wrong - with_key) > 1e-6
+    del data.batch[cv.CORRECT]
+    without, *_ = run_update(model, data, config, micro_batch_size=4, shuffle=False)
+    assert without == with_key
+
+
 def test_token_weights_against_the_reference():
     model = TinyPolicy()
     data = make_batch(model, seed=4)

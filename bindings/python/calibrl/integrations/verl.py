@@ -13,8 +13,9 @@ Three pieces, each fitted to verl 0.9.1's own code (see integration/verl/README.
 * Per-row expert data: ``calibrl_expert_log_probs [B, S*]`` (+ ``calibrl_expert_mask``) holds
   each rollout row's own expert response log-probs, so any split, shuffle or DP dispatch of the
   batch keeps rows and baselines together. :func:`attach_expert_log_probs` computes them with
-  verl's ``compute_log_prob`` (one no-grad forward pass); :func:`attach_correctness` turns
-  verl's rewards into correctness.
+  verl's ``compute_log_prob`` (one no-grad forward pass). Correctness comes from verl's
+  ``token_level_scores`` in the batch (reward > τ), or ``calibrl_correct`` when given
+  (:func:`attach_correctness` writes it).
 
 Configuration (Hydra overrides verl accepts)::
 
@@ -44,7 +45,8 @@ EXPERT_RESPONSES = "calibrl_expert_responses"  # [B, S*] expert response token i
 EXPERT_LOG_PROBS = "calibrl_expert_log_probs"  # [B, S*] the row's expert response log-probs
 EXPERT_MASK = "calibrl_expert_mask"  # [B, S*] expert token mask
 CORRECT = "calibrl_correct"  # [B] 1 = correct rollout
-KEYS = (EXPERT_LOG_PROBS, EXPERT_MASK, CORRECT)
+SCORES = "token_level_scores"  # verl's rewards [B, S]: correctness when CORRECT is absent
+KEYS = (EXPERT_LOG_PROBS, EXPERT_MASK, CORRECT, SCORES)
 
 # verl owns these; the calibrl block must not contradict them.
 _VERL_OWNED = {
@@ -198,12 +200,15 @@ def compute_policy_loss_calibrl(
     row_adv = _row_advantages(advantages, mask).float()
     weights = row_adv.abs() if cfg["rarity_weighting"] else torch.ones_like(row_adv)
     correct = extra.get(CORRECT)
+    if correct is None and extra.get(SCORES) is not None:
+        # verl's outcome reward, summed over the row (it sits on the last token) > τ.
+        correct = extra[SCORES].sum(-1) > cfg["correct_threshold"]
     if correct is not None:
         if correct.shape != row_adv.shape:
             raise ValueError(f"calibrl: `{CORRECT}` has shape {tuple(correct.shape)}, expected ({row_adv.shape[0]},)")
         signs = torch.where(correct.to(row_adv.device).bool(), 1.0, -1.0)
     else:
-        signs = torch.where(row_adv > 0, 1.0, -1.0)  # outcome advantage > 0 ⇔ above the group mean
+        signs = torch.where(row_adv > 0, 1.0, -1.0)  # no rewards in the batch: above the group mean
     expert_lp = extra.get(EXPERT_LOG_PROBS)
     expert_mask = extra.get(EXPERT_MASK)
     needs_expert = cfg["loss"] == "calibrl" and cfg["lambda"] != 0 and cfg["baseline"] == "expert"
