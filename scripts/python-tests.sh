@@ -8,6 +8,7 @@
 #   CALIBRL_VENV           the virtual environment (default: <repo>/.venv); reused when present
 #   PYTHON                 the interpreter that creates it (default: python3)
 #   CALIBRL_PY_INTEGRATIONS=0   skip installing deepspeed and megatron-core (their tests skip)
+#   CALIBRL_PY_VERL=0      skip the verl drop-in's tests (scripts/verl-tests.sh, own venv)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -29,6 +30,11 @@ fi
 
 # Builds the Rust library (cargo build --release) and installs it inside the package.
 "$PY" -m pip install --quiet --force-reinstall --no-deps "$ROOT/bindings/python"
+
+# The verl drop-in against the real verl 0.9.1, in its own venv (verl pins torch/transformers).
+if [ "${CALIBRL_PY_VERL:-1}" != "0" ]; then
+    bash "$ROOT/scripts/verl-tests.sh"
+fi
 
 # Run from the repository root with the installed package (never the source tree's copy).
 cd "$ROOT"

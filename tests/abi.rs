@@ -460,6 +460,7 @@ fn loss_valid_call_matches_the_reference() {
         }),
         norm: Some((20.0, 6.0)),
         sg_logp: None,
+        tw: None,
     };
     let want = reference::ref_loss(&common::config(JSON), &batch);
     common::assert_vec_close("metrics", &host, &want.m.to_array(), 1e-6, 1e-7);

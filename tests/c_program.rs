@@ -161,6 +161,7 @@ fn c_program_compiles_runs_and_agrees_with_rust() {
             }),
             norm: None,
             sg_logp: None,
+            tw: None,
         },
     );
     common::assert_close("reference loss", m.loss, reference.m.loss, 1e-12, 1e-14);

@@ -577,7 +577,7 @@ fn rust_api_matches_c_abi() {
                 old_logprobs: b.old.clone(),
                 ref_logprobs: b.refl.clone(),
                 entropy: b.ent.clone(),
-                token_weights: None,
+                token_weights: b.tw.clone(),
                 advantages: b.adv.clone(),
                 weights: b.w.clone(),
                 signs: b.c.clone(),

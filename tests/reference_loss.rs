@@ -352,3 +352,58 @@ fn finite_differences_of_every_gradient() {
     }
     eprintln!("{checked} token gradients checked by finite differences");
 }
+
+/// `token_weights` ρ (verl's `rollout_is_weights`) against the reference in every mode and
+/// layout, and central differences of the library's value against its gradient.
+#[test]
+fn token_weights_match_reference_and_finite_differences() {
+    let mut checked = 0usize;
+    for (ci, json) in configs().iter().enumerate() {
+        for layout in [Layout::Packed, Layout::Padded] {
+            let mut case = smooth_case(json, 977 + ci as u64 * 13 + layout as u64, layout, 1e-4);
+            let mut rng = Rng::new(4242 + ci as u64);
+            case.b.tw = Some(
+                (0..case.b.logp.len())
+                    .map(|_| rng.range(0.0, 2.0))
+                    .collect(),
+            );
+            let what = format!("{json} {layout:?} token_weights");
+            let o = CallOpts::default();
+            check_against_reference(json, &case, &o, &what);
+            if json.contains("rlplus") {
+                continue; // its value is not the potential of its gradient (detached factor)
+            }
+            let lib = lib_loss(json, &case, &o).unwrap();
+            for t in (0..case.b.logp.len()).step_by(3) {
+                let mut c2 = case.clone();
+                let mut x = c2.b.logp.clone();
+                let fd = central_diff(&mut x, t, 1e-6, |x| {
+                    c2.b.logp = x.to_vec();
+                    lib_loss(json, &c2, &o).unwrap().metrics[0]
+                });
+                assert_close(
+                    &format!("{what}: FD vs dL/dl[{t}]"),
+                    lib.grad_l[t],
+                    fd,
+                    1e-6,
+                    1e-9,
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 50, "{checked} finite differences");
+}
+
+#[test]
+fn negative_token_weights_are_refused_naming_the_argument() {
+    let json = &configs()[0];
+    let mut case = smooth_case(json, 5, Layout::Padded, 0.0);
+    let mut tw = vec![1.0; case.b.logp.len()];
+    let k = (0..tw.len()).find(|&k| case.b.mask[k] != 0.0).unwrap();
+    tw[k] = -0.5;
+    case.b.tw = Some(tw);
+    let (status, msg) = lib_loss(json, &case, &CallOpts::default()).unwrap_err();
+    assert_ne!(status, 0);
+    assert!(msg.contains("token_weights"), "{msg}");
+}

@@ -493,6 +493,7 @@ pub fn gen_case(rng: &mut Rng, g: &Gen) -> Case {
             expert,
             norm: None,
             sg_logp: None,
+            tw: None,
         },
         layout: g.layout,
         seq_len,
@@ -622,6 +623,7 @@ pub fn lib_loss_cfg(cfg: &Cfg, case: &Case, o: &CallOpts) -> Result<LibLoss, (i3
     let old = b.old.as_ref().map(|v| Tensor::new(v, &shape, o.dt));
     let refl = b.refl.as_ref().map(|v| Tensor::new(v, &shape, o.dt));
     let ent = b.ent.as_ref().map(|v| Tensor::new(v, &shape, o.dt));
+    let tw = b.tw.as_ref().map(|v| Tensor::new(v, &shape, o.dt));
     let adv = Tensor::new(&b.adv, &[nrow], o.row_dt);
     let w = Tensor::new(&b.w, &[nrow], o.row_dt);
     let c = Tensor::new(&b.c, &[nrow], o.row_dt);
@@ -676,7 +678,7 @@ pub fn lib_loss_cfg(cfg: &Cfg, case: &Case, o: &CallOpts) -> Result<LibLoss, (i3
         grad_logprobs: opt_lib_mut(&mut grad_l),
         grad_entropy: opt_lib_mut(&mut grad_h),
         metrics: opt_lib_mut(&mut mt),
-        token_weights: std::ptr::null(),
+        token_weights: opt_lib(&tw),
     };
     let mut hm = calibrl::cpu::loss::CalibrlMetrics::default();
     let st =

@@ -105,6 +105,8 @@ pub struct RefBatch {
     /// The value the detached factor sg(·) of RL-PLUS sees (None: `logp`); lets finite
     /// differences hold the stop-gradient part fixed.
     pub sg_logp: Option<Vec<f64>>,
+    /// Per-token importance weights ρ on the policy-gradient term (None: 1).
+    pub tw: Option<Vec<f64>>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -362,8 +364,9 @@ pub fn ref_loss(cfg: &Config, b: &RefBatch) -> RefOut {
                 ntok_roll += 1.0;
                 (p, dp)
             };
-            m.pg_loss += k * p;
-            gl[t] += k * dp;
+            let rho = b.tw.as_ref().map_or(1.0, |w| w[t]);
+            m.pg_loss += k * rho * p;
+            gl[t] += k * rho * dp;
             if let Some(h) = &b.ent {
                 m.entropy_loss += k * h[t];
                 gh[t] = -cfg.entropy_coef * k;

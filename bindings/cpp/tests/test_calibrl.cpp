@@ -242,6 +242,21 @@ void test_loss_clipping() {
   report(near(m.clipfrac, 1.0 / 3.0, 1e-12) && near(m.clipfrac_lower, 1.0 / 3.0, 1e-12),
          "clip + dual clip: clipfrac = clipfrac_lower = 1/3");
 
+  // token_weights ρ_t (verl's rollout_is_weights) multiply each token's PG term and gradient:
+  // L = (0.5·(−0.6) + 2·3 + 4·1)/3, ∂L/∂ℓ = [0, 0, 4/3].
+  std::vector<double> rho{0.5, 2.0, 4.0}, grad_w(3, 7.0);
+  const calibrl_metrics mw = calibrl::loss(cfg, calibrl::LossArgs{}
+                                                    .logprobs(lp, offsets)
+                                                    .old_logprobs(old)
+                                                    .token_weights(rho)
+                                                    .advantages(adv)
+                                                    .weights(w)
+                                                    .signs(sign)
+                                                    .grad_logprobs(grad_w));
+  check_near(mw.loss, (-0.3 + 6.0 + 4.0) / 3.0, 1e-12, "token_weights: L = 9.7/3");
+  report(grad_w[0] == 0.0 && grad_w[1] == 0.0 && near(grad_w[2], 4.0 / 3.0, 1e-12),
+         "token_weights: dL/dl = [0, 0, 4/3]");
+
   // A strided view (column 0 of an interleaved [3, 2] buffer) gives the same result uncopied.
   std::vector<double> interleaved{-0.5, -1.0, -0.5, -2.0, -2.0, -2.0};  // (ℓ, ℓold) pairs
   const calibrl::TensorView lp_col(interleaved.data(), calibrl::dtype::float64(), {3},

@@ -1,33 +1,34 @@
-"""verl drop-in: CalibRL registered as a verl policy loss named ``"calibrl"``.
+"""verl drop-in (verl 0.9.1): CalibRL as the registered policy loss ``"calibrl"``.
 
-Importing this module registers the loss with ``verl.trainer.ppo.core_algos.register_policy_loss``.
-Select it with ``actor_rollout_ref.actor.policy_loss.loss_mode=calibrl`` and put CalibRL's keys
-under ``actor_rollout_ref.actor.policy_loss.calibrl`` (or ``actor_rollout_ref.actor.calibrl``)::
+Three pieces, each fitted to verl 0.9.1's own code (see integration/verl/README.md):
 
-    calibrl:
-      preset: paper            # paper | reference | grpo
-      lambda: 0.1              # any key of calibrl.Config
-      alpha: 0.5
+* :func:`compute_policy_loss_calibrl` — registered with ``register_policy_loss("calibrl")``;
+  verl's policy-loss signature and return value ``(pg_loss, metrics_dict)``; normalises by
+  ``config.global_batch_info`` exactly as verl's ``agg_loss`` (``dp_size``,
+  ``batch_num_tokens``, ``global_batch_size``, ``loss_scale_factor``); ``rollout_is_weights``
+  become the library's ``token_weights``.
+* :func:`ppo_loss` — verl's engine loss function (``verl.workers.utils.losses.ppo_loss``) with
+  the micro-batch's ``calibrl_*`` tensors made visible to the policy loss (verl's policy-loss
+  call carries no expert data). :class:`CalibRLActorRolloutRefWorker` installs it.
+* Per-row expert data: ``calibrl_expert_log_probs [B, S*]`` (+ ``calibrl_expert_mask``) holds
+  each rollout row's own expert response log-probs, so any split, shuffle or DP dispatch of the
+  batch keeps rows and baselines together. :func:`attach_expert_log_probs` computes them with
+  verl's ``compute_log_prob`` (one no-grad forward pass). Correctness comes from verl's
+  ``token_level_scores`` in the batch (reward > τ), or ``calibrl_correct`` when given
+  (:func:`attach_correctness` writes it).
 
-verl's own ``clip_ratio_low``/``clip_ratio_high``/``clip_ratio_c`` and ``loss_agg_mode`` map to
-``clip_low``/``clip_high``/``dual_clip``/``agg`` unless the ``calibrl`` block sets them.
+Configuration (Hydra overrides verl accepts)::
 
-verl's policy-loss signature carries no expert data, so the actor hands the micro-batch's extra
-tensors over with :func:`micro_batch` (one line around the ``policy_loss_fn`` call)::
-
-    with calibrl.integrations.verl.micro_batch(model_inputs):
-        pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower = policy_loss_fn(...)
-
-``model_inputs`` may hold (all optional; missing → that feature is off):
-``calibrl_expert_log_probs [P, S*]`` (+ ``calibrl_expert_mask``), ``calibrl_expert_index [B]``,
-``calibrl_correct [B]`` (else ``calibrl_rewards [B]`` > τ, else the sign of the advantage),
-``calibrl_ref_log_prob [B, S]``, ``calibrl_normalizers`` ``(token_count, seq_count)``.
+    actor_rollout_ref.actor.policy_loss._target_=calibrl.integrations.verl.CalibRLPolicyLossConfig
+    actor_rollout_ref.actor.policy_loss.loss_mode=calibrl
+    +actor_rollout_ref.actor.policy_loss.calibrl={preset:paper,lambda:0.1,alpha:0.5}
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -37,61 +38,142 @@ from ..config import Config
 from ..ops import LossInputs
 
 LOSS_NAME = "calibrl"
-_VERL_TO_CALIBRL = {"clip_ratio_low": "clip_low", "clip_ratio_high": "clip_high", "clip_ratio_c": "dual_clip"}
+SUPPORTED_VERL = ("0.9.1",)
+
+# Per-row batch keys (batch dimension B = the rollout rows).
+EXPERT_RESPONSES = "calibrl_expert_responses"  # [B, S*] expert response token ids (input)
+EXPERT_LOG_PROBS = "calibrl_expert_log_probs"  # [B, S*] the row's expert response log-probs
+EXPERT_MASK = "calibrl_expert_mask"  # [B, S*] expert token mask
+CORRECT = "calibrl_correct"  # [B] 1 = correct rollout
+SCORES = "token_level_scores"  # verl's rewards [B, S]: correctness when CORRECT is absent
+KEYS = (EXPERT_LOG_PROBS, EXPERT_MASK, CORRECT, SCORES)
+
+# verl owns these; the calibrl block must not contradict them.
+_VERL_OWNED = {
+    "clip_low": "actor_rollout_ref.actor.clip_ratio_low",
+    "clip_high": "actor_rollout_ref.actor.clip_ratio_high",
+    "dual_clip": "actor_rollout_ref.actor.clip_ratio_c",
+    "agg": "actor_rollout_ref.actor.loss_agg_mode",
+    "t_norm": "actor_rollout_ref.actor.loss_scale_factor",
+    "entropy_coef": "actor_rollout_ref.actor.entropy_coeff",
+    "kl_coef": "actor_rollout_ref.actor.use_kl_loss / kl_loss_coef",
+}
+
 _current: contextvars.ContextVar[dict | None] = contextvars.ContextVar("calibrl_verl_micro_batch", default=None)
 
 
-@contextlib.contextmanager
-def micro_batch(data: Any):
-    """Makes a micro-batch's ``calibrl_*`` tensors visible to the policy loss inside the block."""
-    token = _current.set(data)
-    try:
-        yield
-    finally:
-        _current.reset(token)
+# ------------------------------------------------------------------------------ configuration
+
+try:
+    from verl.workers.config import PolicyLossConfig as _PolicyLossConfig
+except ImportError:  # verl absent: the module still imports (the loss needs no verl types)
+    _PolicyLossConfig = None
+
+if _PolicyLossConfig is not None:
+
+    @dataclass
+    class CalibRLPolicyLossConfig(_PolicyLossConfig):
+        """verl's ``PolicyLossConfig`` plus the ``calibrl`` block (any key of calibrl.Config)."""
+
+        calibrl: dict = field(default_factory=dict)
 
 
 def _get(obj, key: str, default=None):
     if obj is None:
         return default
-    if isinstance(obj, dict):
-        return obj.get(key, default)
     try:
-        value = obj.get(key, default)  # DictConfig, verl's BaseConfig, TensorDict
-        return default if value is None else value
-    except (AttributeError, TypeError, KeyError):
-        return getattr(obj, key, default)
+        value = obj.get(key, default)  # dict, DictConfig, verl's BaseConfig
+    except (AttributeError, TypeError):
+        value = getattr(obj, key, default)
+    return default if value is None else value
 
 
-def _to_dict(block) -> dict:
+def _block(config) -> dict:
+    block = _get(_get(config, "policy_loss"), "calibrl")
     if block is None:
         return {}
-    if isinstance(block, dict):
-        return dict(block)
     try:
-        from omegaconf import OmegaConf
+        from omegaconf import DictConfig, OmegaConf
 
-        return dict(OmegaConf.to_container(block, resolve=True))
-    except Exception:
-        return dict(block)
+        if isinstance(block, DictConfig):
+            return dict(OmegaConf.to_container(block, resolve=True))
+    except ImportError:
+        pass
+    return dict(block)
 
 
-def config_from_verl(config, loss_agg_mode: str) -> Config:
-    """The CalibRL configuration for verl's actor ``config`` and ``loss_agg_mode``."""
-    block = _get(config, "calibrl") or _get(_get(config, "policy_loss"), "calibrl")
-    keys = _to_dict(block)
+def config_from_verl(config, loss_agg_mode: str, horizon: int | None = None, seq_count: float = 1.0) -> Config:
+    """The CalibRL configuration for verl's actor ``config`` (ActorConfig or a mapping).
+
+    ``policy_loss.calibrl`` gives CalibRL's own keys; verl's ``clip_ratio``/``clip_ratio_low``/
+    ``clip_ratio_high``/``clip_ratio_c``/``loss_agg_mode``/``loss_scale_factor`` give the rest.
+    verl's ``seq-mean-token-sum-norm`` divides the token sum by the sequence count *and* by
+    ``loss_scale_factor`` (else the padded length ``horizon``): CalibRL's ``t_norm`` is their
+    product (``seq_count``: the normaliser's sequence count).
+    """
+    keys = _block(config)
+    for ours, verl_key in _VERL_OWNED.items():
+        if ours in keys:
+            raise ValueError(
+                f"calibrl: `policy_loss.calibrl.{ours}` is set by verl's `{verl_key}`; remove it from the block"
+            )
     preset = keys.pop("preset", "paper")
-    clip = _get(config, "clip_ratio")
-    for verl_key, ours in _VERL_TO_CALIBRL.items():
-        value = _get(config, verl_key)
-        if value is None and verl_key != "clip_ratio_c":
-            value = clip
-        if value is not None:
-            keys.setdefault(ours, float(value))
-    keys.setdefault("agg", loss_agg_mode)
-    if keys["agg"] == "seq-mean-token-sum-norm":
-        keys.setdefault("t_norm", float(_get(config, "loss_scale_factor") or 0) or None)
+    clip = _get(config, "clip_ratio", 0.2)
+    keys["clip_low"] = float(_get(config, "clip_ratio_low", clip))
+    keys["clip_high"] = float(_get(config, "clip_ratio_high", clip))
+    keys["dual_clip"] = float(_get(config, "clip_ratio_c", 3.0))
+    keys["agg"] = loss_agg_mode
+    if loss_agg_mode == "seq-mean-token-sum-norm":
+        # verl's agg_loss: loss_scale_factor, else the padded response length.
+        info = _get(config, "global_batch_info", {})
+        scale = _get(info, "loss_scale_factor") or _get(config, "loss_scale_factor") or horizon
+        keys["t_norm"] = float(scale) * float(seq_count)
     return Config(preset, **keys)
+
+
+# ------------------------------------------------------------------------------ the policy loss
+
+
+def _normalizers(config, response_mask: torch.Tensor, loss_agg_mode: str):
+    """Global counts that reproduce verl's agg_loss: verl divides by the global count and
+    multiplies by dp_size (DP averages gradients), i.e. divides by count / dp_size."""
+    info = _get(config, "global_batch_info", {}) or {}
+    dp = int(_get(info, "dp_size", 1))
+    tokens = _get(info, "batch_num_tokens")
+    seqs = _get(info, "global_batch_size")
+    if tokens is None and seqs is None:
+        if dp > 1:
+            raise ValueError("calibrl: `global_batch_info` needs batch_num_tokens and global_batch_size when dp_size > 1")
+        return None  # this micro-batch's own counts, as agg_loss
+    local_tokens = float(response_mask.sum())
+    local_seqs = float((response_mask.sum(-1) > 0).sum())
+    if loss_agg_mode == "token-mean" and tokens is None:
+        raise ValueError("calibrl: `global_batch_info.batch_num_tokens` is required for token-mean")
+    if loss_agg_mode.startswith("seq-mean") and seqs is None:
+        raise ValueError("calibrl: `global_batch_info.global_batch_size` is required for " + loss_agg_mode)
+    token_count = float(tokens) / dp if tokens is not None else local_tokens
+    seq_count = float(seqs) / dp if seqs is not None else local_seqs
+    return (token_count, seq_count)
+
+
+def _row_advantages(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """CalibRL's advantages are outcome-level: one value per row. Token-varying ones (GAE,
+    per-token rewards) would be silently averaged, so they are an error."""
+    m = mask.bool()
+    big = torch.finfo(advantages.dtype).max
+    hi = torch.where(m, advantages, -big).amax(-1)
+    lo = torch.where(m, advantages, big).amin(-1)
+    has = m.any(-1)
+    spread = torch.where(has, hi - lo, torch.zeros_like(hi))
+    scale = torch.where(has, hi.abs().maximum(lo.abs()), torch.zeros_like(hi))
+    bad = spread > 1e-6 * (1 + scale)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0])
+        raise ValueError(
+            f"calibrl: `advantages` vary across the tokens of row {row} (spread {float(spread[row]):.3g}); CalibRL "
+            "takes outcome-level advantages (e.g. algorithm.adv_estimator=grpo), not per-token ones"
+        )
+    return torch.where(has, hi, torch.zeros_like(hi)).detach()
 
 
 def compute_policy_loss_calibrl(
@@ -101,56 +183,200 @@ def compute_policy_loss_calibrl(
     response_mask: torch.Tensor,
     loss_agg_mode: str = "token-mean",
     config=None,
-    rollout_log_probs: torch.Tensor | None = None,
+    rollout_is_weights: torch.Tensor | None = None,
 ):
-    """verl policy loss: returns ``(pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower)``.
+    """verl 0.9.1 policy loss: returns ``(pg_loss, metrics)``.
 
-    ``pg_loss`` is the CalibRL objective ``L_pg + λ·L_explore`` (plus CalibRL's own entropy/KL
-    terms only if its ``calibrl`` block turns them on; verl adds its own otherwise).
+    ``pg_loss`` is CalibRL's ``L_pg + λ·L_explore`` with the gradient computed by libcalibrl,
+    normalised as verl's ``agg_loss``; verl adds its own entropy and KL terms around it.
     """
-    cfg = config_from_verl(config, loss_agg_mode)
-    extra = _current.get()
-    mask = response_mask.to(log_prob.dtype)
-    counts = mask.sum(-1)
-    # verl's outcome advantages are per-row constants broadcast over the response tokens.
-    row_adv = ((advantages * mask).sum(-1) / counts.clamp(min=1)).detach()
-    rarity = cfg["rarity_weighting"]
-    weights = row_adv.abs() if rarity else torch.ones_like(row_adv)
-    correct = _get(extra, "calibrl_correct")
-    rewards = _get(extra, "calibrl_rewards")
+    if config is None:
+        raise ValueError("calibrl: `config` (verl's actor config) is required")
+    mask = response_mask.bool()
+    normalizers = _normalizers(config, mask, loss_agg_mode)
+    seq_count = normalizers[1] if normalizers is not None else float(mask.any(-1).sum())
+    cfg = config_from_verl(config, loss_agg_mode, horizon=mask.shape[-1], seq_count=seq_count)
+    extra = _current.get() or {}
+    row_adv = _row_advantages(advantages, mask).float()
+    weights = row_adv.abs() if cfg["rarity_weighting"] else torch.ones_like(row_adv)
+    correct = extra.get(CORRECT)
+    if correct is None and extra.get(SCORES) is not None:
+        # verl's outcome reward, summed over the row (it sits on the last token) > τ.
+        correct = extra[SCORES].sum(-1) > cfg["correct_threshold"]
     if correct is not None:
-        signs = torch.where(torch.as_tensor(correct).to(row_adv.device).bool(), 1.0, -1.0)
-    elif rewards is not None:
-        signs = torch.where(torch.as_tensor(rewards).to(row_adv.device) > cfg["correct_threshold"], 1.0, -1.0)
+        if correct.shape != row_adv.shape:
+            raise ValueError(f"calibrl: `{CORRECT}` has shape {tuple(correct.shape)}, expected ({row_adv.shape[0]},)")
+        signs = torch.where(correct.to(row_adv.device).bool(), 1.0, -1.0)
     else:
-        signs = torch.where(row_adv > 0, 1.0, -1.0)
-    expert_lp = _get(extra, "calibrl_expert_log_probs")
+        signs = torch.where(row_adv > 0, 1.0, -1.0)  # no rewards in the batch: above the group mean
+    expert_lp = extra.get(EXPERT_LOG_PROBS)
+    expert_mask = extra.get(EXPERT_MASK)
+    needs_expert = cfg["loss"] == "calibrl" and cfg["lambda"] != 0 and cfg["baseline"] == "expert"
+    if expert_lp is None and needs_expert:
+        raise ValueError(
+            f"calibrl: the `{cfg['loss']}` loss with λ={cfg['lambda']} needs `{EXPERT_LOG_PROBS}` in the batch "
+            "(attach it with calibrl.integrations.verl.attach_expert_log_probs and run the actor with "
+            "CalibRLActorRolloutRefWorker), or use the `grpo` preset"
+        )
+    index = None
+    if expert_lp is not None:
+        if expert_lp.dim() != 2 or expert_lp.shape[0] != row_adv.shape[0]:
+            raise ValueError(
+                f"calibrl: `{EXPERT_LOG_PROBS}` has shape {tuple(expert_lp.shape)}, expected "
+                f"({row_adv.shape[0]}, S*): one expert row per rollout row"
+            )
+        if expert_mask is not None and expert_mask.shape != expert_lp.shape:
+            raise ValueError(
+                f"calibrl: `{EXPERT_MASK}` has shape {tuple(expert_mask.shape)}, expected {tuple(expert_lp.shape)}"
+            )
+        # Row i's expert is expert row i; a row whose expert mask is empty has none.
+        has = expert_mask.bool().any(-1) if expert_mask is not None else torch.ones_like(mask[:, 0])
+        index = torch.where(has, torch.arange(len(has), device=has.device), -1)
     inputs = LossInputs(
-        advantages=row_adv.float(),
+        advantages=row_adv,
         weights=weights.float(),
         signs=signs.float(),
-        mask=response_mask,
+        mask=mask,
         old_logprobs=old_log_prob.detach(),
-        ref_logprobs=_get(extra, "calibrl_ref_log_prob"),
-        expert_logprobs=expert_lp,
-        expert_mask=_get(extra, "calibrl_expert_mask") if expert_lp is not None else None,
-        expert_index=_get(extra, "calibrl_expert_index") if expert_lp is not None else None,
-        normalizers=_get(extra, "calibrl_normalizers"),
+        expert_logprobs=None if expert_lp is None else expert_lp.detach(),
+        expert_mask=expert_mask,
+        expert_index=index,
+        normalizers=normalizers,
+        token_weights=None if rollout_is_weights is None else rollout_is_weights.detach(),
     )
-    if expert_lp is None and cfg["loss"] == "calibrl" and cfg["lambda"] != 0 and cfg["baseline"] == "expert":
+    loss, m = calibrl_loss(log_prob, inputs, cfg)
+    metrics = {
+        "actor/pg_clipfrac": m["clipfrac"],
+        "actor/ppo_kl": m["ppo_kl"],
+        "actor/pg_clipfrac_lower": m["clipfrac_lower"],
+        "actor/calibrl_pg_loss": m["pg_loss"],
+        "actor/calibrl_explore_loss": m["explore_loss"],
+        "actor/calibrl_mean_delta": m["mean_delta"],
+        "actor/calibrl_frac_correct": m["frac_correct"],
+    }
+    return loss, metrics
+
+
+# ------------------------------------------------------------------------------ engine loss
+
+
+@contextlib.contextmanager
+def micro_batch(data):
+    """Makes a micro-batch's ``calibrl_*`` tensors (padded) visible to the policy loss."""
+    extra = {}
+    for key in KEYS:
+        value = data.get(key, None) if key in data.keys() else None
+        if value is not None and getattr(value, "is_nested", False):
+            value = value.to_padded_tensor(0.0)
+        extra[key] = value
+    token = _current.set(extra)
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+def ppo_loss(config, model_output, data, dp_group=None):
+    """verl's engine loss (``verl.workers.utils.losses.ppo_loss``) with CalibRL's per-row
+    tensors of this micro-batch handed to the registered policy loss."""
+    from verl.workers.utils.losses import ppo_loss as verl_ppo_loss
+
+    with micro_batch(data):
+        return verl_ppo_loss(config, model_output, data, dp_group)
+
+
+def install(worker) -> None:
+    """Points an initialised ``ActorRolloutRefWorker``'s actor at :func:`ppo_loss`."""
+    import functools
+
+    loss_fn = worker.loss_fn
+    config = loss_fn.keywords["config"]
+    worker.loss_fn = functools.partial(ppo_loss, config=config)
+    worker.actor.set_loss_fn(worker.loss_fn)
+
+
+try:
+    from verl.single_controller.base.decorator import Dispatch, register as _register_dispatch
+    from verl.workers.engine_workers import ActorRolloutRefWorker as _ActorRolloutRefWorker
+except ImportError:
+    _ActorRolloutRefWorker = None
+
+if _ActorRolloutRefWorker is not None:
+
+    class CalibRLActorRolloutRefWorker(_ActorRolloutRefWorker):
+        """verl's ActorRolloutRefWorker whose actor update uses :func:`ppo_loss`."""
+
+        @_register_dispatch(dispatch_mode=Dispatch.ONE_TO_ALL)
+        def init_model(self):
+            super().init_model()
+            if self.actor is not None:
+                install(self)
+
+
+# ------------------------------------------------------------------------------ expert pass
+
+
+def expert_batch(batch, responses: torch.Tensor, response_mask: torch.Tensor):
+    """A DataProto of each row's prompt followed by its expert response (``[B, S*]`` ids and
+    mask), in verl's left/right-padded layout, for ``compute_log_prob``."""
+    from verl import DataProto
+
+    prompts = batch.batch["prompts"]
+    lp = prompts.shape[1]
+    prompt_mask = batch.batch["attention_mask"][:, :lp]
+    if responses.shape[0] != prompts.shape[0] or response_mask.shape != responses.shape:
         raise ValueError(
-            "calibrl policy loss: no expert log-probs for this micro-batch; wrap the policy_loss_fn "
-            "call in `calibrl.integrations.verl.micro_batch(model_inputs)` with "
-            "`calibrl_expert_log_probs`/`calibrl_expert_index`, or use the `grpo` preset"
+            f"calibrl: `{EXPERT_RESPONSES}` {tuple(responses.shape)} / mask {tuple(response_mask.shape)} "
+            f"do not match the batch ({prompts.shape[0]} rows)"
         )
-    loss, metrics = calibrl_loss(log_prob, inputs, cfg)
-    device = log_prob.device
-    return (
-        loss,
-        torch.tensor(metrics["clipfrac"], device=device),
-        torch.tensor(metrics["ppo_kl"], device=device),
-        torch.tensor(metrics["clipfrac_lower"], device=device),
+    rmask = response_mask.to(prompt_mask.dtype)
+    attention = torch.cat([prompt_mask, rmask], 1)
+    position = (attention.cumsum(1) - 1).clamp(min=0)
+    return DataProto.from_dict(
+        tensors={
+            "prompts": prompts,
+            "responses": responses,
+            "input_ids": torch.cat([prompts, responses], 1),
+            "attention_mask": attention,
+            "position_ids": position,
+            "response_mask": rmask,
+        },
+        meta_info=dict(batch.meta_info),
     )
+
+
+def attach_expert_log_probs(batch, compute_log_prob) -> None:
+    """Runs the expert no-grad forward pass and attaches ``calibrl_expert_log_probs`` and
+    ``calibrl_expert_mask`` (``[B, S*]``) to ``batch`` (a DataProto).
+
+    ``batch.batch`` holds ``calibrl_expert_responses [B, S*]`` (+ ``calibrl_expert_mask``): each
+    row's expert response, repeated over a prompt's rollouts like the prompt itself.
+    ``compute_log_prob(expert_dp)`` returns the ``[B, S*]`` response log-probs under the current
+    actor: in a RayPPOTrainer ``lambda d: self._compute_old_log_prob(d)[0].batch["old_log_probs"]``
+    (verl's own ``compute_log_prob`` on the actor workers).
+    """
+    if EXPERT_RESPONSES not in batch.batch.keys():
+        raise ValueError(f"calibrl: the batch has no `{EXPERT_RESPONSES}` (each row's expert response ids)")
+    responses = batch.batch[EXPERT_RESPONSES]
+    mask = batch.batch[EXPERT_MASK] if EXPERT_MASK in batch.batch.keys() else torch.ones_like(responses)
+    log_probs = compute_log_prob(expert_batch(batch, responses, mask))
+    if tuple(log_probs.shape) != tuple(responses.shape):
+        raise ValueError(
+            f"calibrl: compute_log_prob returned {tuple(log_probs.shape)}, expected {tuple(responses.shape)}"
+        )
+    batch.batch[EXPERT_LOG_PROBS] = log_probs.detach().float()
+    batch.batch[EXPERT_MASK] = mask.to(torch.float32)
+
+
+def attach_correctness(batch, threshold: float = 0.1, key: str = "token_level_scores") -> None:
+    """``calibrl_correct [B]``: the row's outcome reward (sum of verl's ``token_level_scores``)
+    is above ``threshold`` (CalibRL's τ)."""
+    if key not in batch.batch.keys():
+        raise ValueError(f"calibrl: the batch has no `{key}` to derive correctness from")
+    batch.batch[CORRECT] = (batch.batch[key].sum(-1) > threshold).to(torch.float32)
+
+
+# ------------------------------------------------------------------------------ registration
 
 
 def register(core_algos=None):
@@ -163,5 +389,5 @@ def register(core_algos=None):
 
 try:
     register()
-except ImportError:  # verl is not installed: call register(core_algos) yourself
+except ImportError:  # verl is not installed
     pass
