@@ -5,13 +5,14 @@ accumulation (CPU accelerator, gloo):
 
 starts WORLD processes (default 2); each runs one optimizer step of its share of a global
 mini-batch (its rows split into GA = 2 micro-batches) for every ZeRO stage in STAGES
-(default "0,1,2"), and rank 0 saves the updated weights and the metrics to OUT_DIR.
+(default "0,1,2,3"), and rank 0 saves the updated weights and the metrics to OUT_DIR.
 Used by bindings/python/tests/test_deepspeed.py, which checks the update against the
 single-process mini-batch update.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -47,8 +48,9 @@ class TinyLM(torch.nn.Module):
         return torch.tanh(self.embedding[input_ids]) @ self.head.t()  # logits [B, S, V]
 
 
-def make_minibatch() -> dict:
-    """One global mini-batch of ROWS rows (4 prompts × 2 rollouts), the expert carried per row."""
+def make_minibatch(per_row: bool = True) -> dict:
+    """One global mini-batch of ROWS rows (4 prompts × 2 rollouts), the expert carried per row
+    (or, ``per_row=False``, as one ``[P, S]`` row per prompt with ``expert_index`` = prompt)."""
     g = torch.Generator().manual_seed(1)
     groups = torch.arange(ROWS) // 2
     lengths = torch.randint(1, S + 1, (ROWS,), generator=g)
@@ -57,7 +59,7 @@ def make_minibatch() -> dict:
     adv, w, c = calibrl.group_advantages(rewards, groups)
     expert = -torch.rand(ROWS // 2, S, generator=g) * 2
     expert_mask = (torch.arange(S)[None] < torch.randint(2, S + 1, (ROWS // 2,), generator=g)[:, None]).float()
-    e_lp, e_mask, e_index = per_row_expert(expert, groups, expert_mask)
+    e_lp, e_mask, e_index = per_row_expert(expert, groups, expert_mask) if per_row else (expert, expert_mask, groups)
     return {
         "input_ids": torch.randint(0, VOCAB, (ROWS, S), generator=g),
         "labels": torch.randint(0, VOCAB, (ROWS, S), generator=g),
@@ -97,17 +99,19 @@ def _worker(rank: int, world: int, port: int, stages: list[int], out_dir: str):
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                config=ds_config(world, stage))
         metrics = [train_micro_batch(engine, mb, CFG) for mb in rank_microbatches(batch, rank, world)]
-        result[stage] = {
-            "metrics": metrics,
-            "global_steps": engine.global_steps,
-            "embedding": engine.module.embedding.detach().clone(),
-            "head": engine.module.head.detach().clone(),
-        }
+        params = [engine.module.embedding, engine.module.head]
+        with deepspeed.zero.GatheredParameters(params) if stage == 3 else contextlib.nullcontext():
+            result[stage] = {
+                "metrics": metrics,
+                "global_steps": engine.global_steps,
+                "embedding": params[0].detach().clone(),
+                "head": params[1].detach().clone(),
+            }
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     torch.distributed.destroy_process_group()
 
 
-def run(out_dir: str, world: int = 2, stages=(0, 1, 2)):
+def run(out_dir: str, world: int = 2, stages=(0, 1, 2, 3)):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -116,4 +120,4 @@ def run(out_dir: str, world: int = 2, stages=(0, 1, 2)):
 
 if __name__ == "__main__":
     run(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 2,
-        [int(x) for x in sys.argv[3].split(",")] if len(sys.argv) > 3 else (0, 1, 2))
+        [int(x) for x in sys.argv[3].split(",")] if len(sys.argv) > 3 else (0, 1, 2, 3))

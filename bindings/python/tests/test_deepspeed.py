@@ -1,6 +1,7 @@
 """DeepSpeed (the real package, CPU accelerator, gloo): the update at data-parallel size 2 ×
-gradient accumulation 2, with ZeRO stages 0, 1 and 2, equals the single-process mini-batch
-update; the no-grad helper; bad input."""
+gradient accumulation 2, with ZeRO stages 0 to 3, equals the single-process mini-batch update
+(the expert carried per row in the ranks' micro-batches, one row per prompt in the reference);
+the no-grad helper; bad input."""
 
 import importlib.util
 import subprocess
@@ -20,13 +21,13 @@ DIR = REPO / "integration" / "deepspeed"
 sys.path.insert(0, str(DIR))
 import example_train as ex  # noqa: E402
 
-STAGES = (0, 1, 2)
+STAGES = (0, 1, 2, 3)  # ZeRO-3 keeps these tiny parameters whole (persistence threshold)
 
 
 def single_process_update():
     """The whole mini-batch in one loss call (no DeepSpeed, no splitting), plain SGD."""
     model = ex.TinyLM()
-    b = ex.make_minibatch()
+    b = ex.make_minibatch(per_row=False)
     logits = model(b["input_ids"])
     n = b["labels"].numel()
     labels = torch.where(b["inputs"].mask.reshape(n) != 0, b["labels"].reshape(n), -1)

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import calibrl
-from calibrl.integrations.megatron import REPORTED, per_row_expert
+from calibrl.integrations.megatron import REPORTED, per_row_expert, sequence_sums
 from conftest import REPO, needs_loss
 
 pytestmark = [
@@ -118,6 +118,7 @@ def _worker(rank, world, port, layout, out_dir):
                     "output": model.module.output_weight.grad.clone(),
                 }
         result["logprobs"] = ex.forward_logprobs(ex.make_model(VOCAB, HIDDEN), [dict(m) for m in mbs])
+        result["sequence_sums"] = [sequence_sums(lp, m["mask"]) for lp, m in zip(result["logprobs"], mbs)]
         result["rows"] = (d * per_rank, mb_rows)
         if layout["cp"] > 1:
             result["errors"] = _cp_errors(ex, mbs)
@@ -161,15 +162,24 @@ LAYOUTS = {
 }
 
 
-@pytest.fixture(scope="module", params=list(LAYOUTS))
-def layout_run(request, tmp_path_factory):
-    out = tmp_path_factory.mktemp(request.param)
-    mp.spawn(_worker, args=(2, _port(), LAYOUTS[request.param], str(out)), nprocs=2, join=True)
-    return request.param, [torch.load(out / f"rank{r}.pt") for r in range(2)]
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory):
+    """``spawned(layout)``: the two ranks' results of that layout (each layout run once)."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            out = tmp_path_factory.mktemp(name)
+            mp.spawn(_worker, args=(2, _port(), LAYOUTS[name], str(out)), nprocs=2, join=True)
+            cache[name] = [torch.load(out / f"rank{r}.pt") for r in range(2)]
+        return cache[name]
+
+    return get
 
 
-def test_gradients_and_logged_metrics_equal_single_process_minibatch(layout_run):
-    name, ranks = layout_run
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_gradients_and_logged_metrics_equal_single_process_minibatch(spawned, name):
+    ranks = spawned(name)
     for preset, cfg in PRESETS.items():
         ref = reference(cfg)
         scale = max(ref["embedding"].abs().max(), ref["output"].abs().max())
@@ -187,8 +197,9 @@ def test_gradients_and_logged_metrics_equal_single_process_minibatch(layout_run)
                     assert run["logged"][f"calibrl/{m}"] == pytest.approx(ref["metrics"][m], rel=1e-6, abs=1e-9), (key, m)
 
 
-def test_forward_only_logprobs_through_the_schedule(layout_run):
-    name, ranks = layout_run
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_forward_only_logprobs_through_the_schedule(spawned, name):
+    ranks = spawned(name)
     lp = reference(PRESETS["paper"])["logprobs"]
     for k, r in enumerate(ranks):
         first, mb_rows = r["rows"]
@@ -200,11 +211,16 @@ def test_forward_only_logprobs_through_the_schedule(layout_run):
             torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
 
 
-def test_context_parallel_bad_layouts_name_the_argument(layout_run):
-    name, ranks = layout_run
-    if name != "cp2":
-        pytest.skip("context-parallel errors need CP = 2")
-    for r in ranks:
+def test_context_parallel_sequence_sums_are_whole_sequence_sums(spawned):
+    lp = reference(PRESETS["paper"])["logprobs"]
+    for r in spawned("cp2"):
+        first, mb_rows = r["rows"]
+        for m, got in enumerate(r["sequence_sums"]):
+            torch.testing.assert_close(got, lp[first + m * mb_rows: first + (m + 1) * mb_rows].sum(1), rtol=1e-6, atol=1e-6)
+
+
+def test_context_parallel_bad_layouts_name_the_argument(spawned):
+    for r in spawned("cp2"):
         e = r["errors"]
         for key, arg in (("agg", "config.agg"), ("length_normalize", "config.length_normalize"),
                          ("expert_layout", "inputs.expert_logprobs"), ("rows", "labels")):
