@@ -13,6 +13,7 @@ Megatron-LM would log, per mini-batch, and the mean reward per step).
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 import sys
@@ -34,7 +35,7 @@ LR = 2.0  # plain SGD: the update follows the gradient's scale (Adam would hide 
 def _worker(rank: int, world: int, port: int, tp: int, steps: int, out_dir: str):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
     from megatron.core import parallel_state as ps
 
     ps.initialize_model_parallel(tensor_model_parallel_size=tp)

@@ -4,6 +4,7 @@
 train_step would log, against the single-process mini-batch (one loss call on the full
 vocabulary and full sequences)."""
 
+import datetime
 import importlib.util
 import os
 import socket
@@ -93,7 +94,7 @@ def _port() -> int:
 def _worker(rank, world, port, layout, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
     try:
         from megatron.core import parallel_state as ps
 
@@ -148,6 +149,8 @@ def _cp_errors(ex, mbs):
     attempt("length_normalize", b["labels"], b["inputs"], {"preset": "paper", "length_normalize": True})
     packed = calibrl.LossInputs(**{**b["inputs"].__dict__, "expert_logprobs": torch.zeros(2, 3), "expert_mask": None})
     attempt("expert_layout", b["labels"], packed, "paper")
+    shifted = calibrl.LossInputs(**{**b["inputs"].__dict__, "expert_index": b["inputs"].expert_index.roll(1)})
+    attempt("expert_index", b["labels"], shifted, "paper")
     rank = dist.get_rank()
     rows = b["labels"].shape[0] - rank  # CP rank 1 holds one row fewer
     fewer = b["inputs"].map_tensors(lambda t: t[:rows])
@@ -223,7 +226,8 @@ def test_context_parallel_bad_layouts_name_the_argument(spawned):
     for r in spawned("cp2"):
         e = r["errors"]
         for key, arg in (("agg", "config.agg"), ("length_normalize", "config.length_normalize"),
-                         ("expert_layout", "inputs.expert_logprobs"), ("rows", "labels")):
+                         ("expert_layout", "inputs.expert_logprobs"), ("expert_index", "inputs.expert_index"),
+                         ("rows", "labels")):
             assert e[key] is not None, key
             msg, untouched = e[key]
             assert f"`{arg}`" in msg and untouched, (key, msg)

@@ -129,6 +129,12 @@ class _ContextParallel:
                     f"expert per row in the rollouts' layout {tuple(token_shape)} (calibrl.integrations."
                     "megatron.per_row_expert) and slice it with the batch (get_batch_on_this_cp_rank)"
                 )
+        index = inputs.expert_index
+        if self.sequence and index is not None and bool(((index >= 0) & (index != torch.arange(index.numel()))).any()):
+            raise ValueError(
+                "`inputs.expert_index`: with context parallelism the expert is carried per row, so row i's slot "
+                "must be i (or −1 for none)"
+            )
         self._check_rows(token_shape[0])
 
     def _check_rows(self, rows: int):
