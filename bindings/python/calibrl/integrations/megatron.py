@@ -250,7 +250,7 @@ def loss_func(
         out = loss * k
     else:
         out = loss * (num_microbatches * dp_cp_size * max(local_tokens, 1.0))
-    num_tokens = torch.tensor(int(round(local_tokens)), dtype=torch.int)
+    num_tokens = torch.tensor(int(round(local_tokens)), dtype=torch.int, device=loss.device)
     report = _report(metrics, inputs, cfg, k, first_cp_rank=cp_size == 1 or _group_rank(cp) == 0, device=loss.device)
     return out, num_tokens, report
 
