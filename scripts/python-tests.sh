@@ -25,7 +25,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # torch from PyPI (the only registry reachable in CI); a satisfied requirement is not re-downloaded.
 "$PY" -m pip install --quiet numpy torch pytest
 if [ "${CALIBRL_PY_INTEGRATIONS:-1}" != "0" ]; then
-    "$PY" -m pip install --quiet deepspeed megatron-core
+    "$PY" -m pip install --quiet deepspeed==0.19.8 megatron-core==0.16.1
 fi
 
 # Builds the Rust library (cargo build --release) and installs it inside the package.

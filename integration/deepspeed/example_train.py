@@ -1,28 +1,40 @@
-"""A minimal DeepSpeed training step with the CalibRL loss (CPU, gloo, one process).
+"""A DeepSpeed training step with the CalibRL loss at any data-parallel size × gradient
+accumulation (CPU accelerator, gloo):
 
-    DS_ACCELERATOR=cpu python integration/deepspeed/example_train.py OUT.pt
+    DS_ACCELERATOR=cpu python integration/deepspeed/example_train.py OUT_DIR [WORLD] [STAGES]
 
-runs two gradient-accumulation micro-batches (one optimizer step) and saves the loss, the
-metrics and the updated weights to OUT.pt. Used by bindings/python/tests/test_deepspeed.py.
+starts WORLD processes (default 2); each runs one optimizer step of its share of a global
+mini-batch (its rows split into GA = 2 micro-batches) for every ZeRO stage in STAGES
+(default "0,1,2,3"), and rank 0 saves the updated weights and the metrics to OUT_DIR.
+Used by bindings/python/tests/test_deepspeed.py, which checks the update against the
+single-process mini-batch update.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import sys
 
 import torch
 
 import calibrl
-from calibrl.integrations.deepspeed import train_micro_batch
+from calibrl.integrations.deepspeed import per_row_expert, train_micro_batch
 
-VOCAB, HIDDEN, B, S = 20, 8, 4, 5
+VOCAB, HIDDEN, ROWS, S, GA = 20, 8, 8, 6, 2
 CFG = {"preset": "paper", "entropy_coef": 0.01}
-DS_CONFIG = {
-    "train_micro_batch_size_per_gpu": B,
-    "gradient_accumulation_steps": 2,
-    "optimizer": {"type": "SGD", "params": {"lr": 0.5}},
-}
+LR = 20.0  # large: the update is of the weights' size, so a wrong scale cannot hide in rounding
+
+
+def ds_config(world: int, stage: int) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": ROWS // (world * GA),
+        "gradient_accumulation_steps": GA,
+        "optimizer": {"type": "SGD", "params": {"lr": LR}},
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,
+    }
 
 
 class TinyLM(torch.nn.Module):
@@ -33,48 +45,79 @@ class TinyLM(torch.nn.Module):
         self.head = torch.nn.Parameter(torch.randn(VOCAB, HIDDEN, generator=g) * 0.5)
 
     def forward(self, input_ids):
-        return self.embedding[input_ids] @ self.head.t()  # logits [B, S, V]
+        return torch.tanh(self.embedding[input_ids]) @ self.head.t()  # logits [B, S, V]
 
 
-def make_batches():
+def make_minibatch(per_row: bool = True) -> dict:
+    """One global mini-batch of ROWS rows (4 prompts × 2 rollouts), the expert carried per row
+    (or, ``per_row=False``, as one ``[P, S]`` row per prompt with ``expert_index`` = prompt)."""
     g = torch.Generator().manual_seed(1)
-    masks = [(torch.arange(S)[None] < torch.randint(1, S + 1, (B,), generator=g)[:, None]).float() for _ in range(2)]
-    norm = (float(sum(m.sum() for m in masks)), float(2 * B))
-    batches = []
-    for m in masks:
-        adv, w, c = calibrl.group_advantages(torch.randint(0, 2, (B,), generator=g).float(), torch.tensor([0, 0, 1, 1]))
-        batches.append({
-            "input_ids": torch.randint(0, VOCAB, (B, S), generator=g),
-            "labels": torch.randint(0, VOCAB, (B, S), generator=g),
-            "inputs": calibrl.LossInputs(
-                advantages=adv, weights=w, signs=c, mask=m,
-                old_logprobs=-torch.rand(B, S, generator=g) * 3,
-                expert_logprobs=-torch.rand(2, S, generator=g) * 2,
-                expert_index=torch.tensor([0, 0, 1, 1]),
-                normalizers=norm,
-            ),
-        })
-    return batches
+    groups = torch.arange(ROWS) // 2
+    lengths = torch.randint(1, S + 1, (ROWS,), generator=g)
+    mask = (torch.arange(S)[None] < lengths[:, None]).float()
+    rewards = torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+    adv, w, c = calibrl.group_advantages(rewards, groups)
+    expert = -torch.rand(ROWS // 2, S, generator=g) * 2
+    expert_mask = (torch.arange(S)[None] < torch.randint(2, S + 1, (ROWS // 2,), generator=g)[:, None]).float()
+    e_lp, e_mask, e_index = per_row_expert(expert, groups, expert_mask) if per_row else (expert, expert_mask, groups)
+    return {
+        "input_ids": torch.randint(0, VOCAB, (ROWS, S), generator=g),
+        "labels": torch.randint(0, VOCAB, (ROWS, S), generator=g),
+        "inputs": calibrl.LossInputs(
+            advantages=adv, weights=w, signs=c, mask=mask,
+            old_logprobs=-torch.rand(ROWS, S, generator=g) * 3,
+            expert_logprobs=e_lp, expert_mask=e_mask, expert_index=e_index,
+            normalizers=(float(mask.sum()), float(ROWS)),  # global: the whole mini-batch
+        ),
+    }
 
 
-def main(out_path):
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29561")
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+def take_rows(batch: dict, rows: slice) -> dict:
+    """Rows of a batch (every tensor is per row, the expert included; expert_index re-based)."""
+    i = batch["inputs"]
+    sub = i.map_tensors(lambda t: t[rows])
+    sub.expert_index = torch.where(sub.expert_index >= 0, torch.arange(sub.expert_index.numel()), -1)
+    return {"input_ids": batch["input_ids"][rows], "labels": batch["labels"][rows], "inputs": sub}
+
+
+def rank_microbatches(batch: dict, rank: int, world: int) -> list[dict]:
+    b = ROWS // (world * GA)
+    return [take_rows(batch, slice((rank * GA + m) * b, (rank * GA + m + 1) * b)) for m in range(GA)]
+
+
+def _worker(rank: int, world: int, port: int, stages: list[int], out_dir: str):
+    os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_SIZE=str(world))
+    torch.set_num_threads(1)
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")
-    model = TinyLM()
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=DS_CONFIG)
-    metrics = [train_micro_batch(engine, b, CFG) for b in make_batches()]
-    torch.save({
-        "metrics": metrics,
-        "global_steps": engine.global_steps,
-        "embedding": engine.module.embedding.detach().clone(),
-        "head": engine.module.head.detach().clone(),
-    }, out_path)
+    batch = make_minibatch()
+    result = {}
+    for stage in stages:
+        model = TinyLM()
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                               config=ds_config(world, stage))
+        metrics = [train_micro_batch(engine, mb, CFG) for mb in rank_microbatches(batch, rank, world)]
+        params = [engine.module.embedding, engine.module.head]
+        with deepspeed.zero.GatheredParameters(params) if stage == 3 else contextlib.nullcontext():
+            result[stage] = {
+                "metrics": metrics,
+                "global_steps": engine.global_steps,
+                "embedding": params[0].detach().clone(),
+                "head": params[1].detach().clone(),
+            }
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def run(out_dir: str, world: int = 2, stages=(0, 1, 2, 3)):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_worker, args=(world, port, list(stages), out_dir), nprocs=world, join=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    run(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 2,
+        [int(x) for x in sys.argv[3].split(",")] if len(sys.argv) > 3 else (0, 1, 2, 3))

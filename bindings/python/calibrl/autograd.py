@@ -118,7 +118,8 @@ class _LogitsFunction(torch.autograd.Function):
     """Shared by the full-vocabulary and vocabulary-parallel paths (``group`` None or not)."""
 
     @staticmethod
-    def forward(ctx, logits, labels, cfg, inputs, token_shape, temperature, inplace, group, vocab_start, out_metrics):
+    def forward(ctx, logits, labels, cfg, inputs, token_shape, temperature, inplace, group, vocab_start, out_metrics,
+                inputs_hook=None):
         z = logits.detach()
         if group is None:
             lp, ent, lse = ops.logits_forward(z, labels, temperature)
@@ -126,8 +127,13 @@ class _LogitsFunction(torch.autograd.Function):
             stats = ops.logits_shard_stats(z, labels, temperature, vocab_start=vocab_start)
             gathered = _all_gather_stats(stats, group)
             lp, ent, lse = ops.logits_shard_finish(gathered, labels)
+        finish = None
+        if inputs_hook is not None:  # e.g. context parallelism: inputs that need this call's ℓ
+            inputs, finish = inputs_hook(lp.view(token_shape), inputs)
         want_h = _entropy_coef(cfg) != 0.0
         value, metrics, g, h = _run_loss(cfg, lp.view(token_shape), ent.view(token_shape), inputs, want_h)
+        if finish is not None:
+            value = finish(value, metrics)
         metrics["mean_token_entropy"] = _masked_mean(ent, labels)
         out_metrics.update(metrics)
         ctx.state = (z, labels, lse, ent, g.reshape(-1), None if h is None else h.reshape(-1))
@@ -152,7 +158,7 @@ class _LogitsFunction(torch.autograd.Function):
             grad_entropy=h,
             out=z if inplace else None,
         )
-        return grad, None, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None, None
 
 
 def _masked_mean(values: torch.Tensor, labels: torch.Tensor) -> float:
@@ -198,7 +204,7 @@ def fused_logits_calibrl_loss(
     shape = tuple(token_shape) if token_shape is not None else (logits.shape[0],)
     metrics: dict = {}
     loss = _LogitsFunction.apply(
-        logits, labels, Config.coerce(config), inputs, shape, float(temperature), inplace, None, 0, metrics
+        logits, labels, Config.coerce(config), inputs, shape, float(temperature), inplace, None, 0, metrics, None
     )
     return loss, metrics
 
@@ -235,12 +241,15 @@ def vocab_parallel_calibrl_loss(
     token_shape=None,
     temperature: float = 1.0,
     inplace: bool = True,
+    inputs_hook=None,
 ):
     """The loss from a vocabulary shard ``logits_shard [N, V/R]`` of rank r of ``group``
     (a ``torch.distributed`` process group; ``None`` = the default group). ``labels`` are global
     ids. ``vocab_start`` defaults to ``r · V/R`` (equal shards in rank order, as Megatron's).
     Every rank of the group gets the same loss and metrics; the backward writes this rank's
-    slice of ∂L/∂logits (in place by default).
+    slice of ∂L/∂logits (in place by default). ``inputs_hook(logprobs, inputs) -> (inputs,
+    finish)`` may replace the inputs once this call's log-probs are known, and ``finish(value,
+    metrics) -> value`` correct the result (the Megatron drop-in's context parallelism).
     """
     import torch.distributed as dist
 
@@ -260,5 +269,6 @@ def vocab_parallel_calibrl_loss(
         group if group is not None else dist.group.WORLD,
         int(vocab_start),
         metrics,
+        inputs_hook,
     )
     return loss, metrics

@@ -1,7 +1,13 @@
-"""The Megatron drop-in: vocabulary-parallel (gloo, 2 processes, TP = 2) against the
-single-process full-vocabulary result, through the minimal trainer of integration/megatron."""
+"""The Megatron-Core drop-in through Megatron-Core's own schedule and finalize_model_grads
+(the real package, gloo, 2 processes) with TP = 2, DP = 2 and CP = 2, for the `paper` preset
+(sequence Δ) and `reference` (token-aligned Δ): gradients, and the metrics Megatron-LM's
+train_step would log, against the single-process mini-batch (one loss call on the full
+vocabulary and full sequences)."""
 
+import datetime
+import importlib.util
 import os
+import socket
 import sys
 
 import pytest
@@ -10,84 +16,236 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import calibrl
+from calibrl.integrations.megatron import REPORTED, per_row_expert, sequence_sums
 from conftest import REPO, needs_loss
 
-pytestmark = needs_loss
+pytestmark = [
+    needs_loss,
+    pytest.mark.skipif(importlib.util.find_spec("megatron") is None, reason="megatron-core is not installed"),
+]
 sys.path.insert(0, str(REPO / "integration" / "megatron"))
-import example_step  # noqa: E402
 
-VOCAB, HIDDEN = 24, 8
-CFG = {"preset": "reference", "entropy_coef": 0.01, "kl_coef": 0.0}
-
-
-def full_vocabulary_reference():
-    """One process, full vocabulary, the fused logits path: the step's loss and gradients."""
-    model = example_step.TinyLM(VOCAB, HIDDEN)
-    batches = example_step.make_microbatches(VOCAB)
-    total = 0.0
-    for b in batches:
-        logits = model(b["tokens"])
-        n = logits.shape[0] * logits.shape[1]
-        labels = torch.where(b["inputs"].mask.reshape(n) != 0, b["labels"].reshape(n), -1)
-        loss, _ = calibrl.fused_logits_calibrl_loss(logits.reshape(n, VOCAB), labels, b["inputs"], CFG,
-                                                    token_shape=b["labels"].shape)
-        loss.backward()
-        total += loss.item()
-    return total, model.embedding.grad, model.output_weight.grad
+VOCAB, HIDDEN, ROWS, S = 24, 8, 8, 8
+PRESETS = {
+    "paper": {"preset": "paper", "entropy_coef": 0.01},
+    "reference": {"preset": "reference", "entropy_coef": 0.01, "kl_coef": 0.05},
+}
 
 
-def _worker(rank, world, port, out_dir, use_megatron):
+def minibatch():
+    """8 rollouts (4 prompts × 2) with prompt positions masked out, the expert aligned per row at
+    each row's response start, and the global normalisers."""
+    g = torch.Generator().manual_seed(3)
+    groups = torch.arange(ROWS) // 2
+    start = torch.randint(1, 3, (ROWS,), generator=g)
+    length = torch.randint(2, S - 2, (ROWS,), generator=g)
+    pos = torch.arange(S)[None]
+    mask = ((pos >= start[:, None]) & (pos < (start + length)[:, None])).float()
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0])
+    adv, w, c = calibrl.group_advantages(rewards, groups)
+    # Expert log-probs near the policy's (≈ −log V) and lengths near the rollouts': Δ of both
+    # signs, so a Δ from one context-parallel slice only would change the gradient.
+    expert_len = length[::2].clone()
+    expert = -2.7 - torch.rand(ROWS // 2, S, generator=g)
+    e_lp, _, e_index = per_row_expert(expert, groups)
+    # row i's expert token j sits at column start_i + j, like its own response token j
+    col = pos - start[:, None]
+    e_rows = torch.where(col >= 0, e_lp.gather(1, col.clamp(min=0)), torch.zeros(()))
+    e_mask = ((col >= 0) & (col < expert_len[groups][:, None])).float()
+    ref = -torch.rand(ROWS, S, generator=g) * 3
+    inputs = calibrl.LossInputs(
+        advantages=adv, weights=w, signs=c, mask=mask, old_logprobs=-torch.rand(ROWS, S, generator=g) * 3,
+        ref_logprobs=ref, expert_logprobs=e_rows * e_mask, expert_mask=e_mask, expert_index=e_index,
+        normalizers=(float(mask.sum()), float(ROWS)),
+    )
+    tokens = torch.randint(0, VOCAB, (ROWS, S), generator=g)
+    labels = torch.randint(0, VOCAB, (ROWS, S), generator=g)
+    return tokens, labels, inputs
+
+
+def rows_of(rows: slice):
+    tokens, labels, inputs = minibatch()
+    sub = inputs.map_tensors(lambda t: t[rows])
+    sub.expert_index = torch.where(sub.expert_index >= 0, torch.arange(sub.expert_index.numel()), -1)
+    return tokens[rows], labels[rows], sub
+
+
+def reference(cfg):
+    """One process, full vocabulary, whole sequences, the whole mini-batch in one call."""
+    g = torch.Generator().manual_seed(0)
+    emb = (torch.randn(VOCAB, HIDDEN, generator=g) * 0.5).requires_grad_()
+    out = (torch.randn(VOCAB, HIDDEN, generator=g) * 0.5).requires_grad_()
+    tokens, labels, inputs = minibatch()
+    logits = torch.tanh(emb[tokens]) @ out.t()
+    n = labels.numel()
+    flat = torch.where(inputs.mask.reshape(n) != 0, labels.reshape(n), -1)
+    lp = torch.log_softmax(logits.detach().double(), -1).gather(-1, labels[..., None])[..., 0] * inputs.mask
+    loss, metrics = calibrl.fused_logits_calibrl_loss(logits.reshape(n, VOCAB), flat, inputs, cfg, token_shape=labels.shape)
+    loss.backward()  # (overwrites the logits with their gradient)
+    return {"metrics": metrics, "embedding": emb.grad, "output": out.grad, "logprobs": lp}
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, layout, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
     try:
-        group = None
-        if use_megatron:
-            from megatron.core import parallel_state
+        from megatron.core import parallel_state as ps
 
-            parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
-            group = parallel_state.get_tensor_model_parallel_group()
-        else:
-            group = dist.new_group(list(range(world)))
-        model = example_step.TinyLM(VOCAB, HIDDEN, tp_rank=rank, tp_size=world, group=group)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: keep the weights to compare
-        reported = example_step.train_step(model, optimizer, example_step.make_microbatches(VOCAB),
-                                           cfg=CFG, tp_group=group)
-        loss = sum(m["calibrl/loss"].item() for m in reported)
-        torch.save({"loss": loss, "embedding": model.embedding.grad, "output": model.output_weight.grad,
-                    "metrics": reported}, os.path.join(out_dir, f"rank{rank}.pt"))
+        import example_step as ex
+
+        ps.initialize_model_parallel(tensor_model_parallel_size=layout["tp"], context_parallel_size=layout["cp"])
+        dp, d = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        per_rank = ROWS // dp
+        mb_rows = per_rank // 2  # 2 micro-batches per rank
+        mbs = [ex.microbatch(*rows_of(slice(d * per_rank + m * mb_rows, d * per_rank + (m + 1) * mb_rows)))
+               for m in range(2)]
+        result = {"tp_rank": ps.get_tensor_model_parallel_rank(), "runs": {}}
+        for name, cfg in PRESETS.items():
+            for per_token in layout["per_token"]:
+                model = ex.make_model(VOCAB, HIDDEN, calculate_per_token_loss=per_token)
+                opt = torch.optim.SGD(model.parameters(), lr=0.0)
+                opts = {} if per_token else {"calculate_per_token_loss": False, "num_microbatches": len(mbs),
+                                             "dp_cp_size": ps.get_data_parallel_world_size(with_context_parallel=True)}
+                logged = ex.train_step(model, opt, [dict(m) for m in mbs], cfg=cfg, loss_options=opts)
+                result["runs"][(name, per_token)] = {
+                    "logged": logged, "embedding": model.module.embedding.grad.clone(),
+                    "output": model.module.output_weight.grad.clone(),
+                }
+        result["logprobs"] = ex.forward_logprobs(ex.make_model(VOCAB, HIDDEN), [dict(m) for m in mbs])
+        result["sequence_sums"] = [sequence_sums(lp, m["mask"]) for lp, m in zip(result["logprobs"], mbs)]
+        result["rows"] = (d * per_rank, mb_rows)
+        if layout["cp"] > 1:
+            result["errors"] = _cp_errors(ex, mbs)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def _megatron_usable() -> bool:
-    try:
-        import megatron.core.parallel_state  # noqa: F401
-        return True
-    except Exception:
-        return False
+def _cp_errors(ex, mbs):
+    """Bad input under CP=2: the messages, and whether anything was written."""
+    from calibrl.integrations.megatron import loss_func
+
+    errors = {}
+    model = ex.make_model(VOCAB, HIDDEN)
+    b = mbs[0]
+
+    def attempt(key, labels, inputs, cfg):
+        logits = model(b["tokens"][: labels.shape[0]]).detach().requires_grad_()
+        before = logits.clone()
+        try:
+            loss_func(labels, inputs, logits, config=cfg)
+            errors[key] = None
+        except ValueError as e:
+            errors[key] = (str(e), torch.equal(before, logits) and logits.grad is None)
+
+    attempt("agg", b["labels"], b["inputs"], {"preset": "reference", "agg": "seq-mean-token-mean"})
+    attempt("length_normalize", b["labels"], b["inputs"], {"preset": "paper", "length_normalize": True})
+    packed = calibrl.LossInputs(**{**b["inputs"].__dict__, "expert_logprobs": torch.zeros(2, 3), "expert_mask": None})
+    attempt("expert_layout", b["labels"], packed, "paper")
+    shifted = calibrl.LossInputs(**{**b["inputs"].__dict__, "expert_index": b["inputs"].expert_index.roll(1)})
+    attempt("expert_index", b["labels"], shifted, "paper")
+    rank = dist.get_rank()
+    rows = b["labels"].shape[0] - rank  # CP rank 1 holds one row fewer
+    fewer = b["inputs"].map_tensors(lambda t: t[:rows])
+    attempt("rows", b["labels"][:rows], fewer, "paper")
+    return errors
 
 
-@pytest.mark.parametrize("use_megatron", [False, pytest.param(True, marks=pytest.mark.skipif(
-    not _megatron_usable(), reason="megatron-core is not installed"))], ids=["torch-group", "megatron-core-state"])
-def test_tensor_parallel_2_equals_full_vocabulary(tmp_path, use_megatron):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(2, port, str(tmp_path), use_megatron), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    loss, emb_grad, out_grad = full_vocabulary_reference()
-
-    for r in ranks:  # every TP rank reports the same loss, equal to the full-vocabulary one
-        assert r["loss"] == pytest.approx(loss, rel=1e-5, abs=1e-7)
-    torch.testing.assert_close(torch.cat([r["output"] for r in ranks]), out_grad, atol=1e-6, rtol=1e-4)
-    for r in ranks:  # the embedding gradient is all-reduced over the TP group
-        torch.testing.assert_close(r["embedding"], emb_grad, atol=1e-6, rtol=1e-4)
-    assert out_grad.abs().sum() > 0 and emb_grad.abs().sum() > 0
+LAYOUTS = {
+    "tp2": {"tp": 2, "cp": 1, "per_token": (True,)},
+    "dp2": {"tp": 1, "cp": 1, "per_token": (True, False)},
+    "cp2": {"tp": 1, "cp": 2, "per_token": (True,)},
+}
 
 
-def test_loss_func_rejects_mismatched_logits():
-    b = example_step.make_microbatches(VOCAB)[0]
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory):
+    """``spawned(layout)``: the two ranks' results of that layout (each layout run once)."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            out = tmp_path_factory.mktemp(name)
+            mp.spawn(_worker, args=(2, _port(), LAYOUTS[name], str(out)), nprocs=2, join=True)
+            cache[name] = [torch.load(out / f"rank{r}.pt") for r in range(2)]
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_gradients_and_logged_metrics_equal_single_process_minibatch(spawned, name):
+    ranks = spawned(name)
+    for preset, cfg in PRESETS.items():
+        ref = reference(cfg)
+        scale = max(ref["embedding"].abs().max(), ref["output"].abs().max())
+        assert scale > 0
+        for r in ranks:
+            for key, run in r["runs"].items():
+                if key[0] != preset:
+                    continue
+                v = VOCAB // (2 if name == "tp2" else 1)
+                shard = ref["output"][r["tp_rank"] * v:(r["tp_rank"] + 1) * v]
+                torch.testing.assert_close(run["output"], shard, rtol=1e-6, atol=1e-6 * scale)
+                torch.testing.assert_close(run["embedding"], ref["embedding"], rtol=1e-6, atol=1e-6 * scale)
+                assert set(run["logged"]) == {f"calibrl/{m}" for m in REPORTED}
+                for m in REPORTED:
+                    assert run["logged"][f"calibrl/{m}"] == pytest.approx(ref["metrics"][m], rel=1e-6, abs=1e-9), (key, m)
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_forward_only_logprobs_through_the_schedule(spawned, name):
+    ranks = spawned(name)
+    lp = reference(PRESETS["paper"])["logprobs"]
+    for k, r in enumerate(ranks):
+        first, mb_rows = r["rows"]
+        for m, got in enumerate(r["logprobs"]):
+            want = lp[first + m * mb_rows: first + (m + 1) * mb_rows]
+            if name == "cp2":  # this CP rank's chunks 0 and 3 (rank 0) or 1 and 2 (rank 1)
+                chunks = want.view(want.shape[0], 4, S // 4)
+                want = torch.cat([chunks[:, k], chunks[:, 3 - k]], 1)
+            torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_context_parallel_sequence_sums_are_whole_sequence_sums(spawned):
+    lp = reference(PRESETS["paper"])["logprobs"]
+    for r in spawned("cp2"):
+        first, mb_rows = r["rows"]
+        for m, got in enumerate(r["sequence_sums"]):
+            torch.testing.assert_close(got, lp[first + m * mb_rows: first + (m + 1) * mb_rows].sum(1), rtol=1e-6, atol=1e-6)
+
+
+def test_context_parallel_bad_layouts_name_the_argument(spawned):
+    for r in spawned("cp2"):
+        e = r["errors"]
+        for key, arg in (("agg", "config.agg"), ("length_normalize", "config.length_normalize"),
+                         ("expert_layout", "inputs.expert_logprobs"), ("expert_index", "inputs.expert_index"),
+                         ("rows", "labels")):
+            assert e[key] is not None, key
+            msg, untouched = e[key]
+            assert f"`{arg}`" in msg and untouched, (key, msg)
+
+
+def test_bad_input_names_the_argument():
+    from calibrl.integrations.megatron import loss_func
+
+    tokens, labels, inputs = minibatch()
+    logits = torch.zeros(ROWS, S, VOCAB)
     with pytest.raises(ValueError, match="output_tensor"):
-        calibrl.integrations.megatron.loss_func(b["labels"], b["inputs"], torch.zeros(4, 5, VOCAB), tp_group=object())
+        loss_func(labels, inputs, torch.zeros(4, 5, VOCAB), tp_group=object())
+    no_expert = calibrl.LossInputs(**{**inputs.__dict__, "expert_logprobs": None})
+    with pytest.raises(ValueError, match=r"`inputs.expert_logprobs` is missing"):
+        loss_func(labels, no_expert, logits, config="paper", tp_group=object())
+    short = calibrl.LossInputs(**{**inputs.__dict__, "signs": inputs.signs[:-1]})
+    with pytest.raises(ValueError, match=r"`inputs.signs`"):
+        loss_func(labels, short, logits, config="paper", tp_group=object())
+    with pytest.raises(ValueError, match=r"`num_microbatches`"):
+        loss_func(labels, inputs, logits, config="paper", tp_group=object(), calculate_per_token_loss=False)
+    assert torch.count_nonzero(logits) == 0
