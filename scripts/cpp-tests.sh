@@ -35,6 +35,7 @@ need=()
 command -v cmake >/dev/null || need+=(cmake)
 command -v pkg-config >/dev/null || need+=(pkg-config)
 command -v c++ >/dev/null || need+=(g++)
+command -v readelf >/dev/null || need+=(binutils)
 if [[ ${#need[@]} -gt 0 ]]; then
   echo "installing ${need[*]}"
   if command -v apt-get >/dev/null; then
@@ -44,7 +45,7 @@ if [[ ${#need[@]} -gt 0 ]]; then
   fi
   if ! command -v cmake >/dev/null; then python3 -m pip install -q cmake >/dev/null 2>&1; fi
 fi
-for tool in cmake pkg-config c++ cargo; do
+for tool in cmake pkg-config c++ cargo readelf; do
   if ! command -v "$tool" >/dev/null; then fail "tool $tool is available"; finish; fi
 done
 CXX="${CXX:-c++}"
@@ -61,6 +62,18 @@ if "$root/scripts/install.sh" --prefix "$prefix" >"$work/install.log" 2>&1 &&
 else
   fail "scripts/install.sh" "$work/install.log"
   finish
+fi
+# The SONAME: the real file, libcalibrl.so.0 -> it, libcalibrl.so -> libcalibrl.so.0.
+soname_of() { readelf -d "$1" 2>/dev/null | sed -n 's/.*Library soname: \[\(.*\)\].*/\1/p'; }
+needed_of() { readelf -d "$1" 2>/dev/null | sed -n 's/.*Shared library: \[\(libcalibrl[^]]*\)\].*/\1/p'; }
+if [[ "$(soname_of "$prefix/lib/libcalibrl.so")" == "libcalibrl.so.0" &&
+      "$(readlink "$prefix/lib/libcalibrl.so")" == "libcalibrl.so.0" &&
+      "$(readlink "$prefix/lib/libcalibrl.so.0")" == libcalibrl.so.0.* &&
+      ! -L "$prefix/lib/$(readlink "$prefix/lib/libcalibrl.so.0")" ]]; then
+  pass "readelf -d: SONAME libcalibrl.so.0; libcalibrl.so -> libcalibrl.so.0 -> $(readlink "$prefix/lib/libcalibrl.so.0")"
+else
+  ls -l "$prefix/lib" >"$work/soname.log" 2>&1; readelf -d "$prefix/lib/libcalibrl.so" >>"$work/soname.log" 2>&1
+  fail "installed library has SONAME libcalibrl.so.0 and versioned symlinks" "$work/soname.log"
 fi
 inc=(-I"$prefix/include")
 warn=(-Wall -Wextra -Wpedantic -Werror)
@@ -110,6 +123,11 @@ cmake_build() {  # source dir, build dir, log
 ref_loss=""
 if cmake_build "$root/bindings/cpp/tests" "$work/tests-build" "$work/tests-build.log"; then
   pass "bindings/cpp/tests builds with CMake via find_package(calibrl)"
+  if [[ "$(needed_of "$work/tests-build/test_calibrl")" == "libcalibrl.so.0" ]]; then
+    pass "test_calibrl (find_package(calibrl)) links through the SONAME: NEEDED libcalibrl.so.0"
+  else
+    fail "test_calibrl records NEEDED libcalibrl.so.0 (got '$(needed_of "$work/tests-build/test_calibrl")')"
+  fi
   if "$work/tests-build/test_calibrl" --train-step-reference >"$work/test_calibrl.log" 2>&1; then
     pass "test_calibrl: $(grep '^checks:' "$work/test_calibrl.log")"
   else
@@ -179,8 +197,9 @@ EOF
 export PKG_CONFIG_PATH="$prefix/lib/pkgconfig${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}"
 if flags="$(pkg-config --cflags --libs calibrl 2>"$work/pc.log")" &&
    "$CXX" -std=c++17 "$work/pc.cpp" $flags -Wl,-rpath,"$prefix/lib" -o "$work/pc" >>"$work/pc.log" 2>&1 &&
-   "$work/pc" >"$work/pc.out" 2>&1 && [[ "$(cat "$work/pc.out")" == "0.75 0.25 0.25 0.25" ]]; then
-  pass "pkg-config: '$flags' compiles, links and runs ([0,1,1,1] -> $(cat "$work/pc.out"))"
+   "$work/pc" >"$work/pc.out" 2>&1 && [[ "$(cat "$work/pc.out")" == "0.75 0.25 0.25 0.25" ]] &&
+   [[ "$(needed_of "$work/pc")" == "libcalibrl.so.0" ]]; then
+  pass "pkg-config: '$flags' compiles, links (NEEDED libcalibrl.so.0) and runs ([0,1,1,1] -> $(cat "$work/pc.out"))"
 else
   cat "$work/pc.out" >>"$work/pc.log" 2>/dev/null
   fail "pkg-config --cflags --libs calibrl builds and runs a program" "$work/pc.log"

@@ -3,7 +3,9 @@
 #
 #   scripts/install.sh --prefix /opt/calibrl        (default prefix: /usr/local)
 #
-#   PREFIX/lib/libcalibrl.so, PREFIX/lib/libcalibrl.a
+#   PREFIX/lib/libcalibrl.so.VERSION (SONAME libcalibrl.so.MAJOR), the symlinks
+#       libcalibrl.so.MAJOR -> libcalibrl.so.VERSION and libcalibrl.so -> libcalibrl.so.MAJOR,
+#   PREFIX/lib/libcalibrl.a
 #   PREFIX/include/calibrl.h (C ABI), PREFIX/include/calibrl.hpp (C++17 wrapper)
 #   PREFIX/lib/cmake/calibrl/calibrlConfig.cmake, calibrlConfigVersion.cmake
 #       find_package(calibrl CONFIG REQUIRED) -> imported targets calibrl::calibrl (shared)
@@ -23,7 +25,7 @@ while [[ $# -gt 0 ]]; do
     --prefix=*) prefix="${1#--prefix=}"; shift ;;
     --libdir) libdir_name="$2"; shift 2 ;;
     --no-build) build=0; shift ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "install.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -33,6 +35,9 @@ target_dir="${CARGO_TARGET_DIR:-$root/target}/release"
 version="$(sed -n 's/^version *= *"\([^"]*\)".*/\1/p' "$root/Cargo.toml" | head -n1)"
 abi_version="$(sed -n 's/^#define CALIBRL_ABI_VERSION \([0-9]*\).*/\1/p' "$root/include/calibrl.h")"
 [[ -n "$version" && -n "$abi_version" ]] || { echo "install.sh: cannot read versions" >&2; exit 1; }
+# The SONAME build.rs gives the library: programs record libcalibrl.so.MAJOR.
+soname="libcalibrl.so.${version%%.*}"
+realname="libcalibrl.so.$version"
 
 if [[ $build -eq 1 ]]; then
   (cd "$root" && cargo build --release --lib)
@@ -49,7 +54,15 @@ cmakedir="$lib/cmake/calibrl"
 pcdir="$lib/pkgconfig"
 mkdir -p "$lib" "$inc" "$cmakedir" "$pcdir"
 
-install -m 0755 "$target_dir/libcalibrl.so" "$lib/libcalibrl.so"
+got_soname="$(readelf -d "$target_dir/libcalibrl.so" 2>/dev/null | sed -n 's/.*Library soname: \[\(.*\)\].*/\1/p')"
+if command -v readelf >/dev/null && [[ "$got_soname" != "$soname" ]]; then
+  echo "install.sh: $target_dir/libcalibrl.so has SONAME '$got_soname', expected $soname (rebuild)" >&2
+  exit 1
+fi
+rm -f "$lib/libcalibrl.so" "$lib/$soname"
+install -m 0755 "$target_dir/libcalibrl.so" "$lib/$realname"
+ln -s "$realname" "$lib/$soname"
+ln -s "$soname" "$lib/libcalibrl.so"
 install -m 0644 "$target_dir/libcalibrl.a" "$lib/libcalibrl.a"
 install -m 0644 "$root/include/calibrl.h" "$inc/calibrl.h"
 install -m 0644 "$root/bindings/cpp/include/calibrl.hpp" "$inc/calibrl.hpp"
@@ -76,8 +89,8 @@ set(calibrl_LIBRARIES calibrl::calibrl)
 if(NOT TARGET calibrl::calibrl)
   add_library(calibrl::calibrl SHARED IMPORTED)
   set_target_properties(calibrl::calibrl PROPERTIES
-    IMPORTED_LOCATION "\${_calibrl_prefix}/$libdir_name/libcalibrl.so"
-    IMPORTED_NO_SONAME TRUE
+    IMPORTED_LOCATION "\${_calibrl_prefix}/$libdir_name/$realname"
+    IMPORTED_SONAME "$soname"
     INTERFACE_INCLUDE_DIRECTORIES "\${_calibrl_prefix}/include")
 endif()
 
@@ -90,7 +103,7 @@ if(NOT TARGET calibrl::calibrl_static)
     INTERFACE_LINK_LIBRARIES "gcc_s;util;rt;pthread;m;dl")
 endif()
 
-foreach(_calibrl_f "$libdir_name/libcalibrl.so" "include/calibrl.h" "include/calibrl.hpp")
+foreach(_calibrl_f "$libdir_name/$realname" "$libdir_name/$soname" "include/calibrl.h" "include/calibrl.hpp")
   if(NOT EXISTS "\${_calibrl_prefix}/\${_calibrl_f}")
     set(calibrl_FOUND FALSE)
     set(calibrl_NOT_FOUND_MESSAGE "calibrl: \${_calibrl_prefix}/\${_calibrl_f} is missing")

@@ -1,5 +1,6 @@
 //! Compiles `tests/c/smoke.c` with the system C compiler against `include/calibrl.h`
-//! (`-std=c99 -Wall -Wextra -Werror -pedantic`), links the built `libcalibrl.so`, runs it and
+//! (`-std=c99 -Wall -Wextra -Werror -pedantic`), links the built `libcalibrl.so` through its
+//! SONAME (as an installed copy is: `libcalibrl.so -> libcalibrl.so.0 -> the file`), runs it and
 //! compares what it prints with the Rust API's numbers for the same batch.
 
 mod common;
@@ -27,9 +28,18 @@ fn c_program_compiles_runs_and_agrees_with_rust() {
     };
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let lib = common::cdylib_path();
-    let lib_dir = lib.parent().unwrap();
-    let out_dir = lib_dir.join("c-smoke");
-    std::fs::create_dir_all(&out_dir).unwrap();
+    let out_dir = lib.parent().unwrap().join("c-smoke");
+    // The installed layout (scripts/install.sh): the program must record and load the SONAME.
+    let lib_dir = out_dir.join("lib");
+    std::fs::create_dir_all(&lib_dir).unwrap();
+    for (link, to) in [
+        ("libcalibrl.so.0", lib.as_path()),
+        ("libcalibrl.so", Path::new("libcalibrl.so.0")),
+    ] {
+        let _ = std::fs::remove_file(lib_dir.join(link));
+        std::os::unix::fs::symlink(to, lib_dir.join(link)).unwrap();
+    }
+    let lib_dir = lib_dir.as_path();
     let exe = out_dir.join("smoke");
     let compile = Command::new(&cc)
         .args(["-std=c99", "-Wall", "-Wextra", "-Werror", "-pedantic", "-o"])
@@ -47,6 +57,11 @@ fn c_program_compiles_runs_and_agrees_with_rust() {
         compile.status.success(),
         "C compile failed:\n{}",
         String::from_utf8_lossy(&compile.stderr)
+    );
+    let needed = common::readelf_dynamic(&exe, "Shared library");
+    assert!(
+        needed.iter().any(|n| n == "libcalibrl.so.0"),
+        "the C program should record NEEDED libcalibrl.so.0, got {needed:?}"
     );
     let run = Command::new(&exe)
         .env("LD_LIBRARY_PATH", lib_dir)

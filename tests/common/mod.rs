@@ -839,3 +839,19 @@ pub fn cdylib_path() -> std::path::PathBuf {
     assert!(path.exists(), "{} not found", path.display());
     path
 }
+
+/// The values of one kind of entry of an ELF file's dynamic section, from `readelf -d`
+/// (`"Library soname"`, `"Shared library"`): `0x... (NEEDED)  Shared library: [libm.so.6]`.
+pub fn readelf_dynamic(file: &std::path::Path, kind: &str) -> Vec<String> {
+    let out = std::process::Command::new("readelf")
+        .arg("-d")
+        .arg(file)
+        .output()
+        .expect("run readelf (binutils) on the built library");
+    assert!(out.status.success(), "readelf -d {} failed", file.display());
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once(&format!("{kind}: [")))
+        .map(|(_, rest)| rest.trim_end().trim_end_matches(']').to_string())
+        .collect()
+}
