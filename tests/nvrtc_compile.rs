@@ -15,11 +15,8 @@ fn nvrtc_or_skip() -> bool {
         return true;
     }
     let required = std::env::var("CALIBRL_REQUIRE_NVRTC").is_ok_and(|v| v == "1");
-    assert!(
-        !required,
-        "CALIBRL_REQUIRE_NVRTC=1 but NVRTC (libnvrtc.so.13) cannot be loaded; \
-         `pip install nvidia-cuda-nvrtc==13.0.*` and add its nvidia/cu13/lib to LD_LIBRARY_PATH"
-    );
+    let searched = calibrl::cuda::compile::nvrtc_library().unwrap_err();
+    assert!(!required, "CALIBRL_REQUIRE_NVRTC=1 but {searched}");
     println!("skipped: NVRTC not found (set CALIBRL_REQUIRE_NVRTC=1 to make this an error)");
     false
 }
@@ -55,7 +52,10 @@ fn every_kernel_compiles_with_nvrtc() {
         return;
     }
     let (major, minor) = nvrtc_version().unwrap();
-    println!("NVRTC {major}.{minor}");
+    println!(
+        "NVRTC {major}.{minor}: {}",
+        calibrl::cuda::compile::nvrtc_library().unwrap()
+    );
     assert!(
         major >= 13,
         "NVRTC {major}.{minor}: the kernels are checked against CUDA 13"

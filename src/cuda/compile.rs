@@ -3,7 +3,8 @@
 //! Every `cuda/*.cu` file is embedded in the library (`include_str!`) and compiled to PTX with
 //! NVRTC at first use, for the device's compute capability; the driver then JIT-compiles the PTX
 //! (its compute cache keeps the result across processes). The sources include no header, so a
-//! bare NVRTC (the `nvidia-cuda-nvrtc` wheel, or the toolkit's `libnvrtc.so.13`) is enough.
+//! bare NVRTC (the `nvidia-cuda-nvrtc` wheel, or the toolkit's `libnvrtc.so.13`) is enough;
+//! `nvrtc_lib` finds it.
 
 use crate::error::{Error, Result};
 use cudarc::nvrtc::{result as nvrtc, sys as nvrtc_sys};
@@ -43,20 +44,26 @@ pub const SOURCES: &[&KernelSource] = &[&LOGITS, &super::loss::LOSS];
 
 /// Whether NVRTC can be loaded (checked once; cudarc would panic on a missing library).
 pub fn nvrtc_available() -> bool {
+    nvrtc_library().is_ok()
+}
+
+/// Which NVRTC is used (a path, or how it was found), or what was searched when none was.
+pub fn nvrtc_library() -> std::result::Result<&'static str, &'static str> {
     static PRESENT: OnceLock<bool> = OnceLock::new();
-    // SAFETY: only probes whether the shared library can be opened.
-    *PRESENT.get_or_init(|| unsafe { nvrtc_sys::is_culib_present() })
+    let found = super::nvrtc_lib::locate()?;
+    // SAFETY: only probes whether the shared library can be opened (now by its SONAME, which
+    // resolves to the library `locate` opened).
+    if *PRESENT.get_or_init(|| unsafe { nvrtc_sys::is_culib_present() }) {
+        Ok(found)
+    } else {
+        Err("NVRTC was opened but cudarc cannot load it by its SONAME")
+    }
 }
 
 pub(crate) fn require_nvrtc() -> Result<()> {
-    if nvrtc_available() {
-        Ok(())
-    } else {
-        Err(Error::cuda_unavailable(
-            "CUDA tensors were passed but NVRTC (libnvrtc.so.13) could not be loaded: install the CUDA 13 \
-             toolkit or `pip install nvidia-cuda-nvrtc==13.0.*` and put its lib directory on LD_LIBRARY_PATH",
-        ))
-    }
+    nvrtc_library().map(|_| ()).map_err(|searched| {
+        Error::cuda_unavailable(format!("CUDA tensors were passed but {searched}"))
+    })
 }
 
 /// The NVRTC version as (major, minor).

@@ -18,6 +18,7 @@ pub mod expert;
 mod launch;
 pub mod logits;
 pub mod loss;
+pub mod nvrtc_lib;
 mod workspace;
 
 use crate::error::{Error, Result};

@@ -385,6 +385,28 @@ def library_path() -> Path:
     return Path(__file__).resolve().parent / "libcalibrl.so"
 
 
+def _preload_nvrtc() -> None:
+    """Opens NVRTC from an ``nvidia-cuda-nvrtc`` wheel (``calibrl[cuda]``) on ``sys.path``.
+
+    The library itself looks beside its own directory (``site-packages/nvidia/cu13/lib``), the
+    CUDA toolkit and the system; this covers a wheel installed elsewhere on ``sys.path`` (user
+    site, ``--target`` directories). Once loaded, the library's ``dlopen`` by SONAME finds it.
+    """
+    import sys
+
+    own_site = Path(__file__).resolve().parent.parent
+    for entry in sys.path:
+        base = Path(entry or ".")
+        candidate = base / "nvidia" / "cu13" / "lib" / "libnvrtc.so.13"
+        if candidate.is_file():
+            if base.resolve() != own_site:  # the library finds that one itself, lazily
+                try:
+                    ctypes.CDLL(str(candidate))
+                except OSError:
+                    continue
+            return
+
+
 def lib() -> _Library:
     """The loaded library (loaded and version-checked on first use)."""
     global _library
@@ -398,6 +420,7 @@ def lib() -> _Library:
                         f"`pip install ./bindings/python` (it builds the Rust library), or point "
                         f"{LIBRARY_ENV} at a built libcalibrl.so"
                     )
+                _preload_nvrtc()
                 _library = _Library(path)
     return _library
 
