@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Tests of the C++ binding (bindings/cpp), run by .ci/run on a fresh machine:
-#   - installs cmake, pkg-config and a C++ compiler when missing;
+#   - uses cmake (and ninja, torch) from the test venv (scripts/venv.sh: pinned, from PyPI, in
+#     $CALIBRL_VENV; nothing is installed on the system), and the system's pkg-config and C++
+#     compiler (it says so and fails when they are missing);
 #   - builds libcalibrl (cargo build --release) and installs it with scripts/install.sh into a
 #     temporary prefix;
 #   - checks that calibrl.hpp compiles on its own, twice, after a dlpack.h and as C++20 (spans);
@@ -9,8 +11,8 @@
 #     against the installed package, runs them, and compares the example's loss with the value
 #     the test program computes through an independent path;
 #   - compiles, links and runs a program with `pkg-config --cflags --libs calibrl`;
-#   - builds and runs the libtorch extension example when torch is importable (python3, or the
-#     interpreter in $CALIBRL_TORCH_PYTHON); otherwise says it skipped it.
+#   - builds and runs the libtorch extension example with the venv's python and torch (or the
+#     interpreter in $CALIBRL_TORCH_PYTHON).
 # Ends with "N passed, M failed[, K skipped]" and exits non-zero when anything failed.
 #
 # Usage: scripts/cpp-tests.sh [--keep]      (--keep: leave the temporary directory)
@@ -31,21 +33,17 @@ skip() { skipped=$((skipped + 1)); echo "SKIP: $1"; }
 finish() { echo "$passed passed, $failed failed, $skipped skipped"; [[ $failed -eq 0 ]]; exit $?; }
 
 # --- tools -----------------------------------------------------------------------------------
-need=()
-command -v cmake >/dev/null || need+=(cmake)
-command -v pkg-config >/dev/null || need+=(pkg-config)
-command -v c++ >/dev/null || need+=(g++)
-if [[ ${#need[@]} -gt 0 ]]; then
-  echo "installing ${need[*]}"
-  if command -v apt-get >/dev/null; then
-    SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
-    $SUDO apt-get update -qq >/dev/null 2>&1
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null 2>&1
-  fi
-  if ! command -v cmake >/dev/null; then python3 -m pip install -q cmake >/dev/null 2>&1; fi
+# cmake, ninja and torch come from the pinned test venv (created on first use).
+export CALIBRL_VENV="${CALIBRL_VENV:-$root/.venv}"
+if ! bash "$root/scripts/venv.sh" >"$work/venv.log" 2>&1; then
+  fail "the test venv ($CALIBRL_VENV) is set up by scripts/venv.sh" "$work/venv.log"; finish
 fi
+export PATH="$CALIBRL_VENV/bin:$PATH"
 for tool in cmake pkg-config c++ cargo; do
-  if ! command -v "$tool" >/dev/null; then fail "tool $tool is available"; finish; fi
+  if ! command -v "$tool" >/dev/null; then
+    fail "tool $tool is available (pkg-config and a C++ compiler come from the system, e.g. apt-get install pkg-config g++)"
+    finish
+  fi
 done
 CXX="${CXX:-c++}"
 CC="${CC:-cc}"
@@ -187,19 +185,12 @@ else
 fi
 
 # --- libtorch extension ----------------------------------------------------------------------
-torch_py="${CALIBRL_TORCH_PYTHON:-python3}"
-if "$torch_py" -c "import torch" >/dev/null 2>&1; then
-  if ! command -v ninja >/dev/null && ! "$torch_py" -c "import ninja" >/dev/null 2>&1; then
-    apt-get install -y -qq ninja-build >/dev/null 2>&1 || "$torch_py" -m pip install -q ninja >/dev/null 2>&1
-  fi
-  if TORCH_EXTENSIONS_DIR="$work/torch_extensions" MAX_JOBS="$jobs" \
-     "$torch_py" "$root/bindings/cpp/examples/torch_extension/example.py" --prefix "$prefix" >"$work/torch.log" 2>&1; then
-    pass "torch extension: $(grep '^python loss' "$work/torch.log")"
-  else
-    fail "torch extension example builds and matches the Python loss" "$work/torch.log"
-  fi
+torch_py="${CALIBRL_TORCH_PYTHON:-$CALIBRL_VENV/bin/python}"
+if TORCH_EXTENSIONS_DIR="$work/torch_extensions" MAX_JOBS="$jobs" \
+   "$torch_py" "$root/bindings/cpp/examples/torch_extension/example.py" --prefix "$prefix" >"$work/torch.log" 2>&1; then
+  pass "torch extension ($torch_py): $(grep '^python loss' "$work/torch.log")"
 else
-  skip "torch extension example: torch is not importable by $torch_py (set CALIBRL_TORCH_PYTHON)"
+  fail "torch extension example builds with $torch_py and matches the Python loss" "$work/torch.log"
 fi
 
 finish
