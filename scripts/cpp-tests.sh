@@ -11,6 +11,7 @@
 #     against the installed package, runs them, and compares the example's loss with the value
 #     the test program computes through an independent path;
 #   - compiles, links and runs a program with `pkg-config --cflags --libs calibrl`;
+#   - builds and runs the README's C++ program and checks its loss against the README's C program;
 #   - builds and runs the libtorch extension example with the venv's python and torch (or the
 #     interpreter in $CALIBRL_TORCH_PYTHON).
 # Ends with "N passed, M failed[, K skipped]" and exits non-zero when anything failed.
@@ -182,6 +183,29 @@ if flags="$(pkg-config --cflags --libs calibrl 2>"$work/pc.log")" &&
 else
   cat "$work/pc.out" >>"$work/pc.log" 2>/dev/null
   fail "pkg-config --cflags --libs calibrl builds and runs a program" "$work/pc.log"
+fi
+
+# --- the README's C++ program ------------------------------------------------------------------
+# Built against the installed package and run; its loss (float32 buffers) must match the README's
+# C program (float64; tests/readme_snippets.rs checks that one against the float64 reference).
+readme_block() { awk -v f="$1" '$0 == "```" f {on = 1; next} on && $0 == "```" {exit} on' "$root/README.md"; }
+readme_block cpp >"$work/readme.cpp"
+readme_block c >"$work/readme.c"
+if "$CXX" -std=c++17 "${warn[@]}" "${inc[@]}" "$work/readme.cpp" -L"$prefix/lib" -lcalibrl -Wl,-rpath,"$prefix/lib" \
+     -o "$work/readme_cpp" >"$work/readme_cpp.log" 2>&1 &&
+   "$CC" -std=c99 "${warn[@]}" "${inc[@]}" "$work/readme.c" -L"$prefix/lib" -lcalibrl -Wl,-rpath,"$prefix/lib" \
+     -o "$work/readme_c" >>"$work/readme_cpp.log" 2>&1 &&
+   "$work/readme_cpp" >"$work/readme_cpp.out" 2>>"$work/readme_cpp.log" &&
+   "$work/readme_c" >"$work/readme_c.out" 2>>"$work/readme_cpp.log" &&
+   awk -v a="$(awk '/^loss /{print $2; exit}' "$work/readme_cpp.out")" \
+       -v b="$(awk '/^loss /{print $2; exit}' "$work/readme_c.out")" 'BEGIN {
+     if (a == "" || b == "" || a != a + 0) exit 1
+     d = a - b; if (d < 0) d = -d; m = b < 0 ? -b : b
+     exit (d <= 1e-5 * m && m > 0) ? 0 : 1 }'; then
+  pass "README C++ program builds and runs; $(head -n1 "$work/readme_cpp.out" | cut -c1-40) matches the README C program"
+else
+  cat "$work/readme_cpp.out" "$work/readme_c.out" >>"$work/readme_cpp.log" 2>/dev/null
+  fail "README C++ program builds, runs and matches the README C program's loss" "$work/readme_cpp.log"
 fi
 
 # --- libtorch extension ----------------------------------------------------------------------
