@@ -80,6 +80,7 @@ fn readme_c_program_compiles_runs_and_matches_the_reference() {
             old: Some(vec![-0.25, -1.0, -0.8, -0.3, -1.9, -1.0]),
             refl: None,
             ent: None,
+            tw: None,
             adv: adv.advantages,
             w: adv.weights,
             c: adv.signs,
