@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Tests of the C++ binding (bindings/cpp), run by .ci/run on a fresh machine:
-#   - installs cmake, pkg-config and a C++ compiler when missing;
+#   - uses cmake (and ninja, torch) from the test venv (scripts/venv.sh: pinned, from PyPI, in
+#     $CALIBRL_VENV; nothing is installed on the system), and the system's pkg-config and C++
+#     compiler (it says so and fails when they are missing);
 #   - builds libcalibrl (cargo build --release) and installs it with scripts/install.sh into a
 #     temporary prefix;
 #   - checks that calibrl.hpp compiles on its own, twice, after a dlpack.h and as C++20 (spans);
@@ -9,8 +11,9 @@
 #     against the installed package, runs them, and compares the example's loss with the value
 #     the test program computes through an independent path;
 #   - compiles, links and runs a program with `pkg-config --cflags --libs calibrl`;
-#   - builds and runs the libtorch extension example when torch is importable (python3, or the
-#     interpreter in $CALIBRL_TORCH_PYTHON); otherwise says it skipped it.
+#   - builds and runs the README's C++ program and checks its loss against the README's C program;
+#   - builds and runs the libtorch extension example with the venv's python and torch (or the
+#     interpreter in $CALIBRL_TORCH_PYTHON).
 # Ends with "N passed, M failed[, K skipped]" and exits non-zero when anything failed.
 #
 # Usage: scripts/cpp-tests.sh [--keep]      (--keep: leave the temporary directory)
@@ -31,22 +34,17 @@ skip() { skipped=$((skipped + 1)); echo "SKIP: $1"; }
 finish() { echo "$passed passed, $failed failed, $skipped skipped"; [[ $failed -eq 0 ]]; exit $?; }
 
 # --- tools -----------------------------------------------------------------------------------
-need=()
-command -v cmake >/dev/null || need+=(cmake)
-command -v pkg-config >/dev/null || need+=(pkg-config)
-command -v c++ >/dev/null || need+=(g++)
-command -v readelf >/dev/null || need+=(binutils)
-if [[ ${#need[@]} -gt 0 ]]; then
-  echo "installing ${need[*]}"
-  if command -v apt-get >/dev/null; then
-    SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
-    $SUDO apt-get update -qq >/dev/null 2>&1
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null 2>&1
-  fi
-  if ! command -v cmake >/dev/null; then python3 -m pip install -q cmake >/dev/null 2>&1; fi
+# cmake, ninja and torch come from the pinned test venv (created on first use).
+export CALIBRL_VENV="${CALIBRL_VENV:-$root/.venv}"
+if ! bash "$root/scripts/venv.sh" >"$work/venv.log" 2>&1; then
+  fail "the test venv ($CALIBRL_VENV) is set up by scripts/venv.sh" "$work/venv.log"; finish
 fi
+export PATH="$CALIBRL_VENV/bin:$PATH"
 for tool in cmake pkg-config c++ cargo readelf; do
-  if ! command -v "$tool" >/dev/null; then fail "tool $tool is available"; finish; fi
+  if ! command -v "$tool" >/dev/null; then
+    fail "tool $tool is available (pkg-config, a C++ compiler and readelf come from the system, e.g. apt-get install pkg-config g++ binutils)"
+    finish
+  fi
 done
 CXX="${CXX:-c++}"
 CC="${CC:-cc}"
@@ -205,20 +203,36 @@ else
   fail "pkg-config --cflags --libs calibrl builds and runs a program" "$work/pc.log"
 fi
 
-# --- libtorch extension ----------------------------------------------------------------------
-torch_py="${CALIBRL_TORCH_PYTHON:-python3}"
-if "$torch_py" -c "import torch" >/dev/null 2>&1; then
-  if ! command -v ninja >/dev/null && ! "$torch_py" -c "import ninja" >/dev/null 2>&1; then
-    apt-get install -y -qq ninja-build >/dev/null 2>&1 || "$torch_py" -m pip install -q ninja >/dev/null 2>&1
-  fi
-  if TORCH_EXTENSIONS_DIR="$work/torch_extensions" MAX_JOBS="$jobs" \
-     "$torch_py" "$root/bindings/cpp/examples/torch_extension/example.py" --prefix "$prefix" >"$work/torch.log" 2>&1; then
-    pass "torch extension: $(grep '^python loss' "$work/torch.log")"
-  else
-    fail "torch extension example builds and matches the Python loss" "$work/torch.log"
-  fi
+# --- the README's C++ program ------------------------------------------------------------------
+# Built against the installed package and run; its loss (float32 buffers) must match the README's
+# C program (float64; tests/readme_snippets.rs checks that one against the float64 reference).
+readme_block() { awk -v f="$1" '$0 == "```" f {on = 1; next} on && $0 == "```" {exit} on' "$root/README.md"; }
+readme_block cpp >"$work/readme.cpp"
+readme_block c >"$work/readme.c"
+if "$CXX" -std=c++17 "${warn[@]}" "${inc[@]}" "$work/readme.cpp" -L"$prefix/lib" -lcalibrl -Wl,-rpath,"$prefix/lib" \
+     -o "$work/readme_cpp" >"$work/readme_cpp.log" 2>&1 &&
+   "$CC" -std=c99 "${warn[@]}" "${inc[@]}" "$work/readme.c" -L"$prefix/lib" -lcalibrl -Wl,-rpath,"$prefix/lib" \
+     -o "$work/readme_c" >>"$work/readme_cpp.log" 2>&1 &&
+   "$work/readme_cpp" >"$work/readme_cpp.out" 2>>"$work/readme_cpp.log" &&
+   "$work/readme_c" >"$work/readme_c.out" 2>>"$work/readme_cpp.log" &&
+   awk -v a="$(awk '/^loss /{print $2; exit}' "$work/readme_cpp.out")" \
+       -v b="$(awk '/^loss /{print $2; exit}' "$work/readme_c.out")" 'BEGIN {
+     if (a == "" || b == "" || a != a + 0) exit 1
+     d = a - b; if (d < 0) d = -d; m = b < 0 ? -b : b
+     exit (d <= 1e-5 * m && m > 0) ? 0 : 1 }'; then
+  pass "README C++ program builds and runs; $(head -n1 "$work/readme_cpp.out" | cut -c1-40) matches the README C program"
 else
-  skip "torch extension example: torch is not importable by $torch_py (set CALIBRL_TORCH_PYTHON)"
+  cat "$work/readme_cpp.out" "$work/readme_c.out" >>"$work/readme_cpp.log" 2>/dev/null
+  fail "README C++ program builds, runs and matches the README C program's loss" "$work/readme_cpp.log"
+fi
+
+# --- libtorch extension ----------------------------------------------------------------------
+torch_py="${CALIBRL_TORCH_PYTHON:-$CALIBRL_VENV/bin/python}"
+if TORCH_EXTENSIONS_DIR="$work/torch_extensions" MAX_JOBS="$jobs" \
+   "$torch_py" "$root/bindings/cpp/examples/torch_extension/example.py" --prefix "$prefix" >"$work/torch.log" 2>&1; then
+  pass "torch extension ($torch_py): $(grep '^python loss' "$work/torch.log")"
+else
+  fail "torch extension example builds with $torch_py and matches the Python loss" "$work/torch.log"
 fi
 
 finish

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-command GPU check. On a machine with an NVIDIA GPU:
 #   1. NVRTC compile check (and PTX for step 4),
-#   2. every prebuilt test executable in .devbuild/bin (the GPU tests compare with the CPU backend),
+#   2. every prebuilt test executable in .devbuild/bin with --include-ignored (the GPU tests are
+#      #[ignore]d for a plain `cargo test`; they compare with the CPU backend),
 #   3. compute-sanitizer memcheck, racecheck, initcheck, synccheck over each gpu_* test executable
 #      in quick mode (CALIBRL_GPU_TEST_QUICK=1; CALIBRL_SANITIZER_TIMEOUT_S per run, default 100),
 #   4. registers / spills per kernel (scripts/kernel-resources.sh, needs ptxas),
@@ -107,7 +108,7 @@ if ! skipped tests; then
     [[ -x "$bin" && "$name" != nvrtc_compile ]] || continue
     echo "== tests: $name"
     t=$(now)
-    if timeout 300 "$bin" --test-threads=1 --nocapture >"$out/test_$name.log" 2>&1; then
+    if timeout 300 "$bin" --include-ignored --test-threads=1 --nocapture >"$out/test_$name.log" 2>&1; then
       note="$(grep -E '^test result' "$out/test_$name.log" | tail -1 | cut -c1-60)"
       if grep -q "skipped: no CUDA device" "$out/test_$name.log"; then
         # On a machine whose driver lists a GPU, a skipped GPU test is a failure.
@@ -153,7 +154,7 @@ if ! skipped sanitizer; then
         [[ $tool == memcheck ]] && extra=(--leak-check no)
         log="$out/sanitizer_${tool}_$name.log"
         if CALIBRL_GPU_TEST_QUICK=1 timeout "${CALIBRL_SANITIZER_TIMEOUT_S:-100}" compute-sanitizer --tool "$tool" \
-          "${extra[@]}" --error-exitcode 86 --print-limit 20 "$bin" --test-threads=1 >"$log" 2>&1; then
+          "${extra[@]}" --error-exitcode 86 --print-limit 20 "$bin" --include-ignored --test-threads=1 >"$log" 2>&1; then
           step "$tool $name" ok $(($(now) - t)) "$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -1)"
         else
           grep -E "=========|panicked" "$log" | head -25

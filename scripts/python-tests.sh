@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Python bindings: create (or reuse) a virtual environment, install the test dependencies from
-# PyPI, install ./bindings/python (which builds libcalibrl.so with cargo), and run pytest.
+# Python bindings: create (or reuse) the test venv with its pinned dependencies (scripts/venv.sh),
+# install ./bindings/python (which builds libcalibrl.so with cargo), and run pytest.
 #
 #   scripts/python-tests.sh [pytest args...]
 #
@@ -13,23 +13,12 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${CALIBRL_VENV:-$ROOT/.venv}"
-PYTHON="${PYTHON:-python3}"
-
-if [ ! -x "$VENV/bin/python" ]; then
-    echo "python-tests: creating $VENV"
-    "$PYTHON" -m venv "$VENV"
-fi
+export CALIBRL_VENV="$VENV"
+bash "$ROOT/scripts/venv.sh"
 PY="$VENV/bin/python"
-export PIP_DISABLE_PIP_VERSION_CHECK=1
-
-# torch from PyPI (the only registry reachable in CI); a satisfied requirement is not re-downloaded.
-"$PY" -m pip install --quiet numpy torch pytest
-if [ "${CALIBRL_PY_INTEGRATIONS:-1}" != "0" ]; then
-    "$PY" -m pip install --quiet deepspeed==0.19.8 megatron-core==0.16.1
-fi
 
 # Builds the Rust library (cargo build --release) and installs it inside the package.
-"$PY" -m pip install --quiet --force-reinstall --no-deps "$ROOT/bindings/python"
+PIP_DISABLE_PIP_VERSION_CHECK=1 "$PY" -m pip install --quiet --force-reinstall --no-deps "$ROOT/bindings/python"
 
 # The verl drop-in against the real verl 0.9.1, in its own venv (verl pins torch/transformers).
 if [ "${CALIBRL_PY_VERL:-1}" != "0" ]; then
@@ -37,7 +26,9 @@ if [ "${CALIBRL_PY_VERL:-1}" != "0" ]; then
 fi
 
 # Run from the repository root with the installed package (never the source tree's copy).
+# The venv's bin first on PATH: torch.utils.cpp_extension runs `ninja` (DeepSpeed's CPU Adam).
 cd "$ROOT"
 unset CALIBRL_LIBRARY
+export PATH="$VENV/bin:$PATH"
 export DS_ACCELERATOR=cpu
 exec "$VENV/bin/pytest" "$ROOT/bindings/python/tests" -q -rs "$@"

@@ -197,9 +197,15 @@ impl Config {
         for (key, value) in map {
             if !base.contains_key(&key) {
                 let known: Vec<&str> = base.keys().map(|k| k.as_str()).collect();
+                let hint = closest_key(&key, &known)
+                    .map(|k| format!("; did you mean {k:?}?"))
+                    .unwrap_or_default();
                 return Err(Error::config(
                     &key,
-                    format!("unknown key (known keys: preset, {})", known.join(", ")),
+                    format!(
+                        "unknown key{hint} (known keys: preset, {})",
+                        known.join(", ")
+                    ),
                 ));
             }
             check_type(&key, &base[&key], &value)?;
@@ -346,6 +352,46 @@ fn check_type(key: &str, default: &Value, value: &Value) -> Result<()> {
     Ok(())
 }
 
+/// The known key a mistyped one most likely meant: the nearest by edit distance (case and a
+/// trailing `_` ignored, as Python's `lambda_`), if it is close enough to be a typo.
+fn closest_key<'k>(key: &str, known: &[&'k str]) -> Option<&'k str> {
+    let key = key.to_ascii_lowercase();
+    let key = key.trim_end_matches('_');
+    known
+        .iter()
+        .map(|&k| (edit_distance(key, k), k))
+        .filter(|&(d, k)| d <= (k.len().max(key.len()) / 3).max(1))
+        .min_by_key(|&(d, _)| d)
+        .map(|(_, k)| k)
+}
+
+/// Edit distance counting insertions, deletions, substitutions and swaps of neighbours (optimal
+/// string alignment), by bytes.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    // d[i][j]: distance between a[..i] and b[..j].
+    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    for j in 0..=b.len() {
+        d[0][j] = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut best = (d[i - 1][j - 1] + cost)
+                .min(d[i - 1][j] + 1)
+                .min(d[i][j - 1] + 1);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                best = best.min(d[i - 2][j - 2] + 1);
+            }
+            d[i][j] = best;
+        }
+    }
+    d[a.len()][b.len()]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -398,5 +444,26 @@ mod tests {
         }
         assert!(Config::from_json("[1]").is_err());
         assert!(Config::from_json("{").is_err());
+    }
+
+    #[test]
+    fn unknown_keys_suggest_the_nearest_known_key() {
+        for (json, hint) in [
+            (r#"{"lamda":0.1}"#, r#"did you mean "lambda"?"#),
+            (r#"{"lambda_":0.1}"#, r#"did you mean "lambda"?"#),
+            (r#"{"Alpha":0.3}"#, r#"did you mean "alpha"?"#),
+            (r#"{"alhpa":0.3}"#, r#"did you mean "alpha"?"#),
+            (
+                r#"{"entropy_coeff":0.1}"#,
+                r#"did you mean "entropy_coef"?"#,
+            ),
+        ] {
+            let e = Config::from_json(json).unwrap_err();
+            assert!(e.message.contains(hint), "{json}: {}", e.message);
+            assert!(e.message.contains("known keys: preset, "), "{}", e.message);
+        }
+        // Nothing close: no guess, only the list.
+        let e = Config::from_json(r#"{"learning_rate":0.1}"#).unwrap_err();
+        assert!(!e.message.contains("did you mean"), "{}", e.message);
     }
 }

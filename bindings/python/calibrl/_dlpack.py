@@ -1,6 +1,16 @@
 """Borrowed DLPack descriptors built directly from NumPy arrays, PyTorch tensors (CPU and CUDA,
-bf16 included) and any object exposing ``__dlpack__``. Nothing is copied: the descriptor points
-at the caller's memory, and a :class:`View` keeps the source object alive for the call.
+bf16 included) and any object exposing ``__dlpack__``. The descriptor points at the caller's
+memory, and a :class:`View` keeps the source object alive for the call.
+
+One rule for layouts and plain Python sequences, the same for every argument:
+
+- inputs may have any strides: one that is not contiguous is copied into a contiguous one first
+  (the library reads token tensors densely), except the rows of ``logits [N, V]``, whose spacing
+  the library takes as it is (only a vocabulary dimension with stride ≠ 1 is copied);
+- outputs are written in place, so they must be contiguous (the library refuses others, naming
+  the argument);
+- an input may be a list or tuple: it becomes ``numpy.asarray(value)``, as float32 for a float
+  argument (``rewards=[1, 0, 0, 1]``; pass an array for another dtype); an output may not.
 """
 
 from __future__ import annotations
@@ -71,8 +81,47 @@ def _torch_dtypes(torch):
     }
 
 
+# Arguments whose values are floats: a list given for one becomes float32.
+_FLOAT_ARGS = {
+    "logits", "rewards", "logprobs", "old_logprobs", "ref_logprobs", "entropy", "advantages",
+    "weights", "signs", "expert_logprobs", "lse", "stats", "grad_logprobs", "grad_entropy",
+}
+
+
+def _from_sequence(obj, name: str):
+    """A list or tuple as a NumPy array (see the module's rule)."""
+    a = np.asarray(obj)
+    if a.dtype.kind in "iuf" and name in _FLOAT_ARGS:
+        a = a.astype(np.float32)
+    if a.dtype.kind not in "biuf":
+        raise TypeError(f"`{name}`: a {type(obj).__name__} of numbers was expected, got elements of type {a.dtype}")
+    return a
+
+
+def _dense(obj, rows_may_stride: bool):
+    """``obj`` itself when the library can read its layout, else a contiguous copy of it."""
+    torch = _torch()
+    if isinstance(obj, np.ndarray):
+        item = obj.dtype.itemsize
+        if obj.flags.c_contiguous:
+            return obj
+        if rows_may_stride and obj.ndim == 2 and (obj.shape[1] <= 1 or obj.strides[1] == item) \
+                and obj.strides[0] >= obj.shape[1] * item:
+            return obj
+        return np.ascontiguousarray(obj)
+    if torch is not None and isinstance(obj, torch.Tensor) and obj.layout == torch.strided:
+        if obj.is_contiguous():
+            return obj
+        if rows_may_stride and obj.dim() == 2 and (obj.shape[1] <= 1 or obj.stride(1) == 1) \
+                and obj.stride(0) >= obj.shape[1]:
+            return obj
+        return obj.contiguous()
+    return obj
+
+
 class View:
-    """A ``DLTensor`` over an array's memory. ``pointer`` is what the C functions take."""
+    """A ``DLTensor`` over an array's memory, as it is. ``pointer`` is what the C functions take.
+    (:func:`view` applies the module's rule for layouts and lists first.)"""
 
     def __init__(self, obj, name: str, *, writable: bool = False):
         self.name = name
@@ -91,7 +140,7 @@ class View:
                 self._from_torch(converted, _torch())
         else:
             raise TypeError(
-                f"`{name}`: expected a NumPy array, a PyTorch tensor or an object with "
+                f"`{name}`: expected a NumPy array, a PyTorch tensor, a list or an object with "
                 f"__dlpack__, got {type(obj).__name__}"
             )
         self.desc = DLTensor(
@@ -174,23 +223,40 @@ def _import_dlpack(obj, name: str):
 
 def as_array(obj, name: str):
     """``obj`` as a NumPy array or PyTorch tensor (``None`` stays ``None``): foreign
-    ``__dlpack__`` objects are imported without a copy, anything else is refused."""
+    ``__dlpack__`` objects are imported without a copy, lists and tuples converted (see the
+    module's rule), anything else is refused."""
     if obj is None or isinstance(obj, np.ndarray):
         return obj
     torch = _torch()
     if torch is not None and isinstance(obj, torch.Tensor):
         return obj
+    if isinstance(obj, (list, tuple)):
+        return _from_sequence(obj, name)
     if hasattr(obj, "__dlpack__"):
         return _import_dlpack(obj, name)
     raise TypeError(
-        f"`{name}`: expected a NumPy array, a PyTorch tensor or an object with __dlpack__, "
-        f"got {type(obj).__name__}"
+        f"`{name}`: expected a NumPy array, a PyTorch tensor, a list or an object with "
+        f"__dlpack__, got {type(obj).__name__}"
     )
 
 
-def view(obj, name: str, *, writable: bool = False) -> View | None:
-    """``View`` of ``obj``, or ``None`` for ``None`` (an absent optional argument)."""
-    return None if obj is None else View(obj, name, writable=writable)
+def view(obj, name: str, *, writable: bool = False, rows_may_stride: bool = False) -> View | None:
+    """``View`` of argument ``obj`` after the module's rule (an input list becomes an array, a
+    strided input a contiguous copy), or ``None`` for ``None`` (an absent optional argument).
+    ``writable``: an output (never copied). ``rows_may_stride``: a ``[N, V]`` logits input whose
+    row spacing the library takes as it is."""
+    if obj is None:
+        return None
+    if isinstance(obj, (list, tuple)):
+        if writable:
+            raise TypeError(
+                f"`{name}`: an output is written in place, so it must be a NumPy array or a "
+                f"PyTorch tensor, got {type(obj).__name__}"
+            )
+        obj = _from_sequence(obj, name)
+    if not writable:
+        obj = _dense(as_array(obj, name), rows_may_stride)
+    return View(obj, name, writable=writable)
 
 
 def ptr(v: View | None):

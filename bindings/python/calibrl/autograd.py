@@ -15,9 +15,14 @@ Every entry point returns ``(loss, metrics)``: a 0-d tensor and a dict of Python
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
+import numpy as np
 import torch
 
 from . import ops
+from ._dlpack import as_array
 from .config import Config
 from .ops import LossInputs
 
@@ -39,6 +44,7 @@ def _run_loss(cfg: Config, logprobs, entropy, inputs: LossInputs, want_grad_entr
 
     The token tensors are ``[B, S]``/``[T]``-sized (not vocabulary-sized), so strided ones
     (e.g. a ``gather`` result's slice) are made contiguous here rather than refused."""
+    inputs = _lists_to_tensors(inputs, logprobs.device)
     res = ops.loss(
         cfg,
         logprobs.detach().contiguous(),
@@ -107,11 +113,54 @@ def _entropy_coef(cfg: Config) -> float:
     return coef
 
 
-def _check_logits(logits: torch.Tensor, labels: torch.Tensor):
+def _check_logits(logits: torch.Tensor, labels) -> torch.Tensor:
+    """Checks ``logits [N, V]`` and returns ``labels`` as a tensor on the logits' device."""
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"`logits`: expected a torch.Tensor [N, V], got {type(logits).__name__}")
     if logits.dim() != 2:
         raise ValueError(f"`logits`: expected [N, V], got shape {tuple(logits.shape)} (flatten the token dimensions)")
+    if not isinstance(labels, torch.Tensor):
+        labels = torch.as_tensor(labels, device=logits.device)
     if labels.shape != logits.shape[:1]:
         raise ValueError(f"`labels`: expected shape [{logits.shape[0]}], got {tuple(labels.shape)}")
+    return labels
+
+
+def _token_shape(token_shape, n: int, inputs: LossInputs) -> tuple:
+    """The log-probs' layout for the loss: ``token_shape`` checked against the ``n`` logits rows,
+    or, when it is not given, ``(N,)`` with ``inputs.seq_offsets`` (packed) or the shape of a
+    2-D ``inputs.mask`` (padded)."""
+    if token_shape is None:
+        if inputs.seq_offsets is not None:
+            return (n,)
+        mask_shape = tuple(int(d) for d in np.shape(inputs.mask)) if inputs.mask is not None else ()
+        if len(mask_shape) == 2 and mask_shape[0] * mask_shape[1] == n:
+            return mask_shape
+        raise ValueError(
+            f"`token_shape`: not given, and the inputs do not imply it: pass token_shape=(B, S) "
+            f"for padded rows (B·S = N = {n} logits rows, the shape of `mask`), or "
+            f"inputs.seq_offsets [B+1] for packed rows"
+        )
+    try:
+        shape = tuple(int(d) for d in token_shape)
+    except TypeError:
+        raise TypeError(f"`token_shape`: expected a tuple (B, S) or (N,), got {token_shape!r}") from None
+    if len(shape) not in (1, 2) or math.prod(shape) != n:
+        raise ValueError(
+            f"`token_shape`: {shape} does not fit the {n} logits rows: expected (B, S) with "
+            f"B·S = {n} (padded) or ({n},) (packed, with inputs.seq_offsets)"
+        )
+    return shape
+
+
+def _lists_to_tensors(inputs: LossInputs, device) -> LossInputs:
+    """Plain lists/tuples among the inputs as tensors on the call's device."""
+    lists = {
+        k: torch.as_tensor(as_array(v, k), device=device)
+        for k, v in vars(inputs).items()
+        if k != "normalizers" and isinstance(v, (list, tuple))
+    }
+    return dataclasses.replace(inputs, **lists) if lists else inputs
 
 
 class _LogitsFunction(torch.autograd.Function):
@@ -120,7 +169,9 @@ class _LogitsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, cfg, inputs, token_shape, temperature, inplace, group, vocab_start, out_metrics,
                 inputs_hook=None):
-        z = logits.detach()
+        z = logits.detach()  # shares the logits' memory and version counter
+        if z.shape[1] > 1 and z.stride(1) != 1:
+            z = z.contiguous()  # the library needs a dense vocabulary dimension
         if group is None:
             lp, ent, lse = ops.logits_forward(z, labels, temperature)
         else:
@@ -158,6 +209,13 @@ class _LogitsFunction(torch.autograd.Function):
             grad_entropy=h,
             out=z if inplace else None,
         )
+        if inplace:
+            # The library wrote ∂L/∂logits over the logits through a raw pointer, which PyTorch
+            # cannot see. Bump the version counter `z` shares with the logits, so that an op
+            # recorded earlier that saved the logits for its own backward (a z-loss
+            # `(logits ** 2).sum()`, a soft-cap's tanh) raises "modified by an inplace operation"
+            # instead of silently using d-logits as logits.
+            torch.autograd.graph.increment_version(z)
         return grad, None, None, None, None, None, None, None, None, None, None
 
 
@@ -193,15 +251,18 @@ def fused_logits_calibrl_loss(
     """The loss from ``logits [N, V]`` (bf16, f16 or f32) at ``labels [N]``.
 
     ``token_shape`` is the log-probs' layout for the loss: ``(B, S)`` padded (``N = B·S``) or
-    ``(N,)`` packed with ``inputs.seq_offsets``; default ``(N,)``. Labels < 0 mark rows that
-    are not computed (their log-prob is 0; mask them out in ``inputs.mask``).
+    ``(N,)`` packed with ``inputs.seq_offsets``; by default ``(N,)`` when ``inputs.seq_offsets``
+    is given, else the shape of ``inputs.mask``. Labels < 0 mark rows that are not computed
+    (their log-prob is 0; mask them out in ``inputs.mask``).
     With ``inplace=True`` the backward overwrites ``logits`` with ∂L/∂logits: do not reuse the
-    logits after ``backward()``, and do not use it when another op saved them for its backward.
+    logits after ``backward()``. When an op recorded before this one saved the logits for its
+    backward (e.g. a z-loss), ``backward()`` raises PyTorch's "modified by an inplace operation"
+    error: pass ``inplace=False`` there.
     Returns ``(loss, metrics)``; ``metrics["mean_token_entropy"]`` is the mean entropy of the
     labelled rows.
     """
-    _check_logits(logits, labels)
-    shape = tuple(token_shape) if token_shape is not None else (logits.shape[0],)
+    labels = _check_logits(logits, labels)
+    shape = _token_shape(token_shape, logits.shape[0], inputs)
     metrics: dict = {}
     loss = _LogitsFunction.apply(
         logits, labels, Config.coerce(config), inputs, shape, float(temperature), inplace, None, 0, metrics, None
@@ -253,10 +314,10 @@ def vocab_parallel_calibrl_loss(
     """
     import torch.distributed as dist
 
-    _check_logits(logits_shard, labels)
+    labels = _check_logits(logits_shard, labels)
     if vocab_start is None:
         vocab_start = dist.get_rank(group) * logits_shard.shape[1]
-    shape = tuple(token_shape) if token_shape is not None else (logits_shard.shape[0],)
+    shape = _token_shape(token_shape, logits_shard.shape[0], inputs)
     metrics: dict = {}
     loss = _LogitsFunction.apply(
         logits_shard,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import keyword
 from ctypes import c_size_t, c_void_p
 
 from . import _lib
@@ -11,17 +12,24 @@ from . import _lib
 PRESETS = ("paper", "reference", "grpo")
 
 
+def _json_key(key: str) -> str:
+    """``lambda_`` → ``lambda``: Python keywords cannot be keyword arguments."""
+    return key[:-1] if key.endswith("_") and keyword.iskeyword(key[:-1]) else key
+
+
 class Config:
     """A CalibRL configuration, validated by the library.
 
-    ``Config("reference", lam=...)`` is not a thing: keys are the library's JSON keys, e.g.
-    ``Config("paper", **{"lambda": 0.2}, alpha=0.3, agg="seq-mean-token-sum")``. Unknown keys,
-    wrong types and out-of-range values raise :class:`calibrl.ConfigError` naming the key.
+    Keys are the library's JSON keys, e.g. ``Config("paper", lambda_=0.2, alpha=0.3,
+    agg="seq-mean-token-sum")``; a key that is a Python keyword takes a trailing underscore
+    (``lambda_`` for ``lambda``, as ``**{"lambda": 0.2}`` does). Unknown keys, wrong types and
+    out-of-range values raise :class:`calibrl.ConfigError` naming the key (with the nearest known
+    key for a typo).
     """
 
     def __init__(self, preset: str = "paper", **overrides):
         self._handle = None
-        text = json.dumps({"preset": preset, **overrides})
+        text = json.dumps({"preset": preset, **{_json_key(k): v for k, v in overrides.items()}})
         handle = c_void_p()
         _lib.call("calibrl_config_new", text.encode(), ctypes.byref(handle))
         self._handle = handle

@@ -277,7 +277,7 @@ def logits_forward(logits, labels, temperature: float = 1.0, *, entropy=True, lo
         entropy = None
     lse = _new(logits, (n,)) if lse is None else lse
     views = [
-        view(logits, "logits"),
+        view(logits, "logits", rows_may_stride=True),
         view(labels, "labels"),
         view(logprobs, "logprobs", writable=True),
         view(entropy, "entropy", writable=True),
@@ -315,7 +315,7 @@ def logits_backward(
     if out is None:
         out = _new(logits, _shape(logits), str(logits.dtype).replace("torch.", ""), zeros=False)
     views = [
-        view(logits, "logits"),
+        view(logits, "logits", rows_may_stride=True),
         view(labels, "labels"),
         view(lse, "lse"),
         view(entropy, "entropy"),
@@ -346,7 +346,7 @@ def logits_shard_stats(logits, labels, temperature: float = 1.0, *, vocab_start:
     logits = as_array(logits, "logits")
     n = _shape(logits)[0] if len(_shape(logits)) else 0
     stats = _new(logits, (n, 4)) if stats is None else stats
-    views = [view(logits, "logits"), view(labels, "labels"), view(stats, "stats", writable=True)]
+    views = [view(logits, "logits", rows_may_stride=True), view(labels, "labels"), view(stats, "stats", writable=True)]
     _lib.call(
         "calibrl_logits_shard_stats",
         ptr(views[0]),

@@ -64,8 +64,10 @@ def test_dlpack_object_is_imported_without_a_copy():
 
 
 def test_unknown_objects_are_rejected():
-    with pytest.raises(TypeError, match="`logits`"):
-        calibrl.logits_forward([[1.0, 2.0]], [0])
+    """Arrays, tensors, __dlpack__ objects and lists are arguments; anything else is named."""
+    for bad in (object(), "logits", {0: 1.0}):
+        with pytest.raises(TypeError, match="`logits`: expected a NumPy array, a PyTorch tensor, a list"):
+            calibrl.logits_forward(bad, [0])
 
 
 @needs_cuda

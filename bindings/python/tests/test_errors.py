@@ -55,14 +55,35 @@ def test_label_out_of_vocabulary():
     assert_untouched(*out.values())
 
 
-def test_non_contiguous_vocabulary_dimension():
+def test_strided_inputs_are_read_and_strided_outputs_refused():
+    """One rule for every argument: an input may have any strides (copied when the library
+    needs a dense layout), an output is written in place and must be contiguous."""
     z, y = good(v=20)
+    strided_labels = torch.tensor([[1, 9], [2, 9], [3, 9], [4, 9]])[:, 0]
+    assert not z[:, ::2].is_contiguous() and not strided_labels.is_contiguous()
+    want = calibrl.logits_forward(z[:, ::2].contiguous(), y)
+    for got in (calibrl.logits_forward(z[:, ::2], strided_labels),
+                calibrl.logits_forward(z[:, ::2].numpy(), strided_labels.numpy())):
+        for a, b in zip(got, want):
+            torch.testing.assert_close(torch.as_tensor(a), b, atol=0, rtol=0)
     out = outputs(4)
-    with pytest.raises(calibrl.LayoutError, match="`logits`.*stride"):
-        calibrl.logits_forward(z[:, ::2], y, **out)
-    with pytest.raises(calibrl.LayoutError, match="`labels`"):
-        calibrl.logits_forward(z[:2], torch.tensor([[1, 9], [2, 9]])[:, 0], **outputs(2))
-    assert_untouched(*out.values())
+    strided_out = torch.full((4, 2), SENTINEL)[:, 0]
+    with pytest.raises(calibrl.LayoutError, match="`logprobs`.*contiguous"):
+        calibrl.logits_forward(z, y, logprobs=strided_out, entropy=out["entropy"], lse=out["lse"])
+    assert_untouched(strided_out, *out.values())
+
+
+def test_lists_are_accepted_as_inputs_but_not_as_outputs():
+    z, y = good()
+    want = calibrl.logits_forward(z.numpy(), y.numpy())
+    got = calibrl.logits_forward(z.tolist(), y.tolist())
+    assert isinstance(got[0], np.ndarray)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(TypeError, match="`logprobs`: an output is written in place"):
+        calibrl.logits_forward(z, y, logprobs=[0.0] * 4)
+    with pytest.raises(TypeError, match="`labels`: a list of numbers"):
+        calibrl.logits_forward(z, ["a", "b", "c", "d"])
 
 
 def test_nan_logits():
@@ -113,3 +134,25 @@ def test_bad_temperature():
     z, y = good()
     with pytest.raises(calibrl.InvalidArgumentError, match="temperature"):
         calibrl.logits_forward(z, y, 0.0)
+
+
+# ------------------------------------------------------------------------------ first use
+
+
+def test_config_accepts_lambda_underscore():
+    """``lambda`` is a Python keyword: ``lambda_=`` is the keyword-argument spelling."""
+    assert calibrl.Config("paper", lambda_=0.3)["lambda"] == 0.3
+    assert calibrl.Config("paper", **{"lambda": 0.3})["lambda"] == 0.3
+    assert calibrl.Config("paper").replace(lambda_=0.2)["lambda"] == 0.2
+
+
+@pytest.mark.parametrize("key, guess", [("lamda", "lambda"), ("alhpa", "alpha"), ("entropy_coeff", "entropy_coef")])
+def test_unknown_config_key_suggests_the_nearest(key, guess):
+    with pytest.raises(calibrl.ConfigError, match=f'`{key}`: unknown key; did you mean "{guess}"'):
+        calibrl.Config("paper", **{key: 0.1})
+
+
+def test_unknown_config_key_far_from_every_key_only_lists_them():
+    with pytest.raises(calibrl.ConfigError) as e:
+        calibrl.Config("paper", learning_rate=0.1)
+    assert "did you mean" not in str(e.value) and "known keys: preset, " in str(e.value)

@@ -1,6 +1,8 @@
 """Group advantages (SPEC §3) and the loss (SPEC §4) through the bindings, NumPy and PyTorch-CPU,
 against the float64 autograd implementation in spec_reference.py."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -413,6 +415,98 @@ def test_fused_logits_not_in_place_keeps_the_logits():
     assert torch.equal(z.detach(), logits) and z.grad.data_ptr() != z.data_ptr()
 
 
+def zloss_model(seed=21):
+    """A linear LM head: logits = h @ W over a padded batch, for the z-loss cases."""
+    g = torch.Generator().manual_seed(seed)
+    B, S, V, D = 6, 5, 11, 4
+    h = torch.randn(B * S, D, generator=g)
+    w = torch.randn(D, V, generator=g).requires_grad_()
+    labels = torch.randint(0, V, (B * S,), generator=g)
+    return h, w, labels, inputs_of(batch(seed), old=False)
+
+
+def zloss_grad(order, inplace):
+    """dW of fused loss + z-loss 1e-2·Σ logits², the z-loss recorded before or after."""
+    h, w, labels, inputs = zloss_model()
+    logits = h @ w
+    if order == "zloss first":
+        z = 1e-2 * (logits ** 2).sum()
+        loss, _ = calibrl.fused_logits_calibrl_loss(logits, labels, inputs, token_shape=(6, 5), inplace=inplace)
+    else:
+        loss, _ = calibrl.fused_logits_calibrl_loss(logits, labels, inputs, token_shape=(6, 5), inplace=inplace)
+        z = 1e-2 * (logits ** 2).sum()
+    (loss + z).backward()
+    return w.grad
+
+
+def test_in_place_d_logits_over_logits_saved_by_an_earlier_op_raise():
+    """The issue's case: a z-loss recorded before the fused loss saved the logits; the in-place
+    backward overwrites them. That must fail loudly, not give wrong gradients silently."""
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        zloss_grad("zloss first", inplace=True)
+
+
+def test_z_loss_gradients_with_the_fused_loss_are_right_where_allowed():
+    """Not in place, the z-loss case is right: dW equals the float64 reference's. In place, the
+    normal case (nothing else saved the logits) is unaffected: the same dW."""
+    h, w, labels, inputs = zloss_model()
+    w64 = w.detach().double().requires_grad_()
+    logits = h.double() @ w64
+    lp, _, _ = ref.logits_outputs(logits, labels, 1.0)
+    b = batch(21)
+    total, _ = ref.loss(calibrl.Config().to_dict(), lp.view(6, 5), b["mask"], b["adv"], b["w"], b["c"],
+                        expert_lp=b["expert_lp"], expert_mask=b["expert_mask"], expert_index=b["expert_index"])
+    (total + 1e-2 * (logits ** 2).sum()).backward()
+    for order in ("zloss first", "zloss after"):
+        torch.testing.assert_close(zloss_grad(order, inplace=False).double(), w64.grad, atol=1e-5, rtol=1e-5)
+
+    h, w, labels, inputs = zloss_model()
+    loss, _ = calibrl.fused_logits_calibrl_loss(h @ w, labels, inputs, token_shape=(6, 5))
+    loss.backward()
+    in_place = w.grad.clone()
+    h, w, labels, inputs = zloss_model()
+    loss, _ = calibrl.fused_logits_calibrl_loss(h @ w, labels, inputs, token_shape=(6, 5), inplace=False)
+    loss.backward()
+    torch.testing.assert_close(in_place, w.grad, atol=0, rtol=0)
+
+
+def test_wrong_or_missing_token_shape_is_named():
+    b = batch(22)
+    logits, labels = torch.randn(30, 11), torch.randint(0, 11, (30,))
+    for bad in [(4, 6), (30, 1, 1), (31,)]:
+        with pytest.raises(ValueError, match=r"`token_shape`: .* does not fit the 30 logits rows"):
+            calibrl.fused_logits_calibrl_loss(logits, labels, inputs_of(b), token_shape=bad)
+    with pytest.raises(TypeError, match="`token_shape`"):
+        calibrl.fused_logits_calibrl_loss(logits, labels, inputs_of(b), token_shape=30)
+    no_mask = dataclasses.replace(inputs_of(b), mask=None)
+    with pytest.raises(ValueError, match="`token_shape`: not given") as e:
+        calibrl.fused_logits_calibrl_loss(logits, labels, no_mask)
+    assert "seq_offsets [B+1] for packed" in str(e.value)
+
+
+def test_token_shape_defaults_to_the_mask_shape():
+    b = batch(23)
+    logits, labels = torch.randn(30, 11), torch.randint(0, 11, (30,))
+    explicit, _ = calibrl.fused_logits_calibrl_loss(logits, labels, inputs_of(b), token_shape=(6, 5), inplace=False)
+    implied, _ = calibrl.fused_logits_calibrl_loss(logits, labels, inputs_of(b), inplace=False)
+    assert implied.item() == explicit.item()
+
+
+def test_fused_logits_take_strided_logits_and_list_labels():
+    b = batch(24)
+    wide = torch.randn(30, 22)
+    labels = torch.randint(0, 11, (30,))
+    dense = wide[:, ::2].contiguous().requires_grad_()
+    loss, _ = calibrl.fused_logits_calibrl_loss(dense, labels, inputs_of(b))
+    loss.backward()
+    z = wide.clone().requires_grad_()
+    loss2, _ = calibrl.fused_logits_calibrl_loss(z[:, ::2], labels.tolist(), inputs_of(b))
+    loss2.backward()
+    assert loss2.item() == loss.item()
+    torch.testing.assert_close(z.grad[:, ::2], dense.grad, atol=0, rtol=0)
+    assert torch.all(z.grad[:, 1::2] == 0)
+
+
 # ------------------------------------------------------------------------------ bad input
 
 
@@ -427,14 +521,12 @@ def sentinel_outputs(shape):
          calibrl.NonFiniteError, "`logprobs`"),
         (lambda b: b.__setitem__("old", b["old"][:, :4]), calibrl.ShapeError, "`old_logprobs`"),
         (lambda b: b.__setitem__("adv", b["adv"].long()), calibrl.DtypeError, "`advantages`"),
-        (lambda b: b.__setitem__("old", b["old"].t().contiguous().t()), calibrl.LayoutError, "`old_logprobs`"),
         (lambda b: b.__setitem__("expert_index", torch.tensor([0, 0, 0, 1, 1, 2])), calibrl.InvalidArgumentError, "`expert_index`"),
         (lambda b: b.__setitem__("c", b["c"] * 0.5), calibrl.InvalidArgumentError, "`signs`"),
         (lambda b: b.__setitem__("tw", -torch.ones_like(b["lp"])), calibrl.InvalidArgumentError, "`token_weights`"),
         (lambda b: b.__setitem__("tw", torch.ones(6, 4, dtype=F64)), calibrl.ShapeError, "`token_weights`"),
     ],
-    ids=["nan", "shape", "dtype", "non-contiguous", "expert-slot", "signs", "negative-token-weights",
-         "token-weights-shape"],
+    ids=["nan", "shape", "dtype", "expert-slot", "signs", "negative-token-weights", "token-weights-shape"],
 )
 def test_bad_loss_input_raises_and_writes_nothing(mutate, error, match):
     b = batch(15)
@@ -456,15 +548,50 @@ def test_nan_in_autograd_forward_raises():
         calibrl.calibrl_loss(lp.requires_grad_(), inputs_of(b))
 
 
-def test_autograd_accepts_strided_logprobs_but_the_array_api_refuses_them():
+def strided(t):
+    """The same values in a non-contiguous layout (a column-major copy)."""
+    out = t.t().contiguous().t() if t.dim() == 2 else torch.stack([t, t], 1)[:, 0]
+    assert not out.is_contiguous() and torch.equal(out, t)
+    return out
+
+
+def test_strided_inputs_are_accepted_everywhere():
+    """Every input may be strided — log-probs, mask, old log-probs, row tensors, in the array
+    API and in autograd alike — and gives the contiguous inputs' result; an output buffer must
+    be contiguous (it is written in place)."""
     b = batch(17)
-    wide = torch.zeros(6, 5, 3, dtype=F64)
-    wide[..., 0] = b["lp"]
-    lp = wide[..., 0]
-    assert not lp.is_contiguous()
-    with pytest.raises(calibrl.LayoutError, match="`logprobs`.*contiguous"):
-        calibrl.loss(calibrl.Config(), lp, inputs_of(b))
-    lp.requires_grad_()
-    loss, _ = calibrl.calibrl_loss(lp, inputs_of(b))
+    want = calibrl.loss(calibrl.Config(), b["lp"], inputs_of(b))
+    sb = {k: strided(v) if k in ("lp", "mask", "old", "adv", "w", "c") else v for k, v in b.items()}
+    got = calibrl.loss(calibrl.Config(), sb["lp"], inputs_of(sb))
+    assert got.loss == want.loss
+    torch.testing.assert_close(got.grad_logprobs, want.grad_logprobs, atol=0, rtol=0)
+    got_np = calibrl.loss(calibrl.Config(), sb["lp"].numpy(), inputs_of(b).map_tensors(lambda t: strided(t).numpy()))
+    assert got_np.loss == want.loss
+
+    lp = sb["lp"].clone().t().contiguous().t().requires_grad_()
+    loss, _ = calibrl.calibrl_loss(lp, inputs_of(sb))
     loss.backward()
-    torch.testing.assert_close(lp.grad, calibrl.loss(calibrl.Config(), b["lp"], inputs_of(b)).grad_logprobs)
+    assert loss.item() == pytest.approx(want.loss, rel=1e-12)
+    torch.testing.assert_close(lp.grad, want.grad_logprobs, atol=0, rtol=0)
+
+    out = torch.full((6, 5), 7.0, dtype=F64).t().contiguous().t()
+    with pytest.raises(calibrl.LayoutError, match="`grad_logprobs`.*contiguous"):
+        calibrl.loss(calibrl.Config(), b["lp"], inputs_of(b), grad_logprobs=out)
+    assert torch.all(out == 7.0)
+
+
+def test_lists_are_accepted_as_inputs():
+    """Plain Python lists work wherever arrays do (converted as float32 for float arguments)."""
+    rewards, gid = [1, 0, 0, 1, 1, 1], [0, 0, 0, 1, 1, 1]
+    want = calibrl.group_advantages(torch.tensor(rewards, dtype=torch.float32), torch.tensor(gid))
+    got = calibrl.group_advantages(rewards, gid)
+    for a, w in zip(got, want):
+        np.testing.assert_array_equal(a, w.numpy())
+    b = batch(18)
+    as_lists = inputs_of(b).map_tensors(lambda t: t.float().tolist() if t.is_floating_point() else t.tolist())
+    as_f32 = inputs_of(b).map_tensors(lambda t: t.float() if t.is_floating_point() else t)
+    lp = b["lp"].float()
+    want = calibrl.loss(calibrl.Config(), lp, as_f32)
+    assert calibrl.loss(calibrl.Config(), lp.tolist(), as_lists).loss == want.loss
+    loss, _ = calibrl.calibrl_loss(lp.clone().requires_grad_(), as_lists)
+    assert loss.item() == pytest.approx(want.loss, rel=1e-6)
