@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's test command (README): Rust tests (CPU backend, C ABI, header freshness, NVRTC
 # compile of every kernel; the GPU tests are reported as ignored unless nvidia-smi lists a GPU),
-# the Python binding tests and the C++ binding tests. Installs what it needs on first use.
+# the Python binding tests, the C++ binding tests and the packaging check (scripts/wheel-tests.sh:
+# sdist and wheel installed in fresh venvs). Installs what it needs on first use.
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -22,6 +23,7 @@ if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then gpu_a
 run rust cargo test --release "${gpu_args[@]}"
 [ -f scripts/python-tests.sh ] && run python bash scripts/python-tests.sh
 [ -f scripts/cpp-tests.sh ] && run cpp bash scripts/cpp-tests.sh
+[ -f scripts/wheel-tests.sh ] && run packaging bash scripts/wheel-tests.sh
 
 if [ ${#failed[@]} -gt 0 ]; then
   echo "FAILED suites: ${failed[*]}"

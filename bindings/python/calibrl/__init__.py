@@ -27,6 +27,7 @@ from ._lib import (
 )
 from .config import PRESETS, Config
 from .ops import (
+    DLPackTensor,
     LossInputs,
     LossResult,
     group_advantages,
@@ -34,6 +35,7 @@ from .ops import (
     logits_forward,
     logits_shard_finish,
     logits_shard_stats,
+    TensorLike,
     loss,
     metrics_dict,
 )
@@ -61,3 +63,20 @@ else:
     )
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "EXPECTED_ABI_VERSION", "METRICS_NAMES", "PRESETS",
+    "AbiMismatchError", "BufferTooSmallError", "CalibrlError", "ConfigError", "CudaError",
+    "CudaUnavailableError", "DeviceError", "DtypeError", "InvalidArgumentError", "LayoutError",
+    "LibraryNotFoundError", "MissingSymbolError", "NonFiniteError", "NullArgumentError",
+    "PanicError", "ShapeError",
+    "Config", "DLPackTensor", "LossInputs", "LossResult", "TensorLike",
+    "group_advantages", "logits_backward", "logits_forward", "logits_shard_finish",
+    "logits_shard_stats", "loss", "metrics_dict", "library_version",
+    "Minibatch", "Plan", "Prompt", "SchedulerConfig", "SeqKind", "SeqRef", "plan",
+]
+if "_torch" in globals():
+    __all__ += [
+        "CalibRLLoss", "FusedLogitsCalibRL", "calibrl_loss", "fused_logits_calibrl_loss",
+        "vocab_parallel_calibrl_loss",
+    ]

@@ -6,6 +6,7 @@ import ctypes
 import json
 import keyword
 from ctypes import c_size_t, c_void_p
+from typing import Any
 
 from . import _lib
 
@@ -27,7 +28,7 @@ class Config:
     key for a typo).
     """
 
-    def __init__(self, preset: str = "paper", **overrides):
+    def __init__(self, preset: str = "paper", **overrides: Any) -> None:
         self._handle = None
         text = json.dumps({"preset": preset, **{_json_key(k): v for k, v in overrides.items()}})
         handle = c_void_p()
@@ -36,12 +37,12 @@ class Config:
         self._free = _lib.function("calibrl_config_free")
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Config":
+    def from_dict(cls, d: dict[str, Any]) -> "Config":
         d = dict(d)
         return cls(d.pop("preset", "paper"), **d)
 
     @classmethod
-    def coerce(cls, cfg) -> "Config":
+    def coerce(cls, cfg: Any) -> "Config":
         """A ``Config`` from a ``Config``, a dict of keys (with optional ``preset``), a preset
         name, or ``None`` (the ``paper`` preset)."""
         if isinstance(cfg, Config):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Optional, Protocol, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -69,18 +69,31 @@ def _num_groups(group_ids) -> int:
 # SPEC §3
 
 
+class DLPackTensor(Protocol):
+    """Anything exchanged through DLPack without a copy: ``numpy.ndarray``, ``torch.Tensor``,
+    CuPy/JAX arrays..."""
+
+    def __dlpack__(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def __dlpack_device__(self) -> Any: ...
+
+
+#: A tensor argument: a DLPack array/tensor, or a (nested) list or tuple of numbers.
+TensorLike = Union[DLPackTensor, Sequence[Any]]
+
+
 def group_advantages(
-    rewards,
-    group_ids,
+    rewards: TensorLike,
+    group_ids: TensorLike,
     num_groups: int | None = None,
     *,
-    config=None,
-    correct=None,
-    is_expert=None,
-    advantages=None,
-    weights=None,
-    signs=None,
-):
+    config: Any = None,
+    correct: TensorLike | None = None,
+    is_expert: TensorLike | None = None,
+    advantages: DLPackTensor | None = None,
+    weights: DLPackTensor | None = None,
+    signs: DLPackTensor | None = None,
+) -> tuple[Any, Any, Any]:
     """Group-normalised advantages, rarity weights |A| and correctness signs (SPEC §3).
 
     Returns ``(advantages, weights, signs)``, each ``[B]`` (float32, or float64 for float64
@@ -134,24 +147,24 @@ class LossInputs:
     token's policy-gradient term, like verl's ``rollout_is_weights``. See docs/abi.md.
     """
 
-    advantages: Any
-    weights: Any
-    signs: Any
-    mask: Any = None
-    seq_offsets: Any = None
-    old_logprobs: Any = None
-    ref_logprobs: Any = None
-    is_expert: Any = None
-    expert_logprobs: Any = None
-    expert_offsets: Any = None
-    expert_mask: Any = None
-    expert_index: Any = None
-    normalizers: Any = None
-    token_weights: Any = None
+    advantages: TensorLike
+    weights: TensorLike
+    signs: TensorLike
+    mask: Optional[TensorLike] = None
+    seq_offsets: Optional[TensorLike] = None
+    old_logprobs: Optional[TensorLike] = None
+    ref_logprobs: Optional[TensorLike] = None
+    is_expert: Optional[TensorLike] = None
+    expert_logprobs: Optional[TensorLike] = None
+    expert_offsets: Optional[TensorLike] = None
+    expert_mask: Optional[TensorLike] = None
+    expert_index: Optional[TensorLike] = None
+    normalizers: Optional[Tuple[float, float]] = None
+    token_weights: Optional[TensorLike] = None
 
-    def map_tensors(self, fn) -> "LossInputs":
+    def map_tensors(self, fn: Callable[[Any], Any]) -> "LossInputs":
         """A copy with ``fn`` applied to every tensor field (e.g. ``.to(device)``)."""
-        out = {}
+        out: dict[str, Any] = {}
         for k, v in self.__dict__.items():
             out[k] = v if v is None or k == "normalizers" else fn(v)
         return LossInputs(**out)
@@ -167,16 +180,16 @@ class LossResult:
 
 
 def loss(
-    config,
-    logprobs,
+    config: Any,
+    logprobs: TensorLike,
     inputs: LossInputs | None = None,
     *,
-    entropy=None,
-    grad_logprobs=True,
-    grad_entropy=None,
-    metrics=None,
+    entropy: TensorLike | None = None,
+    grad_logprobs: bool | DLPackTensor | None = True,
+    grad_entropy: bool | DLPackTensor | None = None,
+    metrics: DLPackTensor | None = None,
     host_metrics: bool = True,
-    **input_fields,
+    **input_fields: Any,
 ) -> LossResult:
     """The CalibRL loss (SPEC §4): value, gradients and metrics in one call.
 
