@@ -60,6 +60,12 @@ else
   fail "the wheel holds a stripped calibrl/libcalibrl.so"
 fi
 [[ -f "$work/unpacked/calibrl/py.typed" ]] && pass "the wheel has calibrl/py.typed" || fail "the wheel has calibrl/py.typed"
+meta="$(cat "$work"/unpacked/calibrl-*.dist-info/METADATA)"
+if grep -q '^Provides-Extra: cuda' <<<"$meta" && grep -q '^Requires-Dist: nvidia-cuda-nvrtc.*extra == "cuda"' <<<"$meta"; then
+  pass "the wheel declares calibrl[cuda] (nvidia-cuda-nvrtc)"
+else
+  fail "the wheel declares calibrl[cuda] with nvidia-cuda-nvrtc"
+fi
 
 # --- install each into a fresh venv and test it ---------------------------------------------------
 site_of() { "$1" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'; }
