@@ -30,15 +30,7 @@ fn c_program_compiles_runs_and_agrees_with_rust() {
     let lib = common::cdylib_path();
     let out_dir = lib.parent().unwrap().join("c-smoke");
     // The installed layout (scripts/install.sh): the program must record and load the SONAME.
-    let lib_dir = out_dir.join("lib");
-    std::fs::create_dir_all(&lib_dir).unwrap();
-    for (link, to) in [
-        ("libcalibrl.so.0", lib.as_path()),
-        ("libcalibrl.so", Path::new("libcalibrl.so.0")),
-    ] {
-        let _ = std::fs::remove_file(lib_dir.join(link));
-        std::os::unix::fs::symlink(to, lib_dir.join(link)).unwrap();
-    }
+    let lib_dir = common::installed_lib_dir(&lib, &out_dir);
     let lib_dir = lib_dir.as_path();
     let exe = out_dir.join("smoke");
     let compile = Command::new(&cc)

@@ -25,9 +25,11 @@ fn readme_c_program_compiles_runs_and_matches_the_reference() {
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let lib = common::cdylib_path();
-    let lib_dir = lib.parent().unwrap();
-    let dir = lib_dir.join("readme-c");
+    let dir = lib.parent().unwrap().join("readme-c");
     std::fs::create_dir_all(&dir).unwrap();
+    // As the README builds it: against the installed layout (libcalibrl.so -> .so.0 -> file).
+    let lib_dir = common::installed_lib_dir(&lib, &dir);
+    let lib_dir = lib_dir.as_path();
     let (src, exe) = (dir.join("readme.c"), dir.join("readme"));
     std::fs::write(&src, readme_block("c")).unwrap();
     let compile = Command::new(&cc)

@@ -25,17 +25,14 @@ pub const NVRTC_SONAME: &str = "libnvrtc.so.13";
 const RTLD_NOW: c_int = 2;
 const RTLD_NOLOAD: c_int = 4;
 
-#[repr(C)]
-struct DlInfo {
-    dli_fname: *const c_char,
-    dli_fbase: *mut c_void,
-    dli_sname: *const c_char,
-    dli_saddr: *mut c_void,
-}
-
-extern "C" {
-    fn dlopen(filename: *const c_char, flags: c_int) -> *mut c_void;
-    fn dladdr(addr: *const c_void, info: *mut DlInfo) -> c_int;
+/// `dlopen(name, flags)`: whether it returned a handle (kept open for the process' life).
+fn dl_open(name: &CStr, flags: c_int) -> bool {
+    // Declared here, not at module level, so cbindgen leaves them out of calibrl.h.
+    extern "C" {
+        fn dlopen(filename: *const c_char, flags: c_int) -> *mut c_void;
+    }
+    // SAFETY: a NUL-terminated name; opening NVRTC runs only its initializers.
+    !unsafe { dlopen(name.as_ptr(), flags) }.is_null()
 }
 
 /// Where NVRTC was found, or the message naming everything that was searched (once per process).
@@ -55,16 +52,25 @@ pub fn locate() -> Result<&'static str, &'static str> {
 }
 
 fn already_loaded() -> Option<String> {
+    // RTLD_NOLOAD only succeeds when the library is already loaded.
     let name = CString::new(NVRTC_SONAME).unwrap();
-    // SAFETY: RTLD_NOLOAD only returns a handle when the library is already loaded (and then
-    // takes a reference that we keep).
-    let handle = unsafe { dlopen(name.as_ptr(), RTLD_NOW | RTLD_NOLOAD) };
-    (!handle.is_null()).then(|| format!("{NVRTC_SONAME} (already loaded)"))
+    dl_open(&name, RTLD_NOW | RTLD_NOLOAD).then(|| format!("{NVRTC_SONAME} (already loaded)"))
 }
 
 /// The directory of the file this code was loaded from (`libcalibrl.so`, or an executable that
 /// links the rlib).
 fn own_dir() -> Option<PathBuf> {
+    // glibc's Dl_info and dladdr, declared here so cbindgen leaves them out of calibrl.h.
+    #[repr(C)]
+    struct DlInfo {
+        dli_fname: *const c_char,
+        dli_fbase: *mut c_void,
+        dli_sname: *const c_char,
+        dli_saddr: *mut c_void,
+    }
+    extern "C" {
+        fn dladdr(addr: *const c_void, info: *mut DlInfo) -> c_int;
+    }
     let mut info = DlInfo {
         dli_fname: std::ptr::null(),
         dli_fbase: std::ptr::null_mut(),
@@ -129,10 +135,7 @@ pub fn open_first(dirs: &[Option<PathBuf>]) -> Result<PathBuf, String> {
             continue;
         }
         let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
-        // SAFETY: opening NVRTC runs no user code beyond its initializers; the handle is kept
-        // for the life of the process on purpose.
-        let handle = unsafe { dlopen(c.as_ptr(), RTLD_NOW) };
-        if !handle.is_null() {
+        if dl_open(&c, RTLD_NOW) {
             return Ok(path);
         }
         tried.push(match dir {

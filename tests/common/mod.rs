@@ -840,6 +840,21 @@ pub fn cdylib_path() -> std::path::PathBuf {
     path
 }
 
+/// `<dir>/lib` laid out as scripts/install.sh installs the library: `libcalibrl.so.0` (the
+/// SONAME, which linked programs record) -> `lib`, and `libcalibrl.so` -> `libcalibrl.so.0`.
+pub fn installed_lib_dir(lib: &std::path::Path, dir: &std::path::Path) -> std::path::PathBuf {
+    let lib_dir = dir.join("lib");
+    std::fs::create_dir_all(&lib_dir).unwrap();
+    for (link, to) in [
+        ("libcalibrl.so.0", lib),
+        ("libcalibrl.so", std::path::Path::new("libcalibrl.so.0")),
+    ] {
+        let _ = std::fs::remove_file(lib_dir.join(link));
+        std::os::unix::fs::symlink(to, lib_dir.join(link)).unwrap();
+    }
+    lib_dir
+}
+
 /// The values of one kind of entry of an ELF file's dynamic section, from `readelf -d`
 /// (`"Library soname"`, `"Shared library"`): `0x... (NEEDED)  Shared library: [libm.so.6]`.
 pub fn readelf_dynamic(file: &std::path::Path, kind: &str) -> Vec<String> {
