@@ -132,8 +132,27 @@ extern "C" __global__ void calibrl_group_stats(AdvParams p) {
     }
   }
   block_sum<2>(v, scratch);
+  // Whether every rollout reward equals the first one found (by a fixed block-wide scan):
+  // such a group takes that reward as its mean, so A = 0 exactly (SPEC §3).
+  __shared__ double first_s;
+  __shared__ int unequal_s;
+  if (threadIdx.x == 0) {
+    first_s = 0.0;
+    unequal_s = 0;
+    for (i64 i = 0; i < p.rows; ++i) {
+      bool expert = p.is_expert && ld(p.is_expert, p.is_expert_dt, i) != 0.0;
+      if (!expert && ld_index(p.group_ids, p.group_ids_dt, i) == g) { first_s = ld(p.rewards, p.rewards_dt, i); break; }
+    }
+  }
+  __syncthreads();
+  for (i64 i = threadIdx.x; i < p.rows; i += blockDim.x) {
+    bool expert = p.is_expert && ld(p.is_expert, p.is_expert_dt, i) != 0.0;
+    if (!expert && ld_index(p.group_ids, p.group_ids_dt, i) == g && ld(p.rewards, p.rewards_dt, i) != first_s)
+      unequal_s = 1;  // benign race: every writer stores 1
+  }
+  __syncthreads();
   __shared__ double mean_s;
-  if (threadIdx.x == 0) mean_s = v[0] > 1.0 ? v[1] / v[0] : 0.0;  // G = 1: μ = 0
+  if (threadIdx.x == 0) mean_s = v[0] > 1.0 ? (unequal_s ? v[1] / v[0] : first_s) : 0.0;  // G = 1: μ = 0
   __syncthreads();
   const double count = v[0];
   double q[1] = {0.0};

@@ -706,3 +706,45 @@ fn advantages_match_cpu() {
         unsafe { calibrl_config_free(cfgp) };
     }
 }
+
+#[test]
+fn all_equal_groups_get_exact_zeros_on_gpu() {
+    let (g, _guard) = require_gpu!();
+    // SPEC §3: a group whose rewards are all equal has A = 0 exactly.
+    let mut rewards = vec![1.2155; 8];
+    rewards.extend([0.3, 0.3, 1.0]);
+    let mut gid = vec![0.0; 8];
+    gid.extend([1.0, 1.0, 1.0]);
+    let rows = rewards.len();
+    let cfgp = config(r#"{"norm_by_std":true}"#);
+    let mut t_r = Pair::new(g, Dt::F64, &rewards, &[rows]);
+    let mut t_g = Pair::new(g, Dt::I64, &gid, &[rows]);
+    let nan = vec![f64::NAN; rows];
+    let (mut a, mut w, mut s) = (
+        Pair::new(g, Dt::F64, &nan, &[rows]),
+        Pair::new(g, Dt::F64, &nan, &[rows]),
+        Pair::new(g, Dt::F64, &nan, &[rows]),
+    );
+    let args = CalibrlAdvantageArgs {
+        rewards: t_r.desc(true),
+        group_ids: t_g.desc(true),
+        num_groups: 2,
+        correct: null(),
+        is_expert: null(),
+        advantages: a.desc(true),
+        weights: w.desc(true),
+        signs: s.desc(true),
+    };
+    // SAFETY: live descriptors.
+    let st = unsafe { calibrl_group_advantages(cfgp, &args, g.stream.cu_stream() as *mut c_void) };
+    assert_eq!(st, CalibrlStatus::Ok, "{}", last_error());
+    g.stream.synchronize().unwrap();
+    let (av, wv) = (a.dev_values(g), w.dev_values(g));
+    for i in 0..8 {
+        assert_eq!(av[i], 0.0, "row {i}: {}", av[i]);
+        assert_eq!(wv[i], 0.0);
+    }
+    assert!(av[8] != 0.0);
+    // SAFETY: handle from calibrl_config_new.
+    unsafe { calibrl_config_free(cfgp) };
+}

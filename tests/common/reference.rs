@@ -38,7 +38,11 @@ pub fn ref_group_advantages(
             .map(|i| rewards[i])
             .collect();
         let n = members.len();
-        if n >= 2 {
+        if n >= 2 && members.iter().all(|&r| r == members[0]) {
+            // All rewards equal: A = 0 exactly (not a rounding residue of the mean).
+            mu[g] = members[0];
+            sigma[g] = 0.0;
+        } else if n >= 2 {
             let m = members.iter().sum::<f64>() / n as f64;
             let var = members.iter().map(|r| (r - m) * (r - m)).sum::<f64>() / (n - 1) as f64;
             mu[g] = m;

@@ -23,7 +23,10 @@ def advantages(cfg: dict, rewards, group_ids, num_groups, correct=None, is_exper
     std = torch.ones(num_groups, dtype=F64)
     for g in range(num_groups):
         rg = r[(gid == g) & ~expert]
-        if rg.numel() > 1:  # G_g == 1: μ = 0, σ = 1
+        if rg.numel() > 1 and bool((rg == rg[0]).all()):  # all equal: A = 0 exactly
+            mean[g] = rg[0]
+            std[g] = 0.0
+        elif rg.numel() > 1:  # G_g == 1: μ = 0, σ = 1
             mean[g] = rg.mean()
             std[g] = rg.std(unbiased=True)
     centered = r - mean[gid]
