@@ -221,6 +221,7 @@ extern "C" __global__ void calibrl_group_advantages(AdvParams p) {
 #define AGG_SEQ_SUM 1
 #define AGG_SEQ_MEAN 2
 #define AGG_SUM_NORM 3
+#define AGG_TOKEN_SUM 4
 #define KL_K1 0
 #define KL_ABS 1
 #define KL_K2 2
@@ -228,7 +229,7 @@ extern "C" __global__ void calibrl_group_advantages(AdvParams p) {
 // Where N_tok and N_seq come from.
 #define COUNTS_GIVEN 0     // the caller's global normalisers
 #define COUNTS_KERNEL 1    // calibrl_loss_counts wrote them to final_ws[0..2]
-#define COUNTS_ALL_ROWS 2  // every row trained, no mask: the layout's token and row counts
+#define COUNTS_ALL_ROWS 2  // padded, every row trained, no mask: the layout's token and row counts
 // "Any dtype" instantiation of the loss kernel (runtime switch per load).
 #define DT_ANY (-1)
 
@@ -261,7 +262,7 @@ struct LossParams {
   double* final_ws;   // [FINAL_FIELDS + METRICS]: N_tok, N_seq, then the metrics
   unsigned* tickets;  // [2], zero between calls: blocks finished (counts kernel, loss kernel)
   // geometry and counts
-  i64 team_log2;  // threads per row = 1 << team_log2 (2 … 8)
+  i64 team_log2;  // threads per row = 1 << team_log2 (1 … 5: a team lies within one warp)
   i64 counts;     // COUNTS_*
   // configuration
   i64 loss_kind, token_aligned, length_normalize, activation, baseline_ref, agg, kl_kind;
@@ -437,6 +438,7 @@ __device__ __forceinline__ double agg_factor(const LossParams& p, double n_row, 
     case AGG_TOKEN_MEAN: return inv(n_tok);
     case AGG_SEQ_SUM: return inv(n_seq);
     case AGG_SEQ_MEAN: return inv(n_seq) * inv(n_row);
+    case AGG_TOKEN_SUM: return 1.0;
     default: return inv(p.t_norm);
   }
 }
@@ -508,12 +510,15 @@ extern "C" __global__ void __launch_bounds__(LOSS_THREADS) calibrl_loss_counts(L
     if (expert_row(p, i) && !trains_experts(p)) continue;
     i64 start, len;
     row_range(p, i, start, len);
+    double n_row = 0.0;
     if (p.mask) {
-      for (i64 t = lane; t < len; t += 32) v[0] += mask_at(p.mask, p.mask_dt, start + t) ? 1.0 : 0.0;
+      for (i64 t = lane; t < len; t += 32) n_row += mask_at(p.mask, p.mask_dt, start + t) ? 1.0 : 0.0;
     } else if (lane == 0 && len > 0) {
-      v[0] += (double)len;
+      n_row = (double)len;
     }
-    if (lane == 0) v[1] += 1.0;
+    v[0] += n_row;
+    // A row without counted tokens is not counted in N_seq (SPEC §4.5).
+    if (__any_sync(0xffffffffu, n_row > 0.0) && lane == 0) v[1] += 1.0;
   }
   block_sum<2>(v, scratch);
   if (publish_partials<2>(v, p.block_ws, &p.tickets[0])) {
@@ -529,9 +534,8 @@ __device__ __forceinline__ void normalisers(const LossParams& p, double& n_tok, 
   } else if (p.counts == COUNTS_KERNEL) {
     n_tok = p.final_ws[0]; n_seq = p.final_ws[1];
   } else {
-    n_tok = p.offsets ? (double)(ld_index(p.offsets, p.offsets_dt, p.rows) - ld_index(p.offsets, p.offsets_dt, 0))
-                      : (double)p.rows * (double)p.seq_len;
-    n_seq = (double)p.rows;
+    n_tok = (double)p.rows * (double)p.seq_len;
+    n_seq = p.seq_len > 0 ? (double)p.rows : 0.0;
   }
 }
 
@@ -679,7 +683,8 @@ __device__ __forceinline__ void loss_kernel(const LossParams& p) {
     const double n_row = s1[0];
     const double f = trained ? agg_factor(p, n_row, n_tok, n_seq) : 0.0;
     double seq_coef = 0.0;
-    if (seq_explore) {
+    // An empty rollout adds nothing, not even φ of a length-normalised Δ (SPEC §4.5).
+    if (seq_explore && n_row > 0.0) {
       const double scale = p.length_normalize ? inv(n_row) : 1.0;
       double e;
       if (p.baseline_ref) e = s1[2] * scale;
@@ -697,7 +702,6 @@ __device__ __forceinline__ void loss_kernel(const LossParams& p) {
     }
     if (active && leader) {
       double* tr = team_rows[slot_in_block];
-      if (trained) tr[B_SEQS - THREAD_FIELDS] += 1.0;
       if (!is_exp) {
         tr[B_ROLLOUTS - THREAD_FIELDS] += 1.0;
         tr[B_WSUM - THREAD_FIELDS] += w;
@@ -706,6 +710,7 @@ __device__ __forceinline__ void loss_kernel(const LossParams& p) {
     }
 
     // Pass 2: every element of the row gets its gradients (0 where nothing flows).
+    bool row_counted = false;  // this thread saw a counted token of the row
     for (i64 t0 = lane; t0 < len; t0 += (i64)BATCH * team) {
       typename RawOf<FT>::T lr[BATCH], orr[BATCH];
       unsigned in = 0;  // bit u: token u of the batch counts
@@ -719,6 +724,7 @@ __device__ __forceinline__ void loss_kernel(const LossParams& p) {
         orr[u] = (ok && p.old_logprobs) ? ld_raw<FT>(p.old_logprobs, p.old_dt, k) : lr[u];
         in |= (unsigned)(ok && mask_at(p.mask, p.mask_dt, k)) << u;
       }
+      row_counted |= in != 0u;
 #pragma unroll 1
       for (int u = 0; u < BATCH; ++u) {
         const i64 t = t0 + (i64)u * team, k = start + t;
@@ -761,6 +767,11 @@ __device__ __forceinline__ void loss_kernel(const LossParams& p) {
         if (p.grad_entropy) st(p.grad_entropy, p.grad_entropy_dt, k, gh);
       }
     }
+    // N_seq counts trained rows with a counted token. Teams lie within one warp (team ≤ 32),
+    // so the team's votes are its bits of the warp's ballot.
+    const unsigned votes = __ballot_sync(0xffffffffu, row_counted);
+    const unsigned team_bits = team >= 32 ? votes : (votes >> (threadIdx.x & 31 & ~(team - 1))) & ((1u << team) - 1u);
+    if (active && leader && trained && team_bits != 0u) team_rows[slot_in_block][B_SEQS - THREAD_FIELDS] += 1.0;
   }
 
   // The expert rows' Σ m*ℓ*, Σ m* (metric), one team per expert row.

@@ -57,6 +57,8 @@ pub enum Aggregation {
     SeqMeanTokenMean,
     #[serde(rename = "seq-mean-token-sum-norm")]
     SeqMeanTokenSumNorm,
+    #[serde(rename = "token-sum")]
+    TokenSum,
 }
 
 /// KL estimator (SPEC §4.3).

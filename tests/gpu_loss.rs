@@ -471,6 +471,10 @@ const CONFIGS: &[&str] = &[
     r#"{"preset":"reference","kl_coef":0.1,"kl_kind":"k1","entropy_coef":0.02,"rarity_weighting":false}"#,
     r#"{"preset":"paper","kl_coef":0.1,"kl_kind":"abs","dual_clip":0.0,"clip_high":0.28}"#,
     r#"{"preset":"paper","kl_coef":0.1,"kl_kind":"k2","lambda":0.5}"#,
+    // token-sum; empty rows (batch() makes some) under length-normalised Δ (SPEC §4.5)
+    r#"{"preset":"paper","agg":"token-sum","length_normalize":true}"#,
+    r#"{"preset":"reference","agg":"token-sum","kl_coef":0.05,"entropy_coef":0.01}"#,
+    r#"{"preset":"paper","agg":"seq-mean-token-sum","length_normalize":true,"baseline":"ref_policy"}"#,
 ];
 
 fn compare(label: &str, cpu: &Outputs, gpu: &Outputs, dt: Dt) {

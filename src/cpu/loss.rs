@@ -224,7 +224,10 @@ pub fn compute(cfg: &Config, batch: &LossBatch) -> Result<LossOutput> {
         .map(|r| batch.mask[r.clone()].iter().sum())
         .collect();
     let local_tokens: f64 = (0..b).filter(|&i| trained(i)).map(|i| n_tokens[i]).sum();
-    let local_seqs = (0..b).filter(|&i| trained(i)).count() as f64;
+    // A row without counted tokens adds nothing and is not counted in N_seq (SPEC §4.5).
+    let local_seqs = (0..b)
+        .filter(|&i| trained(i) && n_tokens[i] > 0.0)
+        .count() as f64;
     let norm = batch.normalizers.unwrap_or(CalibrlNormalizers {
         token_count: local_tokens,
         seq_count: local_seqs,
@@ -235,6 +238,7 @@ pub fn compute(cfg: &Config, batch: &LossBatch) -> Result<LossOutput> {
         Aggregation::SeqMeanTokenSum => inv(norm.seq_count),
         Aggregation::SeqMeanTokenMean => inv(norm.seq_count) * inv(n_tokens[i]),
         Aggregation::SeqMeanTokenSumNorm => inv(cfg.t_norm.unwrap_or(1.0)),
+        Aggregation::TokenSum => 1.0,
     };
 
     let lambda = cfg.effective_lambda();
@@ -311,7 +315,9 @@ pub fn compute(cfg: &Config, batch: &LossBatch) -> Result<LossOutput> {
                 }
             }
         }
-        if let (DeltaMode::Sequence, Some(base), false) = (cfg.delta_mode, &baseline, is_exp) {
+        if let (DeltaMode::Sequence, Some(base), false, true) =
+            (cfg.delta_mode, &baseline, is_exp, n_tokens[i] > 0.0)
+        {
             if let Some(e) = base.sequence(cfg, batch, i) {
                 let scale = if cfg.length_normalize {
                     inv(n_tokens[i])

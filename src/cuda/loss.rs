@@ -323,7 +323,11 @@ fn team_log2(tokens: usize, rows: usize) -> i64 {
 fn counts_mode(cfg: &Config, args: &Loss) -> Counts {
     if args.normalizers.is_some() {
         Counts::Given
-    } else if args.policy.mask.is_none() && (args.is_expert.is_none() || cfg.trains_expert_rows()) {
+    } else if args.policy.mask.is_none()
+        && args.policy.layout != Layout::Packed
+        && (args.is_expert.is_none() || cfg.trains_expert_rows())
+    {
+        // Padded rows all have the same length: all empty or none (a packed row may be empty).
         Counts::AllRows
     } else {
         Counts::Kernel
@@ -419,6 +423,7 @@ fn loss_params(cfg: &Config, args: &Loss) -> Result<LossParams> {
             Aggregation::SeqMeanTokenSum => 1,
             Aggregation::SeqMeanTokenMean => 2,
             Aggregation::SeqMeanTokenSumNorm => 3,
+            Aggregation::TokenSum => 4,
         },
         kl_kind: match cfg.kl_kind {
             KlKind::K1 => 0,

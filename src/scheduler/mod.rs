@@ -513,7 +513,8 @@ pub fn plan(input: &StepInput, config: &SchedulerConfig) -> Result<Plan> {
         }
         let normalizers = CalibrlNormalizers {
             token_count: seqs.iter().map(|s| s.response_len as u64).sum::<u64>() as f64,
-            seq_count: seqs.len() as f64,
+            // An empty rollout adds nothing and is not counted in N_seq (SPEC §4.5).
+            seq_count: seqs.iter().filter(|s| s.response_len > 0).count() as f64,
         };
         Minibatch {
             first_prompt: first,

@@ -320,7 +320,8 @@ pub fn ref_loss(cfg: &Config, b: &RefBatch) -> RefOut {
         .map(|r| r.clone().map(|t| b.mask[t]).sum())
         .collect();
     let local_tok: f64 = (0..nrows).filter(|&i| counted[i]).map(|i| n[i]).sum();
-    let local_seq = counted.iter().filter(|&&c| c).count() as f64;
+    // SPEC §4.5: a row with n_i = 0 is not counted in N_seq.
+    let local_seq = (0..nrows).filter(|&i| counted[i] && n[i] > 0.0).count() as f64;
     let (n_tok, n_seq) = b.norm.unwrap_or((local_tok, local_seq));
     let safe = |d: f64| if d > 0.0 { 1.0 / d } else { 0.0 };
     let coef = |i: usize| -> f64 {
@@ -329,6 +330,7 @@ pub fn ref_loss(cfg: &Config, b: &RefBatch) -> RefOut {
             Aggregation::SeqMeanTokenSum => safe(n_seq),
             Aggregation::SeqMeanTokenMean => safe(n_seq) * safe(n[i]),
             Aggregation::SeqMeanTokenSumNorm => 1.0 / cfg.t_norm.expect("t_norm"),
+            Aggregation::TokenSum => 1.0,
         }
     };
     let lam = if cfg.loss == LossKind::Calibrl {
@@ -427,6 +429,8 @@ pub fn ref_loss(cfg: &Config, b: &RefBatch) -> RefOut {
                 Baseline::RefPolicy => None,
             };
             match cfg.delta_mode {
+                // SPEC §4.5: an empty rollout adds nothing, not even φ(c·E).
+                DeltaMode::Sequence if n[i] == 0.0 => {}
                 DeltaMode::Sequence => {
                     let ni = n[i];
                     let scale_i = if ln { safe(ni) } else { 1.0 };

@@ -104,7 +104,10 @@ def loss(
     trained = torch.ones(B, dtype=torch.bool) if trains_expert else rollout
     tm = m * trained[:, None].to(F64)  # tokens that count
     n_i = tm.sum(1)
-    token_count, seq_count = (tm.sum(), trained.sum().to(F64)) if normalizers is None else map(float, normalizers)
+    # §4.5: a row without counted tokens is not counted in N_seq
+    token_count, seq_count = (
+        (tm.sum(), (trained & (n_i > 0)).sum().to(F64)) if normalizers is None else map(float, normalizers)
+    )
 
     def agg(v):
         mode = cfg["agg"]
@@ -117,6 +120,8 @@ def loss(
             return per_row.sum() / seq_count
         if mode == "seq-mean-token-sum-norm":
             return (tm * v).sum() / cfg["t_norm"]
+        if mode == "token-sum":
+            return (tm * v).sum()
         raise ValueError(mode)
 
     # §4.1 clipped PG
@@ -172,7 +177,7 @@ def loss(
                     base = base / torch.clamp(n_r, min=1)
             delta = S_i - base
             x = -C * delta
-            use = has & rollout
+            use = has & rollout & (n_r > 0)  # §4.5: an empty rollout adds nothing
             l_explore = (W * phi(cfg, x) * use.to(F64)).sum() / seq_count
             delta_values = delta[use].detach()
         else:  # token-aligned: ℓ* = 0 past the expert's length
@@ -210,7 +215,7 @@ def loss(
         "ppo_kl": ppo_kl.item(),
         "mean_delta": float(torch.as_tensor(delta_values).mean()) if len(delta_values) else 0.0,
         "num_tokens": tm.sum().item(),
-        "num_seqs": trained.sum().item(),
+        "num_seqs": (trained & (n_i > 0)).sum().item(),
     }
     return total, parts
 

@@ -146,6 +146,8 @@ CONFIGS = [
     ("paper", {"agg": "seq-mean-token-sum-norm", "t_norm": 7.0}),
     ("reference", {"agg": "seq-mean-token-mean"}),
     ("reference", {"agg": "seq-mean-token-sum"}),
+    ("paper", {"agg": "token-sum", "length_normalize": True}),
+    ("reference", {"agg": "token-sum"}),
 ]
 
 
@@ -468,3 +470,34 @@ def test_autograd_accepts_strided_logprobs_but_the_array_api_refuses_them():
     loss, _ = calibrl.calibrl_loss(lp, inputs_of(b))
     loss.backward()
     torch.testing.assert_close(lp.grad, calibrl.loss(calibrl.Config(), b["lp"], inputs_of(b)).grad_logprobs)
+
+
+@pytest.mark.parametrize("overrides", [{"length_normalize": True, "agg": "seq-mean-token-sum"},
+                                       {"agg": "token-sum"}])
+def test_empty_rollout_adds_nothing(overrides):
+    """SPEC §4.5: a rollout without counted tokens adds nothing to any term, also not through φ
+    of a length-normalised Δ, and is not counted in N_seq."""
+    cfg = calibrl.Config("paper", **overrides)
+    b = batch(3)
+    b["mask"][1] = 0.0  # row 1 (it has an expert and a weight) counts no token
+    res = calibrl.loss(cfg, b["lp"], inputs_of(b))
+    check(res, *reference(cfg, b)[:2])
+    assert res.metrics["num_seqs"] == 5
+    b0 = dict(b, w=b["w"].clone(), adv=b["adv"].clone())
+    b0["w"][1] = 0.0
+    b0["adv"][1] = 0.0
+    res0 = calibrl.loss(cfg, b0["lp"], inputs_of(b0))
+    assert b["w"][1] > 0
+    assert res.metrics["loss"] == res0.metrics["loss"]
+    assert res.metrics["explore_loss"] == res0.metrics["explore_loss"]
+
+
+def test_all_equal_rewards_give_exact_zeros():
+    """SPEC §3: A = 0 exactly for a group whose rewards are all equal."""
+    cfg = calibrl.Config("paper", norm_by_std=True)
+    rewards = torch.tensor([1.2155] * 8 + [0.0, 1.0], dtype=F64)
+    gid = torch.tensor([0] * 8 + [1, 1])
+    a, w, _ = calibrl.group_advantages(rewards, gid, 2, config=cfg)
+    assert torch.all(a[:8] == 0) and torch.all(w[:8] == 0)
+    ra, _, _ = ref.advantages(cfg.to_dict(), rewards, gid, 2)
+    torch.testing.assert_close(torch.as_tensor(a), ra, rtol=1e-12, atol=1e-14)
