@@ -13,7 +13,9 @@
 use super::compile::KernelSource;
 use super::workspace::{launch_struct, tickets, workspace};
 use super::{device, driver_error, Device};
-use crate::config::{Activation, Aggregation, Baseline, Config, DeltaMode, KlKind, LossKind};
+use crate::config::{
+    Activation, Aggregation, Baseline, Config, DeltaMode, EntropyControl, KlKind, LossKind,
+};
 use crate::cpu::loss::{CalibrlMetrics, METRICS_LEN};
 use crate::error::{Error, Result};
 use crate::ops::loss::{Advantages, Layout, Loss, Rows};
@@ -273,6 +275,19 @@ fn layout(rows: &Rows) -> Result<(*const c_void, i64, i64)> {
 
 /// The same requirements the CPU reference enforces before computing.
 fn check_inputs(cfg: &Config, args: &Loss) -> Result<()> {
+    // Not in the CUDA kernel yet: CPU backend only (SPEC §4.6, §4.7).
+    if cfg.entropy_control != EntropyControl::None {
+        return Err(Error::layout(
+            "entropy_control",
+            "Clip-Cov / KL-Cov run on the CPU backend only; pass CPU tensors",
+        ));
+    }
+    if cfg.authors_arithmetic && !cfg.trains_expert_rows() {
+        return Err(Error::layout(
+            "authors_arithmetic",
+            "the `authors` preset runs on the CPU backend only; pass CPU tensors",
+        ));
+    }
     let baseline_present = match cfg.baseline {
         Baseline::Expert => args.expert.is_some(),
         Baseline::RefPolicy => args.ref_logprobs.is_some(),
