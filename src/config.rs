@@ -354,12 +354,12 @@ impl Config {
                 Some(x) if !x.is_finite() => {
                     return Err(Error::config(k, format!("{x} is not finite")))
                 }
-                Some(_) if self.cov_token_count.is_none() => {
-                    return Err(Error::config(
-                        "cov_token_count",
-                        format!("is required when `{k}` is given (the global means need the global count)"),
-                    ))
-                }
+                Some(_) if self.cov_token_count.is_none() => return Err(Error::config(
+                    "cov_token_count",
+                    format!(
+                        "is required when `{k}` is given (the global means need the global count)"
+                    ),
+                )),
                 _ => {}
             }
         }
@@ -494,7 +494,10 @@ mod tests {
             (r#"{"clip_cov_ratio":0}"#, "`clip_cov_ratio`"),
             (r#"{"kl_cov_ratio":1.5}"#, "`kl_cov_ratio`"),
             (r#"{"clip_cov_lb":5,"clip_cov_ub":5}"#, "`clip_cov_lb`"),
-            (r#"{"cov_adv_mean":0.1,"cov_logprob_mean":-1}"#, "`cov_token_count`"),
+            (
+                r#"{"cov_adv_mean":0.1,"cov_logprob_mean":-1}"#,
+                "`cov_token_count`",
+            ),
             (r#"{"cov_token_count":10}"#, "`cov_token_count`"),
             (r#"{"entropy_control":"clipcov"}"#, "`entropy_control`"),
         ];

@@ -133,7 +133,13 @@ fn transcription(json: &str, l: &Layout2, logp: &[f64]) -> (f64, f64, f64, f64, 
     let n_rows = (0..r)
         .filter(|&i| b.rows[i].clone().any(|j| b.mask[j] > 0.0))
         .count() as f64;
-    (loss, clipped / total_mask, total_mask, n_rows, total_mask / r as f64)
+    (
+        loss,
+        clipped / total_mask,
+        total_mask,
+        n_rows,
+        total_mask / r as f64,
+    )
 }
 
 #[test]
@@ -149,19 +155,38 @@ fn authors_preset_equals_their_arithmetic_on_their_padded_layout() {
             let (want, clipfrac, ntok, nseq, mlen) = transcription(json, &l, &l.case.b.logp);
             let what = format!("{json} seed {seed}");
             assert_close(&format!("{what}: loss"), got.metrics[0], want, 1e-12, 1e-14);
-            assert_close(&format!("{what}: clipfrac"), got.metrics[5], clipfrac, 1e-12, 0.0);
+            assert_close(
+                &format!("{what}: clipfrac"),
+                got.metrics[5],
+                clipfrac,
+                1e-12,
+                0.0,
+            );
             assert_eq!(got.metrics[13], ntok, "{what}: num_tokens");
             assert_eq!(got.metrics[14], nseq, "{what}: num_seqs");
-            assert_close(&format!("{what}: mean_response_length"), got.metrics[10], mlen, 1e-12, 0.0);
+            assert_close(
+                &format!("{what}: mean_response_length"),
+                got.metrics[10],
+                mlen,
+                1e-12,
+                0.0,
+            );
             // ∂L/∂ℓ against central differences of the transcription.
             let h = 1e-6;
             let mut x = l.case.b.logp.clone();
             for j in 0..x.len() {
                 let fd = central_diff(&mut x, j, h, |x| transcription(json, &l, x).0);
-                assert_close(&format!("{what}: dL/dl[{j}]"), got.grad_l[j], fd, 1e-6, 1e-9);
+                assert_close(
+                    &format!("{what}: dL/dl[{j}]"),
+                    got.grad_l[j],
+                    fd,
+                    1e-6,
+                    1e-9,
+                );
             }
             // The preset differs from `reference` on this data (the test can tell them apart).
-            let refp = lib_loss(r#"{"preset":"reference"}"#, &l.case, &CallOpts::default()).unwrap();
+            let refp =
+                lib_loss(r#"{"preset":"reference"}"#, &l.case, &CallOpts::default()).unwrap();
             assert!((refp.metrics[0] - got.metrics[0]).abs() > 1e-6, "{what}");
         }
     }
@@ -174,5 +199,11 @@ fn authors_preset_without_any_selected_expert_explores_against_zero() {
     l.expert_row_of_group = vec![None, None, None];
     let json = r#"{"preset":"authors"}"#;
     let got = lib_loss(json, &l.case, &CallOpts::default()).unwrap();
-    assert_close("loss", got.metrics[0], transcription(json, &l, &l.case.b.logp).0, 1e-12, 1e-14);
+    assert_close(
+        "loss",
+        got.metrics[0],
+        transcription(json, &l, &l.case.b.logp).0,
+        1e-12,
+        1e-14,
+    );
 }

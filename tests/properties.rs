@@ -233,7 +233,12 @@ fn groups_with_all_equal_rewards_get_exact_zeros() {
         let out = lib_adv(json, &rewards, &groups, 3, None, None, Dt::F64).unwrap();
         let want = ref_group_advantages(&config(json), &rewards, &groups, 3, None, None);
         for i in (0..8).chain(12..15) {
-            assert_eq!(out.a[i].to_bits(), 0f64.to_bits(), "{json} row {i}: {}", out.a[i]);
+            assert_eq!(
+                out.a[i].to_bits(),
+                0f64.to_bits(),
+                "{json} row {i}: {}",
+                out.a[i]
+            );
             assert_eq!(out.w[i], 0.0);
             assert_eq!(want.advantages[i], 0.0);
         }

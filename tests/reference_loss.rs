@@ -66,6 +66,19 @@ fn configs() -> Vec<String> {
             ));
         }
     }
+    // SPEC §4.6 (bounds and ratios chosen so that the small test batches select tokens).
+    for ec in [
+        r#""entropy_control":"clip_cov","clip_cov_ratio":0.2,"clip_cov_lb":-0.3,"clip_cov_ub":0.4"#,
+        r#""entropy_control":"clip_cov","clip_cov_ratio":0.5,"clip_cov_lb":-1.0,"clip_cov_ub":1.0,"cov_seed":7"#,
+        r#""entropy_control":"kl_cov","kl_cov_ratio":0.2"#,
+        r#""entropy_control":"kl_cov","kl_cov_ratio":0.3,"kl_cov_coef":0.5,"agg":"seq-mean-token-mean""#,
+    ] {
+        v.push(format!(r#"{{{ec}}}"#));
+        v.push(format!(
+            r#"{{"preset":"reference",{ec},"entropy_coef":0.01}}"#
+        ));
+        v.push(format!(r#"{{"preset":"grpo",{ec}}}"#));
+    }
     for kind in ["luffy", "rlplus"] {
         v.push(format!(r#"{{"loss":"{kind}"}}"#));
         v.push(format!(
@@ -444,10 +457,18 @@ fn empty_rollouts_add_nothing_and_are_not_counted() {
             let without = lib_loss(json, &zero, &o).unwrap();
             let what = format!("{json} {layout:?}");
             assert!(case.b.w[0] > 0.0, "{what}: the row must carry a weight");
-            assert_eq!(with_w.metrics[14], (case.b.rows.len() - 1) as f64, "{what}: N_seq");
+            assert_eq!(
+                with_w.metrics[14],
+                (case.b.rows.len() - 1) as f64,
+                "{what}: N_seq"
+            );
             // Every term and count (mean_rarity_weight, a per-rollout mean, sees w_0 change).
             for k in (0..12).chain(13..15) {
-                assert_eq!(with_w.metrics[k], without.metrics[k], "{what}: {}", METRIC_NAMES[k]);
+                assert_eq!(
+                    with_w.metrics[k], without.metrics[k],
+                    "{what}: {}",
+                    METRIC_NAMES[k]
+                );
             }
             assert_vec_close(&what, &with_w.grad_l, &without.grad_l, 0.0, 0.0);
             check_against_reference(json, &case, &o, &what);

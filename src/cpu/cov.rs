@@ -70,7 +70,13 @@ pub fn select(cfg: &Config, tokens: &[CovToken]) -> Vec<usize> {
         _ => {
             // Largest covariance first; equal covariances by position.
             let mut order: Vec<usize> = (0..tokens.len()).collect();
-            order.sort_by(|&a, &b| cov[b].total_cmp(&cov[a]).then(tokens[a].k.cmp(&tokens[b].k)));
+            // (partial_cmp: −0 and +0 are the same covariance, a tie; inputs are finite.)
+            order.sort_by(|&a, &b| {
+                cov[b]
+                    .partial_cmp(&cov[a])
+                    .unwrap_or(std::cmp::Ordering::Equal)
+                    .then(tokens[a].k.cmp(&tokens[b].k))
+            });
             order.into_iter().take(n).map(|j| tokens[j].k).collect()
         }
     };

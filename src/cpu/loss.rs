@@ -231,7 +231,10 @@ pub fn compute(cfg: &Config, batch: &LossBatch) -> Result<LossOutput> {
         .iter()
         .map(|r| batch.mask[r.clone()].iter().sum())
         .collect();
-    let local_tokens: f64 = (0..b).filter(|&i| counted_row(i)).map(|i| n_tokens[i]).sum();
+    let local_tokens: f64 = (0..b)
+        .filter(|&i| counted_row(i))
+        .map(|i| n_tokens[i])
+        .sum();
     // A row without counted tokens adds nothing and is not counted in N_seq (SPEC §4.5).
     let local_seqs = (0..b)
         .filter(|&i| counted_row(i) && n_tokens[i] > 0.0)
@@ -421,7 +424,14 @@ pub fn kl_cov_pg(cfg: &Config, a: f64, logp: f64, old: f64, selected: bool) -> (
     if selected {
         let d = logp - old;
         p += cfg.kl_cov_coef * d.abs();
-        dp += cfg.kl_cov_coef * if d > 0.0 { 1.0 } else if d < 0.0 { -1.0 } else { 0.0 };
+        dp += cfg.kl_cov_coef
+            * if d > 0.0 {
+                1.0
+            } else if d < 0.0 {
+                -1.0
+            } else {
+                0.0
+            };
     }
     (p, dp)
 }
