@@ -354,12 +354,14 @@ impl Config {
                 Some(x) if !x.is_finite() => {
                     return Err(Error::config(k, format!("{x} is not finite")))
                 }
-                Some(_) if self.cov_token_count.is_none() => return Err(Error::config(
-                    "cov_token_count",
-                    format!(
+                Some(_) if self.cov_token_count.is_none() => {
+                    return Err(Error::config(
+                        "cov_token_count",
+                        format!(
                         "is required when `{k}` is given (the global means need the global count)"
                     ),
-                )),
+                    ))
+                }
                 _ => {}
             }
         }
