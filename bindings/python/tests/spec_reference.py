@@ -41,6 +41,45 @@ def advantages(cfg: dict, rewards, group_ids, num_groups, correct=None, is_exper
 
 # ---------------------------------------------------------------------------------- §4
 
+_M64 = (1 << 64) - 1
+_PHI64 = 0x9E3779B97F4A7C15
+
+
+def splitmix_key(seed: int, k: int) -> int:
+    """docs/abi.md: Clip-Cov's random key of flat position k, SplitMix64(seed·φ64 + k + φ64)."""
+    z = (seed * _PHI64 + k + _PHI64) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def cov_selection(cfg: dict, lp, m, A, rollout, clipped):
+    """§4.6: a bool [B, S] of the tokens Clip-Cov / KL-Cov select among counted rollout tokens.
+    Positions are flat indices of the padded layout (i·S + t)."""
+    B, S = lp.shape
+    ec = cfg.get("entropy_control", "none")
+    sel = torch.zeros(B, S, dtype=torch.bool)
+    counted = [i * S + t for i in range(B) for t in range(S) if m[i, t] > 0 and rollout[i]]
+    if ec == "none" or not counted:
+        return sel
+    a = [float(A[k // S, 0]) for k in counted]
+    lv = [float(lp[k // S, k % S]) for k in counted]
+    a_mean = cfg["cov_adv_mean"] if cfg.get("cov_adv_mean") is not None else sum(a) / len(a)
+    l_mean = cfg["cov_logprob_mean"] if cfg.get("cov_logprob_mean") is not None else sum(lv) / len(lv)
+    n_tok = cfg["cov_token_count"] if cfg.get("cov_token_count") is not None else len(counted)
+    cov = {k: (x - a_mean) * (y - l_mean) for k, x, y in zip(counted, a, lv)}
+    if ec == "clip_cov":
+        n = max(int(cfg["clip_cov_ratio"] * n_tok), 1)
+        cands = [k for k in counted
+                 if not bool(clipped[k // S, k % S]) and cfg["clip_cov_lb"] < cov[k] < cfg["clip_cov_ub"]]
+        chosen = sorted(cands, key=lambda k: (splitmix_key(cfg["cov_seed"], k), k))[:n]
+    else:
+        n = max(int(cfg["kl_cov_ratio"] * n_tok), 1)
+        chosen = sorted(counted, key=lambda k: (-cov[k], k))[:n]
+    for k in chosen:
+        sel[k // S, k % S] = True
+    return sel
+
 
 def phi(cfg: dict, x):
     act = cfg["activation"]
@@ -141,6 +180,18 @@ def loss(
             pi_old = torch.exp(old_t)
             p_off = -A * (2 * pi / (pi_old + 0.5 * (pi_old + 1))) * torch.sqrt(1 - pi).detach()
         p = torch.where(expert[:, None], p_off, p)
+    # §4.6 covariance-based entropy control, on rollout rows
+    ec = cfg.get("entropy_control", "none")
+    if ec != "none":
+        with torch.no_grad():
+            sel = cov_selection(cfg, lp.detach(), m, A, rollout, p2 > p1)
+        on_rollout = rollout[:, None].expand(B, S)
+        if ec == "clip_cov":
+            p = torch.where(sel & on_rollout, torch.zeros_like(p), p)
+        else:
+            unclipped = -A * rho
+            penalised = unclipped + cfg["kl_cov_coef"] * (lp - old_t).abs()
+            p = torch.where(on_rollout, torch.where(sel, penalised, unclipped), p)
     # Per-token importance weights (verl's rollout_is_weights): data, no gradient.
     if token_weights is not None:
         p = p * torch.as_tensor(token_weights).to(F64)

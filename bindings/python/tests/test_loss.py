@@ -148,6 +148,12 @@ CONFIGS = [
     ("reference", {"agg": "seq-mean-token-sum"}),
     ("paper", {"agg": "token-sum", "length_normalize": True}),
     ("reference", {"agg": "token-sum"}),
+    ("paper", {"entropy_control": "clip_cov", "clip_cov_ratio": 0.2, "clip_cov_lb": -0.5, "clip_cov_ub": 0.5}),
+    ("grpo", {"entropy_control": "clip_cov", "clip_cov_ratio": 0.5, "clip_cov_lb": -1.0, "clip_cov_ub": 1.0,
+              "cov_seed": 9}),
+    ("paper", {"entropy_control": "kl_cov", "kl_cov_ratio": 0.2}),
+    ("reference", {"entropy_control": "kl_cov", "kl_cov_ratio": 0.3, "kl_cov_coef": 0.5,
+                   "cov_adv_mean": 0.1, "cov_logprob_mean": -1.0, "cov_token_count": 40.0}),
 ]
 
 
@@ -501,3 +507,20 @@ def test_all_equal_rewards_give_exact_zeros():
     assert torch.all(a[:8] == 0) and torch.all(w[:8] == 0)
     ra, _, _ = ref.advantages(cfg.to_dict(), rewards, gid, 2)
     torch.testing.assert_close(torch.as_tensor(a), ra, rtol=1e-12, atol=1e-14)
+
+
+def test_entropy_control_selects_tokens_and_refuses_bad_keys():
+    """Clip-Cov zeroes the selected tokens' PG gradient (GRPO: nothing else flows); bad keys are
+    refused by name."""
+    b = batch(1)
+    cfg = calibrl.Config("grpo", entropy_control="clip_cov", clip_cov_ratio=0.5, clip_cov_lb=-1.0,
+                         clip_cov_ub=1.0)
+    res = calibrl.loss(cfg, b["lp"], inputs_of(b))
+    plain = calibrl.loss(calibrl.Config("grpo"), b["lp"], inputs_of(b))
+    zeroed = (res.grad_logprobs == 0) & (plain.grad_logprobs != 0)
+    assert int(zeroed.sum()) >= 1
+    for bad, key in [({"clip_cov_ratio": 0.0}, "clip_cov_ratio"), ({"kl_cov_ratio": 2.0}, "kl_cov_ratio"),
+                     ({"clip_cov_lb": 5.0, "clip_cov_ub": 1.0}, "clip_cov_lb"),
+                     ({"cov_adv_mean": 0.0, "cov_logprob_mean": 0.0}, "cov_token_count")]:
+        with pytest.raises(calibrl.CalibrlError, match=key):
+            calibrl.Config("paper", **bad)
