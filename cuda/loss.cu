@@ -273,7 +273,7 @@ struct LossParams {
 #define LOSS_THREADS 256
 #define MAX_TEAMS (LOSS_THREADS / 2)
 #define FINAL_FIELDS 4  // N_tok, N_seq used for the gradients
-#define METRICS 15
+#define METRICS 16
 // Block partial sums (block_ws): per-thread sums, then per-row sums kept by each team's leader.
 #define B_NTOK 0     // Σ m over trained rows
 #define B_CLIP 1     // clipped rollout tokens
@@ -559,6 +559,7 @@ __device__ void write_metrics(const LossParams& p, const double (&a)[BLOCK_FIELD
   m[12] = mean(a[B_WSUM], a[B_ROLLOUTS]);
   m[13] = a[B_NTOK];
   m[14] = a[B_SEQS];
+  m[15] = 0.0;  // cov_selected_frac: Clip-Cov / KL-Cov run on the CPU backend only
   if (p.metrics)
     for (int j = 0; j < METRICS; ++j) st(p.metrics, p.metrics_dt, j, m[j]);
   p.final_ws[0] = n_tok;

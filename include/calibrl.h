@@ -35,7 +35,7 @@ typedef struct {
 /**
  * Length of the `metrics` output tensor (the fields of `calibrl_metrics`, in order).
  */
-#define CALIBRL_METRICS_LEN 15
+#define CALIBRL_METRICS_LEN 16
 
 /**
  * `calibrl_scheduler_config.loss_kind`: CalibRL (expert rows forwarded once, never trained).
@@ -338,6 +338,10 @@ typedef struct calibrl_metrics {
   double mean_rarity_weight;
   double num_tokens;
   double num_seqs;
+  /**
+   * Clip-Cov / KL-Cov: the fraction of counted rollout tokens selected (SPEC §4.6; local).
+   */
+  double cov_selected_frac;
 } calibrl_metrics;
 
 /**

@@ -399,7 +399,7 @@ fn run_both_with(
         let nan = vec![f64::NAN; n];
         let mut t_grad = Pair::new(g, dt, &nan, &shape);
         let mut t_gent = Pair::new(g, dt, &nan, &shape);
-        let mut t_met = Pair::new(g, Dt::F64, &[f64::NAN; 15], &[15]);
+        let mut t_met = Pair::new(g, Dt::F64, &[f64::NAN; 16], &[16]);
         let norm = normalizers.unwrap_or_default();
         let args = CalibrlLossArgs {
             logprobs: t_lp.desc(on_gpu),

@@ -41,9 +41,11 @@ pub struct CalibrlMetrics {
     pub mean_rarity_weight: f64,
     pub num_tokens: f64,
     pub num_seqs: f64,
+    /// Clip-Cov / KL-Cov: the fraction of counted rollout tokens selected (SPEC §4.6; local).
+    pub cov_selected_frac: f64,
 }
 
-pub const METRICS_LEN: usize = 15;
+pub const METRICS_LEN: usize = 16;
 
 impl CalibrlMetrics {
     pub fn to_array(&self) -> [f64; METRICS_LEN] {
@@ -63,6 +65,7 @@ impl CalibrlMetrics {
             self.mean_rarity_weight,
             self.num_tokens,
             self.num_seqs,
+            self.cov_selected_frac,
         ]
     }
 }
@@ -105,8 +108,6 @@ pub struct LossOutput {
     pub grad_logprobs: Vec<f64>,
     pub grad_entropy: Vec<f64>,
     pub metrics: CalibrlMetrics,
-    /// Clip-Cov / KL-Cov: the fraction of counted rollout tokens selected (SPEC §4.6).
-    pub cov_selected_frac: f64,
 }
 
 /// φ and φ' of SPEC §4.2 (φ'(0) = α for LeakyReLU, as in PyTorch).
@@ -300,8 +301,10 @@ pub fn compute(cfg: &Config, batch: &LossBatch) -> Result<LossOutput> {
     let mut out = LossOutput {
         grad_logprobs: vec![0.0; batch.logprobs.len()],
         grad_entropy: vec![0.0; batch.logprobs.len()],
-        metrics: CalibrlMetrics::default(),
-        cov_selected_frac: cov_frac,
+        metrics: CalibrlMetrics {
+            cov_selected_frac: cov_frac,
+            ..CalibrlMetrics::default()
+        },
     };
     let m = &mut out.metrics;
     let (mut clip_n, mut lower_n, mut kl_sum, mut rollout_tokens) = (0.0, 0.0, 0.0, 0.0);

@@ -530,5 +530,6 @@ fn metrics_from(v: &[f64; METRICS_LEN]) -> CalibrlMetrics {
         mean_rarity_weight: v[12],
         num_tokens: v[13],
         num_seqs: v[14],
+        cov_selected_frac: v[15],
     }
 }

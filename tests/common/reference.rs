@@ -132,10 +132,11 @@ pub struct RefMetrics {
     pub mean_rarity_weight: f64,
     pub num_tokens: f64,
     pub num_seqs: f64,
+    pub cov_selected_frac: f64,
 }
 
 impl RefMetrics {
-    pub fn to_array(&self) -> [f64; 15] {
+    pub fn to_array(&self) -> [f64; 16] {
         [
             self.loss,
             self.pg_loss,
@@ -152,11 +153,12 @@ impl RefMetrics {
             self.mean_rarity_weight,
             self.num_tokens,
             self.num_seqs,
+            self.cov_selected_frac,
         ]
     }
 }
 
-pub const METRIC_NAMES: [&str; 15] = [
+pub const METRIC_NAMES: [&str; 16] = [
     "loss",
     "pg_loss",
     "explore_loss",
@@ -172,6 +174,7 @@ pub const METRIC_NAMES: [&str; 15] = [
     "mean_rarity_weight",
     "num_tokens",
     "num_seqs",
+    "cov_selected_frac",
 ];
 
 #[derive(Clone, Debug)]
@@ -621,6 +624,11 @@ pub fn ref_loss(cfg: &Config, b: &RefBatch) -> RefOut {
             .collect::<Vec<_>>(),
     );
     m.mean_rarity_weight = mean(&roll_rows.iter().map(|&i| b.w[i]).collect::<Vec<_>>());
+    // §4.6: selected share of the counted rollout tokens.
+    let counted_roll: f64 = (0..nrows).filter(|&i| rollout[i]).map(|i| n[i]).sum();
+    if counted_roll > 0.0 {
+        m.cov_selected_frac = cov_selected.len() as f64 / counted_roll;
+    }
     m.num_tokens = local_tok;
     m.num_seqs = local_seq;
     m.loss = m.pg_loss + lam * m.explore_loss - cfg.entropy_coef * m.entropy_loss

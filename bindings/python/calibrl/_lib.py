@@ -49,6 +49,7 @@ METRICS_NAMES = (
     "mean_rarity_weight",
     "num_tokens",
     "num_seqs",
+    "cov_selected_frac",
 )
 METRICS_LEN = len(METRICS_NAMES)
 

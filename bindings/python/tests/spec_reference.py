@@ -182,9 +182,12 @@ def loss(
         p = torch.where(expert[:, None], p_off, p)
     # §4.6 covariance-based entropy control, on rollout rows
     ec = cfg.get("entropy_control", "none")
+    cov_frac = 0.0
     if ec != "none":
         with torch.no_grad():
             sel = cov_selection(cfg, lp.detach(), m, A, rollout, p2 > p1)
+            n_roll = float((m * rollout[:, None].to(F64)).sum())
+            cov_frac = float(sel.sum()) / n_roll if n_roll > 0 else 0.0
         on_rollout = rollout[:, None].expand(B, S)
         if ec == "clip_cov":
             p = torch.where(sel & on_rollout, torch.zeros_like(p), p)
@@ -267,6 +270,7 @@ def loss(
         "mean_delta": float(torch.as_tensor(delta_values).mean()) if len(delta_values) else 0.0,
         "num_tokens": tm.sum().item(),
         "num_seqs": (trained & (n_i > 0)).sum().item(),
+        "cov_selected_frac": cov_frac,
     }
     return total, parts
 

@@ -116,7 +116,7 @@ def reference(cfg, b, *, old=True, ref_lp=False, with_entropy=False, is_expert=N
 
 
 METRICS_CHECKED = ["loss", "pg_loss", "explore_loss", "entropy_loss", "kl_loss", "clipfrac",
-                   "clipfrac_lower", "ppo_kl", "mean_delta", "num_tokens", "num_seqs"]
+                   "clipfrac_lower", "ppo_kl", "mean_delta", "num_tokens", "num_seqs", "cov_selected_frac"]
 
 
 def check(res, parts, g_lp, g_ent=None):
@@ -425,7 +425,7 @@ def test_fused_logits_not_in_place_keeps_the_logits():
 
 
 def sentinel_outputs(shape):
-    return torch.full(shape, 7.0, dtype=F64), torch.full(shape, 7.0, dtype=F64), torch.full((15,), 7.0, dtype=F64)
+    return torch.full(shape, 7.0, dtype=F64), torch.full(shape, 7.0, dtype=F64), torch.full((16,), 7.0, dtype=F64)
 
 
 @pytest.mark.parametrize(
