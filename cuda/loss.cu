@@ -266,6 +266,10 @@ struct LossParams {
   i64 counts;     // COUNTS_*
   // configuration
   i64 loss_kind, token_aligned, length_normalize, activation, baseline_ref, agg, kl_kind;
+  // SPEC §4.7 (preset `authors`, never with LUFFY / RL-PLUS): every row counts in the
+  // normalisers, entropy, KL and metrics; p and the exploration term are 0 on expert rows; a
+  // rollout without a selected expert explores against ℓ* = 0.
+  i64 authors;
   double norm_tokens, norm_seqs, t_norm;
   double alpha, lambda, clip_low, clip_high, dual_clip, entropy_coef, kl_coef, luffy_gamma;
 };
@@ -424,9 +428,11 @@ __device__ __forceinline__ i64 slot_of(const LossParams& p, i64 i) {
   return (s < -1 || s >= p.expert_rows) ? -2 : s;
 }
 
-// Token-aligned baseline ℓ*[g, t] (0 past the expert's length or at masked positions).
+// Token-aligned baseline ℓ*[g, t] (0 past the expert's length or at masked positions, and for
+// a row without an expert under the authors' arithmetic).
 __device__ __forceinline__ double token_baseline(const LossParams& p, i64 slot, i64 t, i64 k) {
   if (p.baseline_ref) return ld(p.ref_logprobs, p.ref_dt, k);
+  if (slot == -1) return 0.0;
   i64 start, len;
   expert_range(p, slot, start, len);
   if (t >= len) return 0.0;
@@ -507,7 +513,7 @@ extern "C" __global__ void __launch_bounds__(LOSS_THREADS) calibrl_loss_counts(L
   const i64 warps = blockDim.x >> 5;
   double v[2] = {0.0, 0.0};  // tokens, rows
   for (i64 i = blockIdx.x * warps + (threadIdx.x >> 5); i < p.rows; i += gridDim.x * warps) {
-    if (expert_row(p, i) && !trains_experts(p)) continue;
+    if (expert_row(p, i) && !trains_experts(p) && !p.authors) continue;
     i64 start, len;
     row_range(p, i, start, len);
     double n_row = 0.0;
@@ -605,7 +611,8 @@ __device__ __forceinline__ void loss_kernel(const LossParams& p) {
   double n_tok, n_seq;
   normalisers(p, n_tok, n_seq);
   const double lambda = effective_lambda(p);
-  const bool baseline = has_baseline(p);
+  // The authors' arithmetic explores against ℓ* = 0 even without expert data.
+  const bool baseline = has_baseline(p) || (p.authors && !p.baseline_ref);
   const bool expert_baseline = !p.baseline_ref && p.expert_logprobs != nullptr;
   // Whether any row may need pass 1 (block-uniform, so the team sums below are too).
   const bool row_pass = p.agg == AGG_SEQ_MEAN || (!p.token_aligned && baseline);
@@ -618,26 +625,27 @@ __device__ __forceinline__ void loss_kernel(const LossParams& p) {
   for (i64 r = 0; r < rounds; ++r) {
     const i64 i = (r * gridDim.x + blockIdx.x) * teams + slot_in_block;
     const bool active = i < p.rows;
-    bool is_exp = false, trained = false;
+    bool is_exp = false, trained = false, counted = false;
     double a = 0.0, w = 0.0, c = 0.0;
     i64 slot = -1, start = 0, len = 0;
     if (active) {
       is_exp = expert_row(p, i);
       trained = !is_exp || trains_experts(p);
+      counted = trained || p.authors;  // in the normalisers, regularisers and metrics
       a = ld(p.advantages, p.advantages_dt, i);
       w = ld(p.weights, p.weights_dt, i);
       c = ld(p.signs, p.signs_dt, i);
       slot = expert_baseline ? slot_of(p, i) : -1;
       row_range(p, i, start, len);
     }
-    const bool explores = baseline && trained && !is_exp && (p.baseline_ref || slot != -1);
+    const bool explores = baseline && trained && !is_exp && (p.baseline_ref || slot != -1 || p.authors);
     const bool seq_explore = explores && !p.token_aligned;
     const bool tok_explore = explores && p.token_aligned;
 
     // Pass 1: n_i, S_i = Σ m·ℓ, Σ m·ℓref, and the expert's Σ m*ℓ*, Σ m*.
     double s1[5] = {0.0, 0.0, 0.0, 0.0, 0.0};
     if (row_pass) {
-      if (trained && (p.agg == AGG_SEQ_MEAN || seq_explore)) {
+      if (counted && (p.agg == AGG_SEQ_MEAN || seq_explore)) {
         const bool with_ref = p.baseline_ref && p.ref_logprobs;
         for (i64 t0 = lane; t0 < len; t0 += (i64)BATCH * team) {
           typename RawOf<FT>::T lr[BATCH];
@@ -682,7 +690,7 @@ __device__ __forceinline__ void loss_kernel(const LossParams& p) {
       team_sum<5>(s1, team, scratch);
     }
     const double n_row = s1[0];
-    const double f = trained ? agg_factor(p, n_row, n_tok, n_seq) : 0.0;
+    const double f = counted ? agg_factor(p, n_row, n_tok, n_seq) : 0.0;
     double seq_coef = 0.0;
     // An empty rollout adds nothing, not even φ of a length-normalised Δ (SPEC §4.5).
     if (seq_explore && n_row > 0.0) {
@@ -703,7 +711,7 @@ __device__ __forceinline__ void loss_kernel(const LossParams& p) {
     }
     if (active && leader) {
       double* tr = team_rows[slot_in_block];
-      if (!is_exp) {
+      if (!is_exp || p.authors) {
         tr[B_ROLLOUTS - THREAD_FIELDS] += 1.0;
         tr[B_WSUM - THREAD_FIELDS] += w;
         if (c > 0.0) tr[B_CORRECT - THREAD_FIELDS] += 1.0;
@@ -718,7 +726,7 @@ __device__ __forceinline__ void loss_kernel(const LossParams& p) {
 #pragma unroll
       for (int u = 0; u < BATCH; ++u) {
         const i64 t = t0 + (i64)u * team, k = start + t;
-        const bool ok = t < len && trained;
+        const bool ok = t < len && counted;
         // Loaded whatever the mask says (in bounds), so the mask's load is not waited for first;
         // a masked value is never used.
         lr[u] = ok ? ld_raw<FT>(p.logprobs, p.logprobs_dt, k) : typename RawOf<FT>::T(0);
@@ -734,12 +742,13 @@ __device__ __forceinline__ void loss_kernel(const LossParams& p) {
         if ((in >> u) & 1u) {
           const double logp = raw_value<FT>(lr[u]), old = raw_value<FT>(orr[u]);
           double pv, dv;
-          if (is_exp) {
+          if (is_exp && trained) {
             off_policy(p, a, logp, old, pv, dv);
           } else {
             bool clipped, lower;
             clipped_pg(p, a, logp, old, pv, dv, clipped, lower);
             n_clip += clipped; n_lower += lower; acc_ppo_kl += old - logp; n_rtok += 1;
+            if (!trained) { pv = 0.0; dv = 0.0; }  // an expert row under the authors' arithmetic
           }
           if (p.token_weights) {
             const double omega = ld(p.token_weights, p.token_weights_dt, k);
@@ -772,7 +781,7 @@ __device__ __forceinline__ void loss_kernel(const LossParams& p) {
     // so the team's votes are its bits of the warp's ballot.
     const unsigned votes = __ballot_sync(0xffffffffu, row_counted);
     const unsigned team_bits = team >= 32 ? votes : (votes >> (threadIdx.x & 31 & ~(team - 1))) & ((1u << team) - 1u);
-    if (active && leader && trained && team_bits != 0u) team_rows[slot_in_block][B_SEQS - THREAD_FIELDS] += 1.0;
+    if (active && leader && counted && team_bits != 0u) team_rows[slot_in_block][B_SEQS - THREAD_FIELDS] += 1.0;
   }
 
   // The expert rows' Σ m*ℓ*, Σ m* (metric), one team per expert row.

@@ -475,6 +475,10 @@ const CONFIGS: &[&str] = &[
     r#"{"preset":"paper","agg":"token-sum","length_normalize":true}"#,
     r#"{"preset":"reference","agg":"token-sum","kl_coef":0.05,"entropy_coef":0.01}"#,
     r#"{"preset":"paper","agg":"seq-mean-token-sum","length_normalize":true,"baseline":"ref_policy"}"#,
+    // SPEC §4.7 (expert rows in the batch, some rollouts without an expert)
+    r#"{"preset":"authors"}"#,
+    r#"{"preset":"authors","kl_coef":0.05,"kl_kind":"k2","entropy_coef":0.01}"#,
+    r#"{"preset":"authors","delta_mode":"sequence","agg":"seq-mean-token-mean"}"#,
 ];
 
 fn compare(label: &str, cpu: &Outputs, gpu: &Outputs, dt: Dt) {
@@ -514,7 +518,8 @@ fn loss_matches_cpu_for_every_configuration() {
     let (g, _guard) = require_gpu!();
     let mut rng = Rng::new(11);
     for (ci, cfg) in CONFIGS.iter().enumerate() {
-        let expert_rows = cfg.contains("luffy") || cfg.contains("rlplus");
+        let expert_rows =
+            cfg.contains("luffy") || cfg.contains("rlplus") || cfg.contains("authors");
         for (rows, padded, dt) in [
             (1, false, Dt::F64),
             (7, true, Dt::F32),

@@ -238,6 +238,7 @@ struct LossParams {
     baseline_ref: i64,
     agg: i64,
     kl_kind: i64,
+    authors: i64,
     norm_tokens: f64,
     norm_seqs: f64,
     t_norm: f64,
@@ -273,6 +274,11 @@ fn layout(rows: &Rows) -> Result<(*const c_void, i64, i64)> {
     }
 }
 
+/// SPEC §4.7 applies (LUFFY / RL-PLUS train expert rows anyway).
+fn authors(cfg: &Config) -> bool {
+    cfg.authors_arithmetic && !cfg.trains_expert_rows()
+}
+
 /// The same requirements the CPU reference enforces before computing.
 fn check_inputs(cfg: &Config, args: &Loss) -> Result<()> {
     // Not in the CUDA kernel yet: CPU backend only (SPEC §4.6, §4.7).
@@ -282,14 +288,9 @@ fn check_inputs(cfg: &Config, args: &Loss) -> Result<()> {
             "Clip-Cov / KL-Cov run on the CPU backend only; pass CPU tensors",
         ));
     }
-    if cfg.authors_arithmetic && !cfg.trains_expert_rows() {
-        return Err(Error::layout(
-            "authors_arithmetic",
-            "the `authors` preset runs on the CPU backend only; pass CPU tensors",
-        ));
-    }
     let baseline_present = match cfg.baseline {
-        Baseline::Expert => args.expert.is_some(),
+        // The authors' arithmetic explores against ℓ* = 0 without expert data.
+        Baseline::Expert => args.expert.is_some() || authors(cfg),
         Baseline::RefPolicy => args.ref_logprobs.is_some(),
     };
     if cfg.effective_lambda() > 0.0 && !baseline_present {
@@ -340,7 +341,7 @@ fn counts_mode(cfg: &Config, args: &Loss) -> Counts {
         Counts::Given
     } else if args.policy.mask.is_none()
         && args.policy.layout != Layout::Packed
-        && (args.is_expert.is_none() || cfg.trains_expert_rows())
+        && (args.is_expert.is_none() || cfg.trains_expert_rows() || authors(cfg))
     {
         // Padded rows all have the same length: all empty or none (a packed row may be empty).
         Counts::AllRows
@@ -446,6 +447,7 @@ fn loss_params(cfg: &Config, args: &Loss) -> Result<LossParams> {
             KlKind::K2 => 2,
             KlKind::K3 => 3,
         },
+        authors: authors(cfg) as i64,
         norm_tokens: args.normalizers.map_or(0.0, |n| n.token_count),
         norm_seqs: args.normalizers.map_or(0.0, |n| n.seq_count),
         t_norm: cfg.t_norm.unwrap_or(1.0),
