@@ -9,7 +9,7 @@ from ctypes import c_size_t, c_void_p
 
 from . import _lib
 
-PRESETS = ("paper", "reference", "grpo")
+PRESETS = ("paper", "reference", "grpo", "authors")
 
 
 def _json_key(key: str) -> str:
