@@ -132,8 +132,27 @@ extern "C" __global__ void calibrl_group_stats(AdvParams p) {
     }
   }
   block_sum<2>(v, scratch);
+  // Whether every rollout reward equals the first one found (by a fixed block-wide scan):
+  // such a group takes that reward as its mean, so A = 0 exactly (SPEC §3).
+  __shared__ double first_s;
+  __shared__ int unequal_s;
+  if (threadIdx.x == 0) {
+    first_s = 0.0;
+    unequal_s = 0;
+    for (i64 i = 0; i < p.rows; ++i) {
+      bool expert = p.is_expert && ld(p.is_expert, p.is_expert_dt, i) != 0.0;
+      if (!expert && ld_index(p.group_ids, p.group_ids_dt, i) == g) { first_s = ld(p.rewards, p.rewards_dt, i); break; }
+    }
+  }
+  __syncthreads();
+  for (i64 i = threadIdx.x; i < p.rows; i += blockDim.x) {
+    bool expert = p.is_expert && ld(p.is_expert, p.is_expert_dt, i) != 0.0;
+    if (!expert && ld_index(p.group_ids, p.group_ids_dt, i) == g && ld(p.rewards, p.rewards_dt, i) != first_s)
+      unequal_s = 1;  // benign race: every writer stores 1
+  }
+  __syncthreads();
   __shared__ double mean_s;
-  if (threadIdx.x == 0) mean_s = v[0] > 1.0 ? v[1] / v[0] : 0.0;  // G = 1: μ = 0
+  if (threadIdx.x == 0) mean_s = v[0] > 1.0 ? (unequal_s ? v[1] / v[0] : first_s) : 0.0;  // G = 1: μ = 0
   __syncthreads();
   const double count = v[0];
   double q[1] = {0.0};
@@ -202,6 +221,7 @@ extern "C" __global__ void calibrl_group_advantages(AdvParams p) {
 #define AGG_SEQ_SUM 1
 #define AGG_SEQ_MEAN 2
 #define AGG_SUM_NORM 3
+#define AGG_TOKEN_SUM 4
 #define KL_K1 0
 #define KL_ABS 1
 #define KL_K2 2
@@ -209,7 +229,7 @@ extern "C" __global__ void calibrl_group_advantages(AdvParams p) {
 // Where N_tok and N_seq come from.
 #define COUNTS_GIVEN 0     // the caller's global normalisers
 #define COUNTS_KERNEL 1    // calibrl_loss_counts wrote them to final_ws[0..2]
-#define COUNTS_ALL_ROWS 2  // every row trained, no mask: the layout's token and row counts
+#define COUNTS_ALL_ROWS 2  // padded, every row trained, no mask: the layout's token and row counts
 // "Any dtype" instantiation of the loss kernel (runtime switch per load).
 #define DT_ANY (-1)
 
@@ -242,10 +262,14 @@ struct LossParams {
   double* final_ws;   // [FINAL_FIELDS + METRICS]: N_tok, N_seq, then the metrics
   unsigned* tickets;  // [2], zero between calls: blocks finished (counts kernel, loss kernel)
   // geometry and counts
-  i64 team_log2;  // threads per row = 1 << team_log2 (2 … 8)
+  i64 team_log2;  // threads per row = 1 << team_log2 (1 … 5: a team lies within one warp)
   i64 counts;     // COUNTS_*
   // configuration
   i64 loss_kind, token_aligned, length_normalize, activation, baseline_ref, agg, kl_kind;
+  // SPEC §4.7 (preset `authors`, never with LUFFY / RL-PLUS): every row counts in the
+  // normalisers, entropy, KL and metrics; p and the exploration term are 0 on expert rows; a
+  // rollout without a selected expert explores against ℓ* = 0.
+  i64 authors;
   double norm_tokens, norm_seqs, t_norm;
   double alpha, lambda, clip_low, clip_high, dual_clip, entropy_coef, kl_coef, luffy_gamma;
 };
@@ -253,7 +277,7 @@ struct LossParams {
 #define LOSS_THREADS 256
 #define MAX_TEAMS (LOSS_THREADS / 2)
 #define FINAL_FIELDS 4  // N_tok, N_seq used for the gradients
-#define METRICS 15
+#define METRICS 16
 // Block partial sums (block_ws): per-thread sums, then per-row sums kept by each team's leader.
 #define B_NTOK 0     // Σ m over trained rows
 #define B_CLIP 1     // clipped rollout tokens
@@ -404,9 +428,11 @@ __device__ __forceinline__ i64 slot_of(const LossParams& p, i64 i) {
   return (s < -1 || s >= p.expert_rows) ? -2 : s;
 }
 
-// Token-aligned baseline ℓ*[g, t] (0 past the expert's length or at masked positions).
+// Token-aligned baseline ℓ*[g, t] (0 past the expert's length or at masked positions, and for
+// a row without an expert under the authors' arithmetic).
 __device__ __forceinline__ double token_baseline(const LossParams& p, i64 slot, i64 t, i64 k) {
   if (p.baseline_ref) return ld(p.ref_logprobs, p.ref_dt, k);
+  if (slot == -1) return 0.0;
   i64 start, len;
   expert_range(p, slot, start, len);
   if (t >= len) return 0.0;
@@ -418,6 +444,7 @@ __device__ __forceinline__ double agg_factor(const LossParams& p, double n_row, 
     case AGG_TOKEN_MEAN: return inv(n_tok);
     case AGG_SEQ_SUM: return inv(n_seq);
     case AGG_SEQ_MEAN: return inv(n_seq) * inv(n_row);
+    case AGG_TOKEN_SUM: return 1.0;
     default: return inv(p.t_norm);
   }
 }
@@ -486,15 +513,18 @@ extern "C" __global__ void __launch_bounds__(LOSS_THREADS) calibrl_loss_counts(L
   const i64 warps = blockDim.x >> 5;
   double v[2] = {0.0, 0.0};  // tokens, rows
   for (i64 i = blockIdx.x * warps + (threadIdx.x >> 5); i < p.rows; i += gridDim.x * warps) {
-    if (expert_row(p, i) && !trains_experts(p)) continue;
+    if (expert_row(p, i) && !trains_experts(p) && !p.authors) continue;
     i64 start, len;
     row_range(p, i, start, len);
+    double n_row = 0.0;
     if (p.mask) {
-      for (i64 t = lane; t < len; t += 32) v[0] += mask_at(p.mask, p.mask_dt, start + t) ? 1.0 : 0.0;
+      for (i64 t = lane; t < len; t += 32) n_row += mask_at(p.mask, p.mask_dt, start + t) ? 1.0 : 0.0;
     } else if (lane == 0 && len > 0) {
-      v[0] += (double)len;
+      n_row = (double)len;
     }
-    if (lane == 0) v[1] += 1.0;
+    v[0] += n_row;
+    // A row without counted tokens is not counted in N_seq (SPEC §4.5).
+    if (__any_sync(0xffffffffu, n_row > 0.0) && lane == 0) v[1] += 1.0;
   }
   block_sum<2>(v, scratch);
   if (publish_partials<2>(v, p.block_ws, &p.tickets[0])) {
@@ -510,9 +540,8 @@ __device__ __forceinline__ void normalisers(const LossParams& p, double& n_tok, 
   } else if (p.counts == COUNTS_KERNEL) {
     n_tok = p.final_ws[0]; n_seq = p.final_ws[1];
   } else {
-    n_tok = p.offsets ? (double)(ld_index(p.offsets, p.offsets_dt, p.rows) - ld_index(p.offsets, p.offsets_dt, 0))
-                      : (double)p.rows * (double)p.seq_len;
-    n_seq = (double)p.rows;
+    n_tok = (double)p.rows * (double)p.seq_len;
+    n_seq = p.seq_len > 0 ? (double)p.rows : 0.0;
   }
 }
 
@@ -536,6 +565,7 @@ __device__ void write_metrics(const LossParams& p, const double (&a)[BLOCK_FIELD
   m[12] = mean(a[B_WSUM], a[B_ROLLOUTS]);
   m[13] = a[B_NTOK];
   m[14] = a[B_SEQS];
+  m[15] = 0.0;  // cov_selected_frac: Clip-Cov / KL-Cov run on the CPU backend only
   if (p.metrics)
     for (int j = 0; j < METRICS; ++j) st(p.metrics, p.metrics_dt, j, m[j]);
   p.final_ws[0] = n_tok;
@@ -581,7 +611,8 @@ __device__ __forceinline__ void loss_kernel(const LossParams& p) {
   double n_tok, n_seq;
   normalisers(p, n_tok, n_seq);
   const double lambda = effective_lambda(p);
-  const bool baseline = has_baseline(p);
+  // The authors' arithmetic explores against ℓ* = 0 even without expert data.
+  const bool baseline = has_baseline(p) || (p.authors && !p.baseline_ref);
   const bool expert_baseline = !p.baseline_ref && p.expert_logprobs != nullptr;
   // Whether any row may need pass 1 (block-uniform, so the team sums below are too).
   const bool row_pass = p.agg == AGG_SEQ_MEAN || (!p.token_aligned && baseline);
@@ -594,26 +625,27 @@ __device__ __forceinline__ void loss_kernel(const LossParams& p) {
   for (i64 r = 0; r < rounds; ++r) {
     const i64 i = (r * gridDim.x + blockIdx.x) * teams + slot_in_block;
     const bool active = i < p.rows;
-    bool is_exp = false, trained = false;
+    bool is_exp = false, trained = false, counted = false;
     double a = 0.0, w = 0.0, c = 0.0;
     i64 slot = -1, start = 0, len = 0;
     if (active) {
       is_exp = expert_row(p, i);
       trained = !is_exp || trains_experts(p);
+      counted = trained || p.authors;  // in the normalisers, regularisers and metrics
       a = ld(p.advantages, p.advantages_dt, i);
       w = ld(p.weights, p.weights_dt, i);
       c = ld(p.signs, p.signs_dt, i);
       slot = expert_baseline ? slot_of(p, i) : -1;
       row_range(p, i, start, len);
     }
-    const bool explores = baseline && trained && !is_exp && (p.baseline_ref || slot != -1);
+    const bool explores = baseline && trained && !is_exp && (p.baseline_ref || slot != -1 || p.authors);
     const bool seq_explore = explores && !p.token_aligned;
     const bool tok_explore = explores && p.token_aligned;
 
     // Pass 1: n_i, S_i = Σ m·ℓ, Σ m·ℓref, and the expert's Σ m*ℓ*, Σ m*.
     double s1[5] = {0.0, 0.0, 0.0, 0.0, 0.0};
     if (row_pass) {
-      if (trained && (p.agg == AGG_SEQ_MEAN || seq_explore)) {
+      if (counted && (p.agg == AGG_SEQ_MEAN || seq_explore)) {
         const bool with_ref = p.baseline_ref && p.ref_logprobs;
         for (i64 t0 = lane; t0 < len; t0 += (i64)BATCH * team) {
           typename RawOf<FT>::T lr[BATCH];
@@ -658,9 +690,10 @@ __device__ __forceinline__ void loss_kernel(const LossParams& p) {
       team_sum<5>(s1, team, scratch);
     }
     const double n_row = s1[0];
-    const double f = trained ? agg_factor(p, n_row, n_tok, n_seq) : 0.0;
+    const double f = counted ? agg_factor(p, n_row, n_tok, n_seq) : 0.0;
     double seq_coef = 0.0;
-    if (seq_explore) {
+    // An empty rollout adds nothing, not even φ of a length-normalised Δ (SPEC §4.5).
+    if (seq_explore && n_row > 0.0) {
       const double scale = p.length_normalize ? inv(n_row) : 1.0;
       double e;
       if (p.baseline_ref) e = s1[2] * scale;
@@ -678,8 +711,7 @@ __device__ __forceinline__ void loss_kernel(const LossParams& p) {
     }
     if (active && leader) {
       double* tr = team_rows[slot_in_block];
-      if (trained) tr[B_SEQS - THREAD_FIELDS] += 1.0;
-      if (!is_exp) {
+      if (!is_exp || p.authors) {
         tr[B_ROLLOUTS - THREAD_FIELDS] += 1.0;
         tr[B_WSUM - THREAD_FIELDS] += w;
         if (c > 0.0) tr[B_CORRECT - THREAD_FIELDS] += 1.0;
@@ -687,19 +719,21 @@ __device__ __forceinline__ void loss_kernel(const LossParams& p) {
     }
 
     // Pass 2: every element of the row gets its gradients (0 where nothing flows).
+    bool row_counted = false;  // this thread saw a counted token of the row
     for (i64 t0 = lane; t0 < len; t0 += (i64)BATCH * team) {
       typename RawOf<FT>::T lr[BATCH], orr[BATCH];
       unsigned in = 0;  // bit u: token u of the batch counts
 #pragma unroll
       for (int u = 0; u < BATCH; ++u) {
         const i64 t = t0 + (i64)u * team, k = start + t;
-        const bool ok = t < len && trained;
+        const bool ok = t < len && counted;
         // Loaded whatever the mask says (in bounds), so the mask's load is not waited for first;
         // a masked value is never used.
         lr[u] = ok ? ld_raw<FT>(p.logprobs, p.logprobs_dt, k) : typename RawOf<FT>::T(0);
         orr[u] = (ok && p.old_logprobs) ? ld_raw<FT>(p.old_logprobs, p.old_dt, k) : lr[u];
         in |= (unsigned)(ok && mask_at(p.mask, p.mask_dt, k)) << u;
       }
+      row_counted |= in != 0u;
 #pragma unroll 1
       for (int u = 0; u < BATCH; ++u) {
         const i64 t = t0 + (i64)u * team, k = start + t;
@@ -708,12 +742,13 @@ __device__ __forceinline__ void loss_kernel(const LossParams& p) {
         if ((in >> u) & 1u) {
           const double logp = raw_value<FT>(lr[u]), old = raw_value<FT>(orr[u]);
           double pv, dv;
-          if (is_exp) {
+          if (is_exp && trained) {
             off_policy(p, a, logp, old, pv, dv);
           } else {
             bool clipped, lower;
             clipped_pg(p, a, logp, old, pv, dv, clipped, lower);
             n_clip += clipped; n_lower += lower; acc_ppo_kl += old - logp; n_rtok += 1;
+            if (!trained) { pv = 0.0; dv = 0.0; }  // an expert row under the authors' arithmetic
           }
           if (p.token_weights) {
             const double omega = ld(p.token_weights, p.token_weights_dt, k);
@@ -742,6 +777,11 @@ __device__ __forceinline__ void loss_kernel(const LossParams& p) {
         if (p.grad_entropy) st(p.grad_entropy, p.grad_entropy_dt, k, gh);
       }
     }
+    // N_seq counts trained rows with a counted token. Teams lie within one warp (team ≤ 32),
+    // so the team's votes are its bits of the warp's ballot.
+    const unsigned votes = __ballot_sync(0xffffffffu, row_counted);
+    const unsigned team_bits = team >= 32 ? votes : (votes >> (threadIdx.x & 31 & ~(team - 1))) & ((1u << team) - 1u);
+    if (active && leader && counted && team_bits != 0u) team_rows[slot_in_block][B_SEQS - THREAD_FIELDS] += 1.0;
   }
 
   // The expert rows' Σ m*ℓ*, Σ m* (metric), one team per expert row.

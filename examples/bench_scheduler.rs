@@ -16,6 +16,9 @@
 //! all-gathers): Σ_m max_r W(r, m) with W the workload `tokens + tokens²/24576`, divided by the
 //! ideal Σ W / R. The step estimate adds the no-grad pass's lockstep workload and 3× the
 //! training pass's (forward + backward ≈ 3 forwards).
+//!
+//! "Dynamic sampling" compares the scheduler with and without SPEC §7.6 on the realistic step,
+//! where a third of the groups are all-correct or all-wrong (typical late in training).
 
 use calibrl::config::LossKind;
 use calibrl::scheduler::{
@@ -56,13 +59,22 @@ fn step(n_prompts: usize, seed: u64) -> StepInput {
     let mut rng = Rng(seed);
     StepInput {
         prompts: (0..n_prompts)
-            .map(|_| PromptInput {
+            .map(|g| PromptInput {
                 prompt_len: rng.log_normal(250.0, 0.6, 32, 2048),
                 rollout_lens: (0..G)
                     .map(|_| rng.log_normal(600.0, 0.9, 16, 4096))
                     .collect(),
                 expert_len: Some(rng.log_normal(900.0, 0.7, 16, 4096)),
-                rewards: None,
+                // A sixth of the groups all correct, a sixth all wrong, the rest mixed.
+                rewards: Some(
+                    (0..G)
+                        .map(|j| match g % 6 {
+                            0 => 1.0,
+                            1 => 0.0,
+                            _ => (j % 3 == 0) as u8 as f64,
+                        })
+                        .collect(),
+                ),
             })
             .collect(),
     }
@@ -330,8 +342,69 @@ fn scenario(title: &str, n_prompts: usize, minibatch_prompts: usize, runs: usize
     );
 }
 
+/// The scheduler with and without dynamic sampling on the same step (SPEC §7.6).
+fn dynamic_sampling(n_prompts: usize, minibatch_prompts: usize) {
+    let input = step(n_prompts, 2025);
+    let off = SchedulerConfig::new(RANKS, NOGRAD_BUDGET, TRAIN_BUDGET, minibatch_prompts);
+    let on = SchedulerConfig {
+        dynamic_sampling: true,
+        ..off.clone()
+    };
+    let (a, b) = (
+        scheduler::plan(&input, &off).unwrap(),
+        scheduler::plan(&input, &on).unwrap(),
+    );
+    let ng = |p: &Plan| stats(&[&p.nograd], NOGRAD_BUDGET);
+    let tr = |p: &Plan| {
+        stats(
+            &p.minibatches.iter().map(|m| &m.pass).collect::<Vec<_>>(),
+            TRAIN_BUDGET,
+        )
+    };
+    let (ang, atr, bng, btr) = (ng(&a), tr(&a), ng(&b), tr(&b));
+    println!(
+        "\n### Dynamic sampling (realistic step, a third of the groups all-correct or all-wrong)\n"
+    );
+    println!(
+        "{} of {n_prompts} prompts dropped (reported to the trainer, which may sample as many more).\n",
+        b.dropped_prompts.len()
+    );
+    println!(
+        "| {:<44} | {:>14} | {:>14} | {:>8} |",
+        "per step", "scheduler", "+ dyn. samp.", "off/on"
+    );
+    println!("|{:-<46}|{:->16}|{:->16}|{:->10}|", "", "", "", "");
+    let mtok = |x: f64| format!("{:.3} M", x / 1e6);
+    row(
+        "tokens forwarded (no-grad + training)",
+        (ang.tokens + atr.tokens) as f64,
+        (bng.tokens + btr.tokens) as f64,
+        &mtok,
+    );
+    row(
+        "tokens back-propagated",
+        atr.tokens as f64,
+        btr.tokens as f64,
+        &mtok,
+    );
+    let est = |ng: &Stats, tr: &Stats| ng.lockstep + 3.0 * tr.lockstep;
+    row(
+        "step estimate (lockstep workload, M units)",
+        est(&ang, &atr) / 1e6,
+        est(&bng, &btr) / 1e6,
+        &|x| format!("{x:.3}"),
+    );
+    row(
+        "training micro-batches per rank (all mbs)",
+        atr.microbatches_per_rank as f64,
+        btr.microbatches_per_rank as f64,
+        &|x| format!("{x:.0}"),
+    );
+}
+
 fn main() {
     println!("## Scheduler benchmark (naive = expert rows in both passes, fixed {NAIVE_NOGRAD_MB}/{NAIVE_TRAIN_MB}-sequence micro-batches)");
     scenario("Realistic step", 480, 120, 5);
+    dynamic_sampling(480, 120);
     scenario("1M sequences", 90_910, 480, 2);
 }

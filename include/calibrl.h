@@ -29,13 +29,13 @@ typedef struct {
 #endif
 
 /* The ABI version this header describes; compare with calibrl_abi_version(). */
-#define CALIBRL_ABI_VERSION 2
+#define CALIBRL_ABI_VERSION 3
 
 
 /**
  * Length of the `metrics` output tensor (the fields of `calibrl_metrics`, in order).
  */
-#define CALIBRL_METRICS_LEN 15
+#define CALIBRL_METRICS_LEN 16
 
 /**
  * `calibrl_scheduler_config.loss_kind`: CalibRL (expert rows forwarded once, never trained).
@@ -338,6 +338,10 @@ typedef struct calibrl_metrics {
   double mean_rarity_weight;
   double num_tokens;
   double num_seqs;
+  /**
+   * Clip-Cov / KL-Cov: the fraction of counted rollout tokens selected (SPEC §4.6; local).
+   */
+  double cov_selected_frac;
 } calibrl_metrics;
 
 /**
@@ -389,6 +393,12 @@ typedef struct calibrl_scheduler_config {
    * `c` of the workload model `tokens + c·tokens²` (default 1/24576, verl's 7B model).
    */
   double quadratic_coef;
+  /**
+   * Non-zero: DAPO dynamic sampling (SPEC §7.6) — prompts whose rollouts' rewards are all
+   * equal are left out of both passes, the normalisers and expert selection; `rewards` is
+   * then required. `calibrl_plan_dropped_prompts` lists them. (ABI 3.)
+   */
+  uint32_t dynamic_sampling;
 } calibrl_scheduler_config;
 
 /**
@@ -440,6 +450,10 @@ typedef struct calibrl_plan_info {
    * Sequences over the training budget, all mini-batches together.
    */
   uint64_t train_oversize;
+  /**
+   * Prompts left out by dynamic sampling (0 when it is off). (ABI 3.)
+   */
+  uint64_t dropped_prompts;
 } calibrl_plan_info;
 
 /**
@@ -752,6 +766,18 @@ enum calibrl_status calibrl_plan_expert_prompts(const struct calibrl_plan *plan,
                                                 int64_t *prompts,
                                                 size_t cap,
                                                 size_t *len);
+
+/**
+ * The prompts left out by dynamic sampling, increasing (`[dropped_prompts]` of the summary):
+ * their rewards were all equal, so they would train nothing; sample as many more.
+ *
+ * # Safety
+ * As `calibrl_plan_gather_map`.
+ */
+enum calibrl_status calibrl_plan_dropped_prompts(const struct calibrl_plan *plan,
+                                                 int64_t *prompts,
+                                                 size_t cap,
+                                                 size_t *len);
 
 /**
  * The offsets `[P*+1]` of the packed expert tensor (`expert_offsets` of `calibrl_loss`): slot

@@ -57,6 +57,19 @@ pub enum Aggregation {
     SeqMeanTokenMean,
     #[serde(rename = "seq-mean-token-sum-norm")]
     SeqMeanTokenSumNorm,
+    #[serde(rename = "token-sum")]
+    TokenSum,
+}
+
+/// Covariance-based entropy control (SPEC §4.6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EntropyControl {
+    None,
+    /// Zero p and ∂p/∂ℓ of a seeded random pick among unclipped tokens with lb < cov < ub.
+    ClipCov,
+    /// Add β·|ℓ − ℓold| to the unclipped p of the top-k tokens by cov.
+    KlCov,
 }
 
 /// KL estimator (SPEC §4.3).
@@ -105,9 +118,26 @@ pub struct Config {
     pub kl_kind: KlKind,
     /// γ of LUFFY's f(π) = π/(π+γ).
     pub luffy_gamma: f64,
+    /// SPEC §4.7 (preset `authors`): entropy, KL, the normalisers and the metrics take every
+    /// row, expert rows included; a rollout without a selected expert explores against ℓ* = 0.
+    pub authors_arithmetic: bool,
+    /// SPEC §4.6.
+    pub entropy_control: EntropyControl,
+    pub clip_cov_ratio: f64,
+    pub clip_cov_lb: f64,
+    pub clip_cov_ub: f64,
+    pub kl_cov_ratio: f64,
+    pub kl_cov_coef: f64,
+    /// Seed of Clip-Cov's random selection.
+    pub cov_seed: u64,
+    /// Caller-provided global means of A and ℓ and the global counted-token count (all ranks);
+    /// null: this call's own.
+    pub cov_adv_mean: Option<f64>,
+    pub cov_logprob_mean: Option<f64>,
+    pub cov_token_count: Option<f64>,
 }
 
-pub const PRESETS: [&str; 3] = ["paper", "reference", "grpo"];
+pub const PRESETS: [&str; 4] = ["paper", "reference", "grpo", "authors"];
 
 impl Default for Config {
     fn default() -> Self {
@@ -139,6 +169,17 @@ impl Config {
             kl_coef: 0.0,
             kl_kind: KlKind::K3,
             luffy_gamma: 0.1,
+            authors_arithmetic: false,
+            entropy_control: EntropyControl::None,
+            clip_cov_ratio: 2e-4,
+            clip_cov_lb: 1.0,
+            clip_cov_ub: 5.0,
+            kl_cov_ratio: 2e-3,
+            kl_cov_coef: 1.0,
+            cov_seed: 0,
+            cov_adv_mean: None,
+            cov_logprob_mean: None,
+            cov_token_count: None,
         };
         match name {
             "paper" => Ok(paper),
@@ -149,6 +190,11 @@ impl Config {
             "grpo" => Ok(Config {
                 loss: LossKind::Grpo,
                 lambda: 0.0,
+                ..paper
+            }),
+            "authors" => Ok(Config {
+                delta_mode: DeltaMode::TokenAligned,
+                authors_arithmetic: true,
                 ..paper
             }),
             other => Err(Error::config(
@@ -245,6 +291,11 @@ impl Config {
             ("entropy_coef", self.entropy_coef),
             ("kl_coef", self.kl_coef),
             ("luffy_gamma", self.luffy_gamma),
+            ("clip_cov_ratio", self.clip_cov_ratio),
+            ("clip_cov_lb", self.clip_cov_lb),
+            ("clip_cov_ub", self.clip_cov_ub),
+            ("kl_cov_ratio", self.kl_cov_ratio),
+            ("kl_cov_coef", self.kl_cov_coef),
         ] {
             finite(k, v)?;
         }
@@ -283,6 +334,56 @@ impl Config {
                 "luffy_gamma",
                 format!("{} must be > 0", self.luffy_gamma),
             ));
+        }
+        for (k, r) in [
+            ("clip_cov_ratio", self.clip_cov_ratio),
+            ("kl_cov_ratio", self.kl_cov_ratio),
+        ] {
+            if !(r > 0.0 && r <= 1.0) {
+                return Err(Error::config(k, format!("{r} is outside (0, 1]")));
+            }
+        }
+        if self.clip_cov_lb >= self.clip_cov_ub {
+            return Err(Error::config(
+                "clip_cov_lb",
+                format!(
+                    "{} must be < clip_cov_ub ({})",
+                    self.clip_cov_lb, self.clip_cov_ub
+                ),
+            ));
+        }
+        for (k, v) in [
+            ("cov_adv_mean", self.cov_adv_mean),
+            ("cov_logprob_mean", self.cov_logprob_mean),
+        ] {
+            match v {
+                Some(x) if !x.is_finite() => {
+                    return Err(Error::config(k, format!("{x} is not finite")))
+                }
+                Some(_) if self.cov_token_count.is_none() => {
+                    return Err(Error::config(
+                        "cov_token_count",
+                        format!(
+                        "is required when `{k}` is given (the global means need the global count)"
+                    ),
+                    ))
+                }
+                _ => {}
+            }
+        }
+        if let Some(n) = self.cov_token_count {
+            if !(n.is_finite() && n >= 0.0) {
+                return Err(Error::config(
+                    "cov_token_count",
+                    format!("{n} must be finite and >= 0"),
+                ));
+            }
+            if self.cov_adv_mean.is_none() || self.cov_logprob_mean.is_none() {
+                return Err(Error::config(
+                    "cov_token_count",
+                    "is given without both `cov_adv_mean` and `cov_logprob_mean`",
+                ));
+            }
         }
         match (self.agg, self.t_norm) {
             (Aggregation::SeqMeanTokenSumNorm, None) => {
@@ -327,8 +428,11 @@ fn check_type(key: &str, default: &Value, value: &Value) -> Result<()> {
         Value::Null => value.is_number() || value.is_null(),
         _ => true,
     };
+    // cov_seed is a u64: say so here rather than through a serde position.
+    let ok = ok && (key != "cov_seed" || value.is_u64());
     if !ok {
         let expected = match default {
+            Value::Number(_) if key == "cov_seed" => "a non-negative integer",
             Value::Bool(_) => "a boolean",
             Value::Number(_) => "a number",
             Value::String(_) => "a string",
@@ -410,6 +514,9 @@ mod tests {
         assert_eq!(r.agg, Aggregation::TokenMean);
         let g = Config::preset("grpo").unwrap();
         assert_eq!((g.loss, g.lambda), (LossKind::Grpo, 0.0));
+        let a = Config::preset("authors").unwrap();
+        assert_eq!(a.delta_mode, DeltaMode::TokenAligned);
+        assert!(a.authors_arithmetic && !r.authors_arithmetic);
     }
 
     #[test]
@@ -432,6 +539,15 @@ mod tests {
             (r#"{"agg":"seq-mean-token-sum-norm"}"#, "`t_norm`"),
             (r#"{"preset":"ppo"}"#, "`preset`"),
             (r#"{"clip_low":-0.1}"#, "`clip_low`"),
+            (r#"{"clip_cov_ratio":0}"#, "`clip_cov_ratio`"),
+            (r#"{"kl_cov_ratio":1.5}"#, "`kl_cov_ratio`"),
+            (r#"{"clip_cov_lb":5,"clip_cov_ub":5}"#, "`clip_cov_lb`"),
+            (
+                r#"{"cov_adv_mean":0.1,"cov_logprob_mean":-1}"#,
+                "`cov_token_count`",
+            ),
+            (r#"{"cov_token_count":10}"#, "`cov_token_count`"),
+            (r#"{"entropy_control":"clipcov"}"#, "`entropy_control`"),
         ];
         for (json, key) in cases {
             let e = Config::from_json(json).unwrap_err();

@@ -58,17 +58,25 @@ pub fn group_advantages(
     // Two-pass mean and unbiased variance per group, in f64, over rollout rows only.
     let mut count = vec![0usize; num_groups];
     let mut sum = vec![0f64; num_groups];
+    let mut lo = vec![f64::INFINITY; num_groups];
+    let mut hi = vec![f64::NEG_INFINITY; num_groups];
     for i in (0..b).filter(|&i| !expert(i)) {
         let g = group_ids[i] as usize;
         count[g] += 1;
         sum[g] += rewards[i];
+        lo[g] = lo[g].min(rewards[i]);
+        hi[g] = hi[g].max(rewards[i]);
     }
+    // A group whose rewards are all equal takes that reward as its mean, so A = 0 exactly
+    // (Σr/G may round away from r, leaving a residue that §7 could not recognise as empty).
     let mean: Vec<f64> = (0..num_groups)
         .map(|g| {
-            if count[g] > 1 {
-                sum[g] / count[g] as f64
-            } else {
+            if count[g] <= 1 {
                 0.0
+            } else if lo[g] == hi[g] {
+                lo[g]
+            } else {
+                sum[g] / count[g] as f64
             }
         })
         .collect();
@@ -129,6 +137,19 @@ mod tests {
         for rewards in [[0.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]] {
             let a = group_advantages(&cfg, &rewards, &[0, 0, 0, 0], 1, None, None).unwrap();
             assert_eq!(a.weights, vec![0.75, 0.25, 0.25, 0.25]);
+        }
+    }
+
+    #[test]
+    fn all_equal_rewards_give_exact_zeros() {
+        for norm_by_std in [false, true] {
+            let cfg = Config {
+                norm_by_std,
+                ..Config::default()
+            };
+            let a = group_advantages(&cfg, &[1.2155; 8], &[0; 8], 1, None, None).unwrap();
+            assert!(a.advantages.iter().all(|&x| x == 0.0), "{:?}", a.advantages);
+            assert!(a.weights.iter().all(|&x| x == 0.0));
         }
     }
 }

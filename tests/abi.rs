@@ -79,7 +79,7 @@ struct Api {
     config_free: unsafe extern "C" fn(Cfg),
     config_to_json: unsafe extern "C" fn(Cfg, *mut c_char, usize, *mut usize) -> i32,
     group_advantages: unsafe extern "C" fn(Cfg, *const AdvArgs, Stream) -> i32,
-    loss: unsafe extern "C" fn(Cfg, *const LossArgs, *mut [f64; 15], Stream) -> i32,
+    loss: unsafe extern "C" fn(Cfg, *const LossArgs, *mut [f64; 16], Stream) -> i32,
     logits_forward: unsafe extern "C" fn(
         *const DLTensor,
         *const DLTensor,
@@ -204,10 +204,10 @@ fn version_and_abi_version() {
         .to_str()
         .unwrap();
     assert_eq!(v, env!("CARGO_PKG_VERSION"));
-    assert_eq!(unsafe { (api().abi_version)() }, 2);
+    assert_eq!(unsafe { (api().abi_version)() }, 3);
     let header =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/include/calibrl.h")).unwrap();
-    assert!(header.contains("#define CALIBRL_ABI_VERSION 2"));
+    assert!(header.contains("#define CALIBRL_ABI_VERSION 3"));
     for (st, name) in [
         (0, "CALIBRL_STATUS_OK"),
         (3, "CALIBRL_STATUS_SHAPE_MISMATCH"),
@@ -384,7 +384,7 @@ impl LossBufs {
             },
             grad: Tensor::filled(SENTINEL, &[T], Dt::F32),
             gradh: Tensor::filled(SENTINEL, &[T], Dt::F64),
-            metrics: Tensor::filled(SENTINEL, &[15], Dt::F64),
+            metrics: Tensor::filled(SENTINEL, &[16], Dt::F64),
         }
     }
     fn args(&mut self) -> LossArgs {
@@ -423,7 +423,7 @@ fn bad_loss(json: &str, mutate: impl FnOnce(&mut LossBufs, &mut LossArgs)) -> (i
     let mut bufs = LossBufs::new();
     let mut args = bufs.args();
     mutate(&mut bufs, &mut args);
-    let mut host = [SENTINEL; 15];
+    let mut host = [SENTINEL; 16];
     let st = unsafe { (api().loss)(cfg, &args, &mut host, std::ptr::null_mut()) };
     let ok = bufs.untouched() && host.iter().all(|&v| v == SENTINEL);
     unsafe { (api().config_free)(cfg) };
@@ -435,7 +435,7 @@ fn loss_valid_call_matches_the_reference() {
     let cfg = new_cfg(JSON).unwrap();
     let mut bufs = LossBufs::new();
     let args = bufs.args();
-    let mut host = [SENTINEL; 15];
+    let mut host = [SENTINEL; 16];
     let st = unsafe { (api().loss)(cfg, &args, &mut host, std::ptr::null_mut()) };
     assert_eq!(st, OK, "{}", last_error());
     assert_eq!(last_error(), "");

@@ -402,7 +402,7 @@ fn run_both_with(
         let nan = vec![f64::NAN; n];
         let mut t_grad = Pair::new(g, dt, &nan, &shape);
         let mut t_gent = Pair::new(g, dt, &nan, &shape);
-        let mut t_met = Pair::new(g, Dt::F64, &[f64::NAN; 15], &[15]);
+        let mut t_met = Pair::new(g, Dt::F64, &[f64::NAN; 16], &[16]);
         let norm = normalizers.unwrap_or_default();
         let args = CalibrlLossArgs {
             logprobs: t_lp.desc(on_gpu),
@@ -474,6 +474,14 @@ const CONFIGS: &[&str] = &[
     r#"{"preset":"reference","kl_coef":0.1,"kl_kind":"k1","entropy_coef":0.02,"rarity_weighting":false}"#,
     r#"{"preset":"paper","kl_coef":0.1,"kl_kind":"abs","dual_clip":0.0,"clip_high":0.28}"#,
     r#"{"preset":"paper","kl_coef":0.1,"kl_kind":"k2","lambda":0.5}"#,
+    // token-sum; empty rows (batch() makes some) under length-normalised Δ (SPEC §4.5)
+    r#"{"preset":"paper","agg":"token-sum","length_normalize":true}"#,
+    r#"{"preset":"reference","agg":"token-sum","kl_coef":0.05,"entropy_coef":0.01}"#,
+    r#"{"preset":"paper","agg":"seq-mean-token-sum","length_normalize":true,"baseline":"ref_policy"}"#,
+    // SPEC §4.7 (expert rows in the batch, some rollouts without an expert)
+    r#"{"preset":"authors"}"#,
+    r#"{"preset":"authors","kl_coef":0.05,"kl_kind":"k2","entropy_coef":0.01}"#,
+    r#"{"preset":"authors","delta_mode":"sequence","agg":"seq-mean-token-mean"}"#,
 ];
 
 fn compare(label: &str, cpu: &Outputs, gpu: &Outputs, dt: Dt) {
@@ -514,7 +522,8 @@ fn loss_matches_cpu_for_every_configuration() {
     let (g, _guard) = require_gpu!();
     let mut rng = Rng::new(11);
     for (ci, cfg) in CONFIGS.iter().enumerate() {
-        let expert_rows = cfg.contains("luffy") || cfg.contains("rlplus");
+        let expert_rows =
+            cfg.contains("luffy") || cfg.contains("rlplus") || cfg.contains("authors");
         for (rows, padded, dt) in [
             (1, false, Dt::F64),
             (7, true, Dt::F32),
@@ -714,4 +723,46 @@ fn advantages_match_cpu() {
         // SAFETY: handle from calibrl_config_new.
         unsafe { calibrl_config_free(cfgp) };
     }
+}
+
+#[test]
+fn all_equal_groups_get_exact_zeros_on_gpu() {
+    let (g, _guard) = require_gpu!();
+    // SPEC §3: a group whose rewards are all equal has A = 0 exactly.
+    let mut rewards = vec![1.2155; 8];
+    rewards.extend([0.3, 0.3, 1.0]);
+    let mut gid = vec![0.0; 8];
+    gid.extend([1.0, 1.0, 1.0]);
+    let rows = rewards.len();
+    let cfgp = config(r#"{"norm_by_std":true}"#);
+    let mut t_r = Pair::new(g, Dt::F64, &rewards, &[rows]);
+    let mut t_g = Pair::new(g, Dt::I64, &gid, &[rows]);
+    let nan = vec![f64::NAN; rows];
+    let (mut a, mut w, mut s) = (
+        Pair::new(g, Dt::F64, &nan, &[rows]),
+        Pair::new(g, Dt::F64, &nan, &[rows]),
+        Pair::new(g, Dt::F64, &nan, &[rows]),
+    );
+    let args = CalibrlAdvantageArgs {
+        rewards: t_r.desc(true),
+        group_ids: t_g.desc(true),
+        num_groups: 2,
+        correct: null(),
+        is_expert: null(),
+        advantages: a.desc(true),
+        weights: w.desc(true),
+        signs: s.desc(true),
+    };
+    // SAFETY: live descriptors.
+    let st = unsafe { calibrl_group_advantages(cfgp, &args, g.stream.cu_stream() as *mut c_void) };
+    assert_eq!(st, CalibrlStatus::Ok, "{}", last_error());
+    g.stream.synchronize().unwrap();
+    let (av, wv) = (a.dev_values(g), w.dev_values(g));
+    for i in 0..8 {
+        assert_eq!(av[i], 0.0, "row {i}: {}", av[i]);
+        assert_eq!(wv[i], 0.0);
+    }
+    assert!(av[8] != 0.0);
+    // SAFETY: handle from calibrl_config_new.
+    unsafe { calibrl_config_free(cfgp) };
 }

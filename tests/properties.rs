@@ -222,6 +222,32 @@ fn expert_rows_are_excluded_from_group_statistics() {
 }
 
 #[test]
+fn groups_with_all_equal_rewards_get_exact_zeros() {
+    // SPEC §3: A = 0 exactly, whatever the reward values (1.2155·8 / 8 rounds away from 1.2155).
+    let mut rewards = vec![1.2155; 8];
+    rewards.extend([0.3, 0.3, 0.3, 1.0]); // group 1: not all equal
+    rewards.extend([-7.1e3; 3]); // group 2
+    let mut groups = vec![0i64; 8];
+    groups.extend([1, 1, 1, 1, 2, 2, 2]);
+    for json in [r#"{"norm_by_std":true}"#, r#"{"norm_by_std":false}"#] {
+        let out = lib_adv(json, &rewards, &groups, 3, None, None, Dt::F64).unwrap();
+        let want = ref_group_advantages(&config(json), &rewards, &groups, 3, None, None);
+        for i in (0..8).chain(12..15) {
+            assert_eq!(
+                out.a[i].to_bits(),
+                0f64.to_bits(),
+                "{json} row {i}: {}",
+                out.a[i]
+            );
+            assert_eq!(out.w[i], 0.0);
+            assert_eq!(want.advantages[i], 0.0);
+        }
+        assert!(out.a[8] != 0.0 && out.a[11] != 0.0);
+        assert_vec_close(json, &out.a, &want.advantages, 1e-12, 1e-14);
+    }
+}
+
+#[test]
 fn explicit_correctness_overrides_the_threshold() {
     let rewards = [0.05, 0.1, 0.11, 0.9];
     // Threshold: c = +1 iff r > τ (strict).

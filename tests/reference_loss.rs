@@ -28,6 +28,7 @@ fn configs() -> Vec<String> {
             r#""agg":"seq-mean-token-sum""#,
             r#""agg":"seq-mean-token-mean""#,
             r#""agg":"seq-mean-token-sum-norm","t_norm":37.5"#,
+            r#""agg":"token-sum""#,
         ] {
             v.push(format!(r#"{{"delta_mode":"{mode}",{agg}}}"#));
             v.push(format!(
@@ -55,11 +56,28 @@ fn configs() -> Vec<String> {
         }
     }
     for base in ["expert", "ref_policy"] {
-        for agg in [r#""agg":"token-mean""#, r#""agg":"seq-mean-token-mean""#] {
+        for agg in [
+            r#""agg":"token-mean""#,
+            r#""agg":"seq-mean-token-mean""#,
+            r#""agg":"token-sum""#,
+        ] {
             v.push(format!(
                 r#"{{"delta_mode":"sequence","length_normalize":true,"baseline":"{base}",{agg}}}"#
             ));
         }
+    }
+    // SPEC §4.6 (bounds and ratios chosen so that the small test batches select tokens).
+    for ec in [
+        r#""entropy_control":"clip_cov","clip_cov_ratio":0.2,"clip_cov_lb":-0.3,"clip_cov_ub":0.4"#,
+        r#""entropy_control":"clip_cov","clip_cov_ratio":0.5,"clip_cov_lb":-1.0,"clip_cov_ub":1.0,"cov_seed":7"#,
+        r#""entropy_control":"kl_cov","kl_cov_ratio":0.2"#,
+        r#""entropy_control":"kl_cov","kl_cov_ratio":0.3,"kl_cov_coef":0.5,"agg":"seq-mean-token-mean""#,
+    ] {
+        v.push(format!(r#"{{{ec}}}"#));
+        v.push(format!(
+            r#"{{"preset":"reference",{ec},"entropy_coef":0.01}}"#
+        ));
+        v.push(format!(r#"{{"preset":"grpo",{ec}}}"#));
     }
     for kind in ["luffy", "rlplus"] {
         v.push(format!(r#"{{"loss":"{kind}"}}"#));
@@ -406,4 +424,54 @@ fn negative_token_weights_are_refused_naming_the_argument() {
     let (status, msg) = lib_loss(json, &case, &CallOpts::default()).unwrap_err();
     assert_ne!(status, 0);
     assert!(msg.contains("token_weights"), "{msg}");
+}
+
+/// SPEC §4.5: a rollout with no counted token adds nothing to any term (also not through φ of
+/// its length-normalised Δ = 0 − E/n*) and is not counted in N_seq.
+#[test]
+fn empty_rollouts_add_nothing_and_are_not_counted() {
+    for json in [
+        r#"{"length_normalize":true,"agg":"seq-mean-token-sum"}"#,
+        r#"{"length_normalize":false,"agg":"seq-mean-token-mean"}"#,
+        r#"{"baseline":"ref_policy","length_normalize":true,"agg":"token-sum"}"#,
+    ] {
+        for layout in [Layout::Packed, Layout::Padded] {
+            let mut rng = Rng::new(4242);
+            let g = Gen {
+                zero_len: false,
+                missing_expert: false,
+                layout,
+                ..Gen::default()
+            };
+            let mut case = gen_case(&mut rng, &g);
+            case.mask_given = true;
+            // Row 0 keeps its positions but none counts.
+            for t in case.b.rows[0].clone() {
+                case.b.mask[t] = 0.0;
+            }
+            let o = CallOpts::default();
+            let with_w = lib_loss(json, &case, &o).unwrap();
+            let mut zero = case.clone();
+            zero.b.w[0] = 0.0;
+            zero.b.adv[0] = 0.0;
+            let without = lib_loss(json, &zero, &o).unwrap();
+            let what = format!("{json} {layout:?}");
+            assert!(case.b.w[0] > 0.0, "{what}: the row must carry a weight");
+            assert_eq!(
+                with_w.metrics[14],
+                (case.b.rows.len() - 1) as f64,
+                "{what}: N_seq"
+            );
+            // Every term and count (mean_rarity_weight, a per-rollout mean, sees w_0 change).
+            for k in (0..12).chain(13..15) {
+                assert_eq!(
+                    with_w.metrics[k], without.metrics[k],
+                    "{what}: {}",
+                    METRIC_NAMES[k]
+                );
+            }
+            assert_vec_close(&what, &with_w.grad_l, &without.grad_l, 0.0, 0.0);
+            check_against_reference(json, &case, &o, &what);
+        }
+    }
 }

@@ -89,15 +89,30 @@ fn random_config(rng: &mut Rng, n_prompts: usize) -> SchedulerConfig {
         loss_kind,
         quadratic_coef: [0.0, scheduler::CALIBRL_DEFAULT_QUADRATIC_COEF, 1e-3]
             [rng.below(3) as usize],
+        dynamic_sampling: rng.below(3) == 0,
     }
 }
 
 /// Which prompts' experts should be selected, computed from the definition.
+/// SPEC §7.6: with dynamic sampling, a group of ≥ 2 rollouts whose rewards are all equal.
+fn expected_dropped(input: &StepInput, cfg: &SchedulerConfig) -> Vec<bool> {
+    input
+        .prompts
+        .iter()
+        .map(|p| {
+            let r = p.rewards.as_ref();
+            cfg.dynamic_sampling && r.is_some_and(|r| r.len() > 1 && r.iter().all(|&x| x == r[0]))
+        })
+        .collect()
+}
+
 fn expected_selection(input: &StepInput, cfg: &SchedulerConfig, plan: &Plan) -> Vec<bool> {
+    let dropped = expected_dropped(input, cfg);
     let has: Vec<bool> = input
         .prompts
         .iter()
-        .map(|p| p.expert_len.is_some())
+        .zip(&dropped)
+        .map(|(p, &d)| p.expert_len.is_some() && !d)
         .collect();
     if cfg.loss_kind == LossKind::Grpo {
         return vec![false; has.len()];
@@ -116,6 +131,8 @@ fn expected_selection(input: &StepInput, cfg: &SchedulerConfig, plan: &Plan) -> 
                 let rate = r.iter().filter(|&&x| x > threshold).count() as f64 / r.len() as f64;
                 p.expert_len.is_some() && low <= rate && rate <= high
             })
+            .zip(&dropped)
+            .map(|(s, &d)| s && !d)
             .collect(),
         ExpertSelection::RandomFraction { fraction, .. } => {
             // The set is random; its size and eligibility are not.
@@ -194,6 +211,24 @@ fn check_pass(pass: &PassPlan, ranks: usize, budget: u64, coef: f64, what: &str)
 
 fn check_plan(input: &StepInput, cfg: &SchedulerConfig, plan: &Plan) {
     let selected = expected_selection(input, cfg, plan);
+    let dropped = expected_dropped(input, cfg);
+    let want_dropped: Vec<u32> = (0..dropped.len() as u32)
+        .filter(|&g| dropped[g as usize])
+        .collect();
+    assert_eq!(plan.dropped_prompts, want_dropped, "dropped prompts");
+    // Rollout ids of the groups kept.
+    let dropped_ref = &dropped;
+    let kept: Vec<i64> = input
+        .prompts
+        .iter()
+        .enumerate()
+        .flat_map(|(g, p)| {
+            let first = plan.rollout_offsets[g] as i64;
+            (0..p.rollout_lens.len() as i64)
+                .map(move |j| first + j)
+                .filter(move |_| !dropped_ref[g])
+        })
+        .collect();
     let want_prompts: Vec<u32> = (0..selected.len())
         .filter(|&g| selected[g])
         .map(|g| g as u32)
@@ -221,8 +256,9 @@ fn check_plan(input: &StepInput, cfg: &SchedulerConfig, plan: &Plan) {
     }
     assert_eq!(plan.expert_offsets, off);
 
-    // No-grad pass: every rollout once, every selected expert once.
-    let all: Vec<i64> = (0..(r + want_prompts.len()) as i64).collect();
+    // No-grad pass: every kept rollout once, every selected expert once.
+    let mut all = kept.clone();
+    all.extend(r as i64..(r + want_prompts.len()) as i64);
     assert_eq!(ids(&plan.nograd, r), all, "no-grad pass ids");
     for s in plan.nograd.seqs() {
         let p = &input.prompts[s.prompt as usize];
@@ -253,7 +289,7 @@ fn check_plan(input: &StepInput, cfg: &SchedulerConfig, plan: &Plan) {
         next_prompt = prompts.end;
         let mut want = Vec::new();
         let (mut tokens, mut rows) = (0u64, 0u64);
-        for g in prompts.clone() {
+        for g in prompts.clone().filter(|&g| !dropped[g]) {
             let p = &input.prompts[g];
             for (j, &len) in p.rollout_lens.iter().enumerate() {
                 want.push((plan.rollout_offsets[g] + j) as i64);
@@ -288,11 +324,7 @@ fn check_plan(input: &StepInput, cfg: &SchedulerConfig, plan: &Plan) {
     }
     assert_eq!(next_prompt, input.prompts.len());
     train_rollouts.sort_unstable();
-    assert_eq!(
-        train_rollouts,
-        (0..r as i64).collect::<Vec<_>>(),
-        "training pass rollouts"
-    );
+    assert_eq!(train_rollouts, kept, "training pass rollouts");
 }
 
 #[test]
@@ -764,6 +796,7 @@ fn c_config(cfg: &SchedulerConfig) -> CalibrlSchedulerConfig {
     c.nograd_token_budget = cfg.nograd_token_budget;
     c.train_token_budget = cfg.train_token_budget;
     c.quadratic_coef = cfg.quadratic_coef;
+    c.dynamic_sampling = cfg.dynamic_sampling as u32;
     c.loss_kind = match cfg.loss_kind {
         LossKind::Calibrl => CALIBRL_LOSS_CALIBRL,
         LossKind::Grpo => CALIBRL_LOSS_GRPO,
@@ -849,6 +882,16 @@ fn c_abi_reads_back_the_same_plan() {
             );
             assert_eq!(sum.num_minibatches as usize, want.minibatches.len());
             assert_eq!(sum.nograd_oversize as usize, want.nograd.oversize.len());
+            assert_eq!(sum.dropped_prompts as usize, want.dropped_prompts.len());
+            let mut dropped = vec![-1i64; want.dropped_prompts.len()];
+            let mut nd = usize::MAX;
+            assert_eq!(
+                calibrl_plan_dropped_prompts(plan, dropped.as_mut_ptr(), dropped.len(), &mut nd),
+                CalibrlStatus::Ok
+            );
+            assert_eq!(nd, dropped.len());
+            let want_dropped: Vec<i64> = want.dropped_prompts.iter().map(|&g| g as i64).collect();
+            assert_eq!(dropped, want_dropped);
             let r = want.num_rollouts();
             let as_pairs = |seqs: &[scheduler::SeqRef]| -> Vec<(i64, u8)> {
                 seqs.iter().map(|s| (s.id(r), s.kind as u8)).collect()
@@ -1278,4 +1321,53 @@ fn c_abi_collect_experts_matches_rust() {
     for (a, b) in sums.iter().zip(want_sums) {
         assert!((*a as f64 - b).abs() < 1e-6);
     }
+}
+
+#[test]
+fn dynamic_sampling_leaves_out_all_equal_groups_and_reports_them() {
+    let lens = |n: usize| vec![100u32; n];
+    let prompt = |rewards: Vec<f64>| PromptInput {
+        prompt_len: 50,
+        rollout_lens: lens(rewards.len()),
+        expert_len: Some(80),
+        rewards: Some(rewards),
+    };
+    let input = StepInput {
+        prompts: vec![
+            prompt(vec![1.0, 1.0, 1.0, 1.0]), // all correct: dropped
+            prompt(vec![1.0, 0.0, 1.0, 0.0]),
+            prompt(vec![0.0, 0.0, 0.0, 0.0]), // all wrong: dropped
+            prompt(vec![0.7]),                // one rollout: A = r (SPEC §3), kept
+            prompt(vec![1.2155; 3]),          // all equal: dropped
+        ],
+    };
+    let cfg = SchedulerConfig {
+        dynamic_sampling: true,
+        ..SchedulerConfig::new(2, 1000, 1000, 2)
+    };
+    let plan = scheduler::plan(&input, &cfg).unwrap();
+    assert_eq!(plan.dropped_prompts, vec![0, 2, 4]);
+    assert_eq!(plan.expert_prompts, vec![1, 3]);
+    check_plan(&input, &cfg, &plan);
+    // Mini-batch 0 (prompts 0, 1) trains prompt 1's four rollouts only.
+    assert_eq!(
+        plan.minibatches[0].normalizers,
+        CalibrlNormalizers {
+            token_count: 400.0,
+            seq_count: 4.0
+        }
+    );
+    // Off: nothing is dropped.
+    let off = scheduler::plan(&input, &SchedulerConfig::new(2, 1000, 1000, 2)).unwrap();
+    assert!(off.dropped_prompts.is_empty());
+    assert_eq!(off.num_expert_slots(), 5);
+    // Without rewards it is refused, naming the prompt's rewards.
+    let mut bare = input.clone();
+    bare.prompts[2].rewards = None;
+    expect_err(
+        &bare,
+        &cfg,
+        CalibrlStatus::InvalidArgument,
+        "`prompts[2].rewards`",
+    );
 }

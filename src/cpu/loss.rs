@@ -2,7 +2,9 @@
 //! with respect to ℓ and H, metrics). `ops::loss` turns tensors into a [`LossBatch`]; Rust
 //! callers (the training demo, the scheduler tests) may build one directly.
 
-use crate::config::{Activation, Aggregation, Baseline, Config, DeltaMode, KlKind, LossKind};
+use crate::config::{
+    Activation, Aggregation, Baseline, Config, DeltaMode, EntropyControl, KlKind, LossKind,
+};
 use crate::error::{Error, Result};
 use std::ops::Range;
 
@@ -39,9 +41,11 @@ pub struct CalibrlMetrics {
     pub mean_rarity_weight: f64,
     pub num_tokens: f64,
     pub num_seqs: f64,
+    /// Clip-Cov / KL-Cov: the fraction of counted rollout tokens selected (SPEC §4.6; local).
+    pub cov_selected_frac: f64,
 }
 
-pub const METRICS_LEN: usize = 15;
+pub const METRICS_LEN: usize = 16;
 
 impl CalibrlMetrics {
     pub fn to_array(&self) -> [f64; METRICS_LEN] {
@@ -61,6 +65,7 @@ impl CalibrlMetrics {
             self.mean_rarity_weight,
             self.num_tokens,
             self.num_seqs,
+            self.cov_selected_frac,
         ]
     }
 }
@@ -218,13 +223,23 @@ pub fn compute(cfg: &Config, batch: &LossBatch) -> Result<LossOutput> {
     let expert_row = |i: usize| batch.is_expert.as_ref().is_some_and(|e| e[i]);
     // Rows that are trained: rollouts, plus expert rows for LUFFY / RL-PLUS.
     let trained = |i: usize| !expert_row(i) || cfg.trains_expert_rows();
+    // SPEC §4.7: the authors' arithmetic counts every row in the normalisers, the regularisers
+    // and the metrics (an untrained expert row's p and exploration term are 0).
+    let authors = cfg.authors_arithmetic && !cfg.trains_expert_rows();
+    let counted_row = |i: usize| trained(i) || authors;
     let n_tokens: Vec<f64> = batch
         .rows
         .iter()
         .map(|r| batch.mask[r.clone()].iter().sum())
         .collect();
-    let local_tokens: f64 = (0..b).filter(|&i| trained(i)).map(|i| n_tokens[i]).sum();
-    let local_seqs = (0..b).filter(|&i| trained(i)).count() as f64;
+    let local_tokens: f64 = (0..b)
+        .filter(|&i| counted_row(i))
+        .map(|i| n_tokens[i])
+        .sum();
+    // A row without counted tokens adds nothing and is not counted in N_seq (SPEC §4.5).
+    let local_seqs = (0..b)
+        .filter(|&i| counted_row(i) && n_tokens[i] > 0.0)
+        .count() as f64;
     let norm = batch.normalizers.unwrap_or(CalibrlNormalizers {
         token_count: local_tokens,
         seq_count: local_seqs,
@@ -235,10 +250,11 @@ pub fn compute(cfg: &Config, batch: &LossBatch) -> Result<LossOutput> {
         Aggregation::SeqMeanTokenSum => inv(norm.seq_count),
         Aggregation::SeqMeanTokenMean => inv(norm.seq_count) * inv(n_tokens[i]),
         Aggregation::SeqMeanTokenSumNorm => inv(cfg.t_norm.unwrap_or(1.0)),
+        Aggregation::TokenSum => 1.0,
     };
 
     let lambda = cfg.effective_lambda();
-    let baseline = explore_baseline(cfg, batch)?;
+    let baseline = explore_baseline(cfg, batch, authors)?;
     if lambda > 0.0 && baseline.is_none() {
         return Err(match cfg.baseline {
             Baseline::Expert => Error::null("expert_logprobs")
@@ -254,16 +270,48 @@ pub fn compute(cfg: &Config, batch: &LossBatch) -> Result<LossOutput> {
         return Err(Error::null("ref_logprobs").with_reason("kl_coef != 0 needs it"));
     }
 
+    // SPEC §4.6: the tokens Clip-Cov detaches or KL-Cov penalises, among counted rollout tokens.
+    let mut selected = vec![false; batch.logprobs.len()];
+    let mut cov_frac = 0.0;
+    if cfg.entropy_control != EntropyControl::None {
+        let mut tokens = Vec::new();
+        for i in (0..b).filter(|&i| !expert_row(i)) {
+            for k in batch.rows[i].clone().filter(|&k| batch.mask[k] != 0.0) {
+                let logp = batch.logprobs[k];
+                let old = batch.old_logprobs.as_ref().map_or(logp, |o| o[k]);
+                tokens.push(crate::cpu::cov::CovToken {
+                    k,
+                    adv: batch.advantages[i],
+                    logp,
+                    clipped: clipped_pg(cfg, batch.advantages[i], logp, old).2,
+                });
+            }
+        }
+        let picked = crate::cpu::cov::select(cfg, &tokens);
+        cov_frac = if tokens.is_empty() {
+            0.0
+        } else {
+            picked.len() as f64 / tokens.len() as f64
+        };
+        for k in picked {
+            selected[k] = true;
+        }
+    }
+
     let mut out = LossOutput {
         grad_logprobs: vec![0.0; batch.logprobs.len()],
         grad_entropy: vec![0.0; batch.logprobs.len()],
-        metrics: CalibrlMetrics::default(),
+        metrics: CalibrlMetrics {
+            cov_selected_frac: cov_frac,
+            ..CalibrlMetrics::default()
+        },
     };
     let m = &mut out.metrics;
     let (mut clip_n, mut lower_n, mut kl_sum, mut rollout_tokens) = (0.0, 0.0, 0.0, 0.0);
     let (mut delta_sum, mut delta_n) = (0.0, 0.0);
 
-    for i in (0..b).filter(|&i| trained(i)) {
+    for i in (0..b).filter(|&i| counted_row(i)) {
+        let pg_row = trained(i);
         let a = batch.advantages[i];
         let w = batch.weights[i];
         let c = batch.signs[i];
@@ -275,7 +323,7 @@ pub fn compute(cfg: &Config, batch: &LossBatch) -> Result<LossOutput> {
             }
             let logp = batch.logprobs[k];
             let old = batch.old_logprobs.as_ref().map_or(logp, |o| o[k]);
-            let (p, dp) = if is_exp {
+            let (p, dp) = if is_exp && pg_row {
                 off_policy(cfg, a, logp, old)
             } else {
                 let (p, dp, clipped, lower) = clipped_pg(cfg, a, logp, old);
@@ -283,7 +331,12 @@ pub fn compute(cfg: &Config, batch: &LossBatch) -> Result<LossOutput> {
                 lower_n += lower as u8 as f64;
                 kl_sum += old - logp;
                 rollout_tokens += 1.0;
-                (p, dp)
+                match cfg.entropy_control {
+                    _ if !pg_row => (0.0, 0.0),
+                    EntropyControl::ClipCov if selected[k] => (0.0, 0.0),
+                    EntropyControl::KlCov => kl_cov_pg(cfg, a, logp, old, selected[k]),
+                    _ => (p, dp),
+                }
             };
             // ρ is a constant per token (no gradient flows into it), as in verl.
             let rho = batch.token_weights.as_ref().map_or(1.0, |r| r[k]);
@@ -301,7 +354,7 @@ pub fn compute(cfg: &Config, batch: &LossBatch) -> Result<LossOutput> {
             if let (DeltaMode::TokenAligned, Some(base), false) =
                 (cfg.delta_mode, &baseline, is_exp)
             {
-                if let Some(bt) = base.token(batch, i, t, k) {
+                if let Some(bt) = base.token(i, t, k) {
                     let delta = logp - bt;
                     let (phi, dphi) = activation(cfg, -c * delta);
                     m.explore_loss += aw * w * phi;
@@ -311,7 +364,9 @@ pub fn compute(cfg: &Config, batch: &LossBatch) -> Result<LossOutput> {
                 }
             }
         }
-        if let (DeltaMode::Sequence, Some(base), false) = (cfg.delta_mode, &baseline, is_exp) {
+        if let (DeltaMode::Sequence, Some(base), false, true) =
+            (cfg.delta_mode, &baseline, is_exp, n_tokens[i] > 0.0)
+        {
             if let Some(e) = base.sequence(cfg, batch, i) {
                 let scale = if cfg.length_normalize {
                     inv(n_tokens[i])
@@ -339,7 +394,8 @@ pub fn compute(cfg: &Config, batch: &LossBatch) -> Result<LossOutput> {
 
     m.loss = m.pg_loss + lambda * m.explore_loss - cfg.entropy_coef * m.entropy_loss
         + cfg.kl_coef * m.kl_loss;
-    let rollouts: Vec<usize> = (0..b).filter(|&i| !expert_row(i)).collect();
+    // Per-row metrics over rollouts (every row in the authors' arithmetic).
+    let rollouts: Vec<usize> = (0..b).filter(|&i| !expert_row(i) || authors).collect();
     let mean = |s: f64, n: f64| if n > 0.0 { s / n } else { 0.0 };
     let nr = rollouts.len() as f64;
     m.clipfrac = mean(clip_n, rollout_tokens);
@@ -363,19 +419,48 @@ pub fn compute(cfg: &Config, batch: &LossBatch) -> Result<LossOutput> {
     Ok(out)
 }
 
+/// KL-Cov's policy-gradient term (SPEC §4.6): the unclipped −A·ρ, plus β·|ℓ − ℓold| on a
+/// selected token. (p, ∂p/∂ℓ).
+pub fn kl_cov_pg(cfg: &Config, a: f64, logp: f64, old: f64, selected: bool) -> (f64, f64) {
+    let ratio = (logp - old).exp();
+    let (mut p, mut dp) = (-a * ratio, -a * ratio);
+    if selected {
+        let d = logp - old;
+        p += cfg.kl_cov_coef * d.abs();
+        dp += cfg.kl_cov_coef
+            * if d > 0.0 {
+                1.0
+            } else if d < 0.0 {
+                -1.0
+            } else {
+                0.0
+            };
+    }
+    (p, dp)
+}
+
 /// Where Δ's baseline comes from, resolved once per call.
 enum BaselineSource<'a> {
-    /// Per-slot expert sums E_g (already length-normalised when configured).
+    /// Per-slot expert sums E_g (already length-normalised when configured). With
+    /// `zero_when_missing` (the authors' arithmetic) a row without an expert explores against 0.
     Expert {
         expert: &'a ExpertBaseline,
         sums: Vec<f64>,
+        zero_when_missing: bool,
     },
+    /// The authors' arithmetic with no expert selected in the call: ℓ* = 0 everywhere.
+    Zero,
     Reference(&'a [f64]),
 }
 
-fn explore_baseline<'a>(cfg: &Config, batch: &'a LossBatch) -> Result<Option<BaselineSource<'a>>> {
+fn explore_baseline<'a>(
+    cfg: &Config,
+    batch: &'a LossBatch,
+    authors: bool,
+) -> Result<Option<BaselineSource<'a>>> {
     Ok(match cfg.baseline {
         Baseline::RefPolicy => batch.ref_logprobs.as_deref().map(BaselineSource::Reference),
+        Baseline::Expert if authors && batch.expert.is_none() => Some(BaselineSource::Zero),
         Baseline::Expert => batch.expert.as_ref().map(|e| {
             let sums = e
                 .rows
@@ -394,7 +479,11 @@ fn explore_baseline<'a>(cfg: &Config, batch: &'a LossBatch) -> Result<Option<Bas
                     }
                 })
                 .collect();
-            BaselineSource::Expert { expert: e, sums }
+            BaselineSource::Expert {
+                expert: e,
+                sums,
+                zero_when_missing: authors,
+            }
         }),
     })
 }
@@ -403,10 +492,19 @@ impl BaselineSource<'_> {
     /// The sequence-mode baseline of row i, or None when its prompt has no expert.
     fn sequence(&self, cfg: &Config, batch: &LossBatch, i: usize) -> Option<f64> {
         match self {
-            BaselineSource::Expert { expert, sums } => {
+            BaselineSource::Expert {
+                expert,
+                sums,
+                zero_when_missing,
+            } => {
                 let slot = expert.index[i];
-                (slot >= 0).then(|| sums[slot as usize])
+                if slot >= 0 {
+                    Some(sums[slot as usize])
+                } else {
+                    zero_when_missing.then_some(0.0)
+                }
             }
+            BaselineSource::Zero => Some(0.0),
             BaselineSource::Reference(r) => {
                 let rows = batch.rows[i].clone();
                 let n: f64 = batch.mask[rows.clone()].iter().sum();
@@ -426,13 +524,17 @@ impl BaselineSource<'_> {
 
     /// The token-aligned baseline at position t (flat index k) of row i: ℓ*[g, t], taken as 0
     /// past the expert's length or at masked expert positions.
-    fn token(&self, batch: &LossBatch, i: usize, t: usize, k: usize) -> Option<f64> {
-        let _ = batch;
+    fn token(&self, i: usize, t: usize, k: usize) -> Option<f64> {
         match self {
-            BaselineSource::Expert { expert, .. } => {
+            BaselineSource::Zero => Some(0.0),
+            BaselineSource::Expert {
+                expert,
+                zero_when_missing,
+                ..
+            } => {
                 let slot = expert.index[i];
                 if slot < 0 {
-                    return None;
+                    return zero_when_missing.then_some(0.0);
                 }
                 let r = &expert.rows[slot as usize];
                 Some(if t < r.len() {

@@ -2,6 +2,7 @@
 //! machine. Loss arithmetic runs in f64; the logits path computes exponentials in f32 and
 //! accumulates in f64.
 
+pub mod cov;
 pub mod fastmath;
 pub mod logits;
 pub mod loss;

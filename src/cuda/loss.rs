@@ -13,7 +13,9 @@
 use super::compile::KernelSource;
 use super::workspace::{launch_struct, tickets, workspace};
 use super::{device, driver_error, Device};
-use crate::config::{Activation, Aggregation, Baseline, Config, DeltaMode, KlKind, LossKind};
+use crate::config::{
+    Activation, Aggregation, Baseline, Config, DeltaMode, EntropyControl, KlKind, LossKind,
+};
 use crate::cpu::loss::{CalibrlMetrics, METRICS_LEN};
 use crate::error::{Error, Result};
 use crate::ops::loss::{Advantages, Layout, Loss, Rows};
@@ -236,6 +238,7 @@ struct LossParams {
     baseline_ref: i64,
     agg: i64,
     kl_kind: i64,
+    authors: i64,
     norm_tokens: f64,
     norm_seqs: f64,
     t_norm: f64,
@@ -271,10 +274,23 @@ fn layout(rows: &Rows) -> Result<(*const c_void, i64, i64)> {
     }
 }
 
+/// SPEC §4.7 applies (LUFFY / RL-PLUS train expert rows anyway).
+fn authors(cfg: &Config) -> bool {
+    cfg.authors_arithmetic && !cfg.trains_expert_rows()
+}
+
 /// The same requirements the CPU reference enforces before computing.
 fn check_inputs(cfg: &Config, args: &Loss) -> Result<()> {
+    // Not in the CUDA kernel yet: CPU backend only (SPEC §4.6, §4.7).
+    if cfg.entropy_control != EntropyControl::None {
+        return Err(Error::layout(
+            "entropy_control",
+            "Clip-Cov / KL-Cov run on the CPU backend only; pass CPU tensors",
+        ));
+    }
     let baseline_present = match cfg.baseline {
-        Baseline::Expert => args.expert.is_some(),
+        // The authors' arithmetic explores against ℓ* = 0 without expert data.
+        Baseline::Expert => args.expert.is_some() || authors(cfg),
         Baseline::RefPolicy => args.ref_logprobs.is_some(),
     };
     if cfg.effective_lambda() > 0.0 && !baseline_present {
@@ -323,7 +339,11 @@ fn team_log2(tokens: usize, rows: usize) -> i64 {
 fn counts_mode(cfg: &Config, args: &Loss) -> Counts {
     if args.normalizers.is_some() {
         Counts::Given
-    } else if args.policy.mask.is_none() && (args.is_expert.is_none() || cfg.trains_expert_rows()) {
+    } else if args.policy.mask.is_none()
+        && args.policy.layout != Layout::Packed
+        && (args.is_expert.is_none() || cfg.trains_expert_rows() || authors(cfg))
+    {
+        // Padded rows all have the same length: all empty or none (a packed row may be empty).
         Counts::AllRows
     } else {
         Counts::Kernel
@@ -419,6 +439,7 @@ fn loss_params(cfg: &Config, args: &Loss) -> Result<LossParams> {
             Aggregation::SeqMeanTokenSum => 1,
             Aggregation::SeqMeanTokenMean => 2,
             Aggregation::SeqMeanTokenSumNorm => 3,
+            Aggregation::TokenSum => 4,
         },
         kl_kind: match cfg.kl_kind {
             KlKind::K1 => 0,
@@ -426,6 +447,7 @@ fn loss_params(cfg: &Config, args: &Loss) -> Result<LossParams> {
             KlKind::K2 => 2,
             KlKind::K3 => 3,
         },
+        authors: authors(cfg) as i64,
         norm_tokens: args.normalizers.map_or(0.0, |n| n.token_count),
         norm_seqs: args.normalizers.map_or(0.0, |n| n.seq_count),
         t_norm: cfg.t_norm.unwrap_or(1.0),
@@ -510,5 +532,6 @@ fn metrics_from(v: &[f64; METRICS_LEN]) -> CalibrlMetrics {
         mean_rarity_weight: v[12],
         num_tokens: v[13],
         num_seqs: v[14],
+        cov_selected_frac: v[15],
     }
 }

@@ -9,7 +9,7 @@ use crate::ops::Stream;
 use crate::tensor::{DLTensor, Tensor};
 
 /// Length of the `metrics` output tensor (the fields of `calibrl_metrics`, in order).
-pub const CALIBRL_METRICS_LEN: usize = 15;
+pub const CALIBRL_METRICS_LEN: usize = 16;
 const _: () = assert!(CALIBRL_METRICS_LEN == crate::cpu::loss::METRICS_LEN);
 
 /// Arguments of `calibrl_group_advantages`. Optional fields may be NULL.

@@ -73,6 +73,10 @@ pub struct CalibrlSchedulerConfig {
     pub reward_threshold: f64,
     /// `c` of the workload model `tokens + c·tokens²` (default 1/24576, verl's 7B model).
     pub quadratic_coef: f64,
+    /// Non-zero: DAPO dynamic sampling (SPEC §7.6) — prompts whose rollouts' rewards are all
+    /// equal are left out of both passes, the normalisers and expert selection; `rewards` is
+    /// then required. `calibrl_plan_dropped_prompts` lists them. (ABI 3.)
+    pub dynamic_sampling: u32,
 }
 
 /// One prompt of the step.
@@ -106,6 +110,8 @@ pub struct CalibrlPlanInfo {
     pub nograd_oversize: u64,
     /// Sequences over the training budget, all mini-batches together.
     pub train_oversize: u64,
+    /// Prompts left out by dynamic sampling (0 when it is off). (ABI 3.)
+    pub dropped_prompts: u64,
 }
 
 /// One mini-batch of the training pass.
@@ -168,6 +174,7 @@ pub unsafe extern "C" fn calibrl_scheduler_config_default(
             pass_rate_high: 1.0,
             reward_threshold: 0.1,
             quadratic_coef: scheduler::CALIBRL_DEFAULT_QUADRATIC_COEF,
+            dynamic_sampling: 0,
         };
         Ok(())
     })
@@ -212,6 +219,7 @@ fn convert_config(c: &CalibrlSchedulerConfig) -> Result<SchedulerConfig> {
         expert_selection,
         loss_kind,
         quadratic_coef: c.quadratic_coef,
+        dynamic_sampling: c.dynamic_sampling != 0,
     })
 }
 
@@ -371,6 +379,7 @@ pub unsafe extern "C" fn calibrl_plan_summary(
             num_minibatches: p.minibatches.len() as u64,
             nograd_oversize: p.nograd.oversize.len() as u64,
             train_oversize: p.oversize(PassKind::Train).len() as u64,
+            dropped_prompts: p.dropped_prompts.len() as u64,
         };
         Ok(())
     })
@@ -578,6 +587,25 @@ pub unsafe extern "C" fn calibrl_plan_expert_prompts(
     guard(|| {
         let p = &deref(plan, "plan")?.inner;
         let v: Vec<i64> = p.expert_prompts.iter().map(|&g| g as i64).collect();
+        write_array(&v, prompts, cap, len, "prompts")
+    })
+}
+
+/// The prompts left out by dynamic sampling, increasing (`[dropped_prompts]` of the summary):
+/// their rewards were all equal, so they would train nothing; sample as many more.
+///
+/// # Safety
+/// As `calibrl_plan_gather_map`.
+#[no_mangle]
+pub unsafe extern "C" fn calibrl_plan_dropped_prompts(
+    plan: *const CalibrlPlan,
+    prompts: *mut i64,
+    cap: usize,
+    len: *mut usize,
+) -> CalibrlStatus {
+    guard(|| {
+        let p = &deref(plan, "plan")?.inner;
+        let v: Vec<i64> = p.dropped_prompts.iter().map(|&g| g as i64).collect();
         write_array(&v, prompts, cap, len, "prompts")
     })
 }

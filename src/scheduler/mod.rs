@@ -88,6 +88,9 @@ pub struct SchedulerConfig {
     pub loss_kind: LossKind,
     /// `c` of the workload model `tokens + c·tokens²` (attention's quadratic term); ≥ 0.
     pub quadratic_coef: f64,
+    /// DAPO dynamic sampling (SPEC §7.6): groups whose rewards are all equal are left out of
+    /// both passes, the normalisers and expert selection (needs every prompt's rewards).
+    pub dynamic_sampling: bool,
 }
 
 impl SchedulerConfig {
@@ -106,6 +109,7 @@ impl SchedulerConfig {
             expert_selection: ExpertSelection::All,
             loss_kind: LossKind::Calibrl,
             quadratic_coef: CALIBRL_DEFAULT_QUADRATIC_COEF,
+            dynamic_sampling: false,
         }
     }
 
@@ -291,6 +295,9 @@ pub struct Plan {
     pub expert_offsets: Vec<i64>,
     /// Per rollout: its prompt's expert slot, or −1 (`expert_index` of the loss).
     pub gather: Vec<i64>,
+    /// Prompts left out by dynamic sampling (all-equal rewards), increasing; their rollouts are
+    /// in neither pass (the trainer may sample this many more prompts).
+    pub dropped_prompts: Vec<u32>,
     pub nograd: PassPlan,
     pub minibatches: Vec<Minibatch>,
 }
@@ -452,7 +459,8 @@ fn check_input(input: &StepInput) -> Result<Checked> {
 pub fn plan(input: &StepInput, config: &SchedulerConfig) -> Result<Plan> {
     config.validate()?;
     let c = check_input(input)?;
-    let selected = selection::select_experts(input, config)?;
+    let dropped = selection::dynamic_sampling(input, config)?;
+    let selected = selection::select_experts(input, config, &dropped)?;
 
     let mut expert_prompts = Vec::new();
     let mut expert_lens = Vec::new();
@@ -489,7 +497,10 @@ pub fn plan(input: &StepInput, config: &SchedulerConfig) -> Result<Plan> {
 
     let ranks = config.dp_ranks;
     let coef = config.quadratic_coef;
+    // Rollouts of dropped groups are trained on nothing: no pass needs their log-probs.
+    let kept = |i: &usize| !dropped[c.rollout_prompt[*i] as usize];
     let nograd_seqs: Vec<SeqRef> = (0..c.rollout_lens.len())
+        .filter(kept)
         .map(rollout)
         .chain((0..expert_prompts.len()).map(expert))
         .collect();
@@ -502,6 +513,7 @@ pub fn plan(input: &StepInput, config: &SchedulerConfig) -> Result<Plan> {
     let minibatches = partition::par_map(&firsts, firsts.len() > 1, |&first| {
         let end = (first + config.minibatch_prompts).min(n_prompts);
         let mut seqs: Vec<SeqRef> = (c.rollout_offsets[first]..c.rollout_offsets[end])
+            .filter(kept)
             .map(rollout)
             .collect();
         if config.trains_experts() {
@@ -513,7 +525,8 @@ pub fn plan(input: &StepInput, config: &SchedulerConfig) -> Result<Plan> {
         }
         let normalizers = CalibrlNormalizers {
             token_count: seqs.iter().map(|s| s.response_len as u64).sum::<u64>() as f64,
-            seq_count: seqs.len() as f64,
+            // An empty rollout adds nothing and is not counted in N_seq (SPEC §4.5).
+            seq_count: seqs.iter().filter(|s| s.response_len > 0).count() as f64,
         };
         Minibatch {
             first_prompt: first,
@@ -533,6 +546,9 @@ pub fn plan(input: &StepInput, config: &SchedulerConfig) -> Result<Plan> {
         expert_lens,
         expert_offsets,
         gather,
+        dropped_prompts: (0..n_prompts as u32)
+            .filter(|&g| dropped[g as usize])
+            .collect(),
         nograd,
         minibatches,
     })

@@ -30,13 +30,19 @@ impl SplitMix64 {
     }
 }
 
-/// `selected[g]`: whether prompt `g`'s expert is forwarded. Prompts without an expert are never
-/// selected; GRPO selects none (nothing reads them).
-pub(super) fn select_experts(input: &StepInput, config: &SchedulerConfig) -> Result<Vec<bool>> {
+/// `selected[g]`: whether prompt `g`'s expert is forwarded. Prompts without an expert, and
+/// groups left out by dynamic sampling (`dropped`), are never selected; GRPO selects none
+/// (nothing reads them).
+pub(super) fn select_experts(
+    input: &StepInput,
+    config: &SchedulerConfig,
+    dropped: &[bool],
+) -> Result<Vec<bool>> {
     let has: Vec<bool> = input
         .prompts
         .iter()
-        .map(|p| p.expert_len.is_some())
+        .zip(dropped)
+        .map(|(p, &d)| p.expert_len.is_some() && !d)
         .collect();
     if config.loss_kind == LossKind::Grpo {
         return Ok(vec![false; has.len()]);
@@ -81,6 +87,28 @@ pub(super) fn select_experts(input: &StepInput, config: &SchedulerConfig) -> Res
             Ok(selected)
         }
     }
+}
+
+/// DAPO dynamic sampling (SPEC §7.6): `dropped[g]` when prompt `g` has at least two rollouts
+/// and their rewards are all equal (its advantages are exactly 0, SPEC §3). Needs the rewards.
+pub(super) fn dynamic_sampling(input: &StepInput, config: &SchedulerConfig) -> Result<Vec<bool>> {
+    if !config.dynamic_sampling {
+        return Ok(vec![false; input.prompts.len()]);
+    }
+    input
+        .prompts
+        .iter()
+        .enumerate()
+        .map(|(g, p)| {
+            let r = p.rewards.as_ref().ok_or_else(|| {
+                Error::invalid(
+                    &format!("prompts[{g}].rewards"),
+                    "is missing: dynamic sampling needs the rewards of every prompt",
+                )
+            })?;
+            Ok(r.len() >= 2 && r.iter().all(|&x| x == r[0]))
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -599,7 +599,7 @@ impl Default for CallOpts {
 pub struct LibLoss {
     pub grad_l: Vec<f64>,
     pub grad_h: Vec<f64>,
-    pub metrics: [f64; 15],
+    pub metrics: [f64; 16],
     /// The same metrics from the `metrics` output tensor.
     pub metrics_tensor: Option<Vec<f64>>,
 }
@@ -655,7 +655,7 @@ pub fn lib_loss_cfg(cfg: &Cfg, case: &Case, o: &CallOpts) -> Result<LibLoss, (i3
         .then(|| Tensor::filled(f64::NAN, &shape, o.grad_dt));
     let mut mt = o
         .metrics_tensor
-        .then(|| Tensor::filled(f64::NAN, &[15], Dt::F64));
+        .then(|| Tensor::filled(f64::NAN, &[16], Dt::F64));
     let args = CalibrlLossArgs {
         logprobs: logp.lib(),
         seq_offsets: opt_lib(&offsets),

@@ -4,7 +4,9 @@
 
 #![allow(dead_code, clippy::needless_range_loop)]
 
-use calibrl::config::{Activation, Aggregation, Baseline, DeltaMode, KlKind, LossKind};
+use calibrl::config::{
+    Activation, Aggregation, Baseline, DeltaMode, EntropyControl, KlKind, LossKind,
+};
 use calibrl::Config;
 use std::ops::Range;
 
@@ -38,7 +40,11 @@ pub fn ref_group_advantages(
             .map(|i| rewards[i])
             .collect();
         let n = members.len();
-        if n >= 2 {
+        if n >= 2 && members.iter().all(|&r| r == members[0]) {
+            // All rewards equal: A = 0 exactly (not a rounding residue of the mean).
+            mu[g] = members[0];
+            sigma[g] = 0.0;
+        } else if n >= 2 {
             let m = members.iter().sum::<f64>() / n as f64;
             let var = members.iter().map(|r| (r - m) * (r - m)).sum::<f64>() / (n - 1) as f64;
             mu[g] = m;
@@ -126,10 +132,11 @@ pub struct RefMetrics {
     pub mean_rarity_weight: f64,
     pub num_tokens: f64,
     pub num_seqs: f64,
+    pub cov_selected_frac: f64,
 }
 
 impl RefMetrics {
-    pub fn to_array(&self) -> [f64; 15] {
+    pub fn to_array(&self) -> [f64; 16] {
         [
             self.loss,
             self.pg_loss,
@@ -146,11 +153,12 @@ impl RefMetrics {
             self.mean_rarity_weight,
             self.num_tokens,
             self.num_seqs,
+            self.cov_selected_frac,
         ]
     }
 }
 
-pub const METRIC_NAMES: [&str; 15] = [
+pub const METRIC_NAMES: [&str; 16] = [
     "loss",
     "pg_loss",
     "explore_loss",
@@ -166,6 +174,7 @@ pub const METRIC_NAMES: [&str; 15] = [
     "mean_rarity_weight",
     "num_tokens",
     "num_seqs",
+    "cov_selected_frac",
 ];
 
 #[derive(Clone, Debug)]
@@ -175,6 +184,85 @@ pub struct RefOut {
     pub m: RefMetrics,
     /// Smallest distance of any sample to a kink of the loss (for finite differences).
     pub kink: f64,
+    /// §4.6: flat indices of the tokens Clip-Cov / KL-Cov selected, increasing.
+    pub cov_selected: Vec<usize>,
+}
+
+/// SplitMix64 finaliser of `seed·φ64 + k + φ64` (docs/abi.md: Clip-Cov's key of position k).
+pub fn splitmix_key(seed: u64, k: u64) -> u64 {
+    const PHI: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut z = seed.wrapping_mul(PHI).wrapping_add(k).wrapping_add(PHI);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// SPEC §4.6 selection over the counted rollout tokens: (selected flat indices, distance of the
+/// selection to changing under a perturbation of ℓ, for finite differences).
+pub fn ref_cov_selection(cfg: &Config, b: &RefBatch) -> (Vec<usize>, f64) {
+    if cfg.entropy_control == EntropyControl::None {
+        return (vec![], f64::INFINITY);
+    }
+    let old = b.old.clone().unwrap_or_else(|| b.logp.clone());
+    // (position, A, ℓ, clipped)
+    let mut toks: Vec<(usize, f64, f64, bool)> = vec![];
+    for i in 0..b.rows.len() {
+        if b.is_expert[i] {
+            continue;
+        }
+        for t in b.rows[i].clone() {
+            if b.mask[t] != 0.0 {
+                let (_, _, clipped, _, _) = clipped_pg(cfg, b.adv[i], b.logp[t], old[t]);
+                toks.push((t, b.adv[i], b.logp[t], clipped));
+            }
+        }
+    }
+    if toks.is_empty() {
+        return (vec![], f64::INFINITY);
+    }
+    let cnt = toks.len() as f64;
+    let a_mean = cfg
+        .cov_adv_mean
+        .unwrap_or(toks.iter().map(|t| t.1).sum::<f64>() / cnt);
+    let l_mean = cfg
+        .cov_logprob_mean
+        .unwrap_or(toks.iter().map(|t| t.2).sum::<f64>() / cnt);
+    let n_tok = cfg.cov_token_count.unwrap_or(cnt);
+    let cov: Vec<f64> = toks
+        .iter()
+        .map(|t| (t.1 - a_mean) * (t.2 - l_mean))
+        .collect();
+    let mut kink = f64::INFINITY;
+    let mut sel: Vec<usize> = match cfg.entropy_control {
+        EntropyControl::ClipCov => {
+            let n = ((cfg.clip_cov_ratio * n_tok).floor() as usize).max(1);
+            let mut cand = vec![];
+            for (j, t) in toks.iter().enumerate() {
+                kink = kink
+                    .min((cov[j] - cfg.clip_cov_lb).abs())
+                    .min((cov[j] - cfg.clip_cov_ub).abs());
+                if !t.3 && cfg.clip_cov_lb < cov[j] && cov[j] < cfg.clip_cov_ub {
+                    cand.push((splitmix_key(cfg.cov_seed, t.0 as u64), t.0));
+                }
+            }
+            cand.sort();
+            cand.truncate(n);
+            cand.into_iter().map(|c| c.1).collect()
+        }
+        _ => {
+            let n = ((cfg.kl_cov_ratio * n_tok).floor() as usize).max(1);
+            let mut order: Vec<usize> = (0..toks.len()).collect();
+            // Bubble-free: a plain stable sort by decreasing cov keeps position order on ties.
+            order.sort_by(|&x, &y| cov[y].partial_cmp(&cov[x]).unwrap());
+            if n < order.len() {
+                kink = kink.min((cov[order[n - 1]] - cov[order[n]]).abs());
+            }
+            order.truncate(n);
+            order.into_iter().map(|j| toks[j].0).collect()
+        }
+    };
+    sel.sort();
+    (sel, kink)
 }
 
 /// φ(x) and φ'(x) of SPEC §4.2 (and the library's documented choices for sigmoid / huber).
@@ -316,7 +404,8 @@ pub fn ref_loss(cfg: &Config, b: &RefBatch) -> RefOut {
         .map(|r| r.clone().map(|t| b.mask[t]).sum())
         .collect();
     let local_tok: f64 = (0..nrows).filter(|&i| counted[i]).map(|i| n[i]).sum();
-    let local_seq = counted.iter().filter(|&&c| c).count() as f64;
+    // SPEC §4.5: a row with n_i = 0 is not counted in N_seq.
+    let local_seq = (0..nrows).filter(|&i| counted[i] && n[i] > 0.0).count() as f64;
     let (n_tok, n_seq) = b.norm.unwrap_or((local_tok, local_seq));
     let safe = |d: f64| if d > 0.0 { 1.0 / d } else { 0.0 };
     let coef = |i: usize| -> f64 {
@@ -325,6 +414,7 @@ pub fn ref_loss(cfg: &Config, b: &RefBatch) -> RefOut {
             Aggregation::SeqMeanTokenSum => safe(n_seq),
             Aggregation::SeqMeanTokenMean => safe(n_seq) * safe(n[i]),
             Aggregation::SeqMeanTokenSumNorm => 1.0 / cfg.t_norm.expect("t_norm"),
+            Aggregation::TokenSum => 1.0,
         }
     };
     let lam = if cfg.loss == LossKind::Calibrl {
@@ -336,7 +426,7 @@ pub fn ref_loss(cfg: &Config, b: &RefBatch) -> RefOut {
     let mut gl = vec![0.0; b.logp.len()];
     let mut gh = vec![0.0; b.logp.len()];
     let mut m = RefMetrics::default();
-    let mut kink = f64::INFINITY;
+    let (cov_selected, mut kink) = ref_cov_selection(cfg, b);
     let (mut clipn, mut lowern, mut ppo, mut ntok_roll) = (0.0, 0.0, 0.0, 0.0);
     for i in 0..nrows {
         if !counted[i] {
@@ -362,7 +452,28 @@ pub fn ref_loss(cfg: &Config, b: &RefBatch) -> RefOut {
                 lowern += lower as u8 as f64;
                 ppo += old[t] - b.logp[t];
                 ntok_roll += 1.0;
-                (p, dp)
+                let chosen = cov_selected.binary_search(&t).is_ok();
+                match cfg.entropy_control {
+                    // Clip-Cov: a selected token's p and ∂p/∂ℓ are 0.
+                    EntropyControl::ClipCov if chosen => (0.0, 0.0),
+                    // KL-Cov: unclipped −A·ρ, plus β·|ℓ − ℓold| when selected.
+                    EntropyControl::KlCov => {
+                        let rho = (b.logp[t] - old[t]).exp();
+                        let d = b.logp[t] - old[t];
+                        if chosen {
+                            kink = kink.min(d.abs());
+                            (
+                                -b.adv[i] * rho + cfg.kl_cov_coef * d.abs(),
+                                // d|x|/dx at 0 is 0 (as PyTorch's abs).
+                                -b.adv[i] * rho
+                                    + cfg.kl_cov_coef * if d == 0.0 { 0.0 } else { d.signum() },
+                            )
+                        } else {
+                            (-b.adv[i] * rho, -b.adv[i] * rho)
+                        }
+                    }
+                    _ => (p, dp),
+                }
             };
             let rho = b.tw.as_ref().map_or(1.0, |w| w[t]);
             m.pg_loss += k * rho * p;
@@ -423,6 +534,8 @@ pub fn ref_loss(cfg: &Config, b: &RefBatch) -> RefOut {
                 Baseline::RefPolicy => None,
             };
             match cfg.delta_mode {
+                // SPEC §4.5: an empty rollout adds nothing, not even φ(c·E).
+                DeltaMode::Sequence if n[i] == 0.0 => {}
                 DeltaMode::Sequence => {
                     let ni = n[i];
                     let scale_i = if ln { safe(ni) } else { 1.0 };
@@ -511,6 +624,11 @@ pub fn ref_loss(cfg: &Config, b: &RefBatch) -> RefOut {
             .collect::<Vec<_>>(),
     );
     m.mean_rarity_weight = mean(&roll_rows.iter().map(|&i| b.w[i]).collect::<Vec<_>>());
+    // §4.6: selected share of the counted rollout tokens.
+    let counted_roll: f64 = (0..nrows).filter(|&i| rollout[i]).map(|i| n[i]).sum();
+    if counted_roll > 0.0 {
+        m.cov_selected_frac = cov_selected.len() as f64 / counted_roll;
+    }
     m.num_tokens = local_tok;
     m.num_seqs = local_seq;
     m.loss = m.pg_loss + lam * m.explore_loss - cfg.entropy_coef * m.entropy_loss
@@ -520,6 +638,7 @@ pub fn ref_loss(cfg: &Config, b: &RefBatch) -> RefOut {
         grad_h: gh,
         m,
         kink,
+        cov_selected,
     }
 }
 

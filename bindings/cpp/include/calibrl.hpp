@@ -687,6 +687,10 @@ class SchedulerConfig {
   }
   /// `c` of the workload model tokens + c·tokens².
   SchedulerConfig& quadratic_coef(double v) noexcept { c_.quadratic_coef = v; return *this; }
+  /// DAPO dynamic sampling (SPEC §7.6): groups whose rewards are all equal leave both passes,
+  /// the normalisers and expert selection (the plan then needs rewards); see
+  /// Plan::dropped_prompts.
+  SchedulerConfig& dynamic_sampling(bool on) noexcept { c_.dynamic_sampling = on ? 1u : 0u; return *this; }
 
   [[nodiscard]] const calibrl_scheduler_config& capi() const noexcept { return c_; }
   [[nodiscard]] calibrl_scheduler_config& capi() noexcept { return c_; }
@@ -788,6 +792,12 @@ class Plan {
   [[nodiscard]] std::vector<std::int64_t> expert_prompts() const {
     return read_ids([&](std::int64_t* out, std::size_t cap, std::size_t* len) {
       return calibrl_plan_expert_prompts(capi(), out, cap, len);
+    });
+  }
+  /// The prompts left out by dynamic sampling (all-equal rewards): sample this many more.
+  [[nodiscard]] std::vector<std::int64_t> dropped_prompts() const {
+    return read_ids([&](std::int64_t* out, std::size_t cap, std::size_t* len) {
+      return calibrl_plan_dropped_prompts(capi(), out, cap, len);
     });
   }
   /// `[P* + 1]`: offsets of the packed expert tensor (expert_offsets of the loss).

@@ -683,6 +683,28 @@ double wrapper_train_step_loss() {
 
 }  // namespace
 
+// SPEC §7.6: dynamic sampling leaves out groups whose rewards are all equal, and reports them.
+void test_dynamic_sampling() {
+  std::vector<calibrl::Prompt> prompts(3);
+  prompts[0] = {10, {5, 7, 9}, 12, {1.0, 1.0, 1.0}};
+  prompts[1] = {4, {3, 3}, 6, {0.0, 1.0}};
+  prompts[2] = {8, {2, 4}, 5, {0.0, 0.0}};
+  calibrl::SchedulerConfig cfg;
+  cfg.dynamic_sampling(true);
+  const calibrl::Plan plan(cfg, prompts);
+  const std::vector<std::int64_t> dropped = plan.dropped_prompts();
+  report(dropped == std::vector<std::int64_t>{0, 2} && plan.summary().dropped_prompts == 2,
+         "dynamic sampling: prompts 0 and 2 (all equal) are dropped and reported");
+  report(plan.expert_prompts() == std::vector<std::int64_t>{1},
+         "dynamic sampling: only the kept prompt's expert is forwarded");
+  const calibrl_normalizers n = plan.minibatch(0).normalizers;
+  report(n.token_count == 6.0 && n.seq_count == 2.0,
+         "dynamic sampling: the normalisers count the kept rollouts only");
+  const calibrl::Plan off(calibrl::SchedulerConfig{}, prompts);
+  report(off.dropped_prompts().empty() && off.expert_prompts().size() == 3,
+         "dynamic sampling off: nothing dropped");
+}
+
 int main(int argc, char** argv) {
   const bool print_reference = argc > 1 && std::strcmp(argv[1], "--train-step-reference") == 0;
   const std::pair<const char*, void (*)()> groups[] = {
@@ -691,7 +713,7 @@ int main(int argc, char** argv) {
       {"loss (one token)", test_loss_one_token},
       {"loss (clipping)", test_loss_clipping},
       {"errors", test_errors},       {"logits", test_logits},
-      {"plan", test_plan},
+      {"plan", test_plan},           {"dynamic sampling", test_dynamic_sampling},
   };
   for (const auto& [name, fn] : groups) {
     std::printf("[%s]\n", name);

@@ -28,7 +28,7 @@ from pathlib import Path
 from ._dlpack import DLTensor
 
 #: The ABI version these bindings are written against (``CALIBRL_ABI_VERSION`` in the header).
-EXPECTED_ABI_VERSION = 2
+EXPECTED_ABI_VERSION = 3
 
 #: Environment variable naming the library file to load instead of the packaged one.
 LIBRARY_ENV = "CALIBRL_LIBRARY"
@@ -49,6 +49,7 @@ METRICS_NAMES = (
     "mean_rarity_weight",
     "num_tokens",
     "num_seqs",
+    "cov_selected_frac",
 )
 METRICS_LEN = len(METRICS_NAMES)
 
@@ -232,6 +233,7 @@ class SchedulerConfigC(ctypes.Structure):
         ("pass_rate_high", c_double),
         ("reward_threshold", c_double),
         ("quadratic_coef", c_double),
+        ("dynamic_sampling", c_uint32),
     ]
 
 
@@ -254,6 +256,7 @@ class PlanInfo(ctypes.Structure):
         ("num_minibatches", c_uint64),
         ("nograd_oversize", c_uint64),
         ("train_oversize", c_uint64),
+        ("dropped_prompts", c_uint64),
     ]
 
 
@@ -326,6 +329,7 @@ _SIGNATURES: dict[str, tuple[object, list]] = {
     ),
     "calibrl_plan_gather_map": (_status, [_plan, _i64p, c_size_t, _sizep]),
     "calibrl_plan_expert_prompts": (_status, [_plan, _i64p, c_size_t, _sizep]),
+    "calibrl_plan_dropped_prompts": (_status, [_plan, _i64p, c_size_t, _sizep]),
     "calibrl_plan_expert_offsets": (_status, [_plan, _i64p, c_size_t, _sizep]),
     "calibrl_plan_oversize": (_status, [_plan, c_uint32, _i64p, c_size_t, _sizep]),
     "calibrl_plan_seq": (_status, [_plan, c_int64, POINTER(SeqInfo)]),

@@ -10,7 +10,7 @@ from typing import Any
 
 from . import _lib
 
-PRESETS = ("paper", "reference", "grpo")
+PRESETS = ("paper", "reference", "grpo", "authors")
 
 
 def _json_key(key: str) -> str:

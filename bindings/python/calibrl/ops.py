@@ -197,7 +197,7 @@ def loss(
     ``grad_logprobs``/``grad_entropy``: ``True`` allocates the output (float32, or float64 for
     float64 log-probs, like ``logprobs`` otherwise), ``None``/``False`` skips it, or pass a
     buffer. ``grad_entropy`` defaults to ``True`` when ``entropy`` is given.
-    ``metrics``: an optional ``[15]`` float buffer on the call's device (always filled).
+    ``metrics``: an optional ``[16]`` float buffer on the call's device (always filled).
     ``host_metrics=False`` skips the host metrics struct (on CUDA it synchronises the stream):
     read ``metrics_tensor`` instead.
     """
@@ -266,7 +266,7 @@ def loss(
 
 
 def metrics_dict(metrics_tensor) -> dict[str, float]:
-    """The ``[15]`` metrics tensor as a dict (copies to the host)."""
+    """The ``[16]`` metrics tensor as a dict (copies to the host)."""
     values = metrics_tensor.tolist() if _is_torch(metrics_tensor) else np.asarray(metrics_tensor).tolist()
     return dict(zip(METRICS_NAMES, values))
 

@@ -95,6 +95,10 @@ class SchedulerConfig:
     pass_rate_high: float = 1.0
     reward_threshold: float = 0.1
     quadratic_coef: float = 1.0 / 24576.0
+    #: DAPO dynamic sampling (SPEC §7.6): groups whose rewards are all equal are left out of
+    #: both passes, the normalisers and expert selection (needs rewards); see
+    #: ``Plan.dropped_prompts``.
+    dynamic_sampling: bool = False
 
     @classmethod
     def from_library(cls) -> "SchedulerConfig":
@@ -130,6 +134,7 @@ class SchedulerConfig:
             pass_rate_high=float(self.pass_rate_high),
             reward_threshold=float(self.reward_threshold),
             quadratic_coef=float(self.quadratic_coef),
+            dynamic_sampling=1 if self.dynamic_sampling else 0,
         )
 
 
@@ -254,6 +259,8 @@ class Plan:
             )
         self.gather_map: np.ndarray = _read_ids("calibrl_plan_gather_map", h)
         self.expert_prompts: np.ndarray = _read_ids("calibrl_plan_expert_prompts", h)
+        #: Prompts left out by dynamic sampling (all-equal rewards): sample this many more.
+        self.dropped_prompts: np.ndarray = _read_ids("calibrl_plan_dropped_prompts", h)
         self.expert_offsets: np.ndarray = _read_ids("calibrl_plan_expert_offsets", h)
         self._oversize = {p: [int(i) for i in _read_ids("calibrl_plan_oversize", h, c_uint32(p))] for p in _PASSES.values()}
 

@@ -23,7 +23,10 @@ def advantages(cfg: dict, rewards, group_ids, num_groups, correct=None, is_exper
     std = torch.ones(num_groups, dtype=F64)
     for g in range(num_groups):
         rg = r[(gid == g) & ~expert]
-        if rg.numel() > 1:  # G_g == 1: μ = 0, σ = 1
+        if rg.numel() > 1 and bool((rg == rg[0]).all()):  # all equal: A = 0 exactly
+            mean[g] = rg[0]
+            std[g] = 0.0
+        elif rg.numel() > 1:  # G_g == 1: μ = 0, σ = 1
             mean[g] = rg.mean()
             std[g] = rg.std(unbiased=True)
     centered = r - mean[gid]
@@ -37,6 +40,45 @@ def advantages(cfg: dict, rewards, group_ids, num_groups, correct=None, is_exper
 
 
 # ---------------------------------------------------------------------------------- §4
+
+_M64 = (1 << 64) - 1
+_PHI64 = 0x9E3779B97F4A7C15
+
+
+def splitmix_key(seed: int, k: int) -> int:
+    """docs/abi.md: Clip-Cov's random key of flat position k, SplitMix64(seed·φ64 + k + φ64)."""
+    z = (seed * _PHI64 + k + _PHI64) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def cov_selection(cfg: dict, lp, m, A, rollout, clipped):
+    """§4.6: a bool [B, S] of the tokens Clip-Cov / KL-Cov select among counted rollout tokens.
+    Positions are flat indices of the padded layout (i·S + t)."""
+    B, S = lp.shape
+    ec = cfg.get("entropy_control", "none")
+    sel = torch.zeros(B, S, dtype=torch.bool)
+    counted = [i * S + t for i in range(B) for t in range(S) if m[i, t] > 0 and rollout[i]]
+    if ec == "none" or not counted:
+        return sel
+    a = [float(A[k // S, 0]) for k in counted]
+    lv = [float(lp[k // S, k % S]) for k in counted]
+    a_mean = cfg["cov_adv_mean"] if cfg.get("cov_adv_mean") is not None else sum(a) / len(a)
+    l_mean = cfg["cov_logprob_mean"] if cfg.get("cov_logprob_mean") is not None else sum(lv) / len(lv)
+    n_tok = cfg["cov_token_count"] if cfg.get("cov_token_count") is not None else len(counted)
+    cov = {k: (x - a_mean) * (y - l_mean) for k, x, y in zip(counted, a, lv)}
+    if ec == "clip_cov":
+        n = max(int(cfg["clip_cov_ratio"] * n_tok), 1)
+        cands = [k for k in counted
+                 if not bool(clipped[k // S, k % S]) and cfg["clip_cov_lb"] < cov[k] < cfg["clip_cov_ub"]]
+        chosen = sorted(cands, key=lambda k: (splitmix_key(cfg["cov_seed"], k), k))[:n]
+    else:
+        n = max(int(cfg["kl_cov_ratio"] * n_tok), 1)
+        chosen = sorted(counted, key=lambda k: (-cov[k], k))[:n]
+    for k in chosen:
+        sel[k // S, k % S] = True
+    return sel
 
 
 def phi(cfg: dict, x):
@@ -101,7 +143,10 @@ def loss(
     trained = torch.ones(B, dtype=torch.bool) if trains_expert else rollout
     tm = m * trained[:, None].to(F64)  # tokens that count
     n_i = tm.sum(1)
-    token_count, seq_count = (tm.sum(), trained.sum().to(F64)) if normalizers is None else map(float, normalizers)
+    # §4.5: a row without counted tokens is not counted in N_seq
+    token_count, seq_count = (
+        (tm.sum(), (trained & (n_i > 0)).sum().to(F64)) if normalizers is None else map(float, normalizers)
+    )
 
     def agg(v):
         mode = cfg["agg"]
@@ -114,6 +159,8 @@ def loss(
             return per_row.sum() / seq_count
         if mode == "seq-mean-token-sum-norm":
             return (tm * v).sum() / cfg["t_norm"]
+        if mode == "token-sum":
+            return (tm * v).sum()
         raise ValueError(mode)
 
     # §4.1 clipped PG
@@ -133,6 +180,21 @@ def loss(
             pi_old = torch.exp(old_t)
             p_off = -A * (2 * pi / (pi_old + 0.5 * (pi_old + 1))) * torch.sqrt(1 - pi).detach()
         p = torch.where(expert[:, None], p_off, p)
+    # §4.6 covariance-based entropy control, on rollout rows
+    ec = cfg.get("entropy_control", "none")
+    cov_frac = 0.0
+    if ec != "none":
+        with torch.no_grad():
+            sel = cov_selection(cfg, lp.detach(), m, A, rollout, p2 > p1)
+            n_roll = float((m * rollout[:, None].to(F64)).sum())
+            cov_frac = float(sel.sum()) / n_roll if n_roll > 0 else 0.0
+        on_rollout = rollout[:, None].expand(B, S)
+        if ec == "clip_cov":
+            p = torch.where(sel & on_rollout, torch.zeros_like(p), p)
+        else:
+            unclipped = -A * rho
+            penalised = unclipped + cfg["kl_cov_coef"] * (lp - old_t).abs()
+            p = torch.where(on_rollout, torch.where(sel, penalised, unclipped), p)
     # Per-token importance weights (verl's rollout_is_weights): data, no gradient.
     if token_weights is not None:
         p = p * torch.as_tensor(token_weights).to(F64)
@@ -169,7 +231,7 @@ def loss(
                     base = base / torch.clamp(n_r, min=1)
             delta = S_i - base
             x = -C * delta
-            use = has & rollout
+            use = has & rollout & (n_r > 0)  # §4.5: an empty rollout adds nothing
             l_explore = (W * phi(cfg, x) * use.to(F64)).sum() / seq_count
             delta_values = delta[use].detach()
         else:  # token-aligned: ℓ* = 0 past the expert's length
@@ -207,7 +269,8 @@ def loss(
         "ppo_kl": ppo_kl.item(),
         "mean_delta": float(torch.as_tensor(delta_values).mean()) if len(delta_values) else 0.0,
         "num_tokens": tm.sum().item(),
-        "num_seqs": trained.sum().item(),
+        "num_seqs": (trained & (n_i > 0)).sum().item(),
+        "cov_selected_frac": cov_frac,
     }
     return total, parts
 

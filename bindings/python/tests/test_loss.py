@@ -118,7 +118,7 @@ def reference(cfg, b, *, old=True, ref_lp=False, with_entropy=False, is_expert=N
 
 
 METRICS_CHECKED = ["loss", "pg_loss", "explore_loss", "entropy_loss", "kl_loss", "clipfrac",
-                   "clipfrac_lower", "ppo_kl", "mean_delta", "num_tokens", "num_seqs"]
+                   "clipfrac_lower", "ppo_kl", "mean_delta", "num_tokens", "num_seqs", "cov_selected_frac"]
 
 
 def check(res, parts, g_lp, g_ent=None):
@@ -148,6 +148,14 @@ CONFIGS = [
     ("paper", {"agg": "seq-mean-token-sum-norm", "t_norm": 7.0}),
     ("reference", {"agg": "seq-mean-token-mean"}),
     ("reference", {"agg": "seq-mean-token-sum"}),
+    ("paper", {"agg": "token-sum", "length_normalize": True}),
+    ("reference", {"agg": "token-sum"}),
+    ("paper", {"entropy_control": "clip_cov", "clip_cov_ratio": 0.2, "clip_cov_lb": -0.5, "clip_cov_ub": 0.5}),
+    ("grpo", {"entropy_control": "clip_cov", "clip_cov_ratio": 0.5, "clip_cov_lb": -1.0, "clip_cov_ub": 1.0,
+              "cov_seed": 9}),
+    ("paper", {"entropy_control": "kl_cov", "kl_cov_ratio": 0.2}),
+    ("reference", {"entropy_control": "kl_cov", "kl_cov_ratio": 0.3, "kl_cov_coef": 0.5,
+                   "cov_adv_mean": 0.1, "cov_logprob_mean": -1.0, "cov_token_count": 40.0}),
 ]
 
 
@@ -511,7 +519,7 @@ def test_fused_logits_take_strided_logits_and_list_labels():
 
 
 def sentinel_outputs(shape):
-    return torch.full(shape, 7.0, dtype=F64), torch.full(shape, 7.0, dtype=F64), torch.full((15,), 7.0, dtype=F64)
+    return torch.full(shape, 7.0, dtype=F64), torch.full(shape, 7.0, dtype=F64), torch.full((16,), 7.0, dtype=F64)
 
 
 @pytest.mark.parametrize(
@@ -595,3 +603,51 @@ def test_lists_are_accepted_as_inputs():
     assert calibrl.loss(calibrl.Config(), lp.tolist(), as_lists).loss == want.loss
     loss, _ = calibrl.calibrl_loss(lp.clone().requires_grad_(), as_lists)
     assert loss.item() == pytest.approx(want.loss, rel=1e-6)
+
+
+@pytest.mark.parametrize("overrides", [{"length_normalize": True, "agg": "seq-mean-token-sum"},
+                                       {"agg": "token-sum"}])
+def test_empty_rollout_adds_nothing(overrides):
+    """SPEC §4.5: a rollout without counted tokens adds nothing to any term, also not through φ
+    of a length-normalised Δ, and is not counted in N_seq."""
+    cfg = calibrl.Config("paper", **overrides)
+    b = batch(3)
+    b["mask"][1] = 0.0  # row 1 (it has an expert and a weight) counts no token
+    res = calibrl.loss(cfg, b["lp"], inputs_of(b))
+    check(res, *reference(cfg, b)[:2])
+    assert res.metrics["num_seqs"] == 5
+    b0 = dict(b, w=b["w"].clone(), adv=b["adv"].clone())
+    b0["w"][1] = 0.0
+    b0["adv"][1] = 0.0
+    res0 = calibrl.loss(cfg, b0["lp"], inputs_of(b0))
+    assert b["w"][1] > 0
+    assert res.metrics["loss"] == res0.metrics["loss"]
+    assert res.metrics["explore_loss"] == res0.metrics["explore_loss"]
+
+
+def test_all_equal_rewards_give_exact_zeros():
+    """SPEC §3: A = 0 exactly for a group whose rewards are all equal."""
+    cfg = calibrl.Config("paper", norm_by_std=True)
+    rewards = torch.tensor([1.2155] * 8 + [0.0, 1.0], dtype=F64)
+    gid = torch.tensor([0] * 8 + [1, 1])
+    a, w, _ = calibrl.group_advantages(rewards, gid, 2, config=cfg)
+    assert torch.all(a[:8] == 0) and torch.all(w[:8] == 0)
+    ra, _, _ = ref.advantages(cfg.to_dict(), rewards, gid, 2)
+    torch.testing.assert_close(torch.as_tensor(a), ra, rtol=1e-12, atol=1e-14)
+
+
+def test_entropy_control_selects_tokens_and_refuses_bad_keys():
+    """Clip-Cov zeroes the selected tokens' PG gradient (GRPO: nothing else flows); bad keys are
+    refused by name."""
+    b = batch(1)
+    cfg = calibrl.Config("grpo", entropy_control="clip_cov", clip_cov_ratio=0.5, clip_cov_lb=-1.0,
+                         clip_cov_ub=1.0)
+    res = calibrl.loss(cfg, b["lp"], inputs_of(b))
+    plain = calibrl.loss(calibrl.Config("grpo"), b["lp"], inputs_of(b))
+    zeroed = (res.grad_logprobs == 0) & (plain.grad_logprobs != 0)
+    assert int(zeroed.sum()) >= 1
+    for bad, key in [({"clip_cov_ratio": 0.0}, "clip_cov_ratio"), ({"kl_cov_ratio": 2.0}, "kl_cov_ratio"),
+                     ({"clip_cov_lb": 5.0, "clip_cov_ub": 1.0}, "clip_cov_lb"),
+                     ({"cov_adv_mean": 0.0, "cov_logprob_mean": 0.0}, "cov_token_count")]:
+        with pytest.raises(calibrl.CalibrlError, match=key):
+            calibrl.Config("paper", **bad)

@@ -362,3 +362,22 @@ def test_microbatch_losses_with_the_plans_normalizers_add_up_to_the_whole_batch(
         for i in want:
             torch.testing.assert_close(got[i], want[i], rtol=1e-10, atol=1e-14)
         assert local_sum != pytest.approx(whole.loss, rel=1e-6), "local counts must not add up (else the test proves nothing)"
+
+
+def test_dynamic_sampling_leaves_out_all_equal_groups():
+    """SPEC §7.6: groups whose rewards are all equal train nothing; they leave both passes, the
+    normalisers and expert selection, and the plan reports them."""
+    prompts = [
+        Prompt(10, [5, 7, 9], expert_len=12, rewards=[1.0, 1.0, 1.0]),
+        Prompt(4, [3, 3], expert_len=6, rewards=[0.0, 1.0]),
+        Prompt(8, [2, 4], expert_len=5, rewards=[0.0, 0.0]),
+    ]
+    p = calibrl.plan(prompts, dynamic_sampling=True)
+    assert p.dropped_prompts.tolist() == [0, 2] and p.summary["dropped_prompts"] == 2
+    assert p.expert_prompts.tolist() == [1]
+    assert sorted(q.id for q in p.nograd_seqs()) == [3, 4, 7]  # prompt 1's rollouts, its expert
+    assert p.minibatches[0].normalizers == {"token_count": 6.0, "seq_count": 2.0}
+    off = calibrl.plan(prompts)
+    assert off.dropped_prompts.tolist() == [] and off.expert_prompts.tolist() == [0, 1, 2]
+    with pytest.raises(calibrl.CalibrlError, match=r"prompts\[0\]\.rewards"):
+        calibrl.plan([Prompt(10, [5, 7])], dynamic_sampling=True)

@@ -92,12 +92,16 @@ class _ContextParallel:
     the CP slices' partial losses add up. Sequence Δ needs S_i = Σ_t m·ℓ and E_i over the whole
     sequence: they are all-reduced over the CP group, and the library is given, per row, the
     baseline ``E_i − (S_i − S_i^local)`` so that its local Δ is the sequence's Δ (gradient
-    exact on the local tokens). The exploration value, then counted on every CP rank, is
-    divided by the CP size.
+    exact on the local tokens). The library leaves out of the exploration value a row with no
+    counted token in this slice (SPEC §4.5: it reads it as an empty rollout), so the value is
+    replaced by the whole mini-batch slice's exploration value (one library call on a one-token
+    row per sequence that carries its Δ) divided by the CP size.
     """
 
     def __init__(self, group, cfg: Config, inputs: LossInputs, token_shape):
         d = cfg.to_dict()
+        # The whole-sequence exploration call needs no regulariser inputs.
+        self.explore_cfg = Config("paper", **{**d, "entropy_coef": 0.0, "kl_coef": 0.0})
         self.group, self.size = group, _group_size(group)
         self.lam = float(d["lambda"]) if d["loss"] == "calibrl" else 0.0
         self.sequence = self.lam != 0.0 and d["delta_mode"] == "sequence"
@@ -158,20 +162,41 @@ class _ContextParallel:
         s_local = (lp.double() * mask).sum(1)
         e = inputs.expert_logprobs
         em = inputs.expert_mask.double() if inputs.expert_mask is not None else torch.ones_like(e, dtype=torch.float64)
-        both = torch.stack([s_local, (e.double() * em).sum(1)])
+        both = torch.stack([s_local, (e.double() * em).sum(1), mask.sum(1)])
         import torch.distributed as dist
 
         dist.all_reduce(both, group=self.group)
-        s_global, e_global = both[0], both[1]
+        s_global, e_global, n_global = both[0], both[1], both[2]
         baseline = (e_global - (s_global - s_local)).to(lp.device)
         adjusted = LossInputs(**{**inputs.__dict__, "expert_logprobs": baseline[:, None].contiguous(), "expert_mask": None})
+        self.row_tokens = n_global
+        self._whole = self._whole_explore(s_global, e_global, n_global, inputs)
         return adjusted, self._finish
 
+    def _whole_explore(self, s_global, e_global, n_global, inputs: LossInputs) -> dict:
+        """L_explore of the whole sequences: each row one token ℓ = 0 (counted when the sequence
+        has a counted token) against the baseline E_i − S_i, so that its Δ is the sequence's."""
+        cpu = lambda t: None if t is None else t.detach().to("cpu")  # noqa: E731
+        b = s_global.numel()
+        whole = LossInputs(
+            advantages=torch.zeros(b, dtype=torch.float64),
+            weights=cpu(inputs.weights).double(),
+            signs=cpu(inputs.signs).double(),
+            mask=(n_global > 0).to(torch.float64)[:, None].cpu(),
+            is_expert=cpu(inputs.is_expert),
+            expert_logprobs=(e_global - s_global).cpu()[:, None].contiguous(),
+            expert_index=cpu(inputs.expert_index),
+            normalizers=inputs.normalizers,
+        )
+        return ops.loss(self.explore_cfg, torch.zeros(b, 1, dtype=torch.float64), whole).metrics
+
     def _finish(self, value, metrics: dict):
-        share = metrics["explore_loss"] * (self.size - 1) / self.size
-        metrics["explore_loss"] -= share
-        metrics["loss"] -= self.lam * share
-        return value - self.lam * share
+        # Every CP rank reports an equal share of the whole exploration value.
+        correction = self._whole["explore_loss"] / self.size - metrics["explore_loss"]
+        metrics["explore_loss"] += correction
+        metrics["mean_delta"] = self._whole["mean_delta"]  # over the whole sequences
+        metrics["loss"] += self.lam * correction
+        return value + self.lam * correction
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,14 +276,18 @@ def loss_func(
     else:
         out = loss * (num_microbatches * dp_cp_size * max(local_tokens, 1.0))
     num_tokens = torch.tensor(int(round(local_tokens)), dtype=torch.int, device=loss.device)
-    report = _report(metrics, inputs, cfg, k, first_cp_rank=cp_size == 1 or _group_rank(cp) == 0, device=loss.device)
+    row_tokens = hook.row_tokens if hook is not None and hook.sequence else None
+    report = _report(metrics, inputs, cfg, k, first_cp_rank=cp_size == 1 or _group_rank(cp) == 0, device=loss.device,
+                     row_tokens=row_tokens)
     return out, num_tokens, report
 
 
-def _report(metrics: dict, inputs: LossInputs, cfg: Config, k: float, *, first_cp_rank: bool, device) -> dict:
+def _report(metrics: dict, inputs: LossInputs, cfg: Config, k: float, *, first_cp_rank: bool, device,
+            row_tokens=None) -> dict:
     """``[sum, count]`` pairs whose totals over every micro-batch and rank give the mini-batch
     value. Per-row quantities are counted on the first CP rank only (every CP rank holds every
-    row); per-token ones on every rank (each holds its own tokens)."""
+    row); per-token ones on every rank (each holds its own tokens). ``row_tokens``: each row's
+    counted tokens over the CP group (default: this slice's)."""
     mask = inputs.mask if inputs.mask is not None else torch.ones(1)
     rollout = torch.ones(inputs.advantages.shape[0], dtype=torch.bool)
     if inputs.is_expert is not None:
@@ -269,6 +298,9 @@ def _report(metrics: dict, inputs: LossInputs, cfg: Config, k: float, *, first_c
     labelled = float((mask != 0).sum())
     with_expert = rollout & (inputs.expert_index >= 0).to(mask.device) if inputs.expert_index is not None else rollout & False
     if cfg["delta_mode"] == "sequence":
+        # An empty rollout has no Δ (SPEC §4.5).
+        n_row = (mask.double().sum(1) if mask.dim() == 2 else torch.ones(1)) if row_tokens is None else row_tokens
+        with_expert = with_expert & (n_row.to(with_expert.device) > 0)
         delta_n = float(with_expert.sum()) if first_cp_rank else 0.0
     else:
         delta_n = float((mask.double() * with_expert[:, None]).sum())
