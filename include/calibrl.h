@@ -100,6 +100,16 @@ typedef struct {
 #define CALIBRL_DEFAULT_QUADRATIC_COEF (1.0 / 24576.0)
 
 /**
+ * Most data-parallel ranks a plan supports.
+ */
+#define CALIBRL_MAX_DP_RANKS (1 << 20)
+
+/**
+ * Most rank plans (ranks × passes) one plan holds, so that its memory stays bounded.
+ */
+#define CALIBRL_MAX_RANK_PASSES (1 << 22)
+
+/**
  * Status codes returned by every C ABI function. The numbers are stable: never renumber,
  * only append.
  */

@@ -140,7 +140,7 @@ impl<'a> Rows<'a> {
     /// The mask as 0/1 values (all ones when absent). Host.
     pub fn mask_values(&self) -> Result<Vec<f64>> {
         match &self.mask {
-            None => Ok(vec![1.0; self.values.numel()]),
+            None => crate::tensor::try_vec(self.values.numel(), 1.0, self.values.name),
             Some(m) => Ok(m
                 .read_f64()?
                 .into_iter()
@@ -149,6 +149,9 @@ impl<'a> Rows<'a> {
         }
     }
 }
+
+/// Bytes of per-group statistics (count, sum, square sum as f64) a backend may allocate.
+const GROUP_STAT_BYTES: usize = 3 * 8;
 
 /// Group advantages arguments (SPEC §3).
 pub struct Advantages<'a> {
@@ -164,6 +167,18 @@ pub struct Advantages<'a> {
 
 impl Advantages<'_> {
     pub fn validate(&self) -> Result<Device> {
+        // A backend may keep three f64 statistics per group id: they must fit in memory's
+        // address space (checked before anything is allocated).
+        if self.num_groups > isize::MAX as usize / GROUP_STAT_BYTES {
+            return Err(Error::invalid(
+                "num_groups",
+                format!(
+                    "{} is too large: {GROUP_STAT_BYTES} bytes of statistics per group do not fit \
+                     in the address space",
+                    self.num_groups
+                ),
+            ));
+        }
         self.rewards.require_dtype(&FLOATS)?;
         self.rewards.require_ndim(1)?;
         let b = self.rewards.shape[0];
@@ -207,9 +222,11 @@ pub fn group_advantages(cfg: &Config, args: &Advantages, stream: Stream) -> Resu
                 correct.as_deref(),
                 is_expert.as_deref(),
             )?;
-            args.advantages.write_f64(&out.advantages)?;
-            args.weights.write_f64(&out.weights)?;
-            args.signs.write_f64(&out.signs)
+            crate::tensor::write_all(&[
+                (Some(&args.advantages), &out.advantages),
+                (Some(&args.weights), &out.weights),
+                (Some(&args.signs), &out.signs),
+            ])
         },
         |d| crate::cuda::loss::group_advantages(cfg, args, d, stream),
     )
