@@ -518,15 +518,14 @@ impl<'a> Tensor<'a> {
     /// Fails unless every value is finite and stays finite in this tensor's dtype (so that a
     /// call returning OK never writes NaN or infinity, and an overflow writes nothing).
     pub fn require_representable(&self, values: &[f64]) -> Result<()> {
-        let max = match self.dtype {
-            DType::F16 => f16::MAX.to_f64(),
-            DType::BF16 => bf16::MAX.to_f64(),
-            DType::F32 => f32::MAX as f64,
+        // Values a hair past MAX still round to MAX; anything well beyond is infinite.
+        let limit = match self.dtype {
+            DType::F16 => f16::MAX.to_f64() * (1.0 + f64::EPSILON),
+            DType::BF16 => bf16::MAX.to_f64() * (1.0 + f64::EPSILON),
+            DType::F32 => f32::MAX as f64 * (1.0 + f64::EPSILON),
             _ => f64::MAX,
         };
-        // Values within half an ulp past MAX still round to MAX; anything beyond is infinite.
-        let limit = max * (1.0 + f64::EPSILON);
-        match values.iter().position(|v| v.is_nan() || v.abs() > limit) {
+        match values.iter().position(|v| !v.is_finite() || v.abs() > limit) {
             None => Ok(()),
             Some(i) => Err(Error::new(
                 crate::error::CalibrlStatus::NonFinite,

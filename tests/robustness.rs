@@ -556,3 +556,92 @@ fn results_that_overflow_their_dtype_are_an_error_that_writes_nothing() {
     expect(st, NON_FINITE, "logprobs", "float16 logprobs of -2e5");
     assert_eq!(out.iter().map(bits).collect::<Vec<_>>(), before);
 }
+
+// Found by the fuzz targets (after the defects above were fixed).
+
+// A label whose logit is −inf has log-prob −inf: an f64 output took it and the call said OK.
+#[test]
+fn forward_never_returns_ok_with_an_infinite_log_prob() {
+    let logits = Tensor::new(&[0.0, f64::NEG_INFINITY, 1.0], &[1, 3], Dt::F32);
+    let labels = Tensor::ints(&[1], &[1], Dt::I64);
+    let mut out = outputs(1, Dt::F64);
+    let before: Vec<_> = out.iter().map(bits).collect();
+    let st = forward(&logits, &labels, 1.0, &mut out);
+    expect(st, NON_FINITE, "logprobs", "label at a -inf logit");
+    assert_eq!(out.iter().map(bits).collect::<Vec<_>>(), before);
+}
+
+// An f64 entropy of 1e300 is infinite in the f32 computation: 0·inf gave NaN gradients.
+#[test]
+fn backward_parameters_must_be_finite_float32() {
+    let mut rng = Rng::new(10);
+    let logits = random_logits(&mut rng, 2, 4, Dt::F32);
+    let labels = Tensor::ints(&[1, 2], &[2], Dt::I64);
+    let lse = Tensor::new(&[4.0, 4.0], &[2], Dt::F64);
+    let ent = Tensor::new(&[1e300, 1.0], &[2], Dt::F64);
+    let g = Tensor::new(&[0.5, 0.5], &[2], Dt::F64);
+    let h = Tensor::new(&[0.0, 0.0], &[2], Dt::F64);
+    let mut grad = Tensor::filled(1.5, &[2, 4], Dt::F32);
+    let before = bits(&grad);
+    let st = unsafe {
+        calibrl::ffi::logits::calibrl_logits_backward(
+            logits.lib(),
+            labels.lib(),
+            1.0,
+            0,
+            lse.lib(),
+            ent.lib(),
+            g.lib(),
+            h.lib(),
+            grad.lib_mut(),
+            std::ptr::null_mut(),
+        ) as i32
+    };
+    expect(st, INVALID_ARGUMENT, "entropy", "entropy 1e300");
+    assert_eq!(bits(&grad), before);
+}
+
+// A configuration read back from its own JSON was not always the same (1e-30 came back as
+// 9.999999999999999e-31).
+#[test]
+fn config_json_round_trips_exactly() {
+    let json = |cfg: &common::Cfg| {
+        let mut buf = vec![0u8; 4096];
+        let mut len = 0;
+        let st = unsafe {
+            calibrl::ffi::common::calibrl_config_to_json(
+                cfg.0,
+                buf.as_mut_ptr() as *mut _,
+                buf.len(),
+                &mut len,
+            ) as i32
+        };
+        assert_eq!(st, OK, "{}", last_error());
+        String::from_utf8(buf[..len].to_vec()).unwrap()
+    };
+    for v in [
+        "1e-30",
+        "0.1",
+        "3.0000000000000004",
+        "1.7976931348623157e308",
+    ] {
+        let first = json(&cfg_new(&format!(r#"{{"correct_threshold":{v}}}"#)));
+        let second = json(&cfg_new(&first));
+        assert_eq!(first, second, "{v}");
+    }
+}
+
+// calibrl_status_name took a Rust enum: a C caller's unknown number was undefined behaviour.
+#[test]
+fn status_name_of_any_number() {
+    for (n, want) in [
+        (0, "CALIBRL_STATUS_OK"),
+        (12, "CALIBRL_STATUS_LAYOUT_UNSUPPORTED"),
+        (13, "CALIBRL_STATUS_UNKNOWN"),
+        (-1, "CALIBRL_STATUS_UNKNOWN"),
+        (i32::MAX, "CALIBRL_STATUS_UNKNOWN"),
+    ] {
+        let s = unsafe { std::ffi::CStr::from_ptr(calibrl::ffi::common::calibrl_status_name(n)) };
+        assert_eq!(s.to_str().unwrap(), want);
+    }
+}

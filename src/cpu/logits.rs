@@ -492,9 +492,23 @@ fn gradient_fits(
             format!("`grad_logits`: row {k}: {what}"),
         ))
     };
-    if !(u_max.is_finite() && (lse as f32).is_finite()) {
+    // The row's parameters enter the f32 computation: each must be a finite f32 there.
+    for (name, v) in [
+        ("lse", lse),
+        ("grad_logprobs", g),
+        ("grad_entropy", h),
+        ("entropy", entropy),
+    ] {
+        if !(v as f32).is_finite() {
+            return Err(Error::invalid(
+                name,
+                format!("element {k} is {v}, outside the float32 range of the computation"),
+            ));
+        }
+    }
+    if !u_max.is_finite() {
         return overflow(format!(
-            "logits / temperature (max {u_max}) or lse ({lse}) is not a finite float32"
+            "logits / temperature (max {u_max}) is not a finite float32"
         ));
     }
     let l = u_max as f64 - lse as f32 as f64;
