@@ -19,7 +19,6 @@ if ! cargo fuzz --version 2>/dev/null | grep -q " $CARGO_FUZZ_VERSION"; then
   echo "installing cargo-fuzz $CARGO_FUZZ_VERSION into $fuzz_root"
   cargo install cargo-fuzz --locked --version "$CARGO_FUZZ_VERSION" --root "$fuzz_root"
 fi
-rustup component add rust-src >/dev/null 2>&1 || true
 
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
