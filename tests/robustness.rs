@@ -50,6 +50,32 @@ fn forward(logits: &Tensor, labels: &Tensor, temperature: f64, out: &mut [Tensor
     }
 }
 
+/// Out-of-place backward into `grad`; `ent_h`: saved entropy and ∂L/∂H.
+fn backward(
+    logits: &Tensor,
+    labels: &Tensor,
+    temperature: f64,
+    lse: &Tensor,
+    ent_h: Option<(&Tensor, &Tensor)>,
+    g: &Tensor,
+    grad: &mut Tensor,
+) -> i32 {
+    unsafe {
+        calibrl::ffi::logits::calibrl_logits_backward(
+            logits.lib(),
+            labels.lib(),
+            temperature,
+            0,
+            lse.lib(),
+            ent_h.map_or(std::ptr::null(), |(e, _)| e.lib()),
+            g.lib(),
+            ent_h.map_or(std::ptr::null(), |(_, h)| h.lib()),
+            grad.lib_mut(),
+            std::ptr::null_mut(),
+        ) as i32
+    }
+}
+
 fn outputs(n: usize, dt: Dt) -> [Tensor; 3] {
     [
         Tensor::filled(-7.0, &[n], dt),
@@ -76,20 +102,7 @@ fn backward_out_of_place_grad_logits_must_have_the_logits_dtype() {
         // Exactly n·v two-byte elements: an f32 write would run past it.
         let mut grad = Tensor::filled(1.5, &[n, v], dt);
         let before = bits(&grad);
-        let st = unsafe {
-            calibrl::ffi::logits::calibrl_logits_backward(
-                logits.lib(),
-                labels.lib(),
-                1.0,
-                0,
-                lse.lib(),
-                std::ptr::null(),
-                g.lib(),
-                std::ptr::null(),
-                grad.lib_mut(),
-                std::ptr::null_mut(),
-            ) as i32
-        };
+        let st = backward(&logits, &labels, 1.0, &lse, None, &g, &mut grad);
         expect(
             st,
             DTYPE_MISMATCH,
@@ -532,20 +545,7 @@ fn results_that_overflow_their_dtype_are_an_error_that_writes_nothing() {
     let g = Tensor::new(&[3e38, 1.0], &[2], Dt::F64);
     let mut grad = Tensor::filled(1.5, &[2, 8], Dt::F32);
     let before = bits(&grad);
-    let st = unsafe {
-        calibrl::ffi::logits::calibrl_logits_backward(
-            logits.lib(),
-            labels.lib(),
-            0.5,
-            0,
-            lse.lib(),
-            std::ptr::null(),
-            g.lib(),
-            std::ptr::null(),
-            grad.lib_mut(),
-            std::ptr::null_mut(),
-        ) as i32
-    };
+    let st = backward(&logits, &labels, 0.5, &lse, None, &g, &mut grad);
     expect(st, NON_FINITE, "grad_logits", "grad_logprobs 3e38");
     assert_eq!(bits(&grad), before);
     // Log-probs of −1e5 do not fit float16 outputs.
@@ -583,20 +583,7 @@ fn backward_parameters_must_be_finite_float32() {
     let h = Tensor::new(&[0.0, 0.0], &[2], Dt::F64);
     let mut grad = Tensor::filled(1.5, &[2, 4], Dt::F32);
     let before = bits(&grad);
-    let st = unsafe {
-        calibrl::ffi::logits::calibrl_logits_backward(
-            logits.lib(),
-            labels.lib(),
-            1.0,
-            0,
-            lse.lib(),
-            ent.lib(),
-            g.lib(),
-            h.lib(),
-            grad.lib_mut(),
-            std::ptr::null_mut(),
-        ) as i32
-    };
+    let st = backward(&logits, &labels, 1.0, &lse, Some((&ent, &h)), &g, &mut grad);
     expect(st, INVALID_ARGUMENT, "entropy", "entropy 1e300");
     assert_eq!(bits(&grad), before);
 }

@@ -39,13 +39,7 @@ fuzz_target!(|data: &[u8]| {
     }
     let backward = b.rare(2);
     if !backward {
-        let Some(mut lp) = FTensor::build(&mut b, &Want::output(&FLOATS, &[n]), true) else {
-            return;
-        };
-        let Some(mut ent) = optional(&mut b, &Want::output(&FLOATS, &[n]), true) else {
-            return;
-        };
-        let Some(mut lse) = FTensor::build(&mut b, &Want::output(&FLOATS, &[n]), true) else {
+        let Some((mut lp, mut ent, mut lse)) = row_outputs(&mut b, n) else {
             return;
         };
         let tensors = [

@@ -75,13 +75,7 @@ fuzz_target!(|data: &[u8]| {
     ) else {
         return;
     };
-    let Some(mut lp) = FTensor::build(&mut b, &Want::output(&FLOATS, &[n]), true) else {
-        return;
-    };
-    let Some(mut ent) = optional(&mut b, &Want::output(&FLOATS, &[n]), true) else {
-        return;
-    };
-    let Some(mut lse) = FTensor::build(&mut b, &Want::output(&FLOATS, &[n]), true) else {
+    let Some((mut lp, mut ent, mut lse)) = row_outputs(&mut b, n) else {
         return;
     };
     let tensors = [

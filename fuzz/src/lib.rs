@@ -432,6 +432,15 @@ pub fn mptr_of(t: &mut Option<FTensor>) -> *mut DLTensor {
     t.as_mut().map_or(std::ptr::null_mut(), |t| t.mptr())
 }
 
+/// The `[n]` outputs of a forward: log-probs, entropy (optional), lse.
+pub fn row_outputs(b: &mut Bytes, n: usize) -> Option<(FTensor, Option<FTensor>, FTensor)> {
+    let want = Want::output(&FLOATS, &[n]);
+    let lp = FTensor::build(b, &want, true)?;
+    let ent = optional(b, &want, true)?;
+    let lse = FTensor::build(b, &want, true)?;
+    Some((lp, ent, lse))
+}
+
 /// The bytes of every tensor of a call, before it.
 pub fn snapshot(tensors: &[Option<&FTensor>]) -> Vec<Option<Vec<u8>>> {
     tensors.iter().map(|t| t.map(|t| t.buf.clone())).collect()
