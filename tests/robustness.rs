@@ -632,3 +632,54 @@ fn status_name_of_any_number() {
         assert_eq!(s.to_str().unwrap(), want);
     }
 }
+
+// Found by the fuzz target `loss` in its final run: an empty padded expert tensor
+// `[2^63 − 222, 0]` (zero bytes, so it exists) made the loss hold one range per declared row:
+// capacity overflow, PANIC (and 2^40 rows aborted).
+#[test]
+fn empty_padded_expert_rows_never_panic() {
+    let cfg = cfg_new(r#"{"lambda":0.0}"#);
+    let logp = Tensor::new(&[-1.0, -2.0, -0.5, -0.25], &[2, 2], Dt::F32);
+    let row = Tensor::new(&[0.5, -0.5], &[2], Dt::F32);
+    let signs = Tensor::new(&[1.0, -1.0], &[2], Dt::F32);
+    let index = Tensor::ints(&[-1, -1], &[2], Dt::I64);
+    for rows in [i64::MAX as usize - 221, 1 << 40] {
+        let expert = null_empty(&[rows, 0], Dt::F32);
+        let mut grad = Tensor::filled(7.0, &[2, 2], Dt::F32);
+        let args = calibrl::ffi::loss::CalibrlLossArgs {
+            logprobs: logp.lib(),
+            seq_offsets: std::ptr::null(),
+            mask: std::ptr::null(),
+            old_logprobs: std::ptr::null(),
+            ref_logprobs: std::ptr::null(),
+            entropy: std::ptr::null(),
+            advantages: row.lib(),
+            weights: row.lib(),
+            signs: signs.lib(),
+            is_expert: std::ptr::null(),
+            expert_logprobs: expert.lib(),
+            expert_offsets: std::ptr::null(),
+            expert_mask: std::ptr::null(),
+            expert_index: index.lib(),
+            normalizers: std::ptr::null(),
+            grad_logprobs: grad.lib_mut(),
+            grad_entropy: std::ptr::null_mut(),
+            metrics: std::ptr::null_mut(),
+        };
+        let st = unsafe {
+            calibrl::ffi::loss::calibrl_loss(
+                cfg.0,
+                &args,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            ) as i32
+        };
+        expect(
+            st,
+            INVALID_ARGUMENT,
+            "expert_logprobs",
+            &format!("[{rows}, 0] expert rows"),
+        );
+        assert!(grad.to_vec().iter().all(|&x| x == 7.0), "written on error");
+    }
+}

@@ -222,6 +222,14 @@ fn call(cfg: &Config, c: &mut Call, what: &str) -> (i32, CalibrlMetrics) {
         &mut host as *mut _
     };
     let tensors: Vec<Option<&FTensor>> = c.tensors.iter().map(|t| t.as_ref()).collect();
+    if std::env::var_os("CALIBRL_FUZZ_DEBUG").is_some() {
+        for (i, t) in tensors.iter().enumerate() {
+            eprintln!(
+                "  before {what}: tensor {i}: {}",
+                t.map_or("NULL".into(), |t| t.describe())
+            );
+        }
+    }
     let before = snapshot(&tensors);
     let st = unsafe { calibrl_loss(cfg.0, &args, host_ptr, std::ptr::null_mut()) } as i32;
     check(what, st, &tensors, &before, None);

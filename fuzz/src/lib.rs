@@ -284,8 +284,13 @@ impl FTensor {
             0
         };
         let representable = dims_ok && bytes <= isize::MAX as i128 && lanes == 1;
-        // Too large for the harness (bytes, or elements of a broadcast view): skip the call.
-        if representable && (bytes as u128 > MAX_BYTES || numel > MAX_ELEMENTS) {
+        // Too large for the harness (bytes, elements of a broadcast view, or rows of an empty
+        // view that the library would hold per row): skip the call. Descriptors that cannot
+        // exist are still passed: the library must refuse them without allocating.
+        let longest = shape.iter().copied().max().unwrap_or(0) as i128;
+        if representable
+            && (bytes as u128 > MAX_BYTES || numel > MAX_ELEMENTS || longest > MAX_ELEMENTS)
+        {
             return None;
         }
         let misalign = if b.rare(24) {

@@ -108,9 +108,19 @@ impl<'a> Rows<'a> {
     /// Row ranges in flat token indices (host). Checks the offsets.
     pub fn ranges(&self) -> Result<Vec<std::ops::Range<usize>>> {
         match self.layout {
-            Layout::Padded { seq_len } => Ok((0..self.rows)
-                .map(|i| i * seq_len..(i + 1) * seq_len)
-                .collect()),
+            Layout::Padded { seq_len } => {
+                // An empty `[rows, 0]` tensor may declare any number of rows: holding them is
+                // an error when the memory cannot be had, never a panic or an abort.
+                let mut r = Vec::new();
+                r.try_reserve_exact(self.rows).map_err(|_| {
+                    Error::invalid(
+                        self.values.name,
+                        format!("{} rows cannot be held in memory", self.rows),
+                    )
+                })?;
+                r.extend((0..self.rows).map(|i| i * seq_len..(i + 1) * seq_len));
+                Ok(r)
+            }
             Layout::Packed => {
                 let o = self.offsets.as_ref().expect("packed layout has offsets");
                 let off = o.read_i64()?;
