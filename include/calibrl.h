@@ -100,6 +100,16 @@ typedef struct {
 #define CALIBRL_DEFAULT_QUADRATIC_COEF (1.0 / 24576.0)
 
 /**
+ * Most data-parallel ranks a plan supports.
+ */
+#define CALIBRL_MAX_DP_RANKS (1 << 20)
+
+/**
+ * Most rank plans (ranks × passes) one plan holds, so that its memory stays bounded.
+ */
+#define CALIBRL_MAX_RANK_PASSES (1 << 22)
+
+/**
  * Status codes returned by every C ABI function. The numbers are stable: never renumber,
  * only append.
  */
@@ -522,9 +532,12 @@ uint32_t calibrl_abi_version(void);
 const char *calibrl_last_error_message(void);
 
 /**
- * A short static name of a status, e.g. "CALIBRL_STATUS_SHAPE_MISMATCH".
+ * A short static name of a status, e.g. "CALIBRL_STATUS_SHAPE_MISMATCH";
+ * "CALIBRL_STATUS_UNKNOWN" for a number that is no status. Takes the number as an integer:
+ * a C enum may hold any value, and a Rust enum parameter holding an unknown one would be
+ * undefined behaviour.
  */
-const char *calibrl_status_name(enum calibrl_status status);
+const char *calibrl_status_name(int32_t status);
 
 /**
  * Builds a configuration from JSON (`{"preset": "paper", "lambda": 0.2, ...}`; NULL or "{}"

@@ -55,13 +55,24 @@ pub fn group_advantages(
     }
     let expert = |i: usize| is_expert.is_some_and(|e| e[i]);
 
+    // Statistics only for the groups present (`num_groups` is just the ids' bound, and may be
+    // far larger than the batch): slot j of the sorted distinct ids.
+    let mut present = group_ids.to_vec();
+    present.sort_unstable();
+    present.dedup();
+    let slot: Vec<usize> = group_ids
+        .iter()
+        .map(|g| present.binary_search(g).expect("every id is present"))
+        .collect();
+    let slots = present.len();
+
     // Two-pass mean and unbiased variance per group, in f64, over rollout rows only.
-    let mut count = vec![0usize; num_groups];
-    let mut sum = vec![0f64; num_groups];
-    let mut lo = vec![f64::INFINITY; num_groups];
-    let mut hi = vec![f64::NEG_INFINITY; num_groups];
+    let mut count = vec![0usize; slots];
+    let mut sum = vec![0f64; slots];
+    let mut lo = vec![f64::INFINITY; slots];
+    let mut hi = vec![f64::NEG_INFINITY; slots];
     for i in (0..b).filter(|&i| !expert(i)) {
-        let g = group_ids[i] as usize;
+        let g = slot[i];
         count[g] += 1;
         sum[g] += rewards[i];
         lo[g] = lo[g].min(rewards[i]);
@@ -69,7 +80,7 @@ pub fn group_advantages(
     }
     // A group whose rewards are all equal takes that reward as its mean, so A = 0 exactly
     // (Σr/G may round away from r, leaving a residue that §7 could not recognise as empty).
-    let mean: Vec<f64> = (0..num_groups)
+    let mean: Vec<f64> = (0..slots)
         .map(|g| {
             if count[g] <= 1 {
                 0.0
@@ -80,13 +91,12 @@ pub fn group_advantages(
             }
         })
         .collect();
-    let mut sq = vec![0f64; num_groups];
+    let mut sq = vec![0f64; slots];
     for i in (0..b).filter(|&i| !expert(i)) {
-        let g = group_ids[i] as usize;
-        sq[g] += (rewards[i] - mean[g]).powi(2);
+        sq[slot[i]] += (rewards[i] - mean[slot[i]]).powi(2);
     }
     // A group of one rollout: μ = 0, σ = 1 (the authors' code).
-    let std: Vec<f64> = (0..num_groups)
+    let std: Vec<f64> = (0..slots)
         .map(|g| {
             if count[g] > 1 {
                 (sq[g] / (count[g] - 1) as f64).sqrt()
@@ -102,16 +112,16 @@ pub fn group_advantages(
         signs: Vec::with_capacity(b),
     };
     for i in 0..b {
-        let g = group_ids[i] as usize;
-        if expert(i) && count[g] == 0 {
+        let (g, j) = (group_ids[i], slot[i]);
+        if expert(i) && count[j] == 0 {
             return Err(Error::invalid(
                 "is_expert",
                 format!("row {i} is an expert row of group {g}, which has no rollouts to compare it with"),
             ));
         }
-        let centered = rewards[i] - mean[g];
+        let centered = rewards[i] - mean[j];
         let a = if cfg.norm_by_std {
-            centered / (std[g] + cfg.adv_eps)
+            centered / (std[j] + cfg.adv_eps)
         } else {
             centered
         };

@@ -189,17 +189,59 @@ impl<'a> Tensor<'a> {
             }
             shape.push(e as usize);
         }
-        let numel = shape
-            .iter()
-            .try_fold(1usize, |acc, &e| acc.checked_mul(e))
-            .ok_or_else(|| Error::shape(name, "element count overflows"))?;
+        let compact = checked_compact_strides(&shape).ok_or_else(|| too_large(name, &shape))?;
         let strides = if t.strides.is_null() {
-            compact_strides(&shape)
+            compact
         } else {
             (0..ndim).map(|d| *t.strides.add(d) as isize).collect()
         };
-        if numel > 0 && t.data.is_null() {
+        let numel = shape
+            .iter()
+            .try_fold(1usize, |acc, &e| acc.checked_mul(e))
+            .ok_or_else(|| too_large(name, &shape))?;
+        // The byte extent of every element the view can reach: it must fit in the address
+        // space (an `isize`, as for any Rust object) before anything is read or allocated.
+        let (lo, hi) =
+            element_reach(&shape, &strides, dtype.size()).ok_or_else(|| too_large(name, &shape))?;
+        if numel == 0 {
+            // Never dereferenced: any data pointer (NULL included) is acceptable.
+            return Ok(Tensor {
+                name,
+                ptr: (t.data as *mut u8).wrapping_add(t.byte_offset as usize),
+                dtype,
+                device,
+                shape,
+                strides,
+                _borrow: std::marker::PhantomData,
+            });
+        }
+        if t.data.is_null() {
             return Err(Error::null(name).with_suffix(".data"));
+        }
+        let base = usize::try_from(t.byte_offset)
+            .ok()
+            .and_then(|off| (t.data as usize).checked_add(off))
+            .filter(|&b| b.checked_sub(lo).is_some() && b.checked_add(hi).is_some())
+            .ok_or_else(|| {
+                Error::invalid(
+                    name,
+                    format!(
+                        "byte_offset {} puts the tensor outside the address space",
+                        t.byte_offset
+                    ),
+                )
+            })?;
+        if base % dtype.size() != 0 {
+            return Err(Error::layout(
+                name,
+                format!(
+                    "data + byte_offset ({:#x} + {}) is not aligned to its {}-byte {} elements",
+                    t.data as usize,
+                    t.byte_offset,
+                    dtype.size(),
+                    dtype.name()
+                ),
+            ));
         }
         let ptr = (t.data as *mut u8).wrapping_add(t.byte_offset as usize);
         Ok(Tensor {
@@ -345,8 +387,17 @@ impl<'a> Tensor<'a> {
     pub fn read_f64(&self) -> Result<Vec<f64>> {
         self.require_host()?;
         let n = self.numel();
+        let mut out = Vec::new();
+        if n == 0 {
+            return Ok(out); // an empty tensor's data pointer may be NULL: never touched
+        }
+        out.try_reserve_exact(n).map_err(|_| {
+            Error::invalid(
+                self.name,
+                format!("{n} elements cannot be read into memory"),
+            )
+        })?;
         let contiguous = self.is_contiguous();
-        let mut out = Vec::with_capacity(n);
         unsafe {
             macro_rules! read {
                 ($t:ty, $conv:expr) => {{
@@ -389,7 +440,13 @@ impl<'a> Tensor<'a> {
         self.require_dtype(&[DType::I32, DType::I64])?;
         self.require_host()?;
         let n = self.numel();
-        let mut out = Vec::with_capacity(n);
+        let mut out = Vec::new();
+        out.try_reserve_exact(n).map_err(|_| {
+            Error::invalid(
+                self.name,
+                format!("{n} elements cannot be read into memory"),
+            )
+        })?;
         unsafe {
             for i in 0..n {
                 let off = self.offset_of(i);
@@ -422,6 +479,9 @@ impl<'a> Tensor<'a> {
                 ),
             ));
         }
+        if values.is_empty() {
+            return Ok(()); // an empty tensor's data pointer may be NULL: never touched
+        }
         let contiguous = self.is_contiguous();
         unsafe {
             macro_rules! write {
@@ -453,6 +513,30 @@ impl<'a> Tensor<'a> {
             }
         }
         Ok(())
+    }
+
+    /// Fails unless every value is finite and stays finite in this tensor's dtype (so that a
+    /// call returning OK never writes NaN or infinity, and an overflow writes nothing).
+    pub fn require_representable(&self, values: &[f64]) -> Result<()> {
+        // Values a hair past MAX still round to MAX; anything well beyond is infinite.
+        let limit = match self.dtype {
+            DType::F16 => f16::MAX.to_f64() * (1.0 + f64::EPSILON),
+            DType::BF16 => bf16::MAX.to_f64() * (1.0 + f64::EPSILON),
+            DType::F32 => f32::MAX as f64 * (1.0 + f64::EPSILON),
+            _ => f64::MAX,
+        };
+        match values.iter().position(|v| !v.is_finite() || v.abs() > limit) {
+            None => Ok(()),
+            Some(i) => Err(Error::new(
+                crate::error::CalibrlStatus::NonFinite,
+                format!(
+                    "`{}`: result element {i} is {}, which is not a finite {} (inputs out of range)",
+                    self.name,
+                    values[i],
+                    self.dtype.name()
+                ),
+            )),
+        }
     }
 
     /// Byte range `[start, end)` this tensor's elements can touch (for aliasing checks).
@@ -493,14 +577,77 @@ impl Error {
     }
 }
 
+/// Row-major strides of a validated shape (`Tensor::from_raw` checked that they fit).
 pub fn compact_strides(shape: &[usize]) -> Vec<isize> {
+    checked_compact_strides(shape).expect("shape validated by Tensor::from_raw")
+}
+
+/// Row-major strides, or `None` when the product of the extents overflows an `isize`.
+fn checked_compact_strides(shape: &[usize]) -> Option<Vec<isize>> {
     let mut strides = vec![0isize; shape.len()];
     let mut acc = 1isize;
     for d in (0..shape.len()).rev() {
         strides[d] = acc;
-        acc *= shape[d].max(1) as isize;
+        acc = acc.checked_mul(isize::try_from(shape[d].max(1)).ok()?)?;
     }
-    strides
+    Some(strides)
+}
+
+/// Bytes below and above the base pointer (the latter through the end of the last element)
+/// that a view may touch, or `None` when they do not fit in an `isize`.
+fn element_reach(shape: &[usize], strides: &[isize], elem: usize) -> Option<(usize, usize)> {
+    if shape.contains(&0) {
+        return Some((0, 0));
+    }
+    let (mut lo, mut hi) = (0usize, 0usize);
+    for (&e, &s) in shape.iter().zip(strides) {
+        let reach = (e - 1).checked_mul(s.unsigned_abs())?;
+        if s < 0 {
+            lo = lo.checked_add(reach)?;
+        } else {
+            hi = hi.checked_add(reach)?;
+        }
+    }
+    let lo = lo.checked_mul(elem)?;
+    let hi = hi.checked_add(1)?.checked_mul(elem)?;
+    (lo <= isize::MAX as usize && hi <= isize::MAX as usize).then_some((lo, hi))
+}
+
+fn too_large(name: &str, shape: &[usize]) -> Error {
+    Error::shape(
+        name,
+        format!("shape {shape:?} is too large: its extent does not fit in the address space"),
+    )
+}
+
+/// A zero-filled vector of `n` values, or an error naming `name` when the memory cannot be
+/// had (an error status, never an abort).
+pub fn try_vec<T: Clone>(n: usize, value: T, name: &str) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| {
+        Error::invalid(
+            name,
+            format!("needs {n} elements of working memory, which could not be allocated"),
+        )
+    })?;
+    v.resize(n, value);
+    Ok(v)
+}
+
+/// Writes several outputs of one call: all of them, or (when any value is not finite in its
+/// tensor's dtype) none.
+pub fn write_all(outputs: &[(Option<&Tensor>, &[f64])]) -> Result<()> {
+    for (t, values) in outputs {
+        if let Some(t) = t {
+            t.require_representable(values)?;
+        }
+    }
+    for (t, values) in outputs {
+        if let Some(t) = t {
+            t.write_f64(values)?;
+        }
+    }
+    Ok(())
 }
 
 /// The single device of a call: every given tensor must be on it.

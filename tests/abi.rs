@@ -586,7 +586,7 @@ fn loss_bad_input_of_every_kind() {
             "signs 2-D",
             SHAPE_MISMATCH,
             "signs",
-            Box::new(|b, _| b.c.desc.ndim = 2),
+            Box::new(|b, _| b.c.set_shape(&[B, 1])),
         ),
         (
             "expert_index length",
@@ -610,7 +610,10 @@ fn loss_bad_input_of_every_kind() {
             "logprobs 3-D",
             SHAPE_MISMATCH,
             "logprobs",
-            Box::new(|b, _| b.logp.desc.ndim = 3),
+            Box::new(|b, _| {
+                let t = b.logp.n;
+                b.logp.set_shape(&[t, 1, 1])
+            }),
         ),
         (
             "offsets decreasing",

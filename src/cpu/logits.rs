@@ -3,10 +3,11 @@
 //! large logits (±1e4) do not cancel catastrophically.
 
 use super::fastmath::exp_f32;
-use super::parallel::for_row_chunks;
+use super::parallel::for_row_chunks_with_scratch;
 use crate::error::{Error, Result};
+use crate::ops::logits::inv_temperature;
 use crate::ops::logits::{Backward, Forward, LogitsInput, ShardFinish, ShardStats, STATS_WIDTH};
-use crate::tensor::DType;
+use crate::tensor::{try_vec, write_all, DType};
 use half::{bf16, f16};
 
 /// Per-row softmax statistics relative to the row max `m` (u = z/T).
@@ -80,24 +81,28 @@ impl Elem for f16 {
     }
 }
 
-thread_local! {
-    /// One f32 row per thread, reused across rows and calls.
-    static ROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+/// The error when a scratch row of `v` logits cannot be allocated.
+fn scratch_error(v: usize) -> Error {
+    Error::invalid(
+        "logits",
+        format!("a working row of {v} vocabulary entries cannot be allocated"),
+    )
 }
 
-fn with_row<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    ROW.with(|r| {
-        let mut r = r.borrow_mut();
-        if r.len() < len {
-            r.resize(len, 0.0);
-        }
-        f(&mut r[..len])
-    })
+/// Row chunks in parallel, each with a scratch row of `v` f32 (allocated before any row is
+/// touched; an allocation failure is an error, not an abort).
+fn for_rows_with_scratch(
+    n: usize,
+    v: usize,
+    f: impl Fn(usize, usize, &mut [f32]) + Sync,
+) -> Result<()> {
+    for_row_chunks_with_scratch(n, rows_per_thread(v), v, f).map_err(|_| scratch_error(v))
 }
 
 /// Statistics of one row: max pass, then a branch-free pass for the sums.
-fn row_stats<T: Elem>(row: &[T], inv_t: f32, target: Option<usize>) -> RowStats {
-    with_row(row.len(), |u| {
+fn row_stats<T: Elem>(row: &[T], inv_t: f32, target: Option<usize>, u: &mut [f32]) -> RowStats {
+    let u = &mut u[..row.len()];
+    {
         T::load_row(row, u);
         let bad = T::any_bad(row);
         u.iter_mut().for_each(|x| *x *= inv_t);
@@ -145,9 +150,10 @@ fn row_stats<T: Elem>(row: &[T], inv_t: f32, target: Option<usize>) -> RowStats 
             sum_exp: s,
             sum_exp_centered: sc,
             target: target.map(|y| u[y] as f64).unwrap_or(0.0),
-            bad: bad || m == f32::NEG_INFINITY,
+            // m = +inf: a finite logit overflowed f32 once divided by the temperature.
+            bad: bad || !m.is_finite(),
         }
-    })
+    }
 }
 
 /// The label's position inside this shard, if any. Errors for labels past the full vocabulary.
@@ -183,26 +189,31 @@ fn all_row_stats(input: &LogitsInput, labels: &[i64], full_vocab: bool) -> Resul
         .enumerate()
         .map(|(k, &y)| local_label(input, y, k, full_vocab))
         .collect::<Result<_>>()?;
-    let mut stats = vec![RowStats::default(); input.n];
-    let inv_t = (1.0 / input.temperature) as f32;
+    let mut stats = try_vec(input.n, RowStats::default(), "logits")?;
+    let inv_t = inv_temperature(input.temperature);
     let out = SyncPtr(stats.as_mut_ptr());
     let ptr = SyncPtr(input.logits.ptr);
-    for_row_chunks(input.n, rows_per_thread(input.v), |b, e| {
+    for_rows_with_scratch(input.n, input.v, |b, e, u| {
         for k in b..e {
             let st = unsafe {
                 match input.logits.dtype {
-                    DType::BF16 => row_stats(rows::<bf16>(input, ptr.get(), k), inv_t, locals[k]),
-                    DType::F16 => row_stats(rows::<f16>(input, ptr.get(), k), inv_t, locals[k]),
-                    _ => row_stats(rows::<f32>(input, ptr.get(), k), inv_t, locals[k]),
+                    DType::BF16 => {
+                        row_stats(rows::<bf16>(input, ptr.get(), k), inv_t, locals[k], u)
+                    }
+                    DType::F16 => row_stats(rows::<f16>(input, ptr.get(), k), inv_t, locals[k], u),
+                    _ => row_stats(rows::<f32>(input, ptr.get(), k), inv_t, locals[k], u),
                 }
             };
             unsafe { *out.get().add(k) = st };
         }
-    });
+    })?;
     if let Some(k) = stats.iter().position(|s| s.bad) {
         return Err(Error::new(
             crate::error::CalibrlStatus::NonFinite,
-            format!("`logits`: row {k} holds NaN or +inf, or is entirely -inf"),
+            format!(
+                "`logits`: row {k} holds NaN or +inf, is entirely -inf, or overflows float32 \
+                 once divided by the temperature"
+            ),
         ));
     }
     Ok(stats)
@@ -228,9 +239,9 @@ pub fn forward(args: &Forward) -> Result<()> {
     let input = &args.input;
     let labels = input.labels.read_i64()?;
     let stats = all_row_stats(input, &labels, true)?;
-    let mut lp = vec![0.0; input.n];
-    let mut ent = vec![0.0; input.n];
-    let mut lse = vec![0.0; input.n];
+    let mut lp = try_vec(input.n, 0.0, "logprobs")?;
+    let mut ent = try_vec(input.n, 0.0, "entropy")?;
+    let mut lse = try_vec(input.n, 0.0, "lse")?;
     for k in 0..input.n {
         if labels[k] >= 0 {
             lse[k] = stats[k].lse();
@@ -238,22 +249,27 @@ pub fn forward(args: &Forward) -> Result<()> {
             ent[k] = stats[k].entropy();
         }
     }
-    args.logprobs.write_f64(&lp)?;
-    if let Some(e) = &args.entropy {
-        e.write_f64(&ent)?;
-    }
-    args.lse.write_f64(&lse)
+    write_all(&[
+        (Some(&args.logprobs), &lp),
+        (args.entropy.as_ref(), &ent),
+        (Some(&args.lse), &lse),
+    ])
 }
 
 pub fn shard_stats(args: &ShardStats) -> Result<()> {
     let input = &args.input;
     let labels = input.labels.read_i64()?;
     let stats = all_row_stats(input, &labels, false)?;
-    let mut out = Vec::with_capacity(input.n * STATS_WIDTH);
-    for s in &stats {
-        out.extend([s.max, s.sum_exp, s.sum_exp_centered, s.target]);
+    let mut out = try_vec(input.n * STATS_WIDTH, 0.0, "stats")?;
+    for (k, s) in stats.iter().enumerate() {
+        out[k * STATS_WIDTH..(k + 1) * STATS_WIDTH].copy_from_slice(&[
+            s.max,
+            s.sum_exp,
+            s.sum_exp_centered,
+            s.target,
+        ]);
     }
-    args.stats.write_f64(&out)
+    write_all(&[(Some(&args.stats), &out)])
 }
 
 /// Combines shard statistics `[R][4]` of one row into global ones.
@@ -284,7 +300,9 @@ pub fn shard_finish(args: &ShardFinish) -> Result<()> {
     let labels = args.labels.read_i64()?;
     let raw = args.stats.read_f64()?;
     let (n, r) = (args.n, args.shards);
-    let (mut lp, mut ent, mut lse) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+    let mut lp = try_vec(n, 0.0, "logprobs")?;
+    let mut ent = try_vec(n, 0.0, "entropy")?;
+    let mut lse = try_vec(n, 0.0, "lse")?;
     for k in 0..n {
         if labels[k] < 0 {
             continue;
@@ -306,17 +324,25 @@ pub fn shard_finish(args: &ShardFinish) -> Result<()> {
         lp[k] = st.target - lse[k];
         ent[k] = st.entropy();
     }
-    args.logprobs.write_f64(&lp)?;
-    if let Some(e) = &args.entropy {
-        e.write_f64(&ent)?;
-    }
-    args.lse.write_f64(&lse)
+    write_all(&[
+        (Some(&args.logprobs), &lp),
+        (args.entropy.as_ref(), &ent),
+        (Some(&args.lse), &lse),
+    ])
 }
 
 /// One row of ∂L/∂z = (1/T)·[g·(δ − p) − h·p·(log p + H)]. `src` and `dst` may be the same
 /// memory (in place): the row is copied to a scratch buffer before anything is written.
-unsafe fn backward_row<T: Elem>(src: *const T, dst: *mut T, len: usize, inv_t: f32, row: RowGrad) {
-    with_row(len, |u| {
+unsafe fn backward_row<T: Elem>(
+    src: *const T,
+    dst: *mut T,
+    len: usize,
+    inv_t: f32,
+    row: RowGrad,
+    u: &mut [f32],
+) {
+    let u = &mut u[..len];
+    {
         T::load_row(std::slice::from_raw_parts(src, len), u);
         let (g, h, lse, ent) = (row.g, row.h, row.lse, row.entropy);
         for x in u.iter_mut() {
@@ -328,7 +354,7 @@ unsafe fn backward_row<T: Elem>(src: *const T, dst: *mut T, len: usize, inv_t: f
             u[y] += g * inv_t;
         }
         T::store_row(u, std::slice::from_raw_parts_mut(dst, len));
-    })
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -353,30 +379,40 @@ pub fn backward(args: &Backward) -> Result<()> {
     let g = args.grad_logprobs.read_finite_f64()?;
     let h = match &args.grad_entropy {
         Some(t) => t.read_finite_f64()?,
-        None => vec![0.0; n],
+        None => try_vec(n, 0.0, "grad_entropy")?,
     };
     let ent = match &args.entropy {
         Some(t) => t.read_finite_f64()?,
-        None => vec![0.0; n],
+        None => try_vec(n, 0.0, "entropy")?,
     };
-    // Reject NaN/+inf logits before anything is written (the output may alias the input).
-    let inv_t = (1.0 / input.temperature) as f32;
+    // Before anything is written (the output may alias the input): reject NaN/+inf logits,
+    // and find each row's largest scaled logit to bound its gradient.
+    let inv_t = inv_temperature(input.temperature);
+    let mut row_max = try_vec(n, 0f32, "logits")?;
     let bad = std::sync::atomic::AtomicUsize::new(usize::MAX);
     let src = SyncPtr(input.logits.ptr);
-    for_row_chunks(n, rows_per_thread(input.v), |b, e| {
+    let maxes = SyncPtr(row_max.as_mut_ptr());
+    fn scan<T: Elem>(row: &[T], inv_t: f32, u: &mut [f32]) -> (bool, f32) {
+        let u = &mut u[..row.len()];
+        T::load_row(row, u);
+        let m = u.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        (T::any_bad(row), m * inv_t)
+    }
+    for_rows_with_scratch(n, input.v, |b, e, u| {
         for k in b..e {
-            let ok = unsafe {
+            let (is_bad, m) = unsafe {
                 match input.logits.dtype {
-                    DType::BF16 => !bf16::any_bad(rows::<bf16>(input, src.get(), k)),
-                    DType::F16 => !f16::any_bad(rows::<f16>(input, src.get(), k)),
-                    _ => !f32::any_bad(rows::<f32>(input, src.get(), k)),
+                    DType::BF16 => scan(rows::<bf16>(input, src.get(), k), inv_t, u),
+                    DType::F16 => scan(rows::<f16>(input, src.get(), k), inv_t, u),
+                    _ => scan(rows::<f32>(input, src.get(), k), inv_t, u),
                 }
             };
-            if !ok {
+            if is_bad {
                 bad.fetch_min(k, std::sync::atomic::Ordering::Relaxed);
             }
+            unsafe { *maxes.get().add(k) = m };
         }
-    });
+    })?;
     let bad = bad.into_inner();
     if bad != usize::MAX {
         return Err(Error::new(
@@ -384,13 +420,25 @@ pub fn backward(args: &Backward) -> Result<()> {
             format!("`logits`: row {bad} holds NaN or +inf"),
         ));
     }
+    for k in (0..n).filter(|&k| labels[k] >= 0) {
+        gradient_fits(
+            k,
+            row_max[k],
+            lse[k],
+            g[k],
+            h[k],
+            ent[k],
+            inv_t,
+            input.logits.dtype,
+        )?;
+    }
     let dst_stride = if args.in_place() || n <= 1 {
         input.row_stride
     } else {
         args.grad_logits.strides[0] as usize
     };
     let dst = SyncPtr(args.grad_logits.ptr);
-    for_row_chunks(n, rows_per_thread(input.v), |b, e| {
+    for_rows_with_scratch(n, input.v, |b, e, u| {
         for k in b..e {
             let row = RowGrad {
                 lse: lse[k] as f32,
@@ -406,15 +454,11 @@ pub fn backward(args: &Backward) -> Result<()> {
                         let s = (src.get() as *const $t).add(k * input.row_stride);
                         let d = (dst.get() as *mut $t).add(k * dst_stride);
                         if ignored {
-                            with_row(input.v, |z| {
-                                z.fill(0.0);
-                                <$t as Elem>::store_row(
-                                    z,
-                                    std::slice::from_raw_parts_mut(d, input.v),
-                                );
-                            });
+                            let z = &mut u[..input.v];
+                            z.fill(0.0);
+                            <$t as Elem>::store_row(z, std::slice::from_raw_parts_mut(d, input.v));
                         } else {
-                            backward_row::<$t>(s, d, input.v, inv_t, row);
+                            backward_row::<$t>(s, d, input.v, inv_t, row, u);
                         }
                     }};
                 }
@@ -425,6 +469,65 @@ pub fn backward(args: &Backward) -> Result<()> {
                 }
             }
         }
-    });
+    })
+}
+
+/// Fails unless row `k`'s gradient ∂L/∂z stays finite in f32 and in the output dtype. With
+/// p ≤ P = e^(u_max − lse) and p·|log p| ≤ P·|u_max − lse| + 1/e, every element is at most
+/// (1/T)·[|g|·(P + 1) + |h|·(P·(|u_max − lse| + |H|) + 1/e)].
+#[allow(clippy::too_many_arguments)]
+fn gradient_fits(
+    k: usize,
+    u_max: f32,
+    lse: f64,
+    g: f64,
+    h: f64,
+    entropy: f64,
+    inv_t: f32,
+    dtype: DType,
+) -> Result<()> {
+    let overflow = |what: String| {
+        Err(Error::new(
+            crate::error::CalibrlStatus::NonFinite,
+            format!("`grad_logits`: row {k}: {what}"),
+        ))
+    };
+    // The row's parameters enter the f32 computation: each must be a finite f32 there.
+    for (name, v) in [
+        ("lse", lse),
+        ("grad_logprobs", g),
+        ("grad_entropy", h),
+        ("entropy", entropy),
+    ] {
+        if !(v as f32).is_finite() {
+            return Err(Error::invalid(
+                name,
+                format!("element {k} is {v}, outside the float32 range of the computation"),
+            ));
+        }
+    }
+    if !u_max.is_finite() {
+        return overflow(format!(
+            "logits / temperature (max {u_max}) is not a finite float32"
+        ));
+    }
+    let l = u_max as f64 - lse as f32 as f64;
+    let p = l.max(-150.0).exp();
+    let inner = g.abs() * (p + 1.0) + h.abs() * (p * (l.abs() + entropy.abs()) + 0.37);
+    let out_max = match dtype {
+        DType::F16 => f16::MAX.to_f64(),
+        DType::BF16 => bf16::MAX.to_f64(),
+        _ => f32::MAX as f64,
+    };
+    // 1e-3: room for the f32 rounding of the computation itself.
+    let margin = 1.0 + 1e-3;
+    if !(inner * margin <= f32::MAX as f64 && inner * inv_t as f64 * margin <= out_max) {
+        return overflow(format!(
+            "the gradient may reach {:e}, beyond the {} range (check `lse`, `grad_logprobs`, \
+             `grad_entropy`, `entropy` and `temperature`)",
+            inner * inv_t as f64,
+            dtype.name()
+        ));
+    }
     Ok(())
 }

@@ -218,6 +218,20 @@ pub fn kl_term(kind: KlKind, logp: f64, reference: f64) -> (f64, f64) {
     }
 }
 
+/// A sum that starts at +0 (`Iterator::sum` of f64 starts at −0, so an empty sum would be −0).
+fn fsum(values: impl Iterator<Item = f64>) -> f64 {
+    values.fold(0.0, |a, b| a + b)
+}
+
+/// `mask · x` that never reads `x` where the mask is 0 (padding may hold NaN or ±inf).
+fn masked(mask: f64, x: f64) -> f64 {
+    if mask == 0.0 {
+        0.0
+    } else {
+        mask * x
+    }
+}
+
 pub fn compute(cfg: &Config, batch: &LossBatch) -> Result<LossOutput> {
     let b = batch.rows.len();
     let expert_row = |i: usize| batch.is_expert.as_ref().is_some_and(|e| e[i]);
@@ -230,12 +244,9 @@ pub fn compute(cfg: &Config, batch: &LossBatch) -> Result<LossOutput> {
     let n_tokens: Vec<f64> = batch
         .rows
         .iter()
-        .map(|r| batch.mask[r.clone()].iter().sum())
+        .map(|r| fsum(batch.mask[r.clone()].iter().copied()))
         .collect();
-    let local_tokens: f64 = (0..b)
-        .filter(|&i| counted_row(i))
-        .map(|i| n_tokens[i])
-        .sum();
+    let local_tokens = fsum((0..b).filter(|&i| counted_row(i)).map(|i| n_tokens[i]));
     // A row without counted tokens adds nothing and is not counted in N_seq (SPEC §4.5).
     let local_seqs = (0..b)
         .filter(|&i| counted_row(i) && n_tokens[i] > 0.0)
@@ -373,11 +384,11 @@ pub fn compute(cfg: &Config, batch: &LossBatch) -> Result<LossOutput> {
                 } else {
                     1.0
                 };
-                let s: f64 = batch.rows[i]
-                    .clone()
-                    .map(|k| batch.mask[k] * batch.logprobs[k])
-                    .sum::<f64>()
-                    * scale;
+                let s = fsum(
+                    batch.rows[i]
+                        .clone()
+                        .map(|k| masked(batch.mask[k], batch.logprobs[k])),
+                ) * scale;
                 let delta = s - e;
                 let (phi, dphi) = activation(cfg, -c * delta);
                 let inv_seq = inv(norm.seq_count);
@@ -404,16 +415,16 @@ pub fn compute(cfg: &Config, batch: &LossBatch) -> Result<LossOutput> {
     m.mean_delta = mean(delta_sum, delta_n);
     m.mean_expert_logprob = batch.expert.as_ref().map_or(0.0, |e| {
         mean(
-            e.logprobs.iter().zip(&e.mask).map(|(l, m)| l * m).sum(),
-            e.mask.iter().sum(),
+            fsum(e.logprobs.iter().zip(&e.mask).map(|(&l, &m)| masked(m, l))),
+            fsum(e.mask.iter().copied()),
         )
     });
-    m.mean_response_length = mean(rollouts.iter().map(|&i| n_tokens[i]).sum(), nr);
+    m.mean_response_length = mean(fsum(rollouts.iter().map(|&i| n_tokens[i])), nr);
     m.frac_correct = mean(
         rollouts.iter().filter(|&&i| batch.signs[i] > 0.0).count() as f64,
         nr,
     );
-    m.mean_rarity_weight = mean(rollouts.iter().map(|&i| batch.weights[i]).sum(), nr);
+    m.mean_rarity_weight = mean(fsum(rollouts.iter().map(|&i| batch.weights[i])), nr);
     m.num_tokens = local_tokens;
     m.num_seqs = local_seqs;
     Ok(out)
@@ -466,8 +477,8 @@ fn explore_baseline<'a>(
                 .rows
                 .iter()
                 .map(|r| {
-                    let s: f64 = r.clone().map(|k| e.mask[k] * e.logprobs[k]).sum();
-                    let n: f64 = e.mask[r.clone()].iter().sum();
+                    let s = fsum(r.clone().map(|k| masked(e.mask[k], e.logprobs[k])));
+                    let n = fsum(e.mask[r.clone()].iter().copied());
                     if cfg.length_normalize {
                         if n > 0.0 {
                             s / n
@@ -507,8 +518,8 @@ impl BaselineSource<'_> {
             BaselineSource::Zero => Some(0.0),
             BaselineSource::Reference(r) => {
                 let rows = batch.rows[i].clone();
-                let n: f64 = batch.mask[rows.clone()].iter().sum();
-                let s: f64 = rows.map(|k| batch.mask[k] * r[k]).sum();
+                let n = fsum(batch.mask[rows.clone()].iter().copied());
+                let s = fsum(rows.map(|k| masked(batch.mask[k], r[k])));
                 Some(if cfg.length_normalize {
                     if n > 0.0 {
                         s / n
@@ -538,7 +549,7 @@ impl BaselineSource<'_> {
                 }
                 let r = &expert.rows[slot as usize];
                 Some(if t < r.len() {
-                    expert.mask[r.start + t] * expert.logprobs[r.start + t]
+                    masked(expert.mask[r.start + t], expert.logprobs[r.start + t])
                 } else {
                     0.0
                 })
@@ -556,38 +567,48 @@ pub fn run(
 ) -> Result<()> {
     let batch = read_batch(args)?;
     let out = compute(cfg, &batch)?;
-    if let Some(t) = &args.grad_logprobs {
-        t.write_f64(&out.grad_logprobs)?;
+    let metrics = out.metrics.to_array();
+    // Extreme but finite inputs (say ℓ − ℓ_old = 1000) can overflow: report it, write nothing.
+    if let Some(i) = metrics.iter().position(|v| !v.is_finite()) {
+        return Err(Error::new(
+            crate::error::CalibrlStatus::NonFinite,
+            format!(
+                "`metrics`: value {i} of the result is {} (the inputs are finite but out of \
+                 range, e.g. a log-ratio that overflows exp)",
+                metrics[i]
+            ),
+        ));
     }
-    if let Some(t) = &args.grad_entropy {
-        t.write_f64(&out.grad_entropy)?;
-    }
-    if let Some(t) = &args.metrics {
-        t.write_f64(&out.metrics.to_array())?;
-    }
+    crate::tensor::write_all(&[
+        (args.grad_logprobs.as_ref(), &out.grad_logprobs),
+        (args.grad_entropy.as_ref(), &out.grad_entropy),
+        (args.metrics.as_ref(), &metrics),
+    ])?;
     if let Some(h) = host_metrics {
         *h = out.metrics;
     }
     Ok(())
 }
 
+/// Checks that the counted entries (mask ≠ 0) of `v` are finite and zeroes the others.
+fn counted_only(name: &str, mut v: Vec<f64>, mask: &[f64]) -> Result<Vec<f64>> {
+    for (k, (x, &m)) in v.iter_mut().zip(mask).enumerate() {
+        if m == 0.0 {
+            *x = 0.0;
+        } else if !x.is_finite() {
+            return Err(Error::non_finite(name, k, *x));
+        }
+    }
+    Ok(v)
+}
+
 fn read_batch(args: &crate::ops::loss::Loss) -> Result<LossBatch> {
     let rows = args.policy.ranges()?;
     let mask = args.policy.mask_values()?;
     let b = rows.len();
-    // Only tokens that count must be finite: padding may hold anything.
-    let counted = |name: &'static str, v: Vec<f64>| -> Result<Vec<f64>> {
-        if let Some((k, x)) = v
-            .iter()
-            .zip(&mask)
-            .enumerate()
-            .find(|(_, (x, m))| **m != 0.0 && !x.is_finite())
-            .map(|(k, (x, _))| (k, *x))
-        {
-            return Err(Error::non_finite(name, k, x));
-        }
-        Ok(v)
-    };
+    // Only tokens that count must be finite: padding may hold anything, and is replaced by 0
+    // here so that no value (loss, Δ, metric) can ever read it.
+    let counted = |name: &'static str, v: Vec<f64>| counted_only(name, v, &mask);
     let logprobs = counted("logprobs", args.policy.values.read_f64()?)?;
     let opt = |t: &Option<crate::tensor::Tensor>, name| -> Result<Option<Vec<f64>>> {
         t.as_ref().map(|t| counted(name, t.read_f64()?)).transpose()
@@ -623,16 +644,7 @@ fn read_batch(args: &crate::ops::loss::Loss) -> Result<LossBatch> {
         Some(e) => {
             let erows = e.ranges()?;
             let emask = e.mask_values()?;
-            let values = e.values.read_f64()?;
-            if let Some((k, x)) = values
-                .iter()
-                .zip(&emask)
-                .enumerate()
-                .find(|(_, (x, m))| **m != 0.0 && !x.is_finite())
-                .map(|(k, (x, _))| (k, *x))
-            {
-                return Err(Error::non_finite("expert_logprobs", k, x));
-            }
+            let values = counted_only("expert_logprobs", e.values.read_f64()?, &emask)?;
             let index = args.expert_index.as_ref().expect("validated").read_i64()?;
             let p = erows.len() as i64;
             if let Some((i, s)) = index.iter().enumerate().find(|(_, &s)| s < -1 || s >= p) {

@@ -28,9 +28,30 @@ pub extern "C" fn calibrl_last_error_message() -> *const c_char {
     LAST_ERROR.with(|e| e.borrow().as_ptr())
 }
 
-/// A short static name of a status, e.g. "CALIBRL_STATUS_SHAPE_MISMATCH".
+/// A short static name of a status, e.g. "CALIBRL_STATUS_SHAPE_MISMATCH";
+/// "CALIBRL_STATUS_UNKNOWN" for a number that is no status. Takes the number as an integer:
+/// a C enum may hold any value, and a Rust enum parameter holding an unknown one would be
+/// undefined behaviour.
 #[no_mangle]
-pub extern "C" fn calibrl_status_name(status: CalibrlStatus) -> *const c_char {
+pub extern "C" fn calibrl_status_name(status: i32) -> *const c_char {
+    const ALL: [CalibrlStatus; 13] = [
+        CalibrlStatus::Ok,
+        CalibrlStatus::NullArgument,
+        CalibrlStatus::InvalidArgument,
+        CalibrlStatus::ShapeMismatch,
+        CalibrlStatus::DtypeMismatch,
+        CalibrlStatus::DeviceMismatch,
+        CalibrlStatus::NonFinite,
+        CalibrlStatus::InvalidConfig,
+        CalibrlStatus::CudaUnavailable,
+        CalibrlStatus::CudaError,
+        CalibrlStatus::Panic,
+        CalibrlStatus::BufferTooSmall,
+        CalibrlStatus::LayoutUnsupported,
+    ];
+    let Some(&status) = ALL.iter().find(|&&s| s as i32 == status) else {
+        return c"CALIBRL_STATUS_UNKNOWN".as_ptr();
+    };
     let s: &'static CStr = match status {
         CalibrlStatus::Ok => c"CALIBRL_STATUS_OK",
         CalibrlStatus::NullArgument => c"CALIBRL_STATUS_NULL_ARGUMENT",

@@ -92,16 +92,12 @@ pub unsafe extern "C" fn calibrl_group_advantages(
     guard(|| {
         let cfg = &deref(cfg, "cfg")?.inner;
         let a = deref(args, "args")?;
-        if a.num_groups < 0 {
-            return Err(Error::invalid(
-                "num_groups",
-                format!("{} is negative", a.num_groups),
-            ));
-        }
+        let num_groups = usize::try_from(a.num_groups)
+            .map_err(|_| Error::invalid("num_groups", format!("{} is negative", a.num_groups)))?;
         let args = Advantages {
             rewards: Tensor::from_raw(a.rewards, "rewards")?,
             group_ids: Tensor::from_raw(a.group_ids, "group_ids")?,
-            num_groups: a.num_groups as usize,
+            num_groups,
             correct: Tensor::optional(a.correct, "correct")?,
             is_expert: Tensor::optional(a.is_expert, "is_expert")?,
             advantages: Tensor::from_raw(a.advantages, "advantages")?,

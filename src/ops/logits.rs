@@ -66,10 +66,16 @@ impl<'a> LogitsInput<'a> {
                 format!("row stride {row_stride} is smaller than the vocabulary size {v}"),
             ));
         }
-        if !(temperature.is_finite() && temperature > 0.0) {
+        // Both backends scale by 1/T in f32: the reciprocal must be finite there too.
+        if !(temperature.is_finite()
+            && temperature > 0.0
+            && inv_temperature(temperature).is_finite())
+        {
             return Err(Error::invalid(
                 "temperature",
-                format!("{temperature} must be finite and > 0"),
+                format!(
+                    "{temperature} must be finite and > 0, with a finite float32 1/temperature"
+                ),
             ));
         }
         if vocab_start < 0 {
@@ -88,6 +94,11 @@ impl<'a> LogitsInput<'a> {
             row_stride: row_stride as usize,
         })
     }
+}
+
+/// 1/T as both backends use it (f32).
+pub fn inv_temperature(temperature: f64) -> f32 {
+    (1.0 / temperature) as f32
 }
 
 fn row_output(t: &Option<Tensor>, n: usize) -> Result<()> {
@@ -175,6 +186,17 @@ impl Backward<'_> {
         let g = &self.grad_logits;
         g.require_dtype(&LOGITS_DTYPES)?;
         g.require_shape(&self.input.logits.shape)?;
+        // Every backend writes grad_logits in the logits' element type, in place or not.
+        if g.dtype != self.input.logits.dtype {
+            return Err(Error::dtype(
+                "grad_logits",
+                format!(
+                    "is {}, but it must have the logits' dtype {}",
+                    g.dtype.name(),
+                    self.input.logits.dtype.name()
+                ),
+            ));
+        }
         let same_buffer = g.ptr == self.input.logits.ptr && g.strides == self.input.logits.strides;
         if !same_buffer {
             if g.overlaps(&self.input.logits) {
@@ -189,11 +211,16 @@ impl Backward<'_> {
                     "the vocabulary dimension must have stride 1",
                 ));
             }
-        } else if g.dtype != self.input.logits.dtype {
-            return Err(Error::dtype(
-                "grad_logits",
-                "in-place output must have the logits' dtype",
-            ));
+            // Rows must not overlap each other (nor run backwards).
+            if n > 1 && g.strides[0] < self.input.v as isize {
+                return Err(Error::layout(
+                    "grad_logits",
+                    format!(
+                        "row stride {} is smaller than the vocabulary size {}",
+                        g.strides[0], self.input.v
+                    ),
+                ));
+            }
         }
         common_device(&[
             Some(&self.input.logits),

@@ -108,9 +108,19 @@ impl<'a> Rows<'a> {
     /// Row ranges in flat token indices (host). Checks the offsets.
     pub fn ranges(&self) -> Result<Vec<std::ops::Range<usize>>> {
         match self.layout {
-            Layout::Padded { seq_len } => Ok((0..self.rows)
-                .map(|i| i * seq_len..(i + 1) * seq_len)
-                .collect()),
+            Layout::Padded { seq_len } => {
+                // An empty `[rows, 0]` tensor may declare any number of rows: holding them is
+                // an error when the memory cannot be had, never a panic or an abort.
+                let mut r = Vec::new();
+                r.try_reserve_exact(self.rows).map_err(|_| {
+                    Error::invalid(
+                        self.values.name,
+                        format!("{} rows cannot be held in memory", self.rows),
+                    )
+                })?;
+                r.extend((0..self.rows).map(|i| i * seq_len..(i + 1) * seq_len));
+                Ok(r)
+            }
             Layout::Packed => {
                 let o = self.offsets.as_ref().expect("packed layout has offsets");
                 let off = o.read_i64()?;
@@ -140,7 +150,7 @@ impl<'a> Rows<'a> {
     /// The mask as 0/1 values (all ones when absent). Host.
     pub fn mask_values(&self) -> Result<Vec<f64>> {
         match &self.mask {
-            None => Ok(vec![1.0; self.values.numel()]),
+            None => crate::tensor::try_vec(self.values.numel(), 1.0, self.values.name),
             Some(m) => Ok(m
                 .read_f64()?
                 .into_iter()
@@ -149,6 +159,9 @@ impl<'a> Rows<'a> {
         }
     }
 }
+
+/// Bytes of per-group statistics (count, sum, square sum as f64) a backend may allocate.
+const GROUP_STAT_BYTES: usize = 3 * 8;
 
 /// Group advantages arguments (SPEC §3).
 pub struct Advantages<'a> {
@@ -164,6 +177,18 @@ pub struct Advantages<'a> {
 
 impl Advantages<'_> {
     pub fn validate(&self) -> Result<Device> {
+        // A backend may keep three f64 statistics per group id: they must fit in memory's
+        // address space (checked before anything is allocated).
+        if self.num_groups > isize::MAX as usize / GROUP_STAT_BYTES {
+            return Err(Error::invalid(
+                "num_groups",
+                format!(
+                    "{} is too large: {GROUP_STAT_BYTES} bytes of statistics per group do not fit \
+                     in the address space",
+                    self.num_groups
+                ),
+            ));
+        }
         self.rewards.require_dtype(&FLOATS)?;
         self.rewards.require_ndim(1)?;
         let b = self.rewards.shape[0];
@@ -207,9 +232,11 @@ pub fn group_advantages(cfg: &Config, args: &Advantages, stream: Stream) -> Resu
                 correct.as_deref(),
                 is_expert.as_deref(),
             )?;
-            args.advantages.write_f64(&out.advantages)?;
-            args.weights.write_f64(&out.weights)?;
-            args.signs.write_f64(&out.signs)
+            crate::tensor::write_all(&[
+                (Some(&args.advantages), &out.advantages),
+                (Some(&args.weights), &out.weights),
+                (Some(&args.signs), &out.signs),
+            ])
         },
         |d| crate::cuda::loss::group_advantages(cfg, args, d, stream),
     )

@@ -62,7 +62,7 @@ pub fn scatter_expert_logprobs(
         ));
     }
     let total = *plan.expert_offsets.last().unwrap_or(&0) as usize;
-    let mut packed = vec![0.0; total];
+    let mut packed = crate::tensor::try_vec(total, 0.0, "expert_logprobs")?;
     for (slot, start) in segments {
         let (o0, o1) = (
             plan.expert_offsets[slot] as usize,
@@ -147,13 +147,7 @@ pub fn collect_experts(
             let src = nograd_logprobs.read_f64()?;
             let packed = scatter_expert_logprobs(plan, rank, &src)?;
             let sums = expert_sums(plan, &packed, length_normalize)?;
-            if let Some(t) = expert_logprobs {
-                t.write_f64(&packed)?;
-            }
-            if let Some(t) = expert_sums_out {
-                t.write_f64(&sums)?;
-            }
-            Ok(())
+            crate::tensor::write_all(&[(expert_logprobs, &packed), (expert_sums_out, &sums)])
         },
         |ordinal| {
             // Where each slot starts in this part of the no-grad output (−1: not in it).

@@ -71,6 +71,11 @@ pub enum ExpertSelection {
     PassRate { low: f64, high: f64, threshold: f64 },
 }
 
+/// Most data-parallel ranks a plan supports.
+pub const CALIBRL_MAX_DP_RANKS: usize = 1 << 20;
+/// Most rank plans (ranks × passes) one plan holds, so that its memory stays bounded.
+pub const CALIBRL_MAX_RANK_PASSES: usize = 1 << 22;
+
 /// Scheduler configuration.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SchedulerConfig {
@@ -116,6 +121,17 @@ impl SchedulerConfig {
     pub fn validate(&self) -> Result<()> {
         if self.dp_ranks == 0 {
             return Err(Error::invalid("config.dp_ranks", "must be at least 1"));
+        }
+        // A plan holds every rank's micro-batches: the count is bounded before anything is
+        // allocated per rank.
+        if self.dp_ranks > CALIBRL_MAX_DP_RANKS {
+            return Err(Error::invalid(
+                "config.dp_ranks",
+                format!(
+                    "{} exceeds the supported maximum {CALIBRL_MAX_DP_RANKS}",
+                    self.dp_ranks
+                ),
+            ));
         }
         if self.nograd_token_budget == 0 {
             return Err(Error::invalid(
@@ -458,6 +474,18 @@ fn check_input(input: &StepInput) -> Result<Checked> {
 /// give the same plan.
 pub fn plan(input: &StepInput, config: &SchedulerConfig) -> Result<Plan> {
     config.validate()?;
+    // One pass per mini-batch plus the no-grad pass, each with `dp_ranks` rank plans.
+    let passes = input.prompts.len().div_ceil(config.minibatch_prompts) + 1;
+    if passes.saturating_mul(config.dp_ranks) > CALIBRL_MAX_RANK_PASSES {
+        return Err(Error::invalid(
+            "config.dp_ranks",
+            format!(
+                "{} ranks x {passes} passes (mini-batches + the no-grad pass) exceeds the \
+                 supported {CALIBRL_MAX_RANK_PASSES} rank plans; raise config.minibatch_prompts",
+                config.dp_ranks
+            ),
+        ));
+    }
     let c = check_input(input)?;
     let dropped = selection::dynamic_sampling(input, config)?;
     let selected = selection::select_experts(input, config, &dropped)?;

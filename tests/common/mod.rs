@@ -171,6 +171,13 @@ impl Tensor {
         t.desc.shape = t.shape.as_mut_ptr();
         t
     }
+    /// Views the same elements with another shape: the descriptor's `shape` array and `ndim`
+    /// change together, so the library never reads past the shape array.
+    pub fn set_shape(&mut self, shape: &[usize]) {
+        self.shape = shape.iter().map(|&s| s as i64).collect();
+        self.desc.shape = self.shape.as_mut_ptr();
+        self.desc.ndim = shape.len() as i32;
+    }
     pub fn bytes_mut(&mut self) -> &mut [u8] {
         let len = self.n * self.dt.size();
         unsafe { std::slice::from_raw_parts_mut(self.store.as_mut_ptr() as *mut u8, len) }
