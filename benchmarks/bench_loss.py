@@ -91,15 +91,7 @@ def torch_reference_loss(lp, old, adv_tok, w_tok, c_tok, e_tok, lam=0.1, alpha=0
 def empty_graph_us():
     """Replay latency of a CUDA graph holding one trivial kernel (the floor for one launch)."""
     x = torch.zeros(1, device="cuda")
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        x.add_(1)
-    s.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=s):
-        x.add_(1)
-    return 1000 * time_ms(graph.replay, 200, 20)
+    return 1000 * time_ms(graph_of(lambda: x.add_(1)).replay, 200, 20)
 
 
 def graph_of(fn):
@@ -172,17 +164,9 @@ def main():
         torch.cuda.synchronize()
         err = ((grad - x.grad).abs().max() / x.grad.abs().max()).item()
         bytes_moved = 12 * n
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            run()
-        s.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=s):
-            run()
         results = {
             "calibrl": time_ms(run),
-            "calibrl_graph": time_ms(graph.replay),
+            "calibrl_graph": time_ms(graph_of(run).replay),
         }
         xx = lp.clone().requires_grad_()
 
