@@ -26,7 +26,8 @@ for l in sys.stdin:
         print(m["executable"])')
 
 echo "=== valgrind: C test program"
-LD_LIBRARY_PATH=target/release "${vg[@]}" target/release/c-smoke/smoke >/dev/null
+# The program links through the installed layout (SONAME libcalibrl.so.0) the test made.
+LD_LIBRARY_PATH=target/release/c-smoke/lib "${vg[@]}" target/release/c-smoke/smoke >/dev/null
 for exe in $exes; do
   echo "=== valgrind: $(basename "$exe")"
   "${vg[@]}" "$exe" --test-threads=2 -q
