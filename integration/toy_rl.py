@@ -119,3 +119,14 @@ class Step:
             expert_index=torch.where(slot >= 0, torch.arange(len(seqs)), -1), normalizers=normalizers,
         )
         return batch
+
+
+def spawn_ranks(worker, *args, nprocs: int = 2) -> None:
+    """Runs ``worker(rank, nprocs, port, *args)`` in ``nprocs`` processes (gloo rendezvous on a
+    free loopback port)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(worker, args=(nprocs, port, *args), nprocs=nprocs, join=True)

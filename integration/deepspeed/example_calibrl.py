@@ -14,7 +14,6 @@ the mean reward per step).
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -89,10 +88,7 @@ def _forward(engine, batch):
 
 
 def main(out_dir: str, stage: int = 0, steps: int = 3):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_worker, args=(2, port, stage, steps, out_dir), nprocs=2, join=True)
+    toy_rl.spawn_ranks(_worker, stage, steps, out_dir)
 
 
 if __name__ == "__main__":

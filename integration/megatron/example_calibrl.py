@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -78,10 +77,7 @@ def _split(batch: dict) -> dict:
 
 
 def main(out_dir: str, tp: int = 1, steps: int = 3):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_worker, args=(2, port, tp, steps, out_dir), nprocs=2, join=True)
+    toy_rl.spawn_ranks(_worker, tp, steps, out_dir)
 
 
 if __name__ == "__main__":
