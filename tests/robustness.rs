@@ -260,18 +260,14 @@ fn shapes_too_large_to_exist_are_refused() {
     assert!(big.0 != OK && big.0 != PANIC, "loss [1, 2^40]: {big:?}");
 }
 
-/// Calls the loss of `case` with the logprobs descriptor's shape replaced (its buffer stays
-/// the case's own: only a call that validates before reading is safe).
-fn call_loss_with_logprobs_shape(case: &common::Case, shape: &[usize]) -> (i32, String) {
-    let cfg = cfg_new(r#"{"lambda":0.0}"#);
-    let b = &case.b;
-    let n = b.rows.len();
-    let mut logp = Tensor::new(&b.logp, &case.token_shape(), Dt::F64);
-    logp.set_shape(shape);
-    let adv = Tensor::new(&b.adv, &[n], Dt::F64);
-    let w = Tensor::new(&b.w, &[n], Dt::F64);
-    let c = Tensor::new(&b.c, &[n], Dt::F64);
-    let args = calibrl::ffi::loss::CalibrlLossArgs {
+/// Loss arguments with only the required tensors; every optional one NULL.
+fn required_loss_args(
+    logp: &Tensor,
+    adv: &Tensor,
+    w: &Tensor,
+    c: &Tensor,
+) -> calibrl::ffi::loss::CalibrlLossArgs {
+    calibrl::ffi::loss::CalibrlLossArgs {
         logprobs: logp.lib(),
         seq_offsets: std::ptr::null(),
         mask: std::ptr::null(),
@@ -291,7 +287,21 @@ fn call_loss_with_logprobs_shape(case: &common::Case, shape: &[usize]) -> (i32, 
         grad_entropy: std::ptr::null_mut(),
         metrics: std::ptr::null_mut(),
         token_weights: std::ptr::null(),
-    };
+    }
+}
+
+/// Calls the loss of `case` with the logprobs descriptor's shape replaced (its buffer stays
+/// the case's own: only a call that validates before reading is safe).
+fn call_loss_with_logprobs_shape(case: &common::Case, shape: &[usize]) -> (i32, String) {
+    let cfg = cfg_new(r#"{"lambda":0.0}"#);
+    let b = &case.b;
+    let n = b.rows.len();
+    let mut logp = Tensor::new(&b.logp, &case.token_shape(), Dt::F64);
+    logp.set_shape(shape);
+    let adv = Tensor::new(&b.adv, &[n], Dt::F64);
+    let w = Tensor::new(&b.w, &[n], Dt::F64);
+    let c = Tensor::new(&b.c, &[n], Dt::F64);
+    let args = required_loss_args(&logp, &adv, &w, &c);
     let st = unsafe {
         calibrl::ffi::loss::calibrl_loss(cfg.0, &args, std::ptr::null_mut(), std::ptr::null_mut())
             as i32
@@ -316,25 +326,9 @@ fn empty_batch_metrics() -> (i32, calibrl::cpu::loss::CalibrlMetrics) {
     let c = null_empty(&[0], Dt::F32);
     let mut grad = null_empty(&[0, 5], Dt::F32);
     let args = calibrl::ffi::loss::CalibrlLossArgs {
-        logprobs: logp.lib(),
-        seq_offsets: std::ptr::null(),
         mask: mask.lib(),
-        old_logprobs: std::ptr::null(),
-        ref_logprobs: std::ptr::null(),
-        entropy: std::ptr::null(),
-        advantages: adv.lib(),
-        weights: w.lib(),
-        signs: c.lib(),
-        is_expert: std::ptr::null(),
-        expert_logprobs: std::ptr::null(),
-        expert_offsets: std::ptr::null(),
-        expert_mask: std::ptr::null(),
-        expert_index: std::ptr::null(),
-        normalizers: std::ptr::null(),
         grad_logprobs: grad.lib_mut(),
-        grad_entropy: std::ptr::null_mut(),
-        metrics: std::ptr::null_mut(),
-        token_weights: std::ptr::null(),
+        ..required_loss_args(&logp, &adv, &w, &c)
     };
     let mut m = calibrl::cpu::loss::CalibrlMetrics::default();
     let st = unsafe {
