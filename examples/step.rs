@@ -3,7 +3,7 @@
 //!
 //! cargo run --release --example step
 
-use calibrl::cpu::loss::{CalibrlMetrics, CalibrlNormalizers};
+use calibrl::desc::metrics::{CalibrlMetrics, CalibrlNormalizers};
 use calibrl::ffi::common::{calibrl_config_free, calibrl_config_new, calibrl_last_error_message};
 use calibrl::ffi::logits::{calibrl_logits_backward, calibrl_logits_forward};
 use calibrl::ffi::loss::{

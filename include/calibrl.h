@@ -658,72 +658,6 @@ enum calibrl_status calibrl_loss(const struct calibrl_config *cfg,
                                  calibrl_stream stream);
 
 /**
- * Fills `*out` with the defaults: 1 rank, budgets of 16384 tokens, one mini-batch of up to
- * 2^32 - 1 prompts, CalibRL, all experts, seed 0, reward threshold 0.1, verl's workload model.
- *
- * # Safety
- * `out` is a valid pointer.
- */
-enum calibrl_status calibrl_scheduler_config_default(struct calibrl_scheduler_config *out);
-
-/**
- * Plans one training step (SPEC §7). `prompts` holds `n_prompts` descriptors;
- * `rollout_lens` holds the `n_rollouts` rollout response lengths, prompt by prompt (so
- * `n_rollouts` = Σ `num_rollouts`); `rewards` (`[n_rollouts]`, same order) may be NULL unless
- * the selection is `CALIBRL_SELECT_PASS_RATE`. On success `*out` owns a new plan; free it with
- * `calibrl_plan_free`. The plan is deterministic for a given input and configuration.
- *
- * # Safety
- * `config` and `out` are valid pointers; the arrays are NULL or valid for their counts.
- */
-enum calibrl_status calibrl_plan_new(const struct calibrl_scheduler_config *config,
-                                     const struct calibrl_prompt_desc *prompts,
-                                     size_t n_prompts,
-                                     const uint32_t *rollout_lens,
-                                     size_t n_rollouts,
-                                     const double *rewards,
-                                     struct calibrl_plan **out);
-
-/**
- * Releases a plan (NULL is a no-op).
- *
- * # Safety
- * `plan` is NULL or a handle from `calibrl_plan_new` not yet freed.
- */
-void calibrl_plan_free(struct calibrl_plan *plan);
-
-/**
- * Writes the plan's counts into `*out`.
- *
- * # Safety
- * `plan` is a valid handle; `out` a valid pointer.
- */
-enum calibrl_status calibrl_plan_summary(const struct calibrl_plan *plan,
-                                         struct calibrl_plan_info *out);
-
-/**
- * Writes mini-batch `minibatch`'s prompt range, micro-batch count per rank and normalisers.
- *
- * # Safety
- * `plan` is a valid handle; `out` a valid pointer.
- */
-enum calibrl_status calibrl_plan_minibatch(const struct calibrl_plan *plan,
-                                           size_t minibatch,
-                                           struct calibrl_minibatch_info *out);
-
-/**
- * Writes the global normalisers of mini-batch `minibatch` (response tokens and rows that are
- * trained, over all ranks and micro-batches): pass them to every `calibrl_loss` call of that
- * mini-batch so the slices' losses and gradients add up to the whole batch's.
- *
- * # Safety
- * `plan` is a valid handle; `out` a valid pointer.
- */
-enum calibrl_status calibrl_plan_normalizers(const struct calibrl_plan *plan,
-                                             size_t minibatch,
-                                             struct calibrl_normalizers *out);
-
-/**
  * Micro-batch `mb` of rank `rank` in the no-grad pass: its sequence ids into `seq_ids` and
  * their kinds (`CALIBRL_SEQ_*`) into `kinds` (either may be NULL; both NULL = size query), the
  * count into `*len`. Every rank has `calibrl_plan_summary().nograd_microbatches`
@@ -818,14 +752,39 @@ enum calibrl_status calibrl_plan_oversize(const struct calibrl_plan *plan,
                                           size_t *len);
 
 /**
- * Describes sequence `seq_id` (kind, prompt, rollout index or slot, token counts).
+ * Fills `*out` with the defaults: 1 rank, budgets of 16384 tokens, one mini-batch of up to
+ * 2^32 - 1 prompts, CalibRL, all experts, seed 0, reward threshold 0.1, verl's workload model.
  *
  * # Safety
- * `plan` is a valid handle; `out` a valid pointer.
+ * `out` is a valid pointer.
  */
-enum calibrl_status calibrl_plan_seq(const struct calibrl_plan *plan,
-                                     int64_t seq_id,
-                                     struct calibrl_seq_info *out);
+enum calibrl_status calibrl_scheduler_config_default(struct calibrl_scheduler_config *out);
+
+/**
+ * Plans one training step (SPEC §7). `prompts` holds `n_prompts` descriptors;
+ * `rollout_lens` holds the `n_rollouts` rollout response lengths, prompt by prompt (so
+ * `n_rollouts` = Σ `num_rollouts`); `rewards` (`[n_rollouts]`, same order) may be NULL unless
+ * the selection is `CALIBRL_SELECT_PASS_RATE`. On success `*out` owns a new plan; free it with
+ * `calibrl_plan_free`. The plan is deterministic for a given input and configuration.
+ *
+ * # Safety
+ * `config` and `out` are valid pointers; the arrays are NULL or valid for their counts.
+ */
+enum calibrl_status calibrl_plan_new(const struct calibrl_scheduler_config *config,
+                                     const struct calibrl_prompt_desc *prompts,
+                                     size_t n_prompts,
+                                     const uint32_t *rollout_lens,
+                                     size_t n_rollouts,
+                                     const double *rewards,
+                                     struct calibrl_plan **out);
+
+/**
+ * Releases a plan (NULL is a no-op).
+ *
+ * # Safety
+ * `plan` is NULL or a handle from `calibrl_plan_new` not yet freed.
+ */
+void calibrl_plan_free(struct calibrl_plan *plan);
 
 /**
  * Turns the no-grad pass's output into the expert baseline `calibrl_loss` takes.
@@ -850,6 +809,47 @@ enum calibrl_status calibrl_plan_collect_experts(const struct calibrl_plan *plan
                                                  const DLTensor *expert_sums,
                                                  bool length_normalize,
                                                  calibrl_stream stream);
+
+/**
+ * Writes the plan's counts into `*out`.
+ *
+ * # Safety
+ * `plan` is a valid handle; `out` a valid pointer.
+ */
+enum calibrl_status calibrl_plan_summary(const struct calibrl_plan *plan,
+                                         struct calibrl_plan_info *out);
+
+/**
+ * Writes mini-batch `minibatch`'s prompt range, micro-batch count per rank and normalisers.
+ *
+ * # Safety
+ * `plan` is a valid handle; `out` a valid pointer.
+ */
+enum calibrl_status calibrl_plan_minibatch(const struct calibrl_plan *plan,
+                                           size_t minibatch,
+                                           struct calibrl_minibatch_info *out);
+
+/**
+ * Writes the global normalisers of mini-batch `minibatch` (response tokens and rows that are
+ * trained, over all ranks and micro-batches): pass them to every `calibrl_loss` call of that
+ * mini-batch so the slices' losses and gradients add up to the whole batch's.
+ *
+ * # Safety
+ * `plan` is a valid handle; `out` a valid pointer.
+ */
+enum calibrl_status calibrl_plan_normalizers(const struct calibrl_plan *plan,
+                                             size_t minibatch,
+                                             struct calibrl_normalizers *out);
+
+/**
+ * Describes sequence `seq_id` (kind, prompt, rollout index or slot, token counts).
+ *
+ * # Safety
+ * `plan` is a valid handle; `out` a valid pointer.
+ */
+enum calibrl_status calibrl_plan_seq(const struct calibrl_plan *plan,
+                                     int64_t seq_id,
+                                     struct calibrl_seq_info *out);
 
 #ifdef __cplusplus
 }  // extern "C"

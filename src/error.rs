@@ -97,3 +97,13 @@ impl fmt::Display for Error {
 }
 
 impl std::error::Error for Error {}
+
+impl Error {
+    /// Appends why a NULL argument is required ("`x` is NULL but …").
+    pub(crate) fn with_reason(mut self, reason: &str) -> Self {
+        self.message = self
+            .message
+            .replace("is NULL", &format!("is NULL but {reason}"));
+        self
+    }
+}

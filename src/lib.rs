@@ -5,6 +5,7 @@
 pub mod config;
 pub mod cpu;
 pub mod cuda;
+pub mod desc;
 pub mod error;
 pub mod ffi;
 pub mod ops;

@@ -5,9 +5,8 @@
 //! `-- --include-ignored` on a GPU machine (scripts/gpu-check.sh does). Without a CUDA driver or
 //! device it then prints "skipped: no CUDA device" and returns.
 
-use calibrl::scheduler::{
-    collect_experts, plan, ExpertSelection, PromptInput, SchedulerConfig, StepInput,
-};
+use calibrl::ops::expert::collect_experts;
+use calibrl::scheduler::{plan, ExpertSelection, PromptInput, SchedulerConfig, StepInput};
 use calibrl::tensor::{DLDataType, DLDevice, DLTensor, Tensor, DL_CPU, DL_CUDA};
 use cudarc::driver::DevicePtr;
 use half::bf16;

@@ -9,7 +9,7 @@
 //! Outputs are poisoned with NaN before each GPU call, so agreement with the (finite) CPU result
 //! also proves every element was written. `CALIBRL_GPU_TEST_SEED` fixes the seed.
 
-use calibrl::cpu::loss::{CalibrlMetrics, CalibrlNormalizers};
+use calibrl::desc::metrics::{CalibrlMetrics, CalibrlNormalizers};
 use calibrl::ffi::common::{
     calibrl_config_free, calibrl_config_new, calibrl_last_error_message, CalibrlConfig,
 };

@@ -5,7 +5,8 @@
 //! CI), where a missing NVRTC fails the run. `CALIBRL_PTX_DIR=<dir>` also writes each module's
 //! PTX there (used by `scripts/kernel-resources.sh`).
 
-use calibrl::cuda::compile::{compile_all, nvrtc_available, nvrtc_version, SOURCES};
+use calibrl::cuda::compile::{nvrtc_available, nvrtc_version};
+use calibrl::cuda::{compile_all, SOURCES};
 use std::collections::BTreeSet;
 
 const ARCHS: [i32; 2] = [90, 80];
@@ -34,7 +35,7 @@ fn every_cuda_source_is_registered() {
     let registered: BTreeSet<String> = SOURCES.iter().map(|s| s.name.to_string()).collect();
     assert_eq!(
         on_disk, registered,
-        "cuda/*.cu files and calibrl::cuda::compile::SOURCES differ"
+        "cuda/*.cu files and calibrl::cuda::SOURCES differ"
     );
     for src in SOURCES {
         let file = std::fs::read_to_string(format!("{dir}/{}.cu", src.name)).unwrap();

@@ -317,7 +317,7 @@ fn null_empty(shape: &[usize], dt: Dt) -> Tensor {
     t
 }
 
-fn empty_batch_metrics() -> (i32, calibrl::cpu::loss::CalibrlMetrics) {
+fn empty_batch_metrics() -> (i32, calibrl::desc::metrics::CalibrlMetrics) {
     let cfg = cfg_new(r#"{"lambda":0.0}"#);
     let logp = null_empty(&[0, 5], Dt::F32);
     let mask = null_empty(&[0, 5], Dt::U8);
@@ -330,7 +330,7 @@ fn empty_batch_metrics() -> (i32, calibrl::cpu::loss::CalibrlMetrics) {
         grad_logprobs: grad.lib_mut(),
         ..required_loss_args(&logp, &adv, &w, &c)
     };
-    let mut m = calibrl::cpu::loss::CalibrlMetrics::default();
+    let mut m = calibrl::desc::metrics::CalibrlMetrics::default();
     let st = unsafe {
         calibrl::ffi::loss::calibrl_loss(cfg.0, &args, &mut m, std::ptr::null_mut()) as i32
     };

@@ -4,9 +4,10 @@ use calibrl::config::LossKind;
 use calibrl::error::CalibrlStatus;
 use calibrl::ffi::common::calibrl_last_error_message;
 use calibrl::ffi::scheduler::*;
+use calibrl::ops::expert::collect_experts;
 use calibrl::scheduler::{
-    self, collect_experts, expert_sums, scatter_expert_logprobs, CalibrlNormalizers,
-    ExpertSelection, PassKind, PassPlan, Plan, PromptInput, SchedulerConfig, SeqKind, StepInput,
+    self, expert_sums, scatter_expert_logprobs, CalibrlNormalizers, ExpertSelection, PassKind,
+    PassPlan, Plan, PromptInput, SchedulerConfig, SeqKind, StepInput,
 };
 use calibrl::tensor::{HostTensor, Tensor};
 use std::collections::BTreeSet;

@@ -2,7 +2,7 @@
 //! and the masked-position invariant (padding may hold anything, NaN included).
 #![no_main]
 
-use calibrl::cpu::loss::{CalibrlMetrics, CalibrlNormalizers, METRICS_LEN};
+use calibrl::desc::metrics::{CalibrlMetrics, CalibrlNormalizers, METRICS_LEN};
 use calibrl::ffi::loss::{calibrl_loss, CalibrlLossArgs};
 use calibrl_fuzz::*;
 use libfuzzer_sys::fuzz_target;

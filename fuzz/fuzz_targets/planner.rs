@@ -3,7 +3,7 @@
 //! oversize lists, sequences), calibrl_plan_collect_experts and calibrl_plan_free.
 #![no_main]
 
-use calibrl::cpu::loss::CalibrlNormalizers;
+use calibrl::desc::metrics::CalibrlNormalizers;
 use calibrl::ffi::scheduler::*;
 use calibrl_fuzz::*;
 use libfuzzer_sys::fuzz_target;

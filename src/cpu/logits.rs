@@ -4,9 +4,10 @@
 
 use super::fastmath::exp_f32;
 use super::parallel::for_row_chunks_with_scratch;
+use crate::desc::logits::{
+    inv_temperature, Backward, Forward, LogitsInput, ShardFinish, ShardStats, STATS_WIDTH,
+};
 use crate::error::{Error, Result};
-use crate::ops::logits::inv_temperature;
-use crate::ops::logits::{Backward, Forward, LogitsInput, ShardFinish, ShardStats, STATS_WIDTH};
 use crate::tensor::{try_vec, write_all, DType};
 use half::{bf16, f16};
 

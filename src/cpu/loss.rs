@@ -1,74 +1,23 @@
 //! The CalibRL loss on host data, in f64: the reference semantics of SPEC §4 (value, gradient
-//! with respect to ℓ and H, metrics). `ops::loss` turns tensors into a [`LossBatch`]; Rust
+//! with respect to ℓ and H, metrics). [`run`] turns a loss descriptor's tensors into a [`LossBatch`]; Rust
 //! callers (the training demo, the scheduler tests) may build one directly.
 
 use crate::config::{
     Activation, Aggregation, Baseline, Config, DeltaMode, EntropyControl, KlKind, LossKind,
 };
+use crate::desc::loss::Loss;
+use crate::desc::metrics::{CalibrlMetrics as Metrics, CalibrlNormalizers as Normalizers};
 use crate::error::{Error, Result};
 use std::ops::Range;
 
-/// Global denominators of SPEC §4.5 (all ranks, all micro-batches of a mini-batch).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct CalibrlNormalizers {
-    /// Σ m over the trained rows' tokens.
-    pub token_count: f64,
-    /// Number of trained rows.
-    pub seq_count: f64,
-}
-
-/// Loss metrics, in the order of the `metrics` output tensor.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct CalibrlMetrics {
-    /// Total loss L = L_pg + λ·L_explore − β_H·L_H + β_KL·L_KL (additive across slices).
-    pub loss: f64,
-    pub pg_loss: f64,
-    /// L_explore before λ.
-    pub explore_loss: f64,
-    /// L_H (the entropy aggregate, before −β_H).
-    pub entropy_loss: f64,
-    /// L_KL (before β_KL).
-    pub kl_loss: f64,
-    pub clipfrac: f64,
-    pub clipfrac_lower: f64,
-    pub ppo_kl: f64,
-    pub mean_delta: f64,
-    pub mean_expert_logprob: f64,
-    pub mean_response_length: f64,
-    pub frac_correct: f64,
-    pub mean_rarity_weight: f64,
-    pub num_tokens: f64,
-    pub num_seqs: f64,
-    /// Clip-Cov / KL-Cov: the fraction of counted rollout tokens selected (SPEC §4.6; local).
-    pub cov_selected_frac: f64,
-}
-
-pub const METRICS_LEN: usize = 16;
-
-impl CalibrlMetrics {
-    pub fn to_array(&self) -> [f64; METRICS_LEN] {
-        [
-            self.loss,
-            self.pg_loss,
-            self.explore_loss,
-            self.entropy_loss,
-            self.kl_loss,
-            self.clipfrac,
-            self.clipfrac_lower,
-            self.ppo_kl,
-            self.mean_delta,
-            self.mean_expert_logprob,
-            self.mean_response_length,
-            self.frac_correct,
-            self.mean_rarity_weight,
-            self.num_tokens,
-            self.num_seqs,
-            self.cov_selected_frac,
-        ]
-    }
-}
+// Moved to `crate::desc::metrics` (shared by both backends and the C ABI); the old paths
+// stay as deprecated aliases.
+#[deprecated(note = "moved to calibrl::desc::metrics::CalibrlNormalizers")]
+pub type CalibrlNormalizers = crate::desc::metrics::CalibrlNormalizers;
+#[deprecated(note = "moved to calibrl::desc::metrics::CalibrlMetrics")]
+pub type CalibrlMetrics = crate::desc::metrics::CalibrlMetrics;
+#[deprecated(note = "moved to calibrl::desc::metrics::METRICS_LEN")]
+pub const METRICS_LEN: usize = crate::desc::metrics::METRICS_LEN;
 
 /// Expert responses' token log-probs (one row per expert slot) and each row's slot.
 #[derive(Clone, Debug, Default)]
@@ -100,14 +49,14 @@ pub struct LossBatch {
     pub signs: Vec<f64>,
     pub is_expert: Option<Vec<bool>>,
     pub expert: Option<ExpertBaseline>,
-    pub normalizers: Option<CalibrlNormalizers>,
+    pub normalizers: Option<Normalizers>,
 }
 
 #[derive(Clone, Debug, Default)]
 pub struct LossOutput {
     pub grad_logprobs: Vec<f64>,
     pub grad_entropy: Vec<f64>,
-    pub metrics: CalibrlMetrics,
+    pub metrics: Metrics,
 }
 
 /// φ and φ' of SPEC §4.2 (φ'(0) = α for LeakyReLU, as in PyTorch).
@@ -251,7 +200,7 @@ pub fn compute(cfg: &Config, batch: &LossBatch) -> Result<LossOutput> {
     let local_seqs = (0..b)
         .filter(|&i| counted_row(i) && n_tokens[i] > 0.0)
         .count() as f64;
-    let norm = batch.normalizers.unwrap_or(CalibrlNormalizers {
+    let norm = batch.normalizers.unwrap_or(Normalizers {
         token_count: local_tokens,
         seq_count: local_seqs,
     });
@@ -312,9 +261,9 @@ pub fn compute(cfg: &Config, batch: &LossBatch) -> Result<LossOutput> {
     let mut out = LossOutput {
         grad_logprobs: vec![0.0; batch.logprobs.len()],
         grad_entropy: vec![0.0; batch.logprobs.len()],
-        metrics: CalibrlMetrics {
+        metrics: Metrics {
             cov_selected_frac: cov_frac,
-            ..CalibrlMetrics::default()
+            ..Metrics::default()
         },
     };
     let m = &mut out.metrics;
@@ -560,11 +509,7 @@ impl BaselineSource<'_> {
 }
 
 /// Reads a loss call's host tensors, computes, and writes the outputs (only on success).
-pub fn run(
-    cfg: &Config,
-    args: &crate::ops::loss::Loss,
-    host_metrics: Option<&mut CalibrlMetrics>,
-) -> Result<()> {
+pub fn run(cfg: &Config, args: &Loss, host_metrics: Option<&mut Metrics>) -> Result<()> {
     let batch = read_batch(args)?;
     let out = compute(cfg, &batch)?;
     let metrics = out.metrics.to_array();
@@ -602,7 +547,7 @@ fn counted_only(name: &str, mut v: Vec<f64>, mask: &[f64]) -> Result<Vec<f64>> {
     Ok(v)
 }
 
-fn read_batch(args: &crate::ops::loss::Loss) -> Result<LossBatch> {
+fn read_batch(args: &Loss) -> Result<LossBatch> {
     let rows = args.policy.ranges()?;
     let mask = args.policy.mask_values()?;
     let b = rows.len();

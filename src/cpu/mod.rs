@@ -2,7 +2,9 @@
 //! machine. Loss arithmetic runs in f64; the logits path computes exponentials in f32 and
 //! accumulates in f64.
 
+pub mod advantages;
 pub mod cov;
+pub mod expert;
 pub mod fastmath;
 pub mod logits;
 pub mod loss;

@@ -20,27 +20,16 @@ pub struct KernelSource {
     pub kernels: &'static [&'static str],
 }
 
-/// The fused logits path (SPEC §6).
-pub const LOGITS: KernelSource = KernelSource {
-    name: "logits",
-    source: include_str!("../../cuda/logits.cu"),
-    kernels: &[
-        "calibrl_logits_forward_bf16",
-        "calibrl_logits_forward_f16",
-        "calibrl_logits_forward_f32",
-        "calibrl_logits_backward_bf16",
-        "calibrl_logits_backward_f16",
-        "calibrl_logits_backward_f32",
-        "calibrl_logits_shard_stats_bf16",
-        "calibrl_logits_shard_stats_f16",
-        "calibrl_logits_shard_stats_f32",
-        "calibrl_logits_shard_finish",
-    ],
-};
-
-/// Every kernel source of the library (the CI compile check covers exactly these and fails when
-/// a `cuda/*.cu` file is missing from the list).
-pub const SOURCES: &[&KernelSource] = &[&LOGITS, &super::loss::LOSS];
+// The sources moved to their families' modules (`cuda::logits::LOGITS`, `cuda::loss::LOSS`)
+// and the registry to `cuda::SOURCES`; these aliases keep the old paths for one release.
+#[deprecated(note = "moved to calibrl::cuda::logits::LOGITS")]
+pub const LOGITS: KernelSource = super::logits::LOGITS;
+#[deprecated(note = "moved to calibrl::cuda::SOURCES")]
+pub const SOURCES: &[&KernelSource] = super::SOURCES;
+#[deprecated(note = "moved to calibrl::cuda::compile_all")]
+pub fn compile_all(arch: i32) -> Result<Compiled> {
+    compile_sources(super::SOURCES, arch)
+}
 
 /// Whether NVRTC can be loaded (checked once; cudarc would panic on a missing library).
 pub fn nvrtc_available() -> bool {
@@ -200,7 +189,7 @@ pub struct KernelReport {
     pub ptx_bytes: usize,
 }
 
-/// The result of [`compile_all`].
+/// The result of [`compile_sources`].
 #[derive(Clone, Debug)]
 pub struct Compiled {
     pub reports: Vec<KernelReport>,
@@ -208,12 +197,12 @@ pub struct Compiled {
     pub modules: Vec<(&'static str, String)>,
 }
 
-/// Compiles every kernel source for `compute_{arch}` and reports each kernel's PTX size. Also
-/// returns the full PTX of each module, for offline tools (`ptxas -v`).
-pub fn compile_all(arch: i32) -> Result<Compiled> {
+/// Compiles the given kernel sources for `compute_{arch}` and reports each kernel's PTX size.
+/// Also returns the full PTX of each module, for offline tools (`ptxas -v`).
+pub fn compile_sources(sources: &[&KernelSource], arch: i32) -> Result<Compiled> {
     let mut reports = Vec::new();
     let mut modules = Vec::new();
-    for src in SOURCES {
+    for src in sources {
         let ptx = compile_ptx(src, arch)?
             .into_string()
             .map_err(|_| Error::cuda("PTX is not UTF-8"))?;

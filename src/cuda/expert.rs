@@ -1,16 +1,17 @@
-//! The scheduler's expert helper on CUDA (kernel `calibrl_collect_experts` in `cuda/loss.cu`): gathers each selected
-//! expert's log-probs from the packed no-grad output into the packed expert tensor and sums
+//! The expert collection on CUDA (kernel `calibrl_collect_experts` in `cuda/loss.cu`): gathers
+//! each selected expert's log-probs from the packed no-grad output into the packed expert tensor and sums
 //! them, on the caller's stream.
 //!
 //! The per-slot source offsets come from the plan (host memory): they are copied into the
 //! stream's workspace first, so this call is not meant for CUDA-graph capture. As elsewhere on
 //! CUDA, values are not checked (a NaN log-prob propagates into its slot's sum).
 
+use super::device::{device, driver_error};
 use super::loss::LOSS;
 use super::workspace::{launch_struct, workspace};
-use super::{device, driver_error};
+use crate::desc::expert::CollectExperts;
+use crate::desc::Stream;
 use crate::error::{Error, Result};
-use crate::ops::Stream;
 use crate::tensor::{DType, Tensor};
 use cudarc::driver::{result as drv, sys};
 use std::ffi::c_void;
@@ -44,26 +45,16 @@ fn code(t: &Tensor) -> Result<i64> {
     }
 }
 
-/// `source[s]`: where slot s starts in `nograd` (−1 when this part does not hold it);
-/// `offsets`: the plan's `[slots + 1]` expert offsets. Shapes were checked by the caller.
-#[allow(clippy::too_many_arguments)]
-pub fn collect_experts(
-    nograd: &Tensor,
-    source: &[i64],
-    offsets: &[i64],
-    expert_logprobs: Option<&Tensor>,
-    expert_sums: Option<&Tensor>,
-    length_normalize: bool,
-    ordinal: i32,
-    stream: Stream,
-) -> Result<()> {
-    let slots = source.len();
-    let nograd_dt = code(nograd)?;
-    let (ep, edt) = match expert_logprobs {
+/// Gathers and sums on `stream`; the descriptor was validated by the caller.
+pub fn collect_experts(args: &CollectExperts, ordinal: i32, stream: Stream) -> Result<()> {
+    let (source, offsets) = (&args.source, &args.offsets);
+    let slots = args.slots();
+    let nograd_dt = code(&args.nograd_logprobs)?;
+    let (ep, edt) = match &args.expert_logprobs {
         Some(t) => (t.ptr as *const c_void, code(t)?),
         None => (std::ptr::null(), 0),
     };
-    let (sp, sdt) = match expert_sums {
+    let (sp, sdt) = match &args.expert_sums {
         Some(t) => (t.ptr as *const c_void, code(t)?),
         None => (std::ptr::null(), 0),
     };
@@ -82,7 +73,7 @@ pub fn collect_experts(
             .map_err(|e| driver_error("cuMemcpyHtoDAsync (expert offsets)", e))?;
     }
     let mut p = ExpertParams {
-        nograd: nograd.ptr as *const c_void,
+        nograd: args.nograd_logprobs.ptr as *const c_void,
         nograd_dt,
         expert_logprobs: ep,
         expert_dt: edt,
@@ -91,7 +82,7 @@ pub fn collect_experts(
         source: ws,
         offsets: ws + (slots * 8) as u64,
         slots: slots as i64,
-        length_normalize: length_normalize as i64,
+        length_normalize: args.length_normalize as i64,
     };
     launch_struct(
         dev,

@@ -1,8 +1,8 @@
 //! Kernel launches on a foreign stream with a typed argument list.
 
-use super::{driver_error, Device, Function};
+use super::device::{driver_error, Device, Function};
+use crate::desc::Stream;
 use crate::error::{Error, Result};
-use crate::ops::Stream;
 use cudarc::driver::{result as drv, sys};
 use std::ffi::c_void;
 

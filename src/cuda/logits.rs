@@ -1,6 +1,6 @@
 //! The fused logits path on CUDA (kernels in `cuda/logits.cu`).
 //!
-//! Same conventions as the CPU backend (`crate::ops::logits`), with these CUDA-specific rules:
+//! Same conventions as the CPU backend (`crate::cpu::logits`; descriptors in `crate::desc::logits`), with these CUDA-specific rules:
 //! - The `[N]` tensors (`logprobs`, `entropy`, `lse`, `grad_logprobs`, `grad_entropy`) may be
 //!   float32, float64, bfloat16 or float16; the kernels compute in f32 whatever the dtype.
 //! - Input checks that need the data (NaN / +inf logits, a row entirely −inf, labels past the
@@ -9,13 +9,31 @@
 //! - `logits` and `grad_logits` must be aligned to their element size (any framework tensor is).
 //! - Nothing is allocated and nothing synchronises: every call is one kernel launch on `stream`.
 
-use super::compile::LOGITS;
-use super::launch::Geometry;
-use super::{device, launch, Arg};
+use super::compile::KernelSource;
+use super::device::device;
+use super::launch::{launch, Arg, Geometry};
+use crate::desc::logits::{Backward, Forward, LogitsInput, ShardFinish, ShardStats};
+use crate::desc::Stream;
 use crate::error::{Error, Result};
-use crate::ops::logits::{Backward, Forward, LogitsInput, ShardFinish, ShardStats};
-use crate::ops::Stream;
 use crate::tensor::{DType, Tensor};
+
+/// The fused logits path (SPEC §6).
+pub const LOGITS: KernelSource = KernelSource {
+    name: "logits",
+    source: include_str!("../../cuda/logits.cu"),
+    kernels: &[
+        "calibrl_logits_forward_bf16",
+        "calibrl_logits_forward_f16",
+        "calibrl_logits_forward_f32",
+        "calibrl_logits_backward_bf16",
+        "calibrl_logits_backward_f16",
+        "calibrl_logits_backward_f32",
+        "calibrl_logits_shard_stats_bf16",
+        "calibrl_logits_shard_stats_f16",
+        "calibrl_logits_shard_stats_f32",
+        "calibrl_logits_shard_finish",
+    ],
+};
 
 /// dtype codes of the `[N]` tensors (`CODE_*` in `cuda/logits.cu`).
 fn scalar_code(t: &Tensor) -> Result<i32> {

@@ -11,15 +11,15 @@
 //! - `host_metrics` synchronises the stream; otherwise nothing synchronises.
 
 use super::compile::KernelSource;
+use super::device::{device, driver_error, Device};
 use super::workspace::{launch_struct, tickets, workspace};
-use super::{device, driver_error, Device};
 use crate::config::{
     Activation, Aggregation, Baseline, Config, DeltaMode, EntropyControl, KlKind, LossKind,
 };
-use crate::cpu::loss::{CalibrlMetrics, METRICS_LEN};
+use crate::desc::loss::{Advantages, Layout, Loss, Rows};
+use crate::desc::metrics::{CalibrlMetrics, METRICS_LEN};
+use crate::desc::Stream;
 use crate::error::{Error, Result};
-use crate::ops::loss::{Advantages, Layout, Loss, Rows};
-use crate::ops::Stream;
 use crate::tensor::{DType, Tensor};
 use cudarc::driver::{result as drv, sys};
 use std::ffi::c_void;

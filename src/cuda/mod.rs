@@ -7,13 +7,15 @@
 //!   retained once per device and pushed for the duration of a call, then popped, so the
 //!   caller's current context is left as it was.
 //! - Kernels: `cuda/*.cu`, compiled with NVRTC at first use for the device's architecture and
-//!   cached per (device, module) for the life of the process (see [`compile`]).
+//!   cached per (device, module) for the life of the process (see [`compile`]). Each family's
+//!   module declares its own [`KernelSource`]; [`SOURCES`] lists them.
 //! - Launches: asynchronous on the caller's `CUstream`; no host synchronisation, no device
 //!   allocation, no float atomics (deterministic). Safe to capture in a CUDA graph once the
 //!   module is loaded (make one un-captured call first, e.g. a warm-up step, so that the
 //!   first-use compilation does not happen during capture).
 
 pub mod compile;
+mod device;
 pub mod expert;
 mod launch;
 pub mod logits;
@@ -21,191 +23,15 @@ pub mod loss;
 pub mod nvrtc_lib;
 mod workspace;
 
-use crate::error::{Error, Result};
-use compile::KernelSource;
-use cudarc::driver::{result as drv, sys};
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+pub use compile::{Compiled, KernelSource};
+pub use device::driver_available;
 
-pub(crate) use launch::{launch, launch_raw, Arg, Geometry};
+/// Every kernel source of the library (the CI compile check covers exactly these and fails when
+/// a `cuda/*.cu` file is missing from the list).
+pub const SOURCES: &[&KernelSource] = &[&logits::LOGITS, &loss::LOSS];
 
-/// Whether the CUDA driver library can be loaded (checked once).
-pub fn driver_available() -> bool {
-    static PRESENT: OnceLock<bool> = OnceLock::new();
-    // SAFETY: only probes whether the shared library can be opened.
-    *PRESENT.get_or_init(|| unsafe { sys::is_culib_present() })
-}
-
-/// Maps a driver error to `CALIBRL_STATUS_CUDA_ERROR`, naming the call that failed.
-pub(crate) fn driver_error(call: &str, e: drv::DriverError) -> Error {
-    let name = e
-        .error_name()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|_| format!("{:?}", e.0));
-    let text = e
-        .error_string()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    Error::cuda(format!("{call} failed: {name} ({text})"))
-}
-
-fn init_driver() -> Result<()> {
-    if !driver_available() {
-        return Err(Error::cuda_unavailable(
-            "CUDA tensors were passed but the CUDA driver library (libcuda.so) could not be loaded",
-        ));
-    }
-    static INIT: OnceLock<std::result::Result<(), String>> = OnceLock::new();
-    INIT.get_or_init(|| drv::init().map_err(|e| driver_error("cuInit", e).message))
-        .clone()
-        .map_err(Error::cuda_unavailable)?;
-    compile::require_nvrtc()
-}
-
-/// A loaded kernel (a `CUfunction` of a module in a primary context that is never released).
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Function(sys::CUfunction);
-// SAFETY: CUfunction handles may be used from any thread of the process.
-unsafe impl Send for Function {}
-unsafe impl Sync for Function {}
-
-impl Function {
-    pub(crate) fn raw(self) -> sys::CUfunction {
-        self.0
-    }
-}
-
-struct Module {
-    functions: HashMap<&'static str, Function>,
-}
-
-/// One CUDA device: its retained primary context, architecture and loaded modules.
-pub(crate) struct Device {
-    ctx: sys::CUcontext,
-    /// The architecture the modules are compiled for (e.g. 90).
-    pub arch: i32,
-    /// Streaming multiprocessors (sizes the grids of kernels that loop over their work).
-    pub sms: usize,
-    modules: Mutex<HashMap<&'static str, Arc<Module>>>,
-}
-// SAFETY: a primary context handle may be pushed by any thread; the module map is locked.
-unsafe impl Send for Device {}
-unsafe impl Sync for Device {}
-
-/// Makes a context current for a scope and restores the previous one on drop.
-pub(crate) struct ContextGuard(());
-
-impl ContextGuard {
-    fn push(ctx: sys::CUcontext) -> Result<ContextGuard> {
-        // SAFETY: `ctx` is a retained primary context.
-        unsafe { sys::cuCtxPushCurrent_v2(ctx) }
-            .result()
-            .map_err(|e| driver_error("cuCtxPushCurrent", e))?;
-        Ok(ContextGuard(()))
-    }
-}
-
-impl Drop for ContextGuard {
-    fn drop(&mut self) {
-        let mut popped = std::ptr::null_mut();
-        // SAFETY: pops exactly the context pushed by `push`.
-        let _ = unsafe { sys::cuCtxPopCurrent_v2(&mut popped) };
-    }
-}
-
-impl Device {
-    fn open(ordinal: i32) -> Result<Device> {
-        let count = drv::device::get_count().map_err(|e| driver_error("cuDeviceGetCount", e))?;
-        if ordinal < 0 || ordinal >= count {
-            return Err(Error::device(
-                "device_id",
-                format!("CUDA device {ordinal} does not exist ({count} device(s) visible)"),
-            ));
-        }
-        let dev = drv::device::get(ordinal).map_err(|e| driver_error("cuDeviceGet", e))?;
-        let attr = |a| {
-            // SAFETY: `dev` is a valid device handle.
-            unsafe { drv::device::get_attribute(dev, a) }
-                .map_err(|e| driver_error("cuDeviceGetAttribute", e))
-        };
-        use sys::CUdevice_attribute as A;
-        let major = attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
-        let minor = attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
-        let arch = compile::arch_for_device(major, minor)?;
-        let sms = attr(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(1) as usize;
-        // SAFETY: `dev` is valid. The primary context is retained for the life of the process.
-        let ctx = unsafe { drv::primary_ctx::retain(dev) }
-            .map_err(|e| driver_error("cuDevicePrimaryCtxRetain", e))?;
-        Ok(Device {
-            ctx,
-            arch,
-            sms,
-            modules: Mutex::new(HashMap::new()),
-        })
-    }
-
-    /// Pushes this device's primary context for the current scope.
-    pub(crate) fn activate(&self) -> Result<ContextGuard> {
-        ContextGuard::push(self.ctx)
-    }
-
-    /// A kernel of `src`, compiling and loading the module at first use.
-    pub(crate) fn function(&self, src: &'static KernelSource, kernel: &str) -> Result<Function> {
-        let module = {
-            let mut modules = self.modules.lock().unwrap_or_else(|p| p.into_inner());
-            match modules.get(src.name) {
-                Some(m) => m.clone(),
-                None => {
-                    let m = Arc::new(self.load(src)?);
-                    modules.insert(src.name, m.clone());
-                    m
-                }
-            }
-        };
-        module
-            .functions
-            .get(kernel)
-            .copied()
-            .ok_or_else(|| Error::cuda(format!("module `{}` has no kernel `{kernel}`", src.name)))
-    }
-
-    fn load(&self, src: &'static KernelSource) -> Result<Module> {
-        let ptx = compile::compile_ptx(src, self.arch)?;
-        let _ctx = self.activate()?;
-        // SAFETY: `ptx` is a NUL-terminated PTX image; the context is current.
-        let module = unsafe { drv::module::load_data(ptx.as_ptr() as *const std::ffi::c_void) }
-            .map_err(|e| {
-                driver_error(
-                    &format!("cuModuleLoadData({}.cu, compute_{})", src.name, self.arch),
-                    e,
-                )
-            })?;
-        let mut functions = HashMap::new();
-        for &name in src.kernels {
-            let cname = std::ffi::CString::new(name).expect("kernel names have no NUL");
-            // SAFETY: `module` was just loaded and is never unloaded.
-            let f = unsafe { drv::module::get_function(module, cname) }
-                .map_err(|e| driver_error(&format!("cuModuleGetFunction({name})"), e))?;
-            functions.insert(name, Function(f));
-        }
-        Ok(Module { functions })
-    }
-}
-
-/// The device of the given ordinal, opened (driver initialised, primary context retained) at
-/// first use. Fails with `CALIBRL_STATUS_CUDA_UNAVAILABLE` without libcuda or NVRTC.
-pub(crate) fn device(ordinal: i32) -> Result<&'static Device> {
-    init_driver()?;
-    static DEVICES: OnceLock<Mutex<HashMap<i32, &'static Device>>> = OnceLock::new();
-    let mut devices = DEVICES
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
-    if let Some(d) = devices.get(&ordinal) {
-        return Ok(d);
-    }
-    // Devices are few and live for the whole process: leaking keeps `&'static` handles simple.
-    let d: &'static Device = Box::leak(Box::new(Device::open(ordinal)?));
-    devices.insert(ordinal, d);
-    Ok(d)
+/// Compiles every kernel source for `compute_{arch}` and reports each kernel's PTX size (see
+/// [`compile::compile_sources`]).
+pub fn compile_all(arch: i32) -> crate::error::Result<Compiled> {
+    compile::compile_sources(SOURCES, arch)
 }

@@ -7,9 +7,10 @@
 //! allocation happens then.
 
 use super::compile::KernelSource;
-use super::{driver_error, launch_raw, Device, Geometry};
+use super::device::{driver_error, Device};
+use super::launch::{launch_raw, Geometry};
+use crate::desc::Stream;
 use crate::error::Result;
-use crate::ops::Stream;
 use cudarc::driver::{result as drv, sys};
 use std::collections::HashMap;
 use std::ffi::c_void;

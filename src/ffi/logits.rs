@@ -1,4 +1,4 @@
-//! C ABI of the fused logits path (SPEC §6); see `crate::ops::logits` for the conventions.
+//! C ABI of the fused logits path (SPEC §6); see `crate::desc::logits` for the conventions.
 
 use super::guard;
 use crate::error::CalibrlStatus;

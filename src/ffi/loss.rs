@@ -2,7 +2,7 @@
 
 use super::common::CalibrlConfig;
 use super::{deref, guard};
-use crate::cpu::loss::{CalibrlMetrics, CalibrlNormalizers};
+use crate::desc::metrics::{CalibrlMetrics, CalibrlNormalizers, METRICS_LEN};
 use crate::error::{CalibrlStatus, Error};
 use crate::ops::loss::{self, Advantages, Loss, LossTensors};
 use crate::ops::Stream;
@@ -10,7 +10,7 @@ use crate::tensor::{DLTensor, Tensor};
 
 /// Length of the `metrics` output tensor (the fields of `calibrl_metrics`, in order).
 pub const CALIBRL_METRICS_LEN: usize = 16;
-const _: () = assert!(CALIBRL_METRICS_LEN == crate::cpu::loss::METRICS_LEN);
+const _: () = assert!(CALIBRL_METRICS_LEN == METRICS_LEN);
 
 /// Arguments of `calibrl_group_advantages`. Optional fields may be NULL.
 #[repr(C)]

@@ -1,4 +1,5 @@
-//! Turning the no-grad pass's output into the expert baseline the loss takes.
+//! Turning the no-grad pass's output into the expert baseline the loss takes (host values;
+//! the tensor form is the operation `ops::expert::collect_experts`).
 //!
 //! Input layout ("packed no-grad output"): the response-token log-probs of every sequence of
 //! the no-grad plan, concatenated without padding in plan order — rank by rank (or one rank
@@ -16,31 +17,35 @@
 //! exactly one rank's no-grad plan.
 
 use super::{check_index, Plan, SeqKind};
+use crate::desc::expert::{gather_slots, slot_sums};
+use crate::desc::Stream;
 use crate::error::{Error, Result};
-use crate::ops::{on_device, Stream};
-use crate::tensor::{common_device, Tensor};
+use crate::tensor::Tensor;
 
-/// For the given part of the no-grad output (`rank` `None` = all ranks in order): its length
-/// and, per expert found in it, `(slot, start)` in that part.
-fn expert_segments(plan: &Plan, rank: Option<usize>) -> Result<(usize, Vec<(usize, usize)>)> {
-    let ranks = match rank {
-        Some(r) => {
-            check_index("rank", r, plan.nograd.ranks.len())?;
-            r..r + 1
-        }
-        None => 0..plan.nograd.ranks.len(),
-    };
-    let mut at = 0usize;
-    let mut found = Vec::new();
-    for mb in plan.nograd.ranks[ranks].iter().flatten() {
-        for s in &mb.seqs {
-            if s.kind == SeqKind::Expert {
-                found.push((s.index as usize, at));
+impl Plan {
+    /// For the given part of the no-grad output (`rank` `None` = all ranks in order): the
+    /// response tokens it holds and, per expert slot, where the slot starts in it (−1 when
+    /// that part does not hold it).
+    pub fn expert_sources(&self, rank: Option<usize>) -> Result<(usize, Vec<i64>)> {
+        let ranks = match rank {
+            Some(r) => {
+                check_index("rank", r, self.nograd.ranks.len())?;
+                r..r + 1
             }
-            at += s.response_len as usize;
+            None => 0..self.nograd.ranks.len(),
+        };
+        let mut at = 0usize;
+        let mut source = vec![-1i64; self.num_expert_slots()];
+        for mb in self.nograd.ranks[ranks].iter().flatten() {
+            for s in &mb.seqs {
+                if s.kind == SeqKind::Expert {
+                    source[s.index as usize] = at as i64;
+                }
+                at += s.response_len as usize;
+            }
         }
+        Ok((at, source))
     }
-    Ok((at, found))
 }
 
 /// The packed expert tensor `[T*]` from (part of) the packed no-grad output. Slots not in the
@@ -50,7 +55,7 @@ pub fn scatter_expert_logprobs(
     rank: Option<usize>,
     nograd_logprobs: &[f64],
 ) -> Result<Vec<f64>> {
-    let (len, segments) = expert_segments(plan, rank)?;
+    let (len, source) = plan.expert_sources(rank)?;
     if nograd_logprobs.len() != len {
         return Err(Error::shape(
             "nograd_logprobs",
@@ -61,20 +66,7 @@ pub fn scatter_expert_logprobs(
             ),
         ));
     }
-    let total = *plan.expert_offsets.last().unwrap_or(&0) as usize;
-    let mut packed = crate::tensor::try_vec(total, 0.0, "expert_logprobs")?;
-    for (slot, start) in segments {
-        let (o0, o1) = (
-            plan.expert_offsets[slot] as usize,
-            plan.expert_offsets[slot + 1] as usize,
-        );
-        let src = &nograd_logprobs[start..start + (o1 - o0)];
-        if let Some((j, &v)) = src.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-            return Err(Error::non_finite("nograd_logprobs", start + j, v));
-        }
-        packed[o0..o1].copy_from_slice(src);
-    }
-    Ok(packed)
+    gather_slots(&source, &plan.expert_offsets, nograd_logprobs)
 }
 
 /// `E_g` per expert slot (`[P*]`) from the packed expert tensor: `Σ_t ℓ*[g,t]`, or divided by
@@ -90,25 +82,12 @@ pub fn expert_sums(plan: &Plan, packed: &[f64], length_normalize: bool) -> Resul
             ),
         ));
     }
-    Ok(plan
-        .expert_offsets
-        .windows(2)
-        .map(|w| {
-            let seg = &packed[w[0] as usize..w[1] as usize];
-            let sum: f64 = seg.iter().sum();
-            if length_normalize {
-                sum / seg.len() as f64
-            } else {
-                sum
-            }
-        })
-        .collect())
+    Ok(slot_sums(&plan.expert_offsets, packed, length_normalize))
 }
 
-/// Tensor entry point (what `calibrl_plan_collect_experts` runs): validates, then dispatches on
-/// the tensors' device. `nograd_logprobs` is 1-D float in the packed no-grad layout of `rank`
-/// (`None` = all ranks); `expert_logprobs` (`[T*]`) and `expert_sums` (`[P*]`) are optional
-/// 1-D float outputs, written only on success.
+/// Moved to [`crate::ops::expert::collect_experts`]: it dispatches to a backend, which the
+/// planner does not depend on.
+#[deprecated(note = "moved to calibrl::ops::expert::collect_experts")]
 pub fn collect_experts(
     plan: &Plan,
     rank: Option<usize>,
@@ -118,54 +97,13 @@ pub fn collect_experts(
     length_normalize: bool,
     stream: Stream,
 ) -> Result<()> {
-    let device = common_device(&[Some(nograd_logprobs), expert_logprobs, expert_sums_out])?;
-    let (len, _) = expert_segments(plan, rank)?;
-    nograd_logprobs.require_float()?;
-    nograd_logprobs.require_shape(&[len])?;
-    let total = *plan.expert_offsets.last().unwrap_or(&0) as usize;
-    if let Some(t) = expert_logprobs {
-        t.require_float()?;
-        t.require_shape(&[total])?;
-    }
-    if let Some(t) = expert_sums_out {
-        t.require_float()?;
-        t.require_shape(&[plan.num_expert_slots()])?;
-    }
-    for out in [expert_logprobs, expert_sums_out].into_iter().flatten() {
-        if out.numel() > 0 && out.overlaps(nograd_logprobs) {
-            return Err(Error::invalid(out.name, "overlaps `nograd_logprobs`"));
-        }
-    }
-    if let (Some(a), Some(b)) = (expert_logprobs, expert_sums_out) {
-        if a.numel() > 0 && b.numel() > 0 && a.overlaps(b) {
-            return Err(Error::invalid(b.name, "overlaps `expert_logprobs`"));
-        }
-    }
-    on_device(
-        device,
-        || {
-            let src = nograd_logprobs.read_f64()?;
-            let packed = scatter_expert_logprobs(plan, rank, &src)?;
-            let sums = expert_sums(plan, &packed, length_normalize)?;
-            crate::tensor::write_all(&[(expert_logprobs, &packed), (expert_sums_out, &sums)])
-        },
-        |ordinal| {
-            // Where each slot starts in this part of the no-grad output (−1: not in it).
-            let (_, segments) = expert_segments(plan, rank)?;
-            let mut source = vec![-1i64; plan.num_expert_slots()];
-            for (slot, start) in segments {
-                source[slot] = start as i64;
-            }
-            crate::cuda::expert::collect_experts(
-                nograd_logprobs,
-                &source,
-                &plan.expert_offsets,
-                expert_logprobs,
-                expert_sums_out,
-                length_normalize,
-                ordinal,
-                stream,
-            )
-        },
+    crate::ops::expert::collect_experts(
+        plan,
+        rank,
+        nograd_logprobs,
+        expert_logprobs,
+        expert_sums_out,
+        length_normalize,
+        stream,
     )
 }

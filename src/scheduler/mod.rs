@@ -26,12 +26,14 @@ mod expert;
 mod partition;
 mod selection;
 
-pub use expert::{collect_experts, expert_sums, scatter_expert_logprobs};
+#[allow(deprecated)]
+pub use expert::collect_experts;
+pub use expert::{expert_sums, scatter_expert_logprobs};
 pub use selection::SplitMix64;
 
 /// The global normalisers of one mini-batch (SPEC §4.5), the type `calibrl_loss` takes: the
 /// plan fills them with the response tokens and the number of the rows that are trained.
-pub use crate::cpu::loss::CalibrlNormalizers;
+pub use crate::desc::metrics::CalibrlNormalizers;
 
 use crate::config::LossKind;
 use crate::error::{CalibrlStatus, Error, Result};

@@ -652,10 +652,12 @@ pub fn lib_loss_cfg(cfg: &Cfg, case: &Case, o: &CallOpts) -> Result<LibLoss, (i3
         }
         None => (None, None, None, None),
     };
-    let norm = b.norm.map(|(t, s)| calibrl::cpu::loss::CalibrlNormalizers {
-        token_count: t,
-        seq_count: s,
-    });
+    let norm = b
+        .norm
+        .map(|(t, s)| calibrl::desc::metrics::CalibrlNormalizers {
+            token_count: t,
+            seq_count: s,
+        });
     let mut grad_l = Some(Tensor::filled(f64::NAN, &shape, o.grad_dt));
     let mut grad_h = o
         .grad_h
@@ -687,7 +689,7 @@ pub fn lib_loss_cfg(cfg: &Cfg, case: &Case, o: &CallOpts) -> Result<LibLoss, (i3
         metrics: opt_lib_mut(&mut mt),
         token_weights: opt_lib(&tw),
     };
-    let mut hm = calibrl::cpu::loss::CalibrlMetrics::default();
+    let mut hm = calibrl::desc::metrics::CalibrlMetrics::default();
     let st =
         unsafe { calibrl::ffi::loss::calibrl_loss(cfg.0, &args, &mut hm, std::ptr::null_mut()) };
     if st as i32 != 0 {

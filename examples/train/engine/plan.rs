@@ -8,7 +8,7 @@
 //! normalisers; the gather map sends each rollout to its prompt's expert slot.
 
 use calibrl::config::LossKind;
-use calibrl::cpu::loss::CalibrlNormalizers;
+use calibrl::desc::metrics::CalibrlNormalizers;
 use calibrl::scheduler::{self, PromptInput, SchedulerConfig, SeqKind, SeqRef, StepInput};
 
 /// What the planner is told about one prompt of the step.

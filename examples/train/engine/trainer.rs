@@ -9,7 +9,8 @@ use super::rng::Rng;
 use super::stats::pass_at_k;
 use super::task::{Dataset, Prompt, Task};
 use calibrl::config::{Config, LossKind};
-use calibrl::cpu::loss::{self, CalibrlMetrics, CalibrlNormalizers, ExpertBaseline, LossBatch};
+use calibrl::cpu::loss::{self, ExpertBaseline, LossBatch};
+use calibrl::desc::metrics::{CalibrlMetrics, CalibrlNormalizers};
 use calibrl::rarity::{group_advantages, GroupAdvantages};
 use std::ops::Range;
 

@@ -1,0 +1,64 @@
+//! The loss's results and global denominators, shared by both backends, the scheduler and the
+//! C ABI (`#[repr(C)]`: these are the ABI's `calibrl_metrics` and `calibrl_normalizers`).
+
+/// Global denominators of SPEC §4.5 (all ranks, all micro-batches of a mini-batch).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct CalibrlNormalizers {
+    /// Σ m over the trained rows' tokens.
+    pub token_count: f64,
+    /// Number of trained rows.
+    pub seq_count: f64,
+}
+
+/// Loss metrics, in the order of the `metrics` output tensor.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct CalibrlMetrics {
+    /// Total loss L = L_pg + λ·L_explore − β_H·L_H + β_KL·L_KL (additive across slices).
+    pub loss: f64,
+    pub pg_loss: f64,
+    /// L_explore before λ.
+    pub explore_loss: f64,
+    /// L_H (the entropy aggregate, before −β_H).
+    pub entropy_loss: f64,
+    /// L_KL (before β_KL).
+    pub kl_loss: f64,
+    pub clipfrac: f64,
+    pub clipfrac_lower: f64,
+    pub ppo_kl: f64,
+    pub mean_delta: f64,
+    pub mean_expert_logprob: f64,
+    pub mean_response_length: f64,
+    pub frac_correct: f64,
+    pub mean_rarity_weight: f64,
+    pub num_tokens: f64,
+    pub num_seqs: f64,
+    /// Clip-Cov / KL-Cov: the fraction of counted rollout tokens selected (SPEC §4.6; local).
+    pub cov_selected_frac: f64,
+}
+
+pub const METRICS_LEN: usize = 16;
+
+impl CalibrlMetrics {
+    pub fn to_array(&self) -> [f64; METRICS_LEN] {
+        [
+            self.loss,
+            self.pg_loss,
+            self.explore_loss,
+            self.entropy_loss,
+            self.kl_loss,
+            self.clipfrac,
+            self.clipfrac_lower,
+            self.ppo_kl,
+            self.mean_delta,
+            self.mean_expert_logprob,
+            self.mean_response_length,
+            self.frac_correct,
+            self.mean_rarity_weight,
+            self.num_tokens,
+            self.num_seqs,
+            self.cov_selected_frac,
+        ]
+    }
+}
