@@ -24,28 +24,11 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bindings", "python"))
+from calibrl._abi import DLDataType, DLDevice, DLTensor, LossArgs  # noqa: E402  (the ABI's ctypes structures)
+
 # --------------------------------------------------------------------------------------------
 # DLPack descriptors over torch tensors
-
-
-class DLDevice(ctypes.Structure):
-    _fields_ = [("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32)]
-
-
-class DLDataType(ctypes.Structure):
-    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
-
-
-class DLTensor(ctypes.Structure):
-    _fields_ = [
-        ("data", ctypes.c_void_p),
-        ("device", DLDevice),
-        ("ndim", ctypes.c_int32),
-        ("dtype", DLDataType),
-        ("shape", ctypes.POINTER(ctypes.c_int64)),
-        ("strides", ctypes.POINTER(ctypes.c_int64)),
-        ("byte_offset", ctypes.c_uint64),
-    ]
 
 
 DTYPES = {
@@ -76,15 +59,6 @@ class Desc:
 NULL = None
 
 
-class LossArgs(ctypes.Structure):
-    """calibrl_loss_args (include/calibrl.h): every field a pointer."""
-
-    _fields_ = [(name, ctypes.c_void_p) for name in (
-        "logprobs", "seq_offsets", "mask", "old_logprobs", "ref_logprobs", "entropy", "advantages",
-        "weights", "signs", "is_expert", "expert_logprobs", "expert_offsets", "expert_mask",
-        "expert_index", "normalizers", "grad_logprobs", "grad_entropy", "metrics")]
-
-
 class Calibrl:
     def __init__(self, path):
         self.lib = ctypes.CDLL(path)
@@ -96,7 +70,7 @@ class Calibrl:
         self.lib.calibrl_last_error_message.restype = ctypes.c_char_p
         self.lib.calibrl_config_new.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_void_p)]
         self.lib.calibrl_config_new.restype = ctypes.c_int
-        self.lib.calibrl_loss.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, S]
+        self.lib.calibrl_loss.argtypes = [ctypes.c_void_p, ctypes.POINTER(LossArgs), ctypes.c_void_p, S]
         self.lib.calibrl_loss.restype = ctypes.c_int
 
     def config(self, json):
@@ -107,7 +81,7 @@ class Calibrl:
     def loss(self, cfg, **tensors):
         """calibrl_loss with the named tensors of calibrl_loss_args (others NULL), on device."""
         descs = {k: Desc(v) for k, v in tensors.items()}
-        args = LossArgs(**{k: ctypes.addressof(d.t) for k, d in descs.items()})
+        args = LossArgs(**{k: ctypes.pointer(d.t) for k, d in descs.items()})
         stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
         self._check(self.lib.calibrl_loss(cfg, ctypes.byref(args), None, stream), "calibrl_loss")
 

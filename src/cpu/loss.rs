@@ -1,6 +1,6 @@
 //! The CalibRL loss on host data, in f64: the reference semantics of SPEC §4 (value, gradient
-//! with respect to ℓ and H, metrics). [`run`] turns a loss descriptor's tensors into a [`LossBatch`]; Rust
-//! callers (the training demo, the scheduler tests) may build one directly.
+//! with respect to ℓ and H, metrics). [`run`] turns a loss descriptor's tensors into a
+//! [`LossBatch`]; Rust callers (the training demo, the scheduler tests) may build one directly.
 
 use crate::config::{
     Activation, Aggregation, Baseline, Config, DeltaMode, EntropyControl, KlKind, LossKind,

@@ -1,6 +1,6 @@
 //! The expert collection on CUDA (kernel `calibrl_collect_experts` in `cuda/loss.cu`): gathers
-//! each selected expert's log-probs from the packed no-grad output into the packed expert tensor and sums
-//! them, on the caller's stream.
+//! each selected expert's log-probs from the packed no-grad output into the packed expert
+//! tensor and sums them, on the caller's stream.
 //!
 //! The per-slot source offsets come from the plan (host memory): they are copied into the
 //! stream's workspace first, so this call is not meant for CUDA-graph capture. As elsewhere on

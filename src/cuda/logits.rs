@@ -1,6 +1,7 @@
 //! The fused logits path on CUDA (kernels in `cuda/logits.cu`).
 //!
-//! Same conventions as the CPU backend (`crate::cpu::logits`; descriptors in `crate::desc::logits`), with these CUDA-specific rules:
+//! Same conventions as the CPU backend (`crate::cpu::logits`; the descriptors are in
+//! `crate::desc::logits`), with these CUDA-specific rules:
 //! - The `[N]` tensors (`logprobs`, `entropy`, `lse`, `grad_logprobs`, `grad_entropy`) may be
 //!   float32, float64, bfloat16 or float16; the kernels compute in f32 whatever the dtype.
 //! - Input checks that need the data (NaN / +inf logits, a row entirely −inf, labels past the

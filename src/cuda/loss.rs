@@ -500,38 +500,26 @@ pub fn loss(
     }
     launch(dev, loss_kernel(args), blocks, THREADS, stream, &mut p)?;
     if let Some(h) = host_metrics {
-        let mut values = [0f64; METRICS_LEN];
-        let _ctx = dev.activate()?;
-        // SAFETY: the context is current; `final_ws` holds FINAL_FIELDS + METRICS_LEN doubles
-        // written by the loss kernel's last block on `stream`, which is synchronised first.
-        unsafe {
-            drv::stream::synchronize(stream as sys::CUstream)
-                .map_err(|e| driver_error("cuStreamSynchronize", e))?;
-            drv::memcpy_dtoh_sync(&mut values, p.final_ws + (FINAL_FIELDS * 8) as u64)
-                .map_err(|e| driver_error("cuMemcpyDtoH (metrics)", e))?;
-        }
-        *h = metrics_from(&values);
+        *h = read_metrics(dev, stream, p.final_ws)?;
     }
     Ok(())
 }
 
-fn metrics_from(v: &[f64; METRICS_LEN]) -> CalibrlMetrics {
-    CalibrlMetrics {
-        loss: v[0],
-        pg_loss: v[1],
-        explore_loss: v[2],
-        entropy_loss: v[3],
-        kl_loss: v[4],
-        clipfrac: v[5],
-        clipfrac_lower: v[6],
-        ppo_kl: v[7],
-        mean_delta: v[8],
-        mean_expert_logprob: v[9],
-        mean_response_length: v[10],
-        frac_correct: v[11],
-        mean_rarity_weight: v[12],
-        num_tokens: v[13],
-        num_seqs: v[14],
-        cov_selected_frac: v[15],
+/// Waits for `stream` and reads the metrics the loss kernel's last block wrote to `final_ws`.
+fn read_metrics(
+    dev: &Device,
+    stream: Stream,
+    final_ws: sys::CUdeviceptr,
+) -> Result<CalibrlMetrics> {
+    let mut values = [0f64; METRICS_LEN];
+    let _ctx = dev.activate()?;
+    // SAFETY: the context is current; `final_ws` holds FINAL_FIELDS + METRICS_LEN doubles
+    // written by the loss kernel's last block on `stream`, which is synchronised first.
+    unsafe {
+        drv::stream::synchronize(stream as sys::CUstream)
+            .map_err(|e| driver_error("cuStreamSynchronize", e))?;
+        drv::memcpy_dtoh_sync(&mut values, final_ws + (FINAL_FIELDS * 8) as u64)
+            .map_err(|e| driver_error("cuMemcpyDtoH (metrics)", e))?;
     }
+    Ok(CalibrlMetrics::from_array(&values))
 }

@@ -41,6 +41,31 @@ pub struct CalibrlMetrics {
 pub const METRICS_LEN: usize = 16;
 
 impl CalibrlMetrics {
+    /// The inverse of [`CalibrlMetrics::to_array`].
+    pub fn from_array(v: &[f64; METRICS_LEN]) -> Self {
+        let [loss, pg_loss, explore_loss, entropy_loss, kl_loss, clipfrac, clipfrac_lower, ppo_kl, mean_delta, mean_expert_logprob, mean_response_length, frac_correct, mean_rarity_weight, num_tokens, num_seqs, cov_selected_frac] =
+            *v;
+        CalibrlMetrics {
+            loss,
+            pg_loss,
+            explore_loss,
+            entropy_loss,
+            kl_loss,
+            clipfrac,
+            clipfrac_lower,
+            ppo_kl,
+            mean_delta,
+            mean_expert_logprob,
+            mean_response_length,
+            frac_correct,
+            mean_rarity_weight,
+            num_tokens,
+            num_seqs,
+            cov_selected_frac,
+        }
+    }
+
+    /// The values in the order of the `metrics` output tensor.
     pub fn to_array(&self) -> [f64; METRICS_LEN] {
         [
             self.loss,
@@ -60,5 +85,16 @@ impl CalibrlMetrics {
             self.num_seqs,
             self.cov_selected_frac,
         ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn from_array_inverts_to_array() {
+        let v: [f64; METRICS_LEN] = std::array::from_fn(|i| i as f64 + 0.5);
+        assert_eq!(CalibrlMetrics::from_array(&v).to_array(), v);
     }
 }

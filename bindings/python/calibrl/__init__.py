@@ -5,9 +5,8 @@ takes NumPy arrays, PyTorch tensors (CPU/CUDA, bf16 included) or ``__dlpack__`` 
 PyTorch autograd API lives in :mod:`calibrl.autograd` (imported here when torch is installed).
 """
 
-from ._lib import (
-    EXPECTED_ABI_VERSION,
-    METRICS_NAMES,
+from ._abi import EXPECTED_ABI_VERSION, METRICS_NAMES
+from ._errors import (
     AbiMismatchError,
     BufferTooSmallError,
     CalibrlError,

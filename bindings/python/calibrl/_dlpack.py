@@ -21,33 +21,18 @@ from ctypes import POINTER, c_int32, c_int64, c_uint8, c_uint16, c_uint64, c_voi
 
 import numpy as np
 
-DL_CPU = 1
-DL_CUDA = 2
-DL_CUDA_HOST = 3
-DL_CUDA_MANAGED = 13
-
-
-class DLDevice(ctypes.Structure):
-    _fields_ = [("device_type", c_int32), ("device_id", c_int32)]
-
-
-class DLDataType(ctypes.Structure):
-    _fields_ = [("code", c_uint8), ("bits", c_uint8), ("lanes", c_uint16)]
-
-
-class DLTensor(ctypes.Structure):
-    """Layout-identical to ``DLTensor`` of dlpack.h (v0.6 – v1.x)."""
-
-    _fields_ = [
-        ("data", c_void_p),
-        ("device", DLDevice),
-        ("ndim", c_int32),
-        ("dtype", DLDataType),
-        ("shape", POINTER(c_int64)),
-        ("strides", POINTER(c_int64)),
-        ("byte_offset", c_uint64),
-    ]
-
+# The DLPack structures live in _abi with the library's own; imported here under their old
+# ``calibrl._dlpack`` names.
+from ._abi import (  # noqa: F401
+    DL_CPU,
+    DL_CUDA,
+    DL_CUDA_HOST,
+    DL_CUDA_MANAGED,
+    DLDataType,
+    DLDevice,
+    DLTensor,
+)
+from ._errors import DeviceError
 
 # (DLPack type code, bits): 0 int, 1 uint, 2 float, 4 bfloat, 6 bool
 _NUMPY_DTYPES = {
@@ -192,7 +177,6 @@ class View:
         elif t.device.type == "cuda":
             self.device_type, self.device_id = DL_CUDA, t.device.index or 0
         else:
-            from ._lib import DeviceError
 
             raise DeviceError(
                 f"`{self.name}`: tensors on device {t.device} are not supported (use CPU or CUDA)",

@@ -25,263 +25,47 @@ from ctypes import (
 )
 from pathlib import Path
 
-from ._dlpack import DLTensor
-
-#: The ABI version these bindings are written against (``CALIBRL_ABI_VERSION`` in the header).
-EXPECTED_ABI_VERSION = 3
-
-#: Environment variable naming the library file to load instead of the packaged one.
-LIBRARY_ENV = "CALIBRL_LIBRARY"
-
-METRICS_NAMES = (
-    "loss",
-    "pg_loss",
-    "explore_loss",
-    "entropy_loss",
-    "kl_loss",
-    "clipfrac",
-    "clipfrac_lower",
-    "ppo_kl",
-    "mean_delta",
-    "mean_expert_logprob",
-    "mean_response_length",
-    "frac_correct",
-    "mean_rarity_weight",
-    "num_tokens",
-    "num_seqs",
-    "cov_selected_frac",
+# The structures and exceptions are defined in _abi and _errors; importing them here keeps
+# their old ``calibrl._lib`` names.
+from ._abi import (  # noqa: F401
+    EXPECTED_ABI_VERSION,
+    METRICS_LEN,
+    METRICS_NAMES,
+    AdvantageArgs,
+    DLTensor,
+    LossArgs,
+    Metrics,
+    MinibatchInfo,
+    Normalizers,
+    PlanInfo,
+    PromptDesc,
+    SchedulerConfigC,
+    SeqInfo,
 )
-METRICS_LEN = len(METRICS_NAMES)
-
-
-# --------------------------------------------------------------------------------------------
-# Errors
-
-
-class CalibrlError(RuntimeError):
-    """A calibrl call failed. ``status`` is the library's ``calibrl_status`` number,
-    ``status_name`` its name, and the message is the library's ``calibrl_last_error_message()``."""
-
-    status: int = -1
-
-    def __init__(self, message: str, status: int | None = None, status_name: str = ""):
-        super().__init__(message)
-        if status is not None:
-            self.status = status
-        self.status_name = status_name
-        self.message = message
-
-
-class NullArgumentError(CalibrlError, ValueError):
-    status = 1
-
-
-class InvalidArgumentError(CalibrlError, ValueError):
-    status = 2
-
-
-class ShapeError(CalibrlError, ValueError):
-    status = 3
-
-
-class DtypeError(CalibrlError, TypeError):
-    status = 4
-
-
-class DeviceError(CalibrlError, ValueError):
-    status = 5
-
-
-class NonFiniteError(CalibrlError, ValueError):
-    status = 6
-
-
-class ConfigError(CalibrlError, ValueError):
-    status = 7
-
-
-class CudaUnavailableError(CalibrlError):
-    status = 8
-
-
-class CudaError(CalibrlError):
-    status = 9
-
-
-class PanicError(CalibrlError):
-    """The library caught an internal panic (a calibrl bug: please report it)."""
-
-    status = 10
-
-
-class BufferTooSmallError(CalibrlError):
-    status = 11
-
-
-class LayoutError(CalibrlError, ValueError):
-    """A tensor's strides are not supported by the operation (e.g. non-contiguous)."""
-
-    status = 12
-
-
-_ERRORS = {
-    cls.status: cls
-    for cls in (
-        NullArgumentError,
-        InvalidArgumentError,
-        ShapeError,
-        DtypeError,
-        DeviceError,
-        NonFiniteError,
-        ConfigError,
-        CudaUnavailableError,
-        CudaError,
-        PanicError,
-        BufferTooSmallError,
-        LayoutError,
-    )
-}
-
-
-class LibraryNotFoundError(CalibrlError, OSError):
-    pass
-
-
-class AbiMismatchError(CalibrlError, ImportError):
-    pass
-
-
-class MissingSymbolError(CalibrlError, NotImplementedError):
-    """The loaded library does not export a function these bindings know about."""
-
-
-# --------------------------------------------------------------------------------------------
-# C structs of docs/abi.md (the DLPack ones are in _dlpack.py)
+from ._errors import (  # noqa: F401
+    ERRORS as _ERRORS,
+    AbiMismatchError,
+    BufferTooSmallError,
+    CalibrlError,
+    ConfigError,
+    CudaError,
+    CudaUnavailableError,
+    DeviceError,
+    DtypeError,
+    InvalidArgumentError,
+    LayoutError,
+    LibraryNotFoundError,
+    MissingSymbolError,
+    NonFiniteError,
+    NullArgumentError,
+    PanicError,
+    ShapeError,
+)
 
 _T = POINTER(DLTensor)
 
-
-class Normalizers(ctypes.Structure):
-    """``calibrl_normalizers``: global counts of the mini-batch (all ranks, all micro-batches)."""
-
-    _fields_ = [("token_count", c_double), ("seq_count", c_double)]
-
-
-class Metrics(ctypes.Structure):
-    """``calibrl_metrics``: every field is a double, in ``METRICS_NAMES`` order."""
-
-    _fields_ = [(name, c_double) for name in METRICS_NAMES]
-
-    def to_dict(self) -> dict[str, float]:
-        return {name: float(getattr(self, name)) for name in METRICS_NAMES}
-
-
-class AdvantageArgs(ctypes.Structure):
-    """``calibrl_advantage_args`` (SPEC §3)."""
-
-    _fields_ = [
-        ("rewards", _T),
-        ("group_ids", _T),
-        ("num_groups", c_int64),
-        ("correct", _T),
-        ("is_expert", _T),
-        ("advantages", _T),
-        ("weights", _T),
-        ("signs", _T),
-    ]
-
-
-class LossArgs(ctypes.Structure):
-    """``calibrl_loss_args`` (SPEC §4). NULL is "absent" for every optional field."""
-
-    _fields_ = [
-        ("logprobs", _T),
-        ("seq_offsets", _T),
-        ("mask", _T),
-        ("old_logprobs", _T),
-        ("ref_logprobs", _T),
-        ("entropy", _T),
-        ("advantages", _T),
-        ("weights", _T),
-        ("signs", _T),
-        ("is_expert", _T),
-        ("expert_logprobs", _T),
-        ("expert_offsets", _T),
-        ("expert_mask", _T),
-        ("expert_index", _T),
-        ("normalizers", POINTER(Normalizers)),
-        ("grad_logprobs", _T),
-        ("grad_entropy", _T),
-        ("metrics", _T),
-        ("token_weights", _T),
-    ]
-
-
-class SchedulerConfigC(ctypes.Structure):
-    """``calibrl_scheduler_config`` (SPEC §7); :class:`calibrl.SchedulerConfig` builds it."""
-
-    _fields_ = [
-        ("dp_ranks", c_uint32),
-        ("minibatch_prompts", c_uint32),
-        ("nograd_token_budget", c_uint64),
-        ("train_token_budget", c_uint64),
-        ("loss_kind", c_uint32),
-        ("expert_selection", c_uint32),
-        ("seed", c_uint64),
-        ("fraction", c_double),
-        ("pass_rate_low", c_double),
-        ("pass_rate_high", c_double),
-        ("reward_threshold", c_double),
-        ("quadratic_coef", c_double),
-        ("dynamic_sampling", c_uint32),
-    ]
-
-
-class PromptDesc(ctypes.Structure):
-    """``calibrl_prompt_desc``: one prompt of the step (``expert_len`` -1: no expert)."""
-
-    _fields_ = [("prompt_len", c_uint32), ("num_rollouts", c_uint32), ("expert_len", c_int64)]
-
-
-class PlanInfo(ctypes.Structure):
-    """``calibrl_plan_info``: the counts of a plan."""
-
-    _fields_ = [
-        ("num_prompts", c_uint64),
-        ("num_rollouts", c_uint64),
-        ("num_expert_slots", c_uint64),
-        ("expert_tokens", c_uint64),
-        ("dp_ranks", c_uint64),
-        ("nograd_microbatches", c_uint64),
-        ("num_minibatches", c_uint64),
-        ("nograd_oversize", c_uint64),
-        ("train_oversize", c_uint64),
-        ("dropped_prompts", c_uint64),
-    ]
-
-
-class MinibatchInfo(ctypes.Structure):
-    """``calibrl_minibatch_info``: one mini-batch of the training pass."""
-
-    _fields_ = [
-        ("first_prompt", c_uint64),
-        ("num_prompts", c_uint64),
-        ("microbatches", c_uint64),
-        ("normalizers", Normalizers),
-    ]
-
-
-class SeqInfo(ctypes.Structure):
-    """``calibrl_seq_info``: one sequence of a plan."""
-
-    _fields_ = [
-        ("kind", c_uint32),
-        ("prompt", c_uint32),
-        ("index", c_uint32),
-        ("tokens", c_uint32),
-        ("response_len", c_uint32),
-    ]
-
+#: Environment variable naming the library file to load instead of the packaged one.
+LIBRARY_ENV = "CALIBRL_LIBRARY"
 
 # --------------------------------------------------------------------------------------------
 # Signatures: every export, in one table. Functions returning calibrl_status are checked.

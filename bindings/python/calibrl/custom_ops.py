@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from ._lib import METRICS_LEN
+from ._abi import METRICS_LEN
 from .config import Config
 from .ops import LossInputs
 

@@ -14,9 +14,9 @@ from typing import Any, Callable, Optional, Protocol, Sequence, Tuple, Union
 
 import numpy as np
 
-from . import _lib
+from . import _abi, _lib
+from ._abi import METRICS_LEN, METRICS_NAMES, Metrics, Normalizers
 from ._dlpack import as_array, ptr, stream_for, view
-from ._lib import METRICS_LEN, METRICS_NAMES, Metrics, Normalizers
 from .config import Config
 
 
@@ -115,7 +115,7 @@ def group_advantages(
         view(weights, "weights", writable=True),
         view(signs, "signs", writable=True),
     ]
-    args = _lib.AdvantageArgs(
+    args = _abi.AdvantageArgs(
         rewards=ptr(views[0]),
         group_ids=ptr(views[1]),
         num_groups=_num_groups(group_ids) if num_groups is None else int(num_groups),
@@ -243,7 +243,7 @@ def loss(
         "metrics": view(metrics, "metrics", writable=True),
     }
     norm = _normalizers(i.normalizers)
-    args = _lib.LossArgs(
+    args = _abi.LossArgs(
         normalizers=ctypes.pointer(norm) if norm is not None else None,
         **{k: ptr(x) for k, x in v.items()},
     )

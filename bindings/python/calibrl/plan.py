@@ -26,9 +26,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import _lib
+from . import _abi, _lib
 from ._dlpack import as_array, ptr, stream_for, view
-from ._lib import InvalidArgumentError
+from ._errors import InvalidArgumentError
 
 #: ``loss_kind`` values (``CALIBRL_LOSS_*``); the names are those of the loss's ``loss`` key.
 LOSS_KINDS = {"calibrl": 0, "grpo": 1, "luffy": 2, "rlplus": 3}
@@ -103,9 +103,9 @@ class SchedulerConfig:
     @classmethod
     def from_library(cls) -> "SchedulerConfig":
         """The library's own defaults (``calibrl_scheduler_config_default``)."""
-        c = _lib.SchedulerConfigC()
+        c = _abi.SchedulerConfigC()
         _lib.call("calibrl_scheduler_config_default", ctypes.byref(c))
-        return cls(**{name: getattr(c, name) for name, _ in _lib.SchedulerConfigC._fields_})
+        return cls(**{name: getattr(c, name) for name, _ in _abi.SchedulerConfigC._fields_})
 
     @classmethod
     def coerce(cls, config) -> "SchedulerConfig":
@@ -118,10 +118,10 @@ class SchedulerConfig:
             return cls(**config)
         raise TypeError(f"expected a SchedulerConfig, a dict or None, got {type(config).__name__}")
 
-    def to_c(self) -> _lib.SchedulerConfigC:
+    def to_c(self) -> _abi.SchedulerConfigC:
         """The C struct. Values the C field types cannot hold raise here, naming the field;
         everything else is checked by the library."""
-        return _lib.SchedulerConfigC(
+        return _abi.SchedulerConfigC(
             dp_ranks=_uint(self.dp_ranks, "config.dp_ranks", _U32_MAX),
             minibatch_prompts=_uint(self.minibatch_prompts, "config.minibatch_prompts", _U32_MAX),
             nograd_token_budget=_uint(self.nograd_token_budget, "config.nograd_token_budget", _U64_MAX),
@@ -227,7 +227,7 @@ class Plan:
 
     def _read(self):
         h = self._handle
-        info = _lib.PlanInfo()
+        info = _abi.PlanInfo()
         _lib.call("calibrl_plan_summary", h, ctypes.byref(info))
         self.summary: dict[str, int] = {name: int(getattr(info, name)) for name, _ in info._fields_}
         self.num_rollouts = self.summary["num_rollouts"]
@@ -239,9 +239,9 @@ class Plan:
         ]
         self.minibatches: list[Minibatch] = []
         for b in range(self.summary["num_minibatches"]):
-            mi = _lib.MinibatchInfo()
+            mi = _abi.MinibatchInfo()
             _lib.call("calibrl_plan_minibatch", h, b, ctypes.byref(mi))
-            norm = _lib.Normalizers()
+            norm = _abi.Normalizers()
             _lib.call("calibrl_plan_normalizers", h, b, ctypes.byref(norm))
             train = [
                 [self._microbatch("calibrl_plan_train_microbatch", b, r, m) for m in range(mi.microbatches)]
@@ -265,7 +265,7 @@ class Plan:
         self._oversize = {p: [int(i) for i in _read_ids("calibrl_plan_oversize", h, c_uint32(p))] for p in _PASSES.values()}
 
     def _seq(self, seq_id: int) -> SeqRef:
-        s = _lib.SeqInfo()
+        s = _abi.SeqInfo()
         _lib.call("calibrl_plan_seq", self._handle, seq_id, ctypes.byref(s))
         return SeqRef(seq_id, SeqKind(s.kind), s.prompt, s.index, s.tokens, s.response_len)
 
@@ -384,7 +384,7 @@ def _describe(prompts: Sequence[Any]):
     """``calibrl_prompt_desc[]``, the rollout lengths and the rewards (or ``None``) of the step,
     checking what the C types cannot hold (negative or huge numbers) with the argument named."""
     prompts = list(prompts)
-    descs = (_lib.PromptDesc * len(prompts))()
+    descs = (_abi.PromptDesc * len(prompts))()
     lens: list[int] = []
     rewards: list[float] = []
     with_rewards = [getattr(p, "rewards", None) is not None for p in prompts]
@@ -396,7 +396,7 @@ def _describe(prompts: Sequence[Any]):
         for j, n in enumerate(rl):
             lens.append(_uint(n, f"prompts[{g}].rollout_lens[{j}]", _U32_MAX))
         expert = getattr(p, "expert_len", None)
-        descs[g] = _lib.PromptDesc(
+        descs[g] = _abi.PromptDesc(
             prompt_len=_uint(p.prompt_len, f"prompts[{g}].prompt_len", _U32_MAX),
             num_rollouts=_uint(len(rl), f"prompts[{g}].rollout_lens", _U32_MAX),
             expert_len=-1 if expert is None else _uint(expert, f"prompts[{g}].expert_len", _U32_MAX),
