@@ -215,48 +215,8 @@ pub fn compute(cfg: &Config, batch: &LossBatch) -> Result<LossOutput> {
 
     let lambda = cfg.effective_lambda();
     let baseline = explore_baseline(cfg, batch, authors)?;
-    if lambda > 0.0 && baseline.is_none() {
-        return Err(match cfg.baseline {
-            Baseline::Expert => Error::null("expert_logprobs")
-                .with_reason("λ > 0 with the expert baseline needs it"),
-            Baseline::RefPolicy => Error::null("ref_logprobs")
-                .with_reason("λ > 0 with the ref_policy baseline needs it"),
-        });
-    }
-    if cfg.entropy_coef != 0.0 && batch.entropy.is_none() {
-        return Err(Error::null("entropy").with_reason("entropy_coef != 0 needs it"));
-    }
-    if cfg.kl_coef != 0.0 && batch.ref_logprobs.is_none() {
-        return Err(Error::null("ref_logprobs").with_reason("kl_coef != 0 needs it"));
-    }
-
-    // SPEC §4.6: the tokens Clip-Cov detaches or KL-Cov penalises, among counted rollout tokens.
-    let mut selected = vec![false; batch.logprobs.len()];
-    let mut cov_frac = 0.0;
-    if cfg.entropy_control != EntropyControl::None {
-        let mut tokens = Vec::new();
-        for i in (0..b).filter(|&i| !expert_row(i)) {
-            for k in batch.rows[i].clone().filter(|&k| batch.mask[k] != 0.0) {
-                let logp = batch.logprobs[k];
-                let old = batch.old_logprobs.as_ref().map_or(logp, |o| o[k]);
-                tokens.push(crate::cpu::cov::CovToken {
-                    k,
-                    adv: batch.advantages[i],
-                    logp,
-                    clipped: clipped_pg(cfg, batch.advantages[i], logp, old).2,
-                });
-            }
-        }
-        let picked = crate::cpu::cov::select(cfg, &tokens);
-        cov_frac = if tokens.is_empty() {
-            0.0
-        } else {
-            picked.len() as f64 / tokens.len() as f64
-        };
-        for k in picked {
-            selected[k] = true;
-        }
-    }
+    require_inputs(cfg, batch, lambda > 0.0 && baseline.is_none())?;
+    let (selected, cov_frac) = cov_selection(cfg, batch, expert_row);
 
     let mut out = LossOutput {
         grad_logprobs: vec![0.0; batch.logprobs.len()],
@@ -354,14 +314,80 @@ pub fn compute(cfg: &Config, batch: &LossBatch) -> Result<LossOutput> {
 
     m.loss = m.pg_loss + lambda * m.explore_loss - cfg.entropy_coef * m.entropy_loss
         + cfg.kl_coef * m.kl_loss;
-    // Per-row metrics over rollouts (every row in the authors' arithmetic).
-    let rollouts: Vec<usize> = (0..b).filter(|&i| !expert_row(i) || authors).collect();
-    let mean = |s: f64, n: f64| if n > 0.0 { s / n } else { 0.0 };
-    let nr = rollouts.len() as f64;
     m.clipfrac = mean(clip_n, rollout_tokens);
     m.clipfrac_lower = mean(lower_n, rollout_tokens);
     m.ppo_kl = mean(kl_sum, rollout_tokens);
     m.mean_delta = mean(delta_sum, delta_n);
+    // Per-row metrics over rollouts (every row in the authors' arithmetic).
+    let rollouts: Vec<usize> = (0..b).filter(|&i| !expert_row(i) || authors).collect();
+    row_metrics(m, batch, &rollouts, &n_tokens);
+    m.num_tokens = local_tokens;
+    m.num_seqs = local_seqs;
+    Ok(out)
+}
+
+fn mean(sum: f64, n: f64) -> f64 {
+    if n > 0.0 {
+        sum / n
+    } else {
+        0.0
+    }
+}
+
+/// The inputs a configuration needs (the CUDA backend checks the same before launching).
+fn require_inputs(cfg: &Config, batch: &LossBatch, baseline_missing: bool) -> Result<()> {
+    if baseline_missing {
+        return Err(match cfg.baseline {
+            Baseline::Expert => Error::null("expert_logprobs")
+                .with_reason("λ > 0 with the expert baseline needs it"),
+            Baseline::RefPolicy => Error::null("ref_logprobs")
+                .with_reason("λ > 0 with the ref_policy baseline needs it"),
+        });
+    }
+    if cfg.entropy_coef != 0.0 && batch.entropy.is_none() {
+        return Err(Error::null("entropy").with_reason("entropy_coef != 0 needs it"));
+    }
+    if cfg.kl_coef != 0.0 && batch.ref_logprobs.is_none() {
+        return Err(Error::null("ref_logprobs").with_reason("kl_coef != 0 needs it"));
+    }
+    Ok(())
+}
+
+/// SPEC §4.6: per token, whether Clip-Cov detaches it or KL-Cov penalises it (among counted
+/// rollout tokens), and the selected fraction.
+fn cov_selection(
+    cfg: &Config,
+    batch: &LossBatch,
+    expert_row: impl Fn(usize) -> bool,
+) -> (Vec<bool>, f64) {
+    let mut selected = vec![false; batch.logprobs.len()];
+    if cfg.entropy_control == EntropyControl::None {
+        return (selected, 0.0);
+    }
+    let mut tokens = Vec::new();
+    for i in (0..batch.rows.len()).filter(|&i| !expert_row(i)) {
+        for k in batch.rows[i].clone().filter(|&k| batch.mask[k] != 0.0) {
+            let logp = batch.logprobs[k];
+            let old = batch.old_logprobs.as_ref().map_or(logp, |o| o[k]);
+            tokens.push(crate::cpu::cov::CovToken {
+                k,
+                adv: batch.advantages[i],
+                logp,
+                clipped: clipped_pg(cfg, batch.advantages[i], logp, old).2,
+            });
+        }
+    }
+    let picked = crate::cpu::cov::select(cfg, &tokens);
+    let frac = mean(picked.len() as f64, tokens.len() as f64);
+    for k in picked {
+        selected[k] = true;
+    }
+    (selected, frac)
+}
+
+/// The per-row metrics over `rollouts`, and the experts' mean log-prob.
+fn row_metrics(m: &mut Metrics, batch: &LossBatch, rollouts: &[usize], n_tokens: &[f64]) {
+    let nr = rollouts.len() as f64;
     m.mean_expert_logprob = batch.expert.as_ref().map_or(0.0, |e| {
         mean(
             fsum(e.logprobs.iter().zip(&e.mask).map(|(&l, &m)| masked(m, l))),
@@ -374,9 +400,6 @@ pub fn compute(cfg: &Config, batch: &LossBatch) -> Result<LossOutput> {
         nr,
     );
     m.mean_rarity_weight = mean(fsum(rollouts.iter().map(|&i| batch.weights[i])), nr);
-    m.num_tokens = local_tokens;
-    m.num_seqs = local_seqs;
-    Ok(out)
 }
 
 /// KL-Cov's policy-gradient term (SPEC §4.6): the unclipped −A·ρ, plus β·|ℓ − ℓold| on a
