@@ -14,6 +14,7 @@
 //!   first-use compilation does not happen during capture).
 
 pub mod compile;
+mod cov;
 pub mod expert;
 mod launch;
 pub mod logits;
