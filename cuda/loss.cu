@@ -18,6 +18,9 @@ typedef long long i64;
 typedef unsigned short u16;
 
 __device__ __forceinline__ float bf16_bits_to_f32(u16 h) { return __uint_as_float(((unsigned)h) << 16); }
+// PTX conversions. `tests/emulate/loss_emulate.cpp` (a host-side emulation for machines without
+// a GPU) defines CALIBRL_HOST_EMULATION and supplies host versions of these.
+#ifndef CALIBRL_HOST_EMULATION
 __device__ __forceinline__ u16 f32_to_bf16_bits(float f) {
   u16 r;
   asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
@@ -33,6 +36,7 @@ __device__ __forceinline__ u16 f32_to_f16_bits(float f) {
   asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(f));
   return r;
 }
+#endif
 
 // dtype codes shared with src/cuda/loss.rs
 #define DT_F32 0
