@@ -686,6 +686,21 @@ __device__ __forceinline__ void cov_tokens(const LossParams& p, i64 k0, F f) {
   }
 }
 
+// True in every thread of the last block of the grid to get here; the block's global writes
+// before the call are visible to that block. The ticket is reset by that block.
+__device__ bool last_block(unsigned* ticket) {
+  __shared__ bool last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    last = atomicAdd(ticket, 1u) == gridDim.x - 1;
+    if (last) *ticket = 0u;
+  }
+  __syncthreads();
+  if (last) __threadfence();
+  return last;
+}
+
 // Σ A, Σ ℓ and the count over the counted rollout tokens (fixed order, see above); the last
 // block writes the means, N_tok and a fresh selection state, and zeroes the histogram.
 extern "C" __global__ void __launch_bounds__(COV_THREADS) calibrl_cov_prepare(LossParams p) {
@@ -701,16 +716,7 @@ extern "C" __global__ void __launch_bounds__(COV_THREADS) calibrl_cov_prepare(Lo
     if (threadIdx.x == 0)
       for (int j = 0; j < 3; ++j) p.cov.tile_sums[tile * 3 + j] = v[j];
   }
-  __shared__ bool last;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    last = atomicAdd(&p.tickets[2], 1u) == gridDim.x - 1;
-    if (last) p.tickets[2] = 0u;
-  }
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
+  if (!last_block(&p.tickets[2])) return;
   const volatile double* ts = p.cov.tile_sums;  // written by other blocks: bypass L1
   double v[3] = {0.0, 0.0, 0.0};
   for (i64 t = threadIdx.x; t < p.cov.tiles; t += COV_THREADS)
@@ -766,17 +772,11 @@ extern "C" __global__ void __launch_bounds__(COV_THREADS) calibrl_cov_histogram(
     });
   }
   __syncthreads();
-  if (bins[threadIdx.x] != 0ull) atomicAdd(&p.cov.hist[threadIdx.x], bins[threadIdx.x]);
-  __shared__ bool last;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    last = atomicAdd(&p.tickets[3], 1u) == gridDim.x - 1;
-    if (last) p.tickets[3] = 0u;
+  if (bins[threadIdx.x] != 0ull) {
+    atomicAdd(&p.cov.hist[threadIdx.x], bins[threadIdx.x]);
+    __threadfence();  // visible before this block's ticket
   }
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
+  if (!last_block(&p.tickets[3])) return;
   if (threadIdx.x == 0) {
     const volatile unsigned long long* h = p.cov.hist;
     unsigned long long rank = s->rank;

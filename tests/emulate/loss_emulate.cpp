@@ -1,7 +1,6 @@
 // Host-side emulation of the entropy-control kernels of cuda/loss.cu (Clip-Cov / KL-Cov, SPEC
-// §4.6) for machines without a GPU: every CUDA thread of a block is a std::thread,
-// __syncthreads is a block barrier, warp shuffles and votes go through a per-warp barrier, blocks
-// run one after another (so the "last block" of a ticket is the final one). It runs
+// §4.6) for machines without a GPU (CUDA built-ins from cuda_host.h: threads are std::threads,
+// blocks run one after another, so the "last block" of a ticket is the final one). It runs
 // calibrl_cov_prepare, the calibrl_cov_histogram passes and calibrl_loss_any as src/cuda/cov.rs
 // and src/cuda/loss.rs launch them, and checks against a plain reference written here after
 // src/cpu/cov.rs (sort the candidates' (key, flat index), take n):
@@ -30,74 +29,7 @@
 #include <thread>
 #include <vector>
 
-struct Dim {
-    unsigned x;
-};
-thread_local Dim threadIdx, blockIdx;
-Dim blockDim, gridDim;
-static std::barrier<>* g_block;
-static std::vector<std::unique_ptr<std::barrier<>>> g_warps;
-static unsigned long long g_lanes[1024];
-
-#define __device__
-#define __global__
-#define __forceinline__ inline
-#define __launch_bounds__(...)
-#define __shared__ static
-
-inline void __syncthreads() { g_block->arrive_and_wait(); }
-inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
-static void warp_barrier() { g_warps[threadIdx.x >> 5]->arrive_and_wait(); }
-// Every lane of the warp publishes a value; each reads lane `src`'s.
-template <class T>
-static T exchange(T v, unsigned src) {
-    unsigned long long bits = 0;
-    std::memcpy(&bits, &v, sizeof(T));
-    g_lanes[threadIdx.x] = bits;
-    warp_barrier();
-    bits = g_lanes[(threadIdx.x & ~31u) + src];
-    warp_barrier();
-    T out;
-    std::memcpy(&out, &bits, sizeof(T));
-    return out;
-}
-template <class T>
-T __shfl_down_sync(unsigned, T v, int o) {
-    const unsigned lane = threadIdx.x & 31;
-    return exchange(v, lane + o < 32 ? lane + o : lane);
-}
-template <class T>
-T __shfl_xor_sync(unsigned, T v, int o) {
-    return exchange(v, (threadIdx.x & 31) ^ (unsigned)o);
-}
-inline unsigned __ballot_sync(unsigned, int pred) {
-    g_lanes[threadIdx.x] = pred != 0;
-    warp_barrier();
-    unsigned r = 0;
-    for (unsigned l = 0; l < 32; ++l) r |= (unsigned)g_lanes[(threadIdx.x & ~31u) + l] << l;
-    warp_barrier();
-    return r;
-}
-inline int __any_sync(unsigned m, int pred) { return __ballot_sync(m, pred) != 0; }
-inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
-inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
-    return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
-}
-inline float __uint_as_float(unsigned i) {
-    float f;
-    std::memcpy(&f, &i, 4);
-    return f;
-}
-inline long long __double_as_longlong(double d) {
-    long long i;
-    std::memcpy(&i, &d, 8);
-    return i;
-}
-inline double __longlong_as_double(long long i) {
-    double d;
-    std::memcpy(&d, &i, 8);
-    return d;
-}
+#include "cuda_host.h"
 
 #define CALIBRL_HOST_EMULATION
 inline unsigned short f32_to_bf16_bits(float f) {  // round to nearest even (finite inputs)
@@ -121,25 +53,6 @@ inline unsigned short f32_to_f16_bits(float f) {
 #include "../../cuda/loss.cu"
 
 // ---------------------------------------------------------------------------------------------
-
-static void launch(unsigned grid, unsigned block, const std::function<void()>& kernel) {
-    gridDim.x = grid;
-    blockDim.x = block;
-    for (unsigned b = 0; b < grid; ++b) {
-        std::barrier<> bar(block);
-        g_block = &bar;
-        g_warps.clear();
-        for (unsigned w = 0; w < block / 32; ++w) g_warps.push_back(std::make_unique<std::barrier<>>(32));
-        std::vector<std::thread> threads;
-        for (unsigned t = 0; t < block; ++t)
-            threads.emplace_back([&, t] {
-                threadIdx.x = t;
-                blockIdx.x = b;
-                kernel();
-            });
-        for (auto& t : threads) t.join();
-    }
-}
 
 static int failures = 0;
 static void fail(const std::string& what) {
