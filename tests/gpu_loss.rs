@@ -883,23 +883,41 @@ fn entropy_control_large_batch_matches_cpu_and_is_bitwise_deterministic() {
 
 #[test]
 #[ignore = "needs an NVIDIA GPU; run with --include-ignored on a GPU machine (scripts/gpu-check.sh does)"]
-fn entropy_control_with_given_normalizers_and_token_weights_matches_cpu() {
-    // Global normalisers (no counts kernel) and per-token importance weights ρ.
+fn entropy_control_with_other_inputs_matches_cpu() {
+    // Global normalisers (no counts kernel) with per-token importance weights ρ; and neither a
+    // mask nor expert flags (every position counts, every row is a rollout).
     let (g, _guard) = require_gpu!();
     let mut rng = Rng::new(24);
-    let inputs = Inputs {
+    let weighted = Inputs {
         token_weights: true,
         ..ALL_INPUTS
     };
-    for cfg in [COV_CONFIGS[2], COV_CONFIGS[5], COV_CONFIGS[7]] {
-        for (rows, padded, dt) in [(33, true, Dt::F32), (120, false, Dt::Bf16)] {
-            let b = batch(&mut rng, rows, padded, true);
-            let norm = Some(CalibrlNormalizers {
+    let plain = Inputs {
+        mask: false,
+        is_expert: false,
+        ..ALL_INPUTS
+    };
+    for (inputs, norm) in [
+        (
+            weighted,
+            Some(CalibrlNormalizers {
                 token_count: 977.0,
                 seq_count: 301.0,
-            });
-            let (cpu, gpu) = run_both_with(g, cfg, &b, dt, norm, inputs);
-            compare_cov(&format!("{cfg} rows={rows} {dt:?}"), &cpu, &gpu, dt);
+            }),
+        ),
+        (plain, None),
+    ] {
+        for cfg in [COV_CONFIGS[2], COV_CONFIGS[5], COV_CONFIGS[7]] {
+            for (rows, padded, dt) in [(33, true, Dt::F32), (120, false, Dt::Bf16)] {
+                let b = batch(&mut rng, rows, padded, true);
+                let (cpu, gpu) = run_both_with(g, cfg, &b, dt, norm, inputs);
+                compare_cov(
+                    &format!("{cfg} rows={rows} {dt:?} mask={}", inputs.mask),
+                    &cpu,
+                    &gpu,
+                    dt,
+                );
+            }
         }
     }
 }

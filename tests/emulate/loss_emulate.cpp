@@ -146,6 +146,7 @@ static RefResult reference(int control, double ratio, double lb, double ub, unsi
 
 struct Batch {
     bool packed;
+    bool plain;  // no mask and no expert flags passed (every position counts, no expert row)
     long long rows, seq_len, numel;
     std::vector<long long> offsets;  // packed
     std::vector<unsigned char> mask, is_expert;
@@ -172,13 +173,14 @@ static void encode(int dt, const std::vector<double>& v, std::vector<unsigned ch
     }
 }
 
-static Batch make_batch(std::mt19937_64& rng, long long rows, long long max_len, bool packed, int dt) {
+static Batch make_batch(std::mt19937_64& rng, long long rows, long long max_len, bool packed, int dt, bool plain) {
     Batch b;
     b.packed = packed;
+    b.plain = plain;
     b.rows = rows;
     b.dt = dt;
     std::vector<long long> lens(rows);
-    for (auto& l : lens) l = rng() % 9 == 0 ? 0 : 1 + (long long)(rng() % max_len);
+    for (auto& l : lens) l = plain && !packed ? max_len : rng() % 9 == 0 ? 0 : 1 + (long long)(rng() % max_len);
     b.seq_len = 1;
     for (auto l : lens) b.seq_len = std::max(b.seq_len, l);
     b.offsets.push_back(0);
@@ -186,7 +188,7 @@ static Batch make_batch(std::mt19937_64& rng, long long rows, long long max_len,
     b.numel = b.offsets.back();
     b.mask.assign(b.numel, 0);
     for (long long i = 0; i < rows; ++i)
-        for (long long t = 0; t < lens[i]; ++t) b.mask[b.offsets[i] + t] = rng() % 7 != 0;
+        for (long long t = 0; t < lens[i]; ++t) b.mask[b.offsets[i] + t] = plain || rng() % 7 != 0;
     // Few distinct values: many exact ties of the covariance. Not binary fractions, so the
     // order of the sums shows in their last bits.
     const double advs[] = {-1.1, -0.3, 0.1, 0.7, 1.3};
@@ -195,7 +197,7 @@ static Batch make_batch(std::mt19937_64& rng, long long rows, long long max_len,
     b.is_expert.resize(rows);
     for (long long i = 0; i < rows; ++i) {
         b.adv[i] = advs[rng() % 5];
-        b.is_expert[i] = rng() % 6 == 0;
+        b.is_expert[i] = !plain && rng() % 6 == 0;
     }
     std::vector<double> lp(b.numel), old(b.numel);
     for (long long k = 0; k < b.numel; ++k) {
@@ -239,7 +241,7 @@ static Run run(const Batch& b, int control, double ratio, double lb, double ub, 
     p.offsets_dt = DT_I64;
     p.rows = b.rows;
     p.seq_len = b.packed ? 0 : b.seq_len;
-    p.mask = b.mask.data();
+    p.mask = b.plain ? nullptr : b.mask.data();
     p.mask_dt = DT_U8;
     p.old_logprobs = b.old_raw.data();
     p.old_dt = b.dt;
@@ -249,7 +251,7 @@ static Run run(const Batch& b, int control, double ratio, double lb, double ub, 
     p.weights_dt = DT_F64;
     p.signs = b.adv.data();
     p.signs_dt = DT_F64;
-    p.is_expert = b.is_expert.data();
+    p.is_expert = b.plain ? nullptr : b.is_expert.data();
     p.is_expert_dt = DT_U8;
     Run out;
     out.grad.assign(b.numel + 1, NAN);
@@ -339,11 +341,14 @@ int main() {
         long long rows, max_len;
         bool packed;
         int dt;
+        bool plain;
     };
-    const Shape shapes[] = {{1, 5, true, DT_F32},    {7, 40, false, DT_BF16}, {40, 60, true, DT_F64},
-                            {300, 30, false, DT_F32}, {90, 400, true, DT_BF16}, {3, 1, false, DT_F32}};
+    const Shape shapes[] = {{1, 5, true, DT_F32, false},     {7, 40, false, DT_BF16, false},
+                            {40, 60, true, DT_F64, false},   {300, 30, false, DT_F32, false},
+                            {90, 400, true, DT_BF16, false}, {3, 1, false, DT_F32, false},
+                            {20, 50, false, DT_F32, true},   {30, 20, true, DT_BF16, true}};
     for (const Shape& sh : shapes) {
-        const Batch b = make_batch(rng, sh.rows, sh.max_len, sh.packed, sh.dt);
+        const Batch b = make_batch(rng, sh.rows, sh.max_len, sh.packed, sh.dt, sh.plain);
         const std::vector<Tok> toks = rollout_tokens(b, clip);
         for (int control : {EC_CLIP_COV, EC_KL_COV}) {
             const RefResult local = reference(control, 0.5, lb, ub, 7, Given{}, toks);
@@ -360,8 +365,8 @@ int main() {
                     ++cases;
                     const RefResult want = reference(control, ratio, lb, ub, seed, given, toks);
                     char tag[256];
-                    std::snprintf(tag, sizeof tag, "rows=%lld packed=%d dt=%d control=%d ratio=%g given=%d(%g) seed=%llu",
-                                  sh.rows, (int)sh.packed, sh.dt, control, ratio, (int)given.on, given.count, seed);
+                    std::snprintf(tag, sizeof tag, "rows=%lld packed=%d plain=%d dt=%d control=%d ratio=%g given=%d(%g) seed=%llu",
+                                  sh.rows, (int)sh.packed, (int)sh.plain, sh.dt, control, ratio, (int)given.on, given.count, seed);
                     std::vector<Run> runs;
                     for (unsigned max_blocks : {1u, 4u}) runs.push_back(run(b, control, ratio, lb, ub, seed, coef, given, max_blocks, 997.0));
                     const Run& got = runs[0];
