@@ -18,6 +18,9 @@ typedef long long i64;
 typedef unsigned short u16;
 
 __device__ __forceinline__ float bf16_bits_to_f32(u16 h) { return __uint_as_float(((unsigned)h) << 16); }
+// PTX conversions. `tests/emulate/loss_emulate.cpp` (a host-side emulation for machines without
+// a GPU) defines CALIBRL_HOST_EMULATION and supplies host versions of these.
+#ifndef CALIBRL_HOST_EMULATION
 __device__ __forceinline__ u16 f32_to_bf16_bits(float f) {
   u16 r;
   asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
@@ -33,6 +36,7 @@ __device__ __forceinline__ u16 f32_to_f16_bits(float f) {
   asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(f));
   return r;
 }
+#endif
 
 // dtype codes shared with src/cuda/loss.rs
 #define DT_F32 0
@@ -233,6 +237,39 @@ extern "C" __global__ void calibrl_group_advantages(AdvParams p) {
 // "Any dtype" instantiation of the loss kernel (runtime switch per load).
 #define DT_ANY (-1)
 
+// Clip-Cov / KL-Cov (SPEC §4.6); the kernels and their state are in the entropy-control
+// section below.
+#define EC_NONE 0
+#define EC_CLIP_COV 1
+#define EC_KL_COV 2
+
+// What the entropy-control kernels leave for the loss kernel (device memory, cov_state).
+struct CovState {
+  double adv_mean, logprob_mean;  // the means of the covariance
+  double n_tok;                   // N_tok of n = max(⌊r·N_tok⌋, 1)
+  double local_n;                 // counted rollout tokens of this call
+  double frac;                    // the selected fraction (metric)
+  unsigned long long key, k;      // the selection threshold: candidates with (key, k) ≤ it
+  unsigned long long rank;        // the rank still to find among the tokens matching the prefix
+  unsigned long long all;         // 1: every candidate is selected (n ≥ candidates)
+};
+
+// Entropy-control parameters (mirrors src/cuda/cov.rs `CovParams`).
+struct CovParams {
+  i64 control;                     // EC_*
+  double lb, ub, ratio, coef;      // Clip-Cov's bounds; r of the active control; KL-Cov's β
+  unsigned long long seed;
+  i64 given;                       // bit 0: cov_adv_mean, bit 1: cov_logprob_mean, bit 2: cov_token_count
+  double adv_mean, logprob_mean, token_count;
+  i64 pass;                        // calibrl_cov_histogram: digit pass (0…7: key bytes, then k bytes)
+  i64 k_passes;                    // bytes of the largest flat index
+  i64 numel;                       // flat length of the policy tensor
+  i64 tiles;                       // ⌈numel / COV_TILE⌉
+  CovState* state;
+  unsigned long long* hist;        // [COV_BINS], zero between passes
+  double* tile_sums;               // [tiles * 3]
+};
+
 struct LossParams {
   // policy rows
   const void* logprobs; i64 logprobs_dt;
@@ -272,6 +309,7 @@ struct LossParams {
   i64 authors;
   double norm_tokens, norm_seqs, t_norm;
   double alpha, lambda, clip_low, clip_high, dual_clip, entropy_coef, kl_coef, luffy_gamma;
+  CovParams cov;
 };
 
 #define LOSS_THREADS 256
@@ -533,6 +571,241 @@ extern "C" __global__ void __launch_bounds__(LOSS_THREADS) calibrl_loss_counts(L
   }
 }
 
+// ------------------------------------------------- entropy control: Clip-Cov, KL-Cov (SPEC §4.6)
+//
+// Before the loss kernel, with the same LossParams (every launch on the caller's stream; no
+// host synchronisation, so the call stays capturable in a CUDA graph):
+//   calibrl_cov_prepare   Σ A, Σ ℓ and the count over the counted rollout tokens, in a fixed
+//                         order (below), the means and N_tok; zeroes the histogram;
+//   calibrl_cov_histogram once per byte of the sort key (8), then per byte of the flat index
+//                         (k_passes): a radix select of the n-th smallest (key, k) among the
+//                         candidates; its last block picks the byte and updates the state.
+// The loss kernel then recomputes each token's key and selects it iff it is a candidate and
+// (key, k) ≤ the threshold: exactly the CPU backend's n first of the sorted (key, k), so the
+// same tokens (src/cpu/cov.rs). Keys: Clip-Cov, the SplitMix64 hash of (seed, k) over the
+// unclipped tokens with lb < cov < ub; KL-Cov, an order-preserving map of −cov over every
+// counted rollout token (largest covariance first, ties by position).
+//
+// The sums have an order fixed by the flat indices alone (never by the grid or the device), the
+// order src/cpu/cov.rs `fixed_order_sum` reproduces, so both backends get the same means to the
+// bit: a thread sums its COV_PER_THREAD consecutive indices in order, the 256 threads of a tile
+// of COV_TILE indices are added by block_sum, and the last block adds tile t into thread
+// t % COV_THREADS's sum, then block_sum again. The histograms count integers (atomics in any
+// order give the same counts).
+
+#define COV_THREADS 256
+#define COV_PER_THREAD 8
+#define COV_TILE (COV_THREADS * COV_PER_THREAD)
+#define COV_BINS 256
+#define COV_KEY_PASSES 8
+
+// Clip-Cov's random key: SplitMix64 of the seed and the flat index (src/cpu/cov.rs `cov_key`).
+__device__ __forceinline__ unsigned long long cov_hash(unsigned long long seed, unsigned long long k) {
+  unsigned long long z = seed * 0x9E3779B97F4A7C15ull + k + 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+// Whether a counted rollout token is a candidate, and its key. `clipped`: p2 > p1 of clipped_pg.
+__device__ __forceinline__ bool cov_candidate(const LossParams& p, const CovState* s, double a, double logp,
+                                              i64 k, bool clipped, unsigned long long& key) {
+  // Detached covariance; no multiply-add to contract, so the same bits as the CPU backend.
+  const double cov = (a - s->adv_mean) * (logp - s->logprob_mean);
+  if (p.cov.control == EC_CLIP_COV) {
+    if (clipped || !(p.cov.lb < cov && cov < p.cov.ub)) return false;
+    key = cov_hash(p.cov.seed, (unsigned long long)k);
+    return true;
+  }
+  double x = -cov;
+  if (x == 0.0) x = 0.0;  // −0 and +0 are one covariance (a tie)
+  const unsigned long long bits = (unsigned long long)__double_as_longlong(x);
+  key = (bits >> 63) ? ~bits : bits | 0x8000000000000000ull;  // ascending x, ascending key
+  return true;
+}
+
+// Bits at and above position `b` (b ≤ 64).
+__device__ __forceinline__ unsigned long long high_bits(int b) { return b >= 64 ? 0ull : ~0ull << b; }
+
+// Whether a candidate token is selected (after the passes).
+__device__ __forceinline__ bool cov_chosen(const CovState* s, unsigned long long key, i64 k) {
+  return s->all || key < s->key || (key == s->key && (unsigned long long)k <= s->k);
+}
+
+// The policy-gradient term of a rollout token under Clip-Cov / KL-Cov (src/cpu/loss.rs):
+// Clip-Cov zeroes p and ∂p/∂ℓ of a selected token; KL-Cov uses the unclipped −A·r, plus
+// β·|ℓ − ℓold| on a selected token.
+__device__ __forceinline__ void cov_pg(const LossParams& p, double a, double logp, double old, i64 k,
+                                       bool clipped, double& pv, double& dv) {
+  const CovState* s = p.cov.state;
+  unsigned long long key;
+  const bool chosen = cov_candidate(p, s, a, logp, k, clipped, key) && cov_chosen(s, key, k);
+  if (p.cov.control == EC_CLIP_COV) {
+    if (chosen) { pv = 0.0; dv = 0.0; }
+    return;
+  }
+  const double ratio = exp(logp - old);
+  pv = -a * ratio;
+  dv = -a * ratio;
+  if (chosen) {
+    const double d = logp - old;
+    pv += p.cov.coef * fabs(d);
+    dv += p.cov.coef * (d > 0.0 ? 1.0 : (d < 0.0 ? -1.0 : 0.0));
+  }
+}
+
+// Calls f(k, a, ℓ, ℓold) for the counted rollout tokens among the flat indices
+// k0 … k0 + COV_PER_THREAD − 1, in increasing order.
+template <class F>
+__device__ __forceinline__ void cov_tokens(const LossParams& p, i64 k0, F f) {
+  if (k0 >= p.cov.numel) return;
+  i64 r, end;
+  if (p.offsets) {
+    // The row holding k0: the last r with offsets[r] ≤ k0 (empty rows share their offset).
+    i64 lo = 0, hi = p.rows;
+    while (hi - lo > 1) {
+      const i64 mid = (lo + hi) >> 1;
+      if (ld_index(p.offsets, p.offsets_dt, mid) <= k0) lo = mid; else hi = mid;
+    }
+    r = lo;
+    end = ld_index(p.offsets, p.offsets_dt, r + 1);
+  } else {
+    r = k0 / p.seq_len;
+    end = (r + 1) * p.seq_len;
+  }
+  for (int u = 0; u < COV_PER_THREAD; ++u) {
+    const i64 k = k0 + u;
+    if (k >= p.cov.numel) break;
+    while (k >= end && r + 1 < p.rows) {
+      ++r;
+      end = p.offsets ? ld_index(p.offsets, p.offsets_dt, r + 1) : (r + 1) * p.seq_len;
+    }
+    if (!mask_at(p.mask, p.mask_dt, k) || expert_row(p, r)) continue;
+    const double logp = ld(p.logprobs, p.logprobs_dt, k);
+    f(k, ld(p.advantages, p.advantages_dt, r), logp, p.old_logprobs ? ld(p.old_logprobs, p.old_dt, k) : logp);
+  }
+}
+
+// True in every thread of the last block of the grid to get here; the block's global writes
+// before the call are visible to that block. The ticket is reset by that block.
+__device__ bool last_block(unsigned* ticket) {
+  __shared__ bool last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    last = atomicAdd(ticket, 1u) == gridDim.x - 1;
+    if (last) *ticket = 0u;
+  }
+  __syncthreads();
+  if (last) __threadfence();
+  return last;
+}
+
+// Σ A, Σ ℓ and the count over the counted rollout tokens (fixed order, see above); the last
+// block writes the means, N_tok and a fresh selection state, and zeroes the histogram.
+extern "C" __global__ void __launch_bounds__(COV_THREADS) calibrl_cov_prepare(LossParams p) {
+  __shared__ double scratch[32 * 3];
+  for (i64 tile = blockIdx.x; tile < p.cov.tiles; tile += gridDim.x) {
+    double v[3] = {0.0, 0.0, 0.0};
+    cov_tokens(p, tile * COV_TILE + (i64)threadIdx.x * COV_PER_THREAD, [&](i64, double a, double logp, double) {
+      v[0] += a;
+      v[1] += logp;
+      v[2] += 1.0;
+    });
+    block_sum<3>(v, scratch);
+    if (threadIdx.x == 0)
+      for (int j = 0; j < 3; ++j) p.cov.tile_sums[tile * 3 + j] = v[j];
+  }
+  if (!last_block(&p.tickets[2])) return;
+  const volatile double* ts = p.cov.tile_sums;  // written by other blocks: bypass L1
+  double v[3] = {0.0, 0.0, 0.0};
+  for (i64 t = threadIdx.x; t < p.cov.tiles; t += COV_THREADS)
+    for (int j = 0; j < 3; ++j) v[j] += ts[t * 3 + j];
+  block_sum<3>(v, scratch);
+  p.cov.hist[threadIdx.x] = 0ull;  // COV_BINS == COV_THREADS
+  if (threadIdx.x == 0) {
+    CovState* s = p.cov.state;
+    const double n = v[2];
+    s->adv_mean = (p.cov.given & 1) ? p.cov.adv_mean : (n > 0.0 ? v[0] / n : 0.0);
+    s->logprob_mean = (p.cov.given & 2) ? p.cov.logprob_mean : (n > 0.0 ? v[1] / n : 0.0);
+    s->n_tok = (p.cov.given & 4) ? p.cov.token_count : n;
+    s->local_n = n;
+    s->frac = 0.0;
+    s->key = 0ull;
+    s->k = 0ull;
+    s->rank = 0ull;
+    s->all = 0ull;
+  }
+}
+
+// One digit pass of the radix select: counts the candidates whose key (then index) matches the
+// prefix found so far, by their next byte; the last block picks the byte holding the wanted
+// rank, updates the state and zeroes the histogram for the next pass.
+extern "C" __global__ void __launch_bounds__(COV_THREADS) calibrl_cov_histogram(LossParams p) {
+  __shared__ unsigned long long bins[COV_BINS];
+  CovState* s = p.cov.state;
+  if (s->all) return;  // the whole grid reads the same value
+  const i64 pass = p.cov.pass;
+  const bool on_key = pass < COV_KEY_PASSES;
+  const int shift = on_key ? 56 - 8 * (int)pass : 8 * (int)(p.cov.k_passes - 1 - (pass - COV_KEY_PASSES));
+  const unsigned long long above = high_bits(shift + 8);
+  const unsigned long long want_key = s->key, want_k = s->k;
+  bins[threadIdx.x] = 0ull;
+  __syncthreads();
+  for (i64 tile = blockIdx.x; tile < p.cov.tiles; tile += gridDim.x) {
+    cov_tokens(p, tile * COV_TILE + (i64)threadIdx.x * COV_PER_THREAD, [&](i64 k, double a, double logp, double old) {
+      double pv, dv;
+      bool clipped = false, lower;
+      if (p.cov.control == EC_CLIP_COV) clipped_pg(p, a, logp, old, pv, dv, clipped, lower);
+      unsigned long long key;
+      if (!cov_candidate(p, s, a, logp, k, clipped, key)) return;
+      unsigned digit;
+      if (on_key) {
+        if ((key & above) != (want_key & above)) return;
+        digit = (unsigned)(key >> shift) & 0xffu;
+      } else {
+        const unsigned long long kk = (unsigned long long)k;
+        if (key != want_key || (kk & above) != (want_k & above)) return;
+        digit = (unsigned)(kk >> shift) & 0xffu;
+      }
+      atomicAdd(&bins[digit], 1ull);
+    });
+  }
+  __syncthreads();
+  if (bins[threadIdx.x] != 0ull) {
+    atomicAdd(&p.cov.hist[threadIdx.x], bins[threadIdx.x]);
+    __threadfence();  // visible before this block's ticket
+  }
+  if (!last_block(&p.tickets[3])) return;
+  if (threadIdx.x == 0) {
+    const volatile unsigned long long* h = p.cov.hist;
+    unsigned long long rank = s->rank;
+    bool all = false;
+    if (pass == 0) {
+      // n = max(⌊r·N_tok⌋, 1), capped at the candidates (all of them when n reaches their count).
+      unsigned long long total = 0ull;
+      for (int d = 0; d < COV_BINS; ++d) total += h[d];
+      const double n = fmax(floor(p.cov.ratio * s->n_tok), 1.0);
+      all = !(n < (double)total);
+      const double chosen = all ? (double)total : n;
+      s->frac = s->local_n > 0.0 ? chosen / s->local_n : 0.0;
+      s->all = all ? 1ull : 0ull;
+      rank = all ? 0ull : (unsigned long long)n;
+    }
+    if (!all) {
+      unsigned long long below = 0ull;
+      int d = 0;
+      for (; d < COV_BINS - 1 && below + h[d] < rank; ++d) below += h[d];
+      rank -= below;
+      if (on_key) s->key = want_key | ((unsigned long long)d << shift);
+      else s->k = want_k | ((unsigned long long)d << shift);
+      s->rank = rank;
+    }
+  }
+  __syncthreads();  // thread 0 has read the histogram
+  p.cov.hist[threadIdx.x] = 0ull;
+}
+
 // N_tok and N_seq as the gradients use them.
 __device__ __forceinline__ void normalisers(const LossParams& p, double& n_tok, double& n_seq) {
   if (p.counts == COUNTS_GIVEN) {
@@ -565,7 +838,7 @@ __device__ void write_metrics(const LossParams& p, const double (&a)[BLOCK_FIELD
   m[12] = mean(a[B_WSUM], a[B_ROLLOUTS]);
   m[13] = a[B_NTOK];
   m[14] = a[B_SEQS];
-  m[15] = 0.0;  // cov_selected_frac: Clip-Cov / KL-Cov run on the CPU backend only
+  m[15] = p.cov.control != EC_NONE ? p.cov.state->frac : 0.0;  // cov_selected_frac
   if (p.metrics)
     for (int j = 0; j < METRICS; ++j) st(p.metrics, p.metrics_dt, j, m[j]);
   p.final_ws[0] = n_tok;
@@ -749,6 +1022,7 @@ __device__ __forceinline__ void loss_kernel(const LossParams& p) {
             clipped_pg(p, a, logp, old, pv, dv, clipped, lower);
             n_clip += clipped; n_lower += lower; acc_ppo_kl += old - logp; n_rtok += 1;
             if (!trained) { pv = 0.0; dv = 0.0; }  // an expert row under the authors' arithmetic
+            else if (p.cov.control != EC_NONE) cov_pg(p, a, logp, old, k, clipped, pv, dv);
           }
           if (p.token_weights) {
             const double omega = ld(p.token_weights, p.token_weights_dt, k);

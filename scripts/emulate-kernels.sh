@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# Runs the host-side emulation of cuda/logits.cu (tests/emulate/logits_emulate.cpp): a CPU-only
-# check of the kernels' indexing and numerics. Needs g++ >= 12 (C++20, _Float16).
+# Runs the host-side emulations of the CUDA kernels, CPU-only checks of their indexing and
+# numerics: tests/emulate/logits_emulate.cpp (cuda/logits.cu) and tests/emulate/loss_emulate.cpp
+# (the Clip-Cov / KL-Cov kernels of cuda/loss.cu with the loss kernel; about two minutes
+# on two cores). Needs g++ >= 12 (C++20, _Float16).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out="${TMPDIR:-/tmp}/calibrl-logits-emulate"
-g++ -std=c++20 -O1 -ffp-contract=off -Wall -Wno-unused-function -Wno-unknown-pragmas -pthread tests/emulate/logits_emulate.cpp -o "$out"
-"$out"
+for name in logits loss; do
+  out="${TMPDIR:-/tmp}/calibrl-$name-emulate"
+  g++ -std=c++20 -O1 -ffp-contract=off -Wall -Wno-unused-function -Wno-unknown-pragmas -pthread \
+    "tests/emulate/${name}_emulate.cpp" -o "$out"
+  "$out"
+done

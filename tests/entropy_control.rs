@@ -156,3 +156,22 @@ fn bad_keys_are_refused_by_name() {
         );
     }
 }
+
+#[test]
+fn the_fixed_summation_order_is_the_cuda_kernels() {
+    // Both backends add the covariance means in one order (desc::loss::COV_SUM_*); the CUDA
+    // kernel's constants must be the same numbers.
+    let src = include_str!("../cuda/loss.cu");
+    let define = |name: &str| -> usize {
+        let line = src
+            .lines()
+            .find(|l| l.starts_with(&format!("#define {name} ")))
+            .unwrap_or_else(|| panic!("cuda/loss.cu has no #define {name}"));
+        line.split_whitespace().nth(2).unwrap().parse().unwrap()
+    };
+    assert_eq!(define("COV_THREADS"), calibrl::desc::loss::COV_SUM_THREADS);
+    assert_eq!(
+        define("COV_PER_THREAD"),
+        calibrl::desc::loss::COV_SUM_PER_THREAD
+    );
+}

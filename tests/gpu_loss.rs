@@ -766,3 +766,158 @@ fn all_equal_groups_get_exact_zeros_on_gpu() {
     // SAFETY: handle from calibrl_config_new.
     unsafe { calibrl_config_free(cfgp) };
 }
+
+// ------------------------------------------------------------ Clip-Cov and KL-Cov (SPEC §4.6)
+//
+// The CUDA backend must select the same tokens as the CPU backend (src/cuda/cov.rs): a token
+// selected on one backend only would change its gradient by its whole policy-gradient term
+// (Clip-Cov) or by β/N_tok (KL-Cov), far outside the tolerances of `compare`.
+
+/// Entropy-control configurations: alone (GRPO) and with the CalibRL term, both controls, the
+/// call's own or caller-given means and count.
+const COV_CONFIGS: &[&str] = &[
+    r#"{"preset":"grpo","entropy_control":"clip_cov","clip_cov_ratio":0.1,"clip_cov_lb":-0.5,"clip_cov_ub":0.5}"#,
+    r#"{"preset":"paper","entropy_control":"clip_cov","clip_cov_ratio":0.2,"clip_cov_lb":-0.3,"clip_cov_ub":0.4,"cov_seed":7}"#,
+    r#"{"preset":"reference","entropy_control":"clip_cov","clip_cov_ratio":0.5,"clip_cov_lb":-1.0,"clip_cov_ub":1.0,"cov_seed":12345,"kl_coef":0.05,"entropy_coef":0.01}"#,
+    r#"{"preset":"grpo","entropy_control":"kl_cov","kl_cov_ratio":0.1}"#,
+    r#"{"preset":"paper","entropy_control":"kl_cov","kl_cov_ratio":0.2,"kl_cov_coef":0.5}"#,
+    r#"{"preset":"reference","entropy_control":"kl_cov","kl_cov_ratio":0.3,"agg":"seq-mean-token-mean"}"#,
+    r#"{"preset":"paper","entropy_control":"clip_cov","clip_cov_ratio":0.05,"clip_cov_lb":-0.5,"clip_cov_ub":0.5,"cov_adv_mean":0.05,"cov_logprob_mean":-0.9,"cov_token_count":5000}"#,
+    r#"{"preset":"reference","entropy_control":"kl_cov","kl_cov_ratio":0.01,"cov_adv_mean":-0.1,"cov_logprob_mean":-2.5,"cov_token_count":20000}"#,
+    r#"{"preset":"grpo","entropy_control":"kl_cov","kl_cov_ratio":1.0}"#,
+    r#"{"preset":"grpo","entropy_control":"clip_cov","clip_cov_ratio":1.0,"clip_cov_lb":-5,"clip_cov_ub":5}"#,
+];
+
+/// `compare`, and the selected fraction is the CPU's exactly (the same tokens).
+fn compare_cov(label: &str, cpu: &Outputs, gpu: &Outputs, dt: Dt) {
+    compare(label, cpu, gpu, dt);
+    assert_eq!(
+        cpu.metrics.cov_selected_frac, gpu.metrics.cov_selected_frac,
+        "{label}: cov_selected_frac"
+    );
+    assert_eq!(
+        cpu.metrics_tensor[15], gpu.metrics_tensor[15],
+        "{label}: metrics[15]"
+    );
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU; run with --include-ignored on a GPU machine (scripts/gpu-check.sh does)"]
+fn entropy_control_matches_cpu() {
+    let (g, _guard) = require_gpu!();
+    let mut rng = Rng::new(21);
+    for cfg in COV_CONFIGS {
+        for (rows, padded, dt) in [
+            (1, false, Dt::F32),
+            (9, true, Dt::Bf16),
+            (60, false, Dt::F32),
+            (150, true, Dt::F64),
+            (400, false, Dt::Bf16),
+        ] {
+            let b = batch(&mut rng, rows, padded, true);
+            let (cpu, gpu) = run_both(g, cfg, &b, dt, None);
+            let label = format!("{cfg} rows={rows} padded={padded} {dt:?}");
+            compare_cov(&label, &cpu, &gpu, dt);
+            if rows >= 60 {
+                assert!(cpu.metrics.cov_selected_frac > 0.0, "{label}: selects");
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU; run with --include-ignored on a GPU machine (scripts/gpu-check.sh does)"]
+fn entropy_control_ties_match_cpu() {
+    // Equal advantages (0.1: not a binary fraction, so A − mean A is a rounding residue that
+    // only the same summation order reproduces) or three values, and log-probs from a few
+    // values: most covariances tie, so KL-Cov's order is decided by position.
+    let (g, _guard) = require_gpu!();
+    let mut rng = Rng::new(22);
+    for (ai, advs) in [[0.1, 0.1, 0.1], [-0.7, 0.1, 1.3]].iter().enumerate() {
+        for (rows, padded, dt) in [(30, false, Dt::F32), (200, true, Dt::Bf16)] {
+            let mut b = batch(&mut rng, rows, padded, true);
+            for (i, a) in b.advantages.iter_mut().enumerate() {
+                *a = advs[i % 3];
+            }
+            for (k, l) in b.logprobs.iter_mut().enumerate() {
+                *l = -(((k * 7919) % 6 + 1) as f64) / 3.0;
+                b.old[k] = *l + 0.1 * ((k % 5) as f64 - 2.0); // some ratios clipped
+            }
+            for cfg in [
+                r#"{"preset":"grpo","entropy_control":"kl_cov","kl_cov_ratio":0.1}"#,
+                r#"{"preset":"paper","entropy_control":"kl_cov","kl_cov_ratio":0.35}"#,
+                r#"{"preset":"grpo","entropy_control":"clip_cov","clip_cov_ratio":0.2,"clip_cov_lb":-0.5,"clip_cov_ub":0.5,"cov_seed":3}"#,
+            ] {
+                let (cpu, gpu) = run_both(g, cfg, &b, dt, None);
+                compare_cov(
+                    &format!("{cfg} advantages {ai} rows={rows} {dt:?}"),
+                    &cpu,
+                    &gpu,
+                    dt,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU; run with --include-ignored on a GPU machine (scripts/gpu-check.sh does)"]
+fn entropy_control_large_batch_matches_cpu_and_is_bitwise_deterministic() {
+    // About 100 000 tokens: many tiles and blocks, three bytes of flat index in the select.
+    let (g, _guard) = require_gpu!();
+    let mut rng = Rng::new(23);
+    let b = batch(&mut rng, 5000, false, true);
+    let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for cfg in [COV_CONFIGS[1], COV_CONFIGS[4]] {
+        let (cpu, first) = run_both(g, cfg, &b, Dt::F32, None);
+        compare_cov(&format!("{cfg} 5000 rows"), &cpu, &first, Dt::F32);
+        let (_, second) = run_both(g, cfg, &b, Dt::F32, None);
+        assert_eq!(bits(&first.grad), bits(&second.grad), "{cfg}");
+        assert_eq!(
+            bits(&first.metrics.to_array()),
+            bits(&second.metrics.to_array()),
+            "{cfg}"
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU; run with --include-ignored on a GPU machine (scripts/gpu-check.sh does)"]
+fn entropy_control_with_other_inputs_matches_cpu() {
+    // Global normalisers (no counts kernel) with per-token importance weights ρ; and neither a
+    // mask nor expert flags (every position counts, every row is a rollout).
+    let (g, _guard) = require_gpu!();
+    let mut rng = Rng::new(24);
+    let weighted = Inputs {
+        token_weights: true,
+        ..ALL_INPUTS
+    };
+    let plain = Inputs {
+        mask: false,
+        is_expert: false,
+        ..ALL_INPUTS
+    };
+    for (inputs, norm) in [
+        (
+            weighted,
+            Some(CalibrlNormalizers {
+                token_count: 977.0,
+                seq_count: 301.0,
+            }),
+        ),
+        (plain, None),
+    ] {
+        for cfg in [COV_CONFIGS[2], COV_CONFIGS[5], COV_CONFIGS[7]] {
+            for (rows, padded, dt) in [(33, true, Dt::F32), (120, false, Dt::Bf16)] {
+                let b = batch(&mut rng, rows, padded, true);
+                let (cpu, gpu) = run_both_with(g, cfg, &b, dt, norm, inputs);
+                compare_cov(
+                    &format!("{cfg} rows={rows} {dt:?} mask={}", inputs.mask),
+                    &cpu,
+                    &gpu,
+                    dt,
+                );
+            }
+        }
+    }
+}

@@ -13,9 +13,7 @@
 use super::compile::KernelSource;
 use super::device::{device, driver_error, Device};
 use super::workspace::{launch_struct, tickets, workspace};
-use crate::config::{
-    Activation, Aggregation, Baseline, Config, DeltaMode, EntropyControl, KlKind, LossKind,
-};
+use crate::config::{Activation, Aggregation, Baseline, Config, DeltaMode, KlKind, LossKind};
 use crate::desc::loss::{Advantages, Layout, Loss, Rows};
 use crate::desc::metrics::{CalibrlMetrics, METRICS_LEN};
 use crate::desc::Stream;
@@ -38,6 +36,8 @@ pub const LOSS: KernelSource = KernelSource {
         "calibrl_loss_f16",
         "calibrl_loss_any",
         "calibrl_collect_experts",
+        "calibrl_cov_prepare",
+        "calibrl_cov_histogram",
     ],
 };
 
@@ -250,6 +250,7 @@ struct LossParams {
     entropy_coef: f64,
     kl_coef: f64,
     luffy_gamma: f64,
+    cov: super::cov::CovParams,
 }
 
 /// Where the kernel takes N_tok and N_seq from (`COUNTS_*` in cuda/loss.cu).
@@ -281,13 +282,6 @@ fn authors(cfg: &Config) -> bool {
 
 /// The same requirements the CPU reference enforces before computing.
 fn check_inputs(cfg: &Config, args: &Loss) -> Result<()> {
-    // Not in the CUDA kernel yet: CPU backend only (SPEC §4.6, §4.7).
-    if cfg.entropy_control != EntropyControl::None {
-        return Err(Error::layout(
-            "entropy_control",
-            "Clip-Cov / KL-Cov run on the CPU backend only; pass CPU tensors",
-        ));
-    }
     let baseline_present = match cfg.baseline {
         // The authors' arithmetic explores against ℓ* = 0 without expert data.
         Baseline::Expert => args.expert.is_some() || authors(cfg),
@@ -459,6 +453,7 @@ fn loss_params(cfg: &Config, args: &Loss) -> Result<LossParams> {
         entropy_coef: cfg.entropy_coef,
         kl_coef: cfg.kl_coef,
         luffy_gamma: cfg.luffy_gamma,
+        cov: super::cov::params(cfg, args.policy.values.numel()),
     })
 }
 
@@ -478,16 +473,18 @@ pub fn loss(
     let blocks = rows.div_ceil(teams).clamp(1, max_blocks);
     let count_blocks = rows.div_ceil(THREADS as usize / 32).clamp(1, max_blocks);
     // Workspace: the final values (N_tok, N_seq, metrics), then the blocks' partial sums.
+    // Then the entropy control's (src/cuda/cov.rs).
     let final_doubles = FINAL_FIELDS + METRICS_LEN;
-    let ws = workspace(
-        dev,
-        ordinal,
-        stream,
-        (final_doubles + blocks.max(count_blocks) * BLOCK_FIELDS) * 8,
-    )?;
+    let loss_bytes = (final_doubles + blocks.max(count_blocks) * BLOCK_FIELDS) * 8;
+    let ws = workspace(dev, ordinal, stream, loss_bytes + p.cov.workspace_bytes())?;
     p.final_ws = ws;
     p.block_ws = ws + (final_doubles * 8) as u64;
+    p.cov.set_workspace(ws + loss_bytes as u64);
     p.tickets = tickets(dev, ordinal, stream)?;
+    for (kernel, cov_blocks, pass) in p.cov.launches(max_blocks) {
+        p.cov.set_pass(pass);
+        launch(dev, kernel, cov_blocks, super::cov::THREADS, stream, &mut p)?;
+    }
     if p.counts == Counts::Kernel as i64 {
         launch(
             dev,

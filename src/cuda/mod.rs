@@ -15,6 +15,7 @@
 //!   first-use compilation does not happen during capture).
 
 pub mod compile;
+mod cov;
 mod device;
 pub mod expert;
 mod launch;

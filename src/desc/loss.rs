@@ -159,6 +159,15 @@ impl<'a> Rows<'a> {
     }
 }
 
+/// Clip-Cov / KL-Cov (SPEC §4.6) add their covariance means in an order fixed by the flat
+/// positions alone, the same on both backends, so that both select the same tokens
+/// (`cpu::cov::fixed_order_sum`, and `calibrl_cov_prepare` in cuda/loss.cu, whose
+/// COV_THREADS and COV_PER_THREAD these are): threads of COV_SUM_PER_THREAD consecutive
+/// positions, in tiles of COV_SUM_THREADS threads.
+pub const COV_SUM_THREADS: usize = 256;
+pub const COV_SUM_PER_THREAD: usize = 8;
+pub const COV_SUM_TILE: usize = COV_SUM_THREADS * COV_SUM_PER_THREAD;
+
 /// Bytes of per-group statistics (count, sum, square sum as f64) a backend may allocate.
 const GROUP_STAT_BYTES: usize = 3 * 8;
 

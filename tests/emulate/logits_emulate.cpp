@@ -1,8 +1,7 @@
-// Host-side emulation of cuda/logits.cu for machines without a GPU: every CUDA thread of a block
-// is a std::thread, __syncthreads is a barrier and warp shuffles go through shared memory (the
-// kernels call them uniformly across the block). It checks the kernels' indexing (unaligned
-// heads, vector bodies, tails, strided shard views, in place / out of place), the online-softmax
-// rescaling and the reductions against a double-precision reference. It does not replace the
+// Host-side emulation of cuda/logits.cu for machines without a GPU (CUDA built-ins from
+// cuda_host.h: threads are std::threads, blocks run one after another). It checks the kernels'
+// indexing (unaligned heads, vector bodies, tails, strided shard views, in place / out of place),
+// the online-softmax rescaling and the reductions against a double-precision reference. It does not replace the
 // GPU tests (tests/gpu_logits.rs): no real memory model, no PTX, exp2 instead of ex2.approx.
 //
 // Run: scripts/emulate-kernels.sh   (g++ >= 12, C++20)
@@ -19,48 +18,7 @@
 #include <thread>
 #include <vector>
 
-struct Dim {
-    unsigned x;
-};
-thread_local Dim threadIdx, blockIdx;
-Dim blockDim, gridDim;
-static std::barrier<>* g_barrier;
-static float g_shuffle[1024];
-
-#define __device__
-#define __global__
-#define __forceinline__ inline
-#define __restrict__
-#define __align__(n) alignas(n)
-#define __launch_bounds__(...)
-#define __shared__ static
-
-inline void __syncthreads() { g_barrier->arrive_and_wait(); }
-inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
-    const unsigned t = threadIdx.x;
-    g_shuffle[t] = v;
-    __syncthreads();
-    const float r = g_shuffle[t ^ lane_mask];
-    __syncthreads();
-    return r;
-}
-inline float __int_as_float(int i) {
-    float f;
-    std::memcpy(&f, &i, 4);
-    return f;
-}
-inline float __uint_as_float(unsigned i) {
-    float f;
-    std::memcpy(&f, &i, 4);
-    return f;
-}
-inline unsigned __float_as_uint(float f) {
-    unsigned i;
-    std::memcpy(&i, &f, 4);
-    return i;
-}
-inline float __fmul_rn(float a, float b) { return a * b; }
-inline float __fadd_rn(float a, float b) { return a + b; }
+#include "cuda_host.h"
 
 #define CALIBRL_HOST_EMULATION
 inline float ex2(float x) {
@@ -82,23 +40,6 @@ inline unsigned short f32_to_f16(float f) {
 #include "../../cuda/logits.cu"
 
 // ---------------------------------------------------------------------------------------------
-
-static void launch(unsigned grid, unsigned block, const std::function<void()>& kernel) {
-    gridDim.x = grid;
-    blockDim.x = block;
-    for (unsigned b = 0; b < grid; ++b) {
-        std::barrier<> bar(block);
-        g_barrier = &bar;
-        std::vector<std::thread> threads;
-        for (unsigned t = 0; t < block; ++t)
-            threads.emplace_back([&, t] {
-                threadIdx.x = t;
-                blockIdx.x = b;
-                kernel();
-            });
-        for (auto& t : threads) t.join();
-    }
-}
 
 // Same rule as src/cuda/logits.rs `row_geometry`.
 static unsigned row_threads(long long v, int elem_size) {

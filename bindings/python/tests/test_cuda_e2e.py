@@ -2,6 +2,8 @@
 logits path on CUDA tensors against PyTorch autograd of the float64 SPEC.md implementation in
 spec_reference.py; calls on a non-default PyTorch stream; CUDA graph capture and replay."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -35,6 +37,50 @@ def test_cuda_loss_matches_float64_autograd(preset, overrides):
     # The metrics tensor on the device holds the same numbers as the host struct.
     assert res.metrics_tensor.is_cuda
     assert res.metrics_tensor.cpu()[0].item() == pytest.approx(res.metrics["loss"], rel=1e-12, abs=1e-15)
+
+
+def entropy_control_batch(dtype, packed):
+    """Rollouts whose covariances mostly tie: advantages from two values (0.1 is not a binary
+    fraction, so A − mean A keeps a rounding residue that only the same summation order gives)
+    and log-probs from six values; padded [64, 40] or packed (the same tokens)."""
+    g = torch.Generator().manual_seed(11)
+    B, S = 64, 40
+    lp = (-torch.randint(1, 7, (B, S), generator=g).to(F64) / 3.0).to(dtype)
+    old = (lp.to(F64) + 0.1 * (torch.randint(0, 5, (B, S), generator=g) - 2)).to(dtype)
+    lengths = torch.randint(0, S + 1, (B,), generator=g)
+    mask = (torch.arange(S)[None] < lengths[:, None]).to(F64)
+    adv = torch.where(torch.arange(B) % 3 == 0, -0.7, 0.1).to(F64)
+    inputs = calibrl.LossInputs(advantages=adv, weights=adv.abs(), signs=torch.sign(adv), mask=mask,
+                                old_logprobs=old)
+    if packed:
+        keep = mask.bool()
+        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(lengths, 0)])
+        inputs = dataclasses.replace(inputs, mask=None, old_logprobs=old[keep], seq_offsets=offsets)
+        lp = lp[keep]
+    return lp, inputs
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("overrides", [
+    {"entropy_control": "clip_cov", "clip_cov_ratio": 0.1, "clip_cov_lb": -0.5, "clip_cov_ub": 0.5, "cov_seed": 5},
+    {"entropy_control": "kl_cov", "kl_cov_ratio": 0.1},
+    {"entropy_control": "kl_cov", "kl_cov_ratio": 0.05, "cov_adv_mean": 0.0, "cov_logprob_mean": -1.0,
+     "cov_token_count": 5000.0},
+])
+def test_cuda_entropy_control_selects_the_cpu_tokens(overrides, dtype, packed):
+    """Clip-Cov / KL-Cov on CUDA select the CPU backend's tokens (SPEC §4.6): a token selected on
+    one backend only would move its gradient by its whole policy-gradient term or by β/N_tok."""
+    cfg = calibrl.Config("grpo", **overrides)
+    lp, inputs = entropy_control_batch(dtype, packed)
+    cpu = calibrl.loss(cfg, lp, inputs)
+    gpu = calibrl.loss(cfg, lp.cuda(), inputs.map_tensors(lambda t: torch.as_tensor(t).cuda()))
+    assert cpu.metrics["cov_selected_frac"] > 0
+    assert gpu.metrics["cov_selected_frac"] == cpu.metrics["cov_selected_frac"]
+    rtol = 2.0**-7 if dtype == torch.bfloat16 else 1e-6
+    torch.testing.assert_close(gpu.grad_logprobs.cpu().to(F64), cpu.grad_logprobs.to(F64), atol=1e-9, rtol=rtol)
+    again = calibrl.loss(cfg, lp.cuda(), inputs.map_tensors(lambda t: torch.as_tensor(t).cuda()))
+    assert torch.equal(again.grad_logprobs, gpu.grad_logprobs)
 
 
 @pytest.mark.parametrize("kind", ["luffy", "rlplus"])

@@ -1,0 +1,419 @@
+// Host-side emulation of the entropy-control kernels of cuda/loss.cu (Clip-Cov / KL-Cov, SPEC
+// §4.6) for machines without a GPU (CUDA built-ins from cuda_host.h: threads are std::threads,
+// blocks run one after another, so the "last block" of a ticket is the final one). It runs
+// calibrl_cov_prepare, the calibrl_cov_histogram passes and calibrl_loss_any as src/cuda/cov.rs
+// and src/cuda/loss.rs launch them, and checks against a plain reference written here after
+// src/cpu/cov.rs (sort the candidates' (key, flat index), take n):
+//   - the same selected tokens (many tied advantages and log-probs, so KL-Cov ties are common;
+//     n = 1, n = candidates − 1, = candidates, > candidates; caller-given means and count),
+//   - the means to the bit (the fixed summation order of src/cpu/cov.rs `fixed_order_sum`),
+//   - the same selection, means and gradients whatever the grid size,
+//   - the loss kernel's gradients and the cov_selected_frac metric.
+// It does not replace the GPU tests (tests/gpu_loss.rs): no real memory model, no concurrency
+// between blocks, no PTX, and the host's exp.
+//
+// Run: scripts/emulate-kernels.sh   (g++ >= 12, C++20)
+
+#include <algorithm>
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "cuda_host.h"
+
+#define CALIBRL_HOST_EMULATION
+inline unsigned short f32_to_bf16_bits(float f) {  // round to nearest even (finite inputs)
+    unsigned u;
+    std::memcpy(&u, &f, 4);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (unsigned short)(u >> 16);
+}
+inline float f16_bits_to_f32(unsigned short h) {
+    _Float16 v;
+    std::memcpy(&v, &h, 2);
+    return (float)v;
+}
+inline unsigned short f32_to_f16_bits(float f) {
+    const _Float16 v = (_Float16)f;
+    unsigned short h;
+    std::memcpy(&h, &v, 2);
+    return h;
+}
+
+#include "../../cuda/loss.cu"
+
+// ---------------------------------------------------------------------------------------------
+
+static int failures = 0;
+static void fail(const std::string& what) {
+    if (failures++ < 30) std::printf("FAIL %s\n", what.c_str());
+}
+
+// ---------------------------------------------------------------- reference (src/cpu/cov.rs)
+
+struct Tok {
+    long long k;
+    double a, logp;
+    bool clipped;
+};
+
+static unsigned long long splitmix(unsigned long long seed, unsigned long long k) {
+    unsigned long long z = seed * 0x9E3779B97F4A7C15ull + k + 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+// cpu::cov::block_sum
+static double ref_block_sum(const double* v) {
+    double total = 0.0;
+    for (int w = 0; w < 8; ++w) {
+        double x[32];
+        std::memcpy(x, v + 32 * w, sizeof x);
+        for (int o = 16; o > 0; o >>= 1)
+            for (int l = 0; l < o; ++l) x[l] += x[l + o];
+        total += x[0];
+    }
+    return total;
+}
+
+// cpu::cov::fixed_order_sum (tokens in increasing k)
+static double ref_fixed_sum(const std::vector<Tok>& toks, double (*f)(const Tok&)) {
+    double across[256] = {};
+    size_t j = 0;
+    const long long tiles = toks.empty() ? 0 : toks.back().k / 2048 + 1;
+    for (long long tile = 0; tile < tiles; ++tile) {
+        double threads[256] = {};
+        for (; j < toks.size() && toks[j].k / 2048 == tile; ++j) threads[(toks[j].k % 2048) / 8] += f(toks[j]);
+        across[tile % 256] += ref_block_sum(threads);
+    }
+    return ref_block_sum(across);
+}
+
+struct Given {
+    bool on = false;
+    double adv_mean = 0, logprob_mean = 0, count = 0;
+};
+
+struct RefResult {
+    std::vector<long long> selected;  // increasing
+    double adv_mean, logprob_mean, frac;
+    size_t candidates;
+};
+
+static RefResult reference(int control, double ratio, double lb, double ub, unsigned long long seed, const Given& g,
+                           const std::vector<Tok>& toks) {
+    RefResult r{};
+    const double n_local = (double)toks.size();
+    r.adv_mean = g.on ? g.adv_mean : (n_local > 0 ? ref_fixed_sum(toks, [](const Tok& t) { return t.a; }) / n_local : 0.0);
+    r.logprob_mean =
+        g.on ? g.logprob_mean : (n_local > 0 ? ref_fixed_sum(toks, [](const Tok& t) { return t.logp; }) / n_local : 0.0);
+    const double n_tok = g.on ? g.count : n_local;
+    const double nd = std::max(std::floor(ratio * n_tok), 1.0);
+    const size_t n = nd >= 1.8e19 ? SIZE_MAX : (size_t)nd;
+    std::vector<double> cov;
+    for (const Tok& t : toks) cov.push_back((t.a - r.adv_mean) * (t.logp - r.logprob_mean));
+    if (control == EC_CLIP_COV) {
+        std::vector<std::pair<unsigned long long, long long>> cand;
+        for (size_t j = 0; j < toks.size(); ++j)
+            if (!toks[j].clipped && lb < cov[j] && cov[j] < ub) cand.push_back({splitmix(seed, toks[j].k), toks[j].k});
+        std::sort(cand.begin(), cand.end());
+        r.candidates = cand.size();
+        for (size_t j = 0; j < std::min(n, cand.size()); ++j) r.selected.push_back(cand[j].second);
+    } else {
+        std::vector<size_t> order(toks.size());
+        for (size_t j = 0; j < order.size(); ++j) order[j] = j;
+        std::stable_sort(order.begin(), order.end(), [&](size_t x, size_t y) { return cov[x] > cov[y]; });
+        r.candidates = order.size();
+        for (size_t j = 0; j < std::min(n, order.size()); ++j) r.selected.push_back(toks[order[j]].k);
+    }
+    std::sort(r.selected.begin(), r.selected.end());
+    r.frac = toks.empty() ? 0.0 : (double)r.selected.size() / n_local;
+    return r;
+}
+
+// ---------------------------------------------------------------- a batch and its launches
+
+struct Batch {
+    bool packed;
+    bool plain;  // no mask and no expert flags passed (every position counts, no expert row)
+    long long rows, seq_len, numel;
+    std::vector<long long> offsets;  // packed
+    std::vector<unsigned char> mask, is_expert;
+    std::vector<double> logp, old, adv;
+    int dt;                              // DT_F32, DT_BF16 or DT_F64 for ℓ and ℓold
+    std::vector<unsigned char> lp_raw, old_raw;  // their storage
+};
+
+static void encode(int dt, const std::vector<double>& v, std::vector<unsigned char>& raw, std::vector<double>& back) {
+    const int es = dt == DT_F64 ? 8 : dt == DT_F32 ? 4 : 2;
+    raw.assign(v.size() * es + 8, 0);
+    back.resize(v.size());
+    for (size_t i = 0; i < v.size(); ++i) {
+        if (dt == DT_F64) std::memcpy(&raw[8 * i], &v[i], 8), back[i] = v[i];
+        else if (dt == DT_F32) {
+            float f = (float)v[i];
+            std::memcpy(&raw[4 * i], &f, 4);
+            back[i] = f;
+        } else {
+            unsigned short h = f32_to_bf16_bits((float)v[i]);
+            std::memcpy(&raw[2 * i], &h, 2);
+            back[i] = bf16_bits_to_f32(h);
+        }
+    }
+}
+
+static Batch make_batch(std::mt19937_64& rng, long long rows, long long max_len, bool packed, int dt, bool plain) {
+    Batch b;
+    b.packed = packed;
+    b.plain = plain;
+    b.rows = rows;
+    b.dt = dt;
+    std::vector<long long> lens(rows);
+    for (auto& l : lens) l = plain && !packed ? max_len : rng() % 9 == 0 ? 0 : 1 + (long long)(rng() % max_len);
+    b.seq_len = 1;
+    for (auto l : lens) b.seq_len = std::max(b.seq_len, l);
+    b.offsets.push_back(0);
+    for (auto l : lens) b.offsets.push_back(b.offsets.back() + (packed ? l : b.seq_len));
+    b.numel = b.offsets.back();
+    b.mask.assign(b.numel, 0);
+    for (long long i = 0; i < rows; ++i)
+        for (long long t = 0; t < lens[i]; ++t) b.mask[b.offsets[i] + t] = plain || rng() % 7 != 0;
+    // Few distinct values: many exact ties of the covariance. Not binary fractions, so the
+    // order of the sums shows in their last bits.
+    const double advs[] = {-1.1, -0.3, 0.1, 0.7, 1.3};
+    const double shifts[] = {-0.375, -0.125, 0.0, 0.125, 0.375};
+    b.adv.resize(rows);
+    b.is_expert.resize(rows);
+    for (long long i = 0; i < rows; ++i) {
+        b.adv[i] = advs[rng() % 5];
+        b.is_expert[i] = !plain && rng() % 6 == 0;
+    }
+    std::vector<double> lp(b.numel), old(b.numel);
+    for (long long k = 0; k < b.numel; ++k) {
+        lp[k] = -(double)(1 + rng() % 24) / 7.0;
+        old[k] = lp[k] + shifts[rng() % 5];
+    }
+    encode(dt, lp, b.lp_raw, b.logp);
+    encode(dt, old, b.old_raw, b.old);
+    return b;
+}
+
+static std::vector<Tok> rollout_tokens(const Batch& b, double clip) {
+    std::vector<Tok> toks;
+    for (long long i = 0; i < b.rows; ++i) {
+        if (b.is_expert[i]) continue;
+        for (long long k = b.offsets[i]; k < b.offsets[i + 1]; ++k) {
+            if (!b.mask[k]) continue;
+            const double ratio = std::exp(b.logp[k] - b.old[k]);
+            const double p1 = -b.adv[i] * ratio, p2 = -b.adv[i] * std::clamp(ratio, 1.0 - clip, 1.0 + clip);
+            toks.push_back({k, b.adv[i], b.logp[k], p2 > p1});
+        }
+    }
+    return toks;
+}
+
+struct Run {
+    std::vector<long long> selected;
+    CovState state;
+    std::vector<double> grad, metrics;
+};
+
+// The launches of src/cuda/loss.rs `loss` with entropy control (normalisers given, so no
+// counts kernel), with the grids capped at `max_blocks`.
+static Run run(const Batch& b, int control, double ratio, double lb, double ub, unsigned long long seed, double coef,
+               const Given& g, unsigned max_blocks, double norm_tokens) {
+    LossParams p;
+    std::memset(&p, 0, sizeof p);
+    p.logprobs = b.lp_raw.data();
+    p.logprobs_dt = b.dt;
+    p.offsets = b.packed ? b.offsets.data() : nullptr;
+    p.offsets_dt = DT_I64;
+    p.rows = b.rows;
+    p.seq_len = b.packed ? 0 : b.seq_len;
+    p.mask = b.plain ? nullptr : b.mask.data();
+    p.mask_dt = DT_U8;
+    p.old_logprobs = b.old_raw.data();
+    p.old_dt = b.dt;
+    p.advantages = b.adv.data();
+    p.advantages_dt = DT_F64;
+    p.weights = b.adv.data();
+    p.weights_dt = DT_F64;
+    p.signs = b.adv.data();
+    p.signs_dt = DT_F64;
+    p.is_expert = b.plain ? nullptr : b.is_expert.data();
+    p.is_expert_dt = DT_U8;
+    Run out;
+    out.grad.assign(b.numel + 1, NAN);
+    out.metrics.assign(METRICS, NAN);
+    p.grad_logprobs = out.grad.data();
+    p.grad_dt = DT_F64;
+    p.metrics = out.metrics.data();
+    p.metrics_dt = DT_F64;
+    // Same geometry rules as src/cuda/loss.rs.
+    long long threads = (b.numel + std::max(b.rows, 1LL) - 1) / std::max(b.rows, 1LL);
+    threads = std::clamp((threads + 15) / 16, 2LL, 32LL);
+    long long team = 1;
+    while (team < threads) team <<= 1;
+    p.team_log2 = __builtin_ctzll(team);
+    const long long teams = LOSS_THREADS / team;
+    const unsigned blocks = (unsigned)std::clamp((b.rows + teams - 1) / teams, 1LL, (long long)max_blocks);
+    std::vector<double> ws(FINAL_FIELDS + METRICS + (size_t)blocks * BLOCK_FIELDS);
+    unsigned tickets[64] = {};
+    p.final_ws = ws.data();
+    p.block_ws = ws.data() + FINAL_FIELDS + METRICS;
+    p.tickets = tickets;
+    p.counts = COUNTS_GIVEN;
+    p.norm_tokens = norm_tokens;
+    p.norm_seqs = 1.0;
+    p.loss_kind = LOSS_GRPO;
+    p.agg = AGG_TOKEN_MEAN;
+    p.clip_low = 0.2;
+    p.clip_high = 0.2;
+    p.dual_clip = 3.0;
+    // src/cuda/cov.rs `params`
+    p.cov.control = control;
+    p.cov.lb = lb;
+    p.cov.ub = ub;
+    p.cov.ratio = ratio;
+    p.cov.coef = coef;
+    p.cov.seed = seed;
+    p.cov.given = g.on ? 7 : 0;
+    p.cov.adv_mean = g.adv_mean;
+    p.cov.logprob_mean = g.logprob_mean;
+    p.cov.token_count = g.count;
+    p.cov.numel = b.numel;
+    long long bits = 0;
+    while (b.numel > 1 && ((b.numel - 1) >> bits) != 0) ++bits;
+    p.cov.k_passes = (bits + 7) / 8;
+    p.cov.tiles = (b.numel + COV_TILE - 1) / COV_TILE;
+    std::vector<unsigned long long> cov_ws(16 + COV_BINS + 3 * p.cov.tiles + 1, 0xdeadbeefdeadbeefull);  // garbage
+    p.cov.state = (CovState*)cov_ws.data();
+    p.cov.hist = cov_ws.data() + 16;
+    p.cov.tile_sums = (double*)(cov_ws.data() + 16 + COV_BINS);
+    const unsigned cov_blocks = (unsigned)std::clamp(p.cov.tiles, 1LL, (long long)max_blocks);
+    launch(cov_blocks, COV_THREADS, [&] { calibrl_cov_prepare(p); });
+    for (long long pass = 0; pass < COV_KEY_PASSES + p.cov.k_passes; ++pass) {
+        p.cov.pass = pass;
+        launch(cov_blocks, COV_THREADS, [&] { calibrl_cov_histogram(p); });
+    }
+    launch(blocks, LOSS_THREADS, [&] { calibrl_loss_any(p); });
+    out.state = *p.cov.state;
+    for (long long i = 0; i < b.rows; ++i) {
+        if (b.is_expert[i]) continue;
+        for (long long k = b.offsets[i]; k < b.offsets[i + 1]; ++k) {
+            if (!b.mask[k]) continue;
+            double pv, dv;
+            bool clipped, lower;
+            clipped_pg(p, b.adv[i], b.logp[k], b.old[k], pv, dv, clipped, lower);
+            unsigned long long key;
+            if (cov_candidate(p, p.cov.state, b.adv[i], b.logp[k], k, clipped, key) && cov_chosen(p.cov.state, key, k))
+                out.selected.push_back(k);
+        }
+    }
+    for (int j = 0; j < 3; ++j)
+        if (tickets[j] != 0) fail("ticket " + std::to_string(j) + " not reset");
+    for (int d = 0; d < COV_BINS; ++d)
+        if (p.cov.hist[d] != 0) {
+            fail("histogram not zeroed");
+            break;
+        }
+    return out;
+}
+
+static bool same_bits(double x, double y) { return std::memcmp(&x, &y, 8) == 0; }
+
+int main() {
+    std::mt19937_64 rng(20261204);
+    int cases = 0;
+    const double clip = 0.2, lb = -0.3, ub = 0.8, coef = 0.7;
+    struct Shape {
+        long long rows, max_len;
+        bool packed;
+        int dt;
+        bool plain;
+    };
+    const Shape shapes[] = {{1, 5, true, DT_F32, false},     {7, 40, false, DT_BF16, false},
+                            {40, 60, true, DT_F64, false},   {300, 30, false, DT_F32, false},
+                            {90, 400, true, DT_BF16, false}, {3, 1, false, DT_F32, false},
+                            {20, 50, false, DT_F32, true},   {30, 20, true, DT_BF16, true}};
+    for (const Shape& sh : shapes) {
+        const Batch b = make_batch(rng, sh.rows, sh.max_len, sh.packed, sh.dt, sh.plain);
+        const std::vector<Tok> toks = rollout_tokens(b, clip);
+        for (int control : {EC_CLIP_COV, EC_KL_COV}) {
+            const RefResult local = reference(control, 0.5, lb, ub, 7, Given{}, toks);
+            const double c = (double)local.candidates;
+            // (ratio, given count): n = 1, candidates − 1, = candidates, > candidates, a fraction.
+            std::vector<std::pair<double, Given>> settings = {
+                {1e-6, Given{}}, {0.5, Given{true, local.adv_mean, local.logprob_mean, 2 * c - 2}},
+                {0.5, Given{true, local.adv_mean, local.logprob_mean, 2 * c}},
+                {0.5, Given{true, local.adv_mean, local.logprob_mean, 2 * c + 2}}, {0.3, Given{}},
+                {1.0, Given{}},  {0.2, Given{true, 0.1, -1.5, 3.0 * (double)toks.size()}}};
+            for (const auto& [ratio, given] : settings) {
+                for (unsigned long long seed : {0ull, 12345ull}) {
+                    if (control == EC_KL_COV && seed != 0) continue;  // KL-Cov takes no seed
+                    ++cases;
+                    const RefResult want = reference(control, ratio, lb, ub, seed, given, toks);
+                    char tag[256];
+                    std::snprintf(tag, sizeof tag, "rows=%lld packed=%d plain=%d dt=%d control=%d ratio=%g given=%d(%g) seed=%llu",
+                                  sh.rows, (int)sh.packed, (int)sh.plain, sh.dt, control, ratio, (int)given.on, given.count, seed);
+                    std::vector<Run> runs;
+                    for (unsigned max_blocks : {1u, 4u}) runs.push_back(run(b, control, ratio, lb, ub, seed, coef, given, max_blocks, 997.0));
+                    const Run& got = runs[0];
+                    if (got.selected != want.selected)
+                        fail(std::string(tag) + ": selection differs (" + std::to_string(got.selected.size()) + " vs " +
+                             std::to_string(want.selected.size()) + " tokens)");
+                    if (!same_bits(got.state.adv_mean, want.adv_mean) || !same_bits(got.state.logprob_mean, want.logprob_mean))
+                        fail(std::string(tag) + ": means differ from the fixed-order reference");
+                    if (!same_bits(got.metrics[15], want.frac)) fail(std::string(tag) + ": cov_selected_frac");
+                    for (size_t j = 1; j < runs.size(); ++j) {
+                        if (runs[j].selected != got.selected) fail(std::string(tag) + ": selection depends on the grid");
+                        if (!same_bits(runs[j].state.adv_mean, got.state.adv_mean) ||
+                            !same_bits(runs[j].state.logprob_mean, got.state.logprob_mean))
+                            fail(std::string(tag) + ": means depend on the grid");
+                        for (long long k = 0; k < b.numel; ++k)
+                            if (!same_bits(runs[j].grad[k], got.grad[k])) {
+                                fail(std::string(tag) + ": gradient depends on the grid");
+                                break;
+                            }
+                    }
+                    // Gradients: token-mean over the given N_tok = 997, GRPO (no other term).
+                    std::vector<bool> chosen(b.numel, false);
+                    for (long long k : want.selected) chosen[k] = true;
+                    int bad = 0;
+                    for (long long i = 0; i < b.rows; ++i)
+                        for (long long k = b.offsets[i]; k < b.offsets[i + 1]; ++k) {
+                            double g = 0.0;
+                            if (b.mask[k] && !b.is_expert[i]) {
+                                const double a = b.adv[i], r = std::exp(b.logp[k] - b.old[k]);
+                                const double p1 = -a * r, p2 = -a * std::clamp(r, 1.0 - clip, 1.0 + clip);
+                                double dv = p2 > p1 ? 0.0 : -a * r;
+                                if (a < 0 && std::max(p1, p2) > -a * 3.0) dv = 0.0;
+                                if (control == EC_CLIP_COV && chosen[k]) dv = 0.0;
+                                if (control == EC_KL_COV) {
+                                    const double d = b.logp[k] - b.old[k];
+                                    dv = -a * r + (chosen[k] ? coef * (d > 0 ? 1.0 : d < 0 ? -1.0 : 0.0) : 0.0);
+                                }
+                                g = dv / 997.0;
+                            }
+                            if (!(std::fabs(got.grad[k] - g) <= 1e-14 + 1e-12 * std::fabs(g)) && bad++ == 0)
+                                fail(std::string(tag) + ": gradient at " + std::to_string(k) + ": " +
+                                     std::to_string(got.grad[k]) + " vs " + std::to_string(g));
+                        }
+                }
+            }
+        }
+    }
+    std::printf("loss_emulate: %d cases, %d failures\n", cases, failures);
+    return failures == 0 ? 0 : 1;
+}
