@@ -520,7 +520,7 @@ class LossArgs {
   LossArgs& ref_logprobs(TensorView v) { ref_logprobs_ = v; return *this; }
   LossArgs& entropy(TensorView v) { entropy_ = v; return *this; }
   /// Per-token importance weights ρ ≥ 0 (layout of logprobs) on the policy-gradient term,
-  /// like verl's rollout_is_weights. CPU backend only for now.
+  /// like verl's rollout_is_weights (CPU and CUDA backends).
   LossArgs& token_weights(TensorView v) { token_weights_ = v; return *this; }
   /// `[B]` advantages, rarity weights and signs (as from calibrl::group_advantages).
   LossArgs& advantages(TensorView v) { advantages_ = v; return *this; }
