@@ -4,7 +4,7 @@ The library is reached through ctypes, which TorchDynamo cannot trace; registere
 ``torch.library.custom_op`` with fake (shape-only) implementations and registered autograd,
 each call is one opaque node of the graph instead of a graph break:
 
-- ``calibrl::loss``: log-probs (and entropy) → metrics ``[15]`` (``metrics[0]`` is the loss) and
+- ``calibrl::loss``: log-probs (and entropy) → metrics ``[METRICS_LEN]`` (``metrics[0]`` is the loss) and
   ∂L/∂ℓ, ∂L/∂H, computed in the forward; the backward scales them by the incoming gradient.
 - ``calibrl::logits_loss``: logits ``[N, V]`` → the same, with the log-sum-exp and entropy the
   backward needs; ``calibrl::logits_backward`` (also a custom op, so the compiled backward
@@ -12,7 +12,7 @@ each call is one opaque node of the graph instead of a graph break:
   graph may not overwrite its input behind PyTorch's back).
 
 :class:`CompiledCalibRLLoss` and :class:`CompiledFusedLogitsCalibRL` return ``(loss,
-metrics)`` with ``metrics`` a float64 tensor ``[15]`` in ``calibrl.METRICS_NAMES`` order (a
+metrics)`` with ``metrics`` a float64 tensor ``[METRICS_LEN]`` in ``calibrl.METRICS_NAMES`` order (a
 dict of Python floats would force a device sync and a graph break; use
 ``calibrl.metrics_dict(metrics)`` outside the compiled region). Needs torch >= 2.4.
 """
@@ -121,7 +121,7 @@ def _logits_loss_op(
     is_expert: Optional[Tensor], expert_logprobs: Optional[Tensor], expert_offsets: Optional[Tensor],
     expert_mask: Optional[Tensor], expert_index: Optional[Tensor], token_weights: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """→ (metrics [15], ∂L/∂ℓ [N], ∂L/∂H [N] or [0], lse [N], entropy [N])."""
+    """→ (metrics [METRICS_LEN], ∂L/∂ℓ [N], ∂L/∂H [N] or [0], lse [N], entropy [N])."""
     fields = (advantages, weights, signs, mask, seq_offsets, old_logprobs, ref_logprobs, is_expert,
               expert_logprobs, expert_offsets, expert_mask, expert_index, token_weights)
     z = logits if logits.shape[1] <= 1 or logits.stride(1) == 1 else logits.contiguous()
