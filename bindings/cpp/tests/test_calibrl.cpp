@@ -277,6 +277,31 @@ void test_loss_clipping() {
   }
 }
 
+// KL-Cov (SPEC §4.6) with GRPO, three one-token rows, token-mean over 3 tokens:
+//   mean A = 0, mean ℓ = −3.5/3, so cov = A·(ℓ + 3.5/3) = [2/3, 0, 5/6]; n = max(⌊0.2·3⌋, 1)
+//   = 1 selects row 2 (the largest covariance). Every row uses the unclipped p = −A·ρ; row 2
+//   adds β·|ℓ − ℓold| = 0.5 (β = 1) and ∂ += β·sign(ℓ − ℓold) = 1.
+//   L = (−e^0.2 + 0 + e^0.5 + 0.5)/3, ∂L/∂ℓ = [−e^0.2, 0, e^0.5 + 1]/3, selected fraction 1/3.
+void test_loss_kl_cov() {
+  const calibrl::Config cfg =
+      calibrl::Config::from_json(R"({"preset":"grpo","entropy_control":"kl_cov","kl_cov_ratio":0.2})");
+  std::vector<double> lp{-0.5, -1.0, -2.0}, old{-0.7, -1.0, -2.5}, adv{1.0, 0.0, -1.0};
+  std::vector<double> w{1, 1, 1}, sign{1, -1, -1}, grad(3, 7.0);
+  std::vector<std::int64_t> offsets{0, 1, 2, 3};
+  const calibrl_metrics m = calibrl::loss(cfg, calibrl::LossArgs{}
+                                                   .logprobs(lp, offsets)
+                                                   .old_logprobs(old)
+                                                   .advantages(adv)
+                                                   .weights(w)
+                                                   .signs(sign)
+                                                   .grad_logprobs(grad));
+  const double e02 = std::exp(0.2), e05 = std::exp(0.5);
+  check_near(m.loss, (-e02 + e05 + 0.5) / 3.0, 1e-12, "KL-Cov: L = (-e^0.2 + e^0.5 + 0.5)/3");
+  report(near(grad[0], -e02 / 3.0, 1e-12) && grad[1] == 0.0 && near(grad[2], (e05 + 1.0) / 3.0, 1e-12),
+         "KL-Cov: dL/dl = [-e^0.2, 0, e^0.5 + 1]/3");
+  check_near(m.cov_selected_frac, 1.0 / 3.0, 1e-15, "KL-Cov: one token of three selected");
+}
+
 void test_errors() {
   const calibrl::Config cfg = calibrl::Config::preset("paper");
   std::vector<float> lp{-1.f}, old{-1.1f}, adv{0.5f}, w{0.5f, 0.5f}, sign{1.f}, expert{-0.5f};
@@ -712,6 +737,7 @@ int main(int argc, char** argv) {
       {"views", test_views},         {"advantages", test_advantages},
       {"loss (one token)", test_loss_one_token},
       {"loss (clipping)", test_loss_clipping},
+      {"loss (KL-Cov)", test_loss_kl_cov},
       {"errors", test_errors},       {"logits", test_logits},
       {"plan", test_plan},           {"dynamic sampling", test_dynamic_sampling},
   };
