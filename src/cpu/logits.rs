@@ -3,7 +3,7 @@
 //! large logits (±1e4) do not cancel catastrophically.
 
 use super::fastmath::exp_f32;
-use super::parallel::for_row_chunks_with_scratch;
+use super::parallel::{for_row_chunks, for_row_chunks_with_scratch};
 use crate::desc::logits::{
     inv_temperature, Backward, Forward, LogitsInput, ShardFinish, ShardStats, STATS_WIDTH,
 };
@@ -39,6 +39,7 @@ trait Elem: Copy + Send + Sync {
     fn store_row(src: &[f32], dst: &mut [Self]);
     /// NaN or +inf (−inf is allowed: a masked vocabulary entry).
     fn any_bad(row: &[Self]) -> bool;
+    fn to_f32(self) -> f32;
 }
 impl Elem for f32 {
     fn load_row(src: &[Self], dst: &mut [f32]) {
@@ -50,6 +51,9 @@ impl Elem for f32 {
     fn any_bad(row: &[Self]) -> bool {
         row.iter()
             .fold(false, |bad, &x| bad | (x.is_nan() | (x == f32::INFINITY)))
+    }
+    fn to_f32(self) -> f32 {
+        self
     }
 }
 impl Elem for bf16 {
@@ -66,6 +70,9 @@ impl Elem for bf16 {
             bad | ((b & 0x7fff) > 0x7f80) | (b == 0x7f80)
         })
     }
+    fn to_f32(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
 }
 impl Elem for f16 {
     fn load_row(src: &[Self], dst: &mut [f32]) {
@@ -79,6 +86,9 @@ impl Elem for f16 {
             let b = x.to_bits();
             bad | ((b & 0x7fff) > 0x7c00) | (b == 0x7c00)
         })
+    }
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
     }
 }
 
@@ -100,6 +110,23 @@ fn for_rows_with_scratch(
     for_row_chunks_with_scratch(n, rows_per_thread(v), v, f).map_err(|_| scratch_error(v))
 }
 
+/// The largest element as f32 (NaN entries are skipped, as by `f32::max`). Eight independent
+/// lanes let the compiler vectorise the reduction.
+fn lane_max<T: Elem>(u: &[T]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let chunks = u.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for j in 0..8 {
+            lanes[j] = lanes[j].max(c[j].to_f32());
+        }
+    }
+    tail.iter()
+        .map(|&x| x.to_f32())
+        .chain(lanes)
+        .fold(f32::NEG_INFINITY, |a, b| a.max(b))
+}
+
 /// Statistics of one row: max pass, then a branch-free pass for the sums.
 fn row_stats<T: Elem>(row: &[T], inv_t: f32, target: Option<usize>, u: &mut [f32]) -> RowStats {
     let u = &mut u[..row.len()];
@@ -107,19 +134,7 @@ fn row_stats<T: Elem>(row: &[T], inv_t: f32, target: Option<usize>, u: &mut [f32
         T::load_row(row, u);
         let bad = T::any_bad(row);
         u.iter_mut().for_each(|x| *x *= inv_t);
-        // Eight independent lanes let the compiler vectorise the reductions.
-        let mut lanes = [f32::NEG_INFINITY; 8];
-        let chunks = u.chunks_exact(8);
-        let tail = chunks.remainder();
-        for c in chunks {
-            for j in 0..8 {
-                lanes[j] = lanes[j].max(c[j]);
-            }
-        }
-        let m = tail
-            .iter()
-            .chain(&lanes)
-            .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let m = lane_max(u);
         let (mut s, mut sc) = (0f64, 0f64);
         if m.is_finite() {
             // f32 lane sums over blocks of 1024, accumulated in f64. The centred logit is
@@ -393,19 +408,17 @@ pub fn backward(args: &Backward) -> Result<()> {
     let bad = std::sync::atomic::AtomicUsize::new(usize::MAX);
     let src = SyncPtr(input.logits.ptr);
     let maxes = SyncPtr(row_max.as_mut_ptr());
-    fn scan<T: Elem>(row: &[T], inv_t: f32, u: &mut [f32]) -> (bool, f32) {
-        let u = &mut u[..row.len()];
-        T::load_row(row, u);
-        let m = u.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        (T::any_bad(row), m * inv_t)
+    // One read of the row, no conversion into a scratch row.
+    fn scan<T: Elem>(row: &[T], inv_t: f32) -> (bool, f32) {
+        (T::any_bad(row), lane_max(row) * inv_t)
     }
-    for_rows_with_scratch(n, input.v, |b, e, u| {
+    for_row_chunks(n, rows_per_thread(input.v), |b, e| {
         for k in b..e {
             let (is_bad, m) = unsafe {
                 match input.logits.dtype {
-                    DType::BF16 => scan(rows::<bf16>(input, src.get(), k), inv_t, u),
-                    DType::F16 => scan(rows::<f16>(input, src.get(), k), inv_t, u),
-                    _ => scan(rows::<f32>(input, src.get(), k), inv_t, u),
+                    DType::BF16 => scan(rows::<bf16>(input, src.get(), k), inv_t),
+                    DType::F16 => scan(rows::<f16>(input, src.get(), k), inv_t),
+                    _ => scan(rows::<f32>(input, src.get(), k), inv_t),
                 }
             };
             if is_bad {
@@ -413,7 +426,7 @@ pub fn backward(args: &Backward) -> Result<()> {
             }
             unsafe { *maxes.get().add(k) = m };
         }
-    })?;
+    });
     let bad = bad.into_inner();
     if bad != usize::MAX {
         return Err(Error::new(
