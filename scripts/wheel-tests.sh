@@ -20,8 +20,8 @@ PY="$CALIBRL_VENV/bin/python"
 export PATH="$CALIBRL_VENV/bin:$PATH"  # the tests' ninja and cmake
 work="$(mktemp -d "${TMPDIR:-/tmp}/calibrl-wheel-tests.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
-# One cargo target directory for both builds: dependencies compile once, the crate from each
-# source tree.
+# One cargo target directory for both builds (the release wheel's under x86_64-unknown-linux-gnu/,
+# the sdist's plain cargo build under release/), so a later run recompiles only the crate.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$root/target}/packaging"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 tests=(test_loss.py test_logits.py test_library.py test_errors.py test_dlpack.py test_plan.py test_compile.py)
