@@ -2,7 +2,8 @@
 # The project's test command (README): Rust tests (CPU backend, C ABI, header freshness, NVRTC
 # compile of every kernel; the GPU tests are reported as ignored unless nvidia-smi lists a GPU),
 # the Python binding tests, the C++ binding tests and the packaging check (scripts/wheel-tests.sh:
-# sdist and wheel installed in fresh venvs). Installs what it needs on first use.
+# sdist and the manylinux_2_28 release wheel installed in fresh venvs). Installs what it needs on
+# first use.
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"

