@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import sys
-from ctypes import POINTER, c_int32, c_int64, c_uint8, c_uint16, c_uint64, c_void_p
+from ctypes import c_int64
 
 import numpy as np
 
