@@ -2,8 +2,9 @@
 # The host emulation of every CUDA kernel (docs/cuda.md, "Host emulation"), the correctness gate
 # for cuda/*.cu on machines without a GPU. Needs g++ >= 12 (C++20, _Float16), cargo and NVRTC
 # (scripts/dev-env.sh installs it). Three parts:
-#   1. tests/emulate/logits_emulate.cpp, loss_emulate.cpp: standalone checks of the logits
-#      kernels and of the Clip-Cov / KL-Cov selection against references written in C++;
+#   1. tests/emulate/primitives_emulate.cpp: the emulated CUDA built-ins (cuda_host.h) against
+#      CUDA's documented semantics; logits_emulate.cpp, loss_emulate.cpp: standalone checks of
+#      the logits kernels and of the Clip-Cov / KL-Cov selection against references in C++;
 #   2. target/emulate/libcuda.so.1, an emulated CUDA driver (tests/emulate/driver/) that runs the
 #      kernels of cuda/*.cu on the host;
 #   3. the GPU tests (tests/gpu_loss.rs, gpu_logits.rs, gpu_expert.rs) with that driver: the real
@@ -22,7 +23,7 @@ out="$root/target/emulate"
 mkdir -p "$out"
 
 if [[ "${CALIBRL_EMULATE_ONLY:-}" != driver ]]; then
-  for name in logits loss; do
+  for name in primitives logits loss; do
     echo "== emulation: tests/emulate/${name}_emulate.cpp"
     "${cxx[@]}" "tests/emulate/${name}_emulate.cpp" -o "$out/${name}_emulate"
     "$out/${name}_emulate"
