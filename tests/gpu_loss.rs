@@ -19,7 +19,7 @@ use calibrl::ffi::loss::{
 use calibrl::tensor::{DLDataType, DLDevice, DLTensor, DL_CPU, DL_CUDA};
 use calibrl::CalibrlStatus;
 use cudarc::driver::{CudaSlice, DevicePtr};
-use half::bf16;
+use half::{bf16, f16};
 use std::ffi::{c_void, CString};
 use std::ptr::{null, null_mut};
 
@@ -38,6 +38,7 @@ enum Dt {
     F32,
     F64,
     Bf16,
+    F16,
     I64,
     U8,
 }
@@ -48,6 +49,7 @@ impl Dt {
             Dt::F32 => (2, 32),
             Dt::F64 => (2, 64),
             Dt::Bf16 => (4, 16),
+            Dt::F16 => (2, 16),
             Dt::I64 => (0, 64),
             Dt::U8 => (1, 8),
         };
@@ -63,6 +65,7 @@ impl Dt {
                 Dt::F32 => (x as f32).to_le_bytes().to_vec(),
                 Dt::F64 => x.to_le_bytes().to_vec(),
                 Dt::Bf16 => bf16::from_f64(x).to_le_bytes().to_vec(),
+                Dt::F16 => f16::from_f64(x).to_le_bytes().to_vec(),
                 Dt::I64 => (x as i64).to_le_bytes().to_vec(),
                 Dt::U8 => vec![x as u8],
             })
@@ -82,6 +85,10 @@ impl Dt {
                 .chunks_exact(2)
                 .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f64())
                 .collect(),
+            Dt::F16 => b
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f64())
+                .collect(),
             _ => unreachable!("outputs are float"),
         }
     }
@@ -91,6 +98,7 @@ impl Dt {
         match self {
             Dt::F32 => 2f64.powi(-23),
             Dt::Bf16 => 2f64.powi(-7),
+            Dt::F16 => 2f64.powi(-10),
             _ => 1e-12,
         }
     }
@@ -323,6 +331,8 @@ struct Inputs {
     reference: bool,
     entropy: bool,
     token_weights: bool,
+    /// ℓold's dtype when it differs from ℓ's (the mixed-dtype kernel `calibrl_loss_any`).
+    old_dtype: Option<Dt>,
 }
 
 const ALL_INPUTS: Inputs = Inputs {
@@ -331,6 +341,7 @@ const ALL_INPUTS: Inputs = Inputs {
     reference: true,
     entropy: true,
     token_weights: false,
+    old_dtype: None,
 };
 
 struct Outputs {
@@ -377,7 +388,7 @@ fn run_both_with(
     let mut t_lp = Pair::new(g, dt, &b.logprobs, &shape);
     let mut t_off = Pair::new(g, Dt::I64, &offsets, &[b.rows + 1]);
     let mut t_mask = Pair::new(g, Dt::U8, &b.mask, &shape);
-    let mut t_old = Pair::new(g, dt, &b.old, &shape);
+    let mut t_old = Pair::new(g, inputs.old_dtype.unwrap_or(dt), &b.old, &shape);
     let mut t_ref = Pair::new(g, Dt::F32, &b.reference, &shape); // mixed dtypes on purpose
     let mut t_ent = Pair::new(g, dt, &b.entropy, &shape);
     let mut t_adv = Pair::new(g, Dt::F64, &b.advantages, &[b.rows]);
@@ -620,6 +631,7 @@ fn loss_matches_cpu_without_optional_inputs_and_with_token_weights() {
                     reference,
                     entropy,
                     token_weights,
+                    old_dtype: None,
                 };
                 for dt in [Dt::F32, Dt::Bf16] {
                     let (cpu, gpu) = run_both_with(g, cfg, &b, dt, None, inputs);
@@ -631,6 +643,37 @@ fn loss_matches_cpu_without_optional_inputs_and_with_token_weights() {
                     );
                 }
             }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU; run with --include-ignored on a GPU machine (scripts/gpu-check.sh does)"]
+fn loss_matches_cpu_for_f16_and_mixed_dtypes() {
+    // `calibrl_loss_f16`, and `calibrl_loss_any` (ℓold in another dtype than ℓ and ∂L/∂ℓ).
+    let (g, _guard) = require_gpu!();
+    let mut rng = Rng::new(17);
+    for cfg in [CONFIGS[0], CONFIGS[1], CONFIGS[3], CONFIGS[10], CONFIGS[17]] {
+        let expert_rows = cfg.contains("luffy") || cfg.contains("authors");
+        for (rows, padded, dt, old_dtype) in [
+            (9, false, Dt::F16, None),
+            (40, true, Dt::F16, None),
+            (33, false, Dt::F32, Some(Dt::Bf16)),
+            (12, true, Dt::Bf16, Some(Dt::F64)),
+            (20, false, Dt::F16, Some(Dt::F32)),
+        ] {
+            let b = batch(&mut rng, rows, padded, expert_rows);
+            let inputs = Inputs {
+                old_dtype,
+                ..ALL_INPUTS
+            };
+            let (cpu, gpu) = run_both_with(g, cfg, &b, dt, None, inputs);
+            compare(
+                &format!("{cfg} rows={rows} padded={padded} {dt:?} old {old_dtype:?}"),
+                &cpu,
+                &gpu,
+                dt,
+            );
         }
     }
 }

@@ -3,7 +3,7 @@
 // (max_nan, f32_to_bf16 in plain C instead of max.NaN / cvt.rn.bf16).
 #include "../cuda_host.h"
 #include "host_cvt.h"
-#include "../../../cuda/logits.cu"
+#include "logits.cu"  // from cuda/, or CALIBRL_EMULATE_KERNEL_DIR
 #include "kernels.h"
 
 EMU_KERNEL(calibrl_logits_forward_bf16)

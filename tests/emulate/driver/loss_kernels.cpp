@@ -2,7 +2,7 @@
 // of src/cuda/loss.rs `LOSS.kernels`; cuModuleGetFunction also requires each in the PTX).
 #include "../cuda_host.h"
 #include "host_cvt.h"
-#include "../../../cuda/loss.cu"
+#include "loss.cu"  // from cuda/, or CALIBRL_EMULATE_KERNEL_DIR (scripts/emulate-kernels.sh)
 #include "kernels.h"
 
 EMU_KERNEL(calibrl_group_stats)
