@@ -9,15 +9,18 @@
 #      kernels of cuda/*.cu on the host;
 #   3. the GPU tests (tests/gpu_loss.rs, gpu_logits.rs, gpu_expert.rs) with that driver: the real
 #      src/cuda code (argument packing, grids, workspaces) against the CPU backend, with the GPU
-#      tests' own cases and tolerances, in quick mode (CALIBRL_GPU_TEST_QUICK=1).
+#      tests' own cases and tolerances, in quick mode (CALIBRL_GPU_TEST_QUICK=1), at 2 and
+#      (the large batches) 132 emulated multiprocessors.
 # Environment: CALIBRL_EMULATE_SEED (block order and thread schedule, default 1),
-# CALIBRL_EMULATE_SMS (multiprocessors the emulated device reports, default 2),
+# CALIBRL_EMULATE_SMS (multiprocessors of the first GPU-test run, default 2),
 # CALIBRL_EMULATE_ONLY=driver to skip part 1, CALIBRL_EMULATE_KERNEL_DIR=<dir> to build the
 # emulated driver from <dir>/loss.cu and <dir>/logits.cu instead of cuda/ (e.g. a deliberately
 # broken copy, to see the gate fail: docs/cuda.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="$(pwd)"
+. scripts/dev-env.sh  # NVRTC for the library (it compiles the kernels before loading them)
+set -euo pipefail
 # -fno-strict-aliasing: the kernels read 16-byte vectors through element pointers, which CUDA
 # allows and g++ -O2 would otherwise miscompile.
 cxx=(g++ -std=c++20 -O2 -fno-strict-aliasing -ffp-contract=off -Wall -Wno-unused-function -Wno-unknown-pragmas)
@@ -52,16 +55,23 @@ for pid in "${pids[@]}"; do wait "$pid"; done
 "${cxx[@]}" -shared -Wl,-soname,libcuda.so.1 "$out"/{driver,loss_kernels,logits_kernels,stubs}.o -o "$out/libcuda.so.1"
 ln -sf libcuda.so.1 "$out/libcuda.so"
 
-echo "== GPU tests on the emulated driver (CALIBRL_GPU_TEST_QUICK=1)"
-log="$out/gpu-tests.log"
-status=0
-LD_LIBRARY_PATH="$out${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" CALIBRL_GPU_TEST_QUICK=1 \
-  CALIBRL_GPU_TEST_SEED="${CALIBRL_GPU_TEST_SEED:-1}" \
-  cargo test --release --test gpu_loss --test gpu_logits --test gpu_expert -- --include-ignored --test-threads=1 \
-  --nocapture >"$log" 2>&1 || status=$?
-grep -E '^test |^test result|calibrl emulated CUDA|panicked' "$log" || true
-if grep -q "skipped: no CUDA device" "$log"; then
-  echo "FAIL: a GPU test did not see the emulated device (see $log)"; exit 1
-fi
-if [[ $status -ne 0 ]]; then echo "FAIL: GPU tests on the emulated driver (see $log)"; exit 1; fi
+# The GPU tests with the emulated driver first on the loader path. $1: the emulated device's
+# multiprocessors (the loss family sizes its grids by them); the rest: cargo test arguments.
+gpu_tests() {
+  local sms="$1" log="$out/gpu-tests-sms$1.log" status=0
+  shift
+  echo "== GPU tests on the emulated driver, $sms multiprocessors (CALIBRL_GPU_TEST_QUICK=1): $*"
+  LD_LIBRARY_PATH="$out${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" CALIBRL_EMULATE_SMS="$sms" CALIBRL_GPU_TEST_QUICK=1 \
+    CALIBRL_GPU_TEST_SEED="${CALIBRL_GPU_TEST_SEED:-1}" \
+    cargo test --release "$@" --include-ignored --test-threads=1 --nocapture >"$log" 2>&1 || status=$?
+  grep -E '^test result|calibrl emulated CUDA|panicked' "$log" || true
+  if grep -q "skipped: no CUDA device" "$log"; then
+    echo "FAIL: a GPU test did not see the emulated device (see $log)"; exit 1
+  fi
+  if [[ $status -ne 0 ]]; then echo "FAIL: GPU tests on the emulated driver (see $log)"; exit 1; fi
+}
+# Every test at small grids (at most 8 blocks: the kernels' grid-stride loops run many rounds),
+# then the large batches at an H100's 132 multiprocessors (grids of hundreds of blocks).
+gpu_tests "${CALIBRL_EMULATE_SMS:-2}" --test gpu_loss --test gpu_logits --test gpu_expert --
+gpu_tests 132 --test gpu_loss -- large_batch
 echo "emulation: all passed"

@@ -115,6 +115,8 @@ int emu_unsupported(const char* name) {
 }
 
 CUresult cuInit(unsigned) { return SUCCESS; }
+// Probed by another CUDA library in the process (it copes without): no private tables here.
+CUresult cuGetExportTable(const void**, const void*) { return NOT_SUPPORTED; }
 CUresult cuDriverGetVersion(int* v) {
     *v = 13000;
     return SUCCESS;
