@@ -90,20 +90,27 @@ struct Block {
 };
 inline thread_local Block* g_block = nullptr;
 
-// Fiber stacks, reused across launches (a guard page below each catches an overflow).
+// Fiber stacks of a host thread, reused across its launches and unmapped when it ends (a guard
+// page below each catches an overflow).
+struct Stacks {
+    static constexpr size_t PAGE = 4096;
+    std::vector<char*> v;
+    ~Stacks() {
+        for (char* s : v) munmap(s - PAGE, STACK_BYTES + PAGE);
+    }
+};
 inline char* stack(unsigned i) {
-    static thread_local std::vector<char*> stacks;
-    while (stacks.size() <= i) {
-        const size_t page = 4096;
-        void* m = mmap(nullptr, STACK_BYTES + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    static thread_local Stacks stacks;
+    while (stacks.v.size() <= i) {
+        void* m = mmap(nullptr, STACK_BYTES + Stacks::PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         if (m == MAP_FAILED) {
             std::perror("cuda_host.h: mmap");
             std::abort();
         }
-        mprotect(m, page, PROT_NONE);
-        stacks.push_back((char*)m + page);
+        mprotect(m, Stacks::PAGE, PROT_NONE);
+        stacks.v.push_back((char*)m + Stacks::PAGE);
     }
-    return stacks[i];
+    return stacks.v[i];
 }
 
 // The running fiber gives control back to the scheduler (it stays in its current state).
