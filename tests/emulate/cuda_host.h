@@ -9,11 +9,11 @@
 //                     the block has exited, or while lanes wait in a warp collective, is an error.
 //   __shfl_*_sync, __ballot_sync, __any_sync, __all_sync
 //                     CUDA's semantics (Programming Guide, "Warp Shuffle Functions", "Warp Vote
-//                     Functions"): the calling lane must be in `mask`; every lane of `mask` must
-//                     call the same collective with the same mask (else an error, or a deadlock,
-//                     reported); `width` segments; a lane reading from a lane outside `mask`
-//                     gets an undefined value, here a NaN-patterned poison; lanes outside `mask`
-//                     add nothing to a vote.
+//                     Functions"): the calling lane must be in `mask`; every non-exited lane of
+//                     `mask` must call the same collective with the same mask (else an error, or
+//                     a deadlock, reported); `width` segments; a lane reading from a lane that
+//                     does not take part (outside `mask`, or exited) gets an undefined value,
+//                     here a NaN-patterned poison; only taking part lanes count in a vote.
 //   atomics           return the old value; with __threadfence they are also switch points.
 // An error (mismatched collective, divergent barrier, deadlock) stops the launch and is reported
 // by `try_launch`; `launch` prints it and exits. Shared memory (`__shared__` is `static`) keeps
@@ -73,6 +73,7 @@ struct Fiber {
 struct WarpOp {
     int kind = -1;
     unsigned mask = 0, arrived = 0;
+    unsigned exited = 0;  // lanes of the warp that have returned from the kernel
     uint64_t value[32];
     int src[32];  // shuffles: the lane read (−1: own value); votes: the predicate
 };
@@ -136,11 +137,18 @@ inline void yield() {
     switch_out();
 }
 
+inline void complete(unsigned w);
+
 inline void entry() {
     Block& b = *g_block;
     (*b.kernel)();
     b.current->state = State::Done;
     ++b.done;
+    // A collective waiting only for lanes that have now exited completes without them.
+    const unsigned w = b.current->tid >> 5;
+    WarpOp& op = b.warps[w];
+    op.exited |= 1u << (b.current->tid & 31);
+    if (op.arrived && op.arrived == (op.mask & ~op.exited)) complete(w);
     // returning resumes uc_link, the scheduler
 }
 
@@ -239,35 +247,37 @@ inline uint64_t collective(int kind, unsigned mask, uint64_t value, int arg) {
     op.value[lane] = value;
     op.src[lane] = arg;
     op.arrived |= 1u << lane;
-    if (op.arrived != mask) {
-        f.state = State::Warp;
-        switch_out();
-        return f.result;
-    }
+    f.state = State::Warp;
+    if (op.arrived == (mask & ~op.exited)) complete(w);
+    switch_out();
+    return f.result;
+}
+
+// Every non-exited lane of the mask has arrived: the results, and the lanes are ready again.
+inline void complete(unsigned w) {
+    Block& b = *g_block;
+    WarpOp& op = b.warps[w];
+    const unsigned in = op.arrived;  // the lanes taking part
     unsigned votes = 0;
     for (unsigned l = 0; l < 32; ++l)
-        if (((mask >> l) & 1u) && op.src[l]) votes |= 1u << l;
+        if (((in >> l) & 1u) && op.src[l]) votes |= 1u << l;
     for (unsigned l = 0; l < 32; ++l) {
-        if (!((mask >> l) & 1u)) continue;
+        if (!((in >> l) & 1u)) continue;
         Fiber& g = b.fibers[32 * w + l];
-        switch (kind) {
+        switch (op.kind) {
             case BALLOT: g.result = votes; break;
             case ANY: g.result = votes != 0; break;
-            case ALL: g.result = votes == mask; break;
+            case ALL: g.result = votes == in; break;
             default: {
                 const int src = op.src[l];
-                g.result = src < 0 ? op.value[l] : ((mask >> src) & 1u) ? op.value[src] : POISON;
+                g.result = src < 0 ? op.value[l] : ((in >> src) & 1u) ? op.value[src] : POISON;
             }
         }
-        if (&g != &f) {
-            g.state = State::Ready;
-            b.ready.push_back(g.tid);
-        }
+        g.state = State::Ready;
+        b.ready.push_back(g.tid);
     }
     op.arrived = 0;
     op.kind = -1;
-    yield();
-    return f.result;
 }
 
 template <class T>

@@ -114,10 +114,22 @@ int main() {
     // Misuses are errors, never silently "working".
     expect_error(try_launch(1, 32, [&] { __shfl_down_sync(0xfffffffeu, 1, 1); }), "excludes the calling lane",
                  "a mask without the caller");
-    expect_error(try_launch(1, 32, [&] {
+    expect_error(try_launch(1, 64, [&] {
                      if (threadIdx.x < 16) __shfl_down_sync(0xffffffffu, 1, 1);
+                     else __syncthreads();
                  }),
-                 "deadlock", "lanes of the mask that never call");
+                 "deadlock", "lanes of the mask that wait elsewhere");
+    // Lanes of the mask that have exited do not take part (CUDA: "all non-exited threads named
+    // in mask"): the others complete, and reading an exited lane is undefined (poison).
+    launch(1, 32, [&] {
+        if (threadIdx.x >= 16) return;
+        got[threadIdx.x] = __shfl_down_sync(0xffffffffu, (double)threadIdx.x, 8);
+        votes[threadIdx.x] = __ballot_sync(0xffffffffu, 1);
+    });
+    for (unsigned l = 0; l < 16; ++l) {
+        expect(l < 8 ? got[l] == l + 8.0 : std::isnan(got[l]), "shuffle with exited lanes, lane " + std::to_string(l));
+        expect(votes[l] == 0xffffu, "ballot with exited lanes, lane " + std::to_string(l));
+    }
     expect_error(try_launch(1, 32, [&] {
                      if (threadIdx.x & 1) __shfl_xor_sync(0xffffffffu, 1, 1);
                      else __ballot_sync(0xffffffffu, 1);
