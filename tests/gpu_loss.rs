@@ -531,10 +531,7 @@ fn loss_matches_cpu_for_every_configuration() {
             (33, true, Dt::F64),
         ] {
             let b = batch(&mut rng, rows, padded, expert_rows);
-            let norm = (ci % 2 == 0).then_some(CalibrlNormalizers {
-                token_count: 977.0,
-                seq_count: 301.0,
-            });
+            let norm = (ci % 2 == 0).then_some(CalibrlNormalizers::new(977.0, 301.0));
             let (cpu, gpu) = run_both(g, cfg, &b, dt, norm);
             compare(
                 &format!("{cfg} rows={rows} padded={padded} {dt:?}"),
@@ -904,10 +901,7 @@ fn entropy_control_with_other_inputs_matches_cpu() {
     for (inputs, norm) in [
         (
             weighted,
-            Some(CalibrlNormalizers {
-                token_count: 977.0,
-                seq_count: 301.0,
-            }),
+            Some(CalibrlNormalizers::new(977.0, 301.0)),
         ),
         (plain, None),
     ] {
