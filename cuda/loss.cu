@@ -232,7 +232,7 @@ extern "C" __global__ void calibrl_group_advantages(AdvParams p) {
 #define KL_K3 3
 // Where N_tok and N_seq come from.
 #define COUNTS_GIVEN 0     // the caller's global normalisers
-#define COUNTS_KERNEL 1    // calibrl_loss_counts wrote them to final_ws[0..2]
+#define COUNTS_KERNEL 1    // calibrl_loss_counts wrote them to final_ws[0..4]
 #define COUNTS_ALL_ROWS 2  // padded, every row trained, no mask: the layout's token and row counts
 // "Any dtype" instantiation of the loss kernel (runtime switch per load).
 #define DT_ANY (-1)

@@ -899,10 +899,7 @@ fn entropy_control_with_other_inputs_matches_cpu() {
         ..ALL_INPUTS
     };
     for (inputs, norm) in [
-        (
-            weighted,
-            Some(CalibrlNormalizers::new(977.0, 301.0)),
-        ),
+        (weighted, Some(CalibrlNormalizers::new(977.0, 301.0))),
         (plain, None),
     ] {
         for cfg in [COV_CONFIGS[2], COV_CONFIGS[5], COV_CONFIGS[7]] {

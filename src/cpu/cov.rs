@@ -6,10 +6,10 @@
 //! order the CUDA backend's kernels use, so both backends select the same tokens.
 
 use crate::config::{Config, EntropyControl};
-use crate::error::{Error, Result};
 use crate::desc::loss::{
     COV_SUM_PER_THREAD as SUM_PER_THREAD, COV_SUM_THREADS as SUM_THREADS, COV_SUM_TILE as SUM_TILE,
 };
+use crate::error::{Error, Result};
 
 /// A token that may be selected: its flat index, its covariance and whether the ratio clip
 /// clipped it (p2 > p1). Tokens are given in increasing flat index.
@@ -24,7 +24,9 @@ pub struct CovToken {
 pub fn no_memory(n: usize) -> Error {
     Error::invalid(
         "logprobs",
-        format!("Clip-Cov / KL-Cov needs working memory for {n} tokens, which could not be allocated"),
+        format!(
+            "Clip-Cov / KL-Cov needs working memory for {n} tokens, which could not be allocated"
+        ),
     )
 }
 
@@ -148,9 +150,7 @@ pub fn select(cfg: &Config, tokens: &[CovToken]) -> Result<Vec<usize>> {
     let candidates = tokens.iter().zip(&cov).filter(|(t, &c)| {
         c.is_finite()
             && match cfg.entropy_control {
-                EntropyControl::ClipCov => {
-                    !t.clipped && cfg.clip_cov_lb < c && c < cfg.clip_cov_ub
-                }
+                EntropyControl::ClipCov => !t.clipped && cfg.clip_cov_lb < c && c < cfg.clip_cov_ub,
                 _ => true,
             }
     });

@@ -194,7 +194,11 @@ struct Denominators {
 impl Denominators {
     /// The caller's global normalisers (an all-row count left 0 means "the same as the
     /// rollout-row count"), or this call's own counts.
-    fn resolve(given: Option<Normalizers>, local: Denominators, expert_tokens: f64) -> Result<Self> {
+    fn resolve(
+        given: Option<Normalizers>,
+        local: Denominators,
+        expert_tokens: f64,
+    ) -> Result<Self> {
         let Some(n) = given else {
             return Ok(local);
         };
@@ -239,7 +243,8 @@ pub fn compute(cfg: &Config, batch: &LossBatch) -> Result<LossOutput> {
         .iter()
         .map(|r| fsum(batch.mask[r.clone()].iter().copied()))
         .collect();
-    let tokens_of = |row: &dyn Fn(usize) -> bool| fsum((0..b).filter(|&i| row(i)).map(|i| n_tokens[i]));
+    let tokens_of =
+        |row: &dyn Fn(usize) -> bool| fsum((0..b).filter(|&i| row(i)).map(|i| n_tokens[i]));
     // A row without counted tokens adds nothing and is not counted in N_seq (SPEC §4.5).
     let seqs_of = |row: &dyn Fn(usize) -> bool| {
         (0..b).filter(|&i| row(i) && n_tokens[i] > 0.0).count() as f64

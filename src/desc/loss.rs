@@ -344,8 +344,18 @@ impl<'a> Loss<'a> {
             }
             // Every row's count includes the rollout rows' (0: the same count).
             for (name, all, base, base_name) in [
-                ("normalizers.all_token_count", n.all_token_count, n.token_count, "token_count"),
-                ("normalizers.all_seq_count", n.all_seq_count, n.seq_count, "seq_count"),
+                (
+                    "normalizers.all_token_count",
+                    n.all_token_count,
+                    n.token_count,
+                    "token_count",
+                ),
+                (
+                    "normalizers.all_seq_count",
+                    n.all_seq_count,
+                    n.seq_count,
+                    "seq_count",
+                ),
             ] {
                 if all != 0.0 && all < base {
                     return Err(Error::invalid(

@@ -655,17 +655,15 @@ pub fn lib_loss_cfg(cfg: &Cfg, case: &Case, o: &CallOpts) -> Result<LibLoss, (i3
         }
         None => (None, None, None, None),
     };
-    let norm = b
-        .norm
-        .map(|(t, s)| {
-            let (all_token_count, all_seq_count) = o.norm_all.unwrap_or((0.0, 0.0));
-            calibrl::desc::metrics::CalibrlNormalizers {
-                token_count: t,
-                seq_count: s,
-                all_token_count,
-                all_seq_count,
-            }
-        });
+    let norm = b.norm.map(|(t, s)| {
+        let (all_token_count, all_seq_count) = o.norm_all.unwrap_or((0.0, 0.0));
+        calibrl::desc::metrics::CalibrlNormalizers {
+            token_count: t,
+            seq_count: s,
+            all_token_count,
+            all_seq_count,
+        }
+    });
     let mut grad_l = Some(Tensor::filled(f64::NAN, &shape, o.grad_dt));
     let mut grad_h = o
         .grad_h
