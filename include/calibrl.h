@@ -29,7 +29,7 @@ typedef struct {
 #endif
 
 /* The ABI version this header describes; compare with calibrl_abi_version(). */
-#define CALIBRL_ABI_VERSION 3
+#define CALIBRL_ABI_VERSION 4
 
 
 /**

@@ -206,10 +206,10 @@ fn version_and_abi_version() {
         .to_str()
         .unwrap();
     assert_eq!(v, env!("CARGO_PKG_VERSION"));
-    assert_eq!(unsafe { (api().abi_version)() }, 3);
+    assert_eq!(unsafe { (api().abi_version)() }, 4);
     let header =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/include/calibrl.h")).unwrap();
-    assert!(header.contains("#define CALIBRL_ABI_VERSION 3"));
+    assert!(header.contains("#define CALIBRL_ABI_VERSION 4"));
     for (st, name) in [
         (0, "CALIBRL_STATUS_OK"),
         (3, "CALIBRL_STATUS_SHAPE_MISMATCH"),

@@ -26,6 +26,7 @@ mod common;
 use calibrl::desc::metrics::CalibrlNormalizers;
 use common::reference::{RefBatch, RefExpert};
 use common::*;
+use std::f64::consts::FRAC_1_SQRT_2;
 
 /// One random batch in their layout.
 struct Theirs {
@@ -369,7 +370,7 @@ fn authors_terms_have_two_denominators() {
         s: 2,
         group: vec![0, 0, 0],
         pref: vec![false, false, true],
-        adv: vec![0.7071067811865476, -0.7071067811865476, 0.0],
+        adv: vec![FRAC_1_SQRT_2, -FRAC_1_SQRT_2, 0.0],
         pass: vec![true, false, true],
         expert_row_of_group: vec![Some(2)],
         mask: vec![1.0; 6],

@@ -20,7 +20,7 @@ from ctypes import (
 )
 
 #: The ABI version these bindings are written against (``CALIBRL_ABI_VERSION`` in the header).
-EXPECTED_ABI_VERSION = 3
+EXPECTED_ABI_VERSION = 4
 
 METRICS_NAMES = (
     "loss",
