@@ -8,7 +8,11 @@
 //     n = 1, n = candidates − 1, = candidates, > candidates; caller-given means and count),
 //   - the means to the bit (the fixed summation order of src/cpu/cov.rs `fixed_order_sum`),
 //   - the same selection, means and gradients whatever the grid size,
-//   - the loss kernel's gradients and the cov_selected_frac metric.
+//   - the loss kernel's gradients and the cov_selected_frac metric,
+//   - special values: equal advantages (A − mean A exactly 0, ties by position) and covariances
+//     that overflow to ±inf or NaN (never selected, SPEC §4.6),
+//   - the `authors` preset (SPEC §4.7): calibrl_loss_counts' two pairs of counts, or the given
+//     ones, the dual clip at c_dual = 0.5, rollout-row and all-row denominators.
 // It does not replace the GPU tests (tests/gpu_loss.rs): no real memory model, no concurrency
 // between blocks, no PTX, and the host's exp.
 //
