@@ -4,7 +4,8 @@
 # (scripts/dev-env.sh installs it). Three parts:
 #   1. tests/emulate/primitives_emulate.cpp: the emulated CUDA built-ins (cuda_host.h) against
 #      CUDA's documented semantics; logits_emulate.cpp, loss_emulate.cpp: standalone checks of
-#      the logits kernels and of the Clip-Cov / KL-Cov selection against references in C++;
+#      the logits kernels, of the Clip-Cov / KL-Cov selection and of the counts and loss kernels
+#      under the `authors` preset against references in C++;
 #   2. target/emulate/libcuda.so.1, an emulated CUDA driver (tests/emulate/driver/) that runs the
 #      kernels of cuda/*.cu on the host;
 #   3. the GPU tests (tests/gpu_loss.rs, gpu_logits.rs, gpu_expert.rs) with that driver: the real

@@ -493,6 +493,8 @@ const CONFIGS: &[&str] = &[
     r#"{"preset":"authors"}"#,
     r#"{"preset":"authors","kl_coef":0.05,"kl_kind":"k2","entropy_coef":0.01}"#,
     r#"{"preset":"authors","delta_mode":"sequence","agg":"seq-mean-token-mean"}"#,
+    // the authors' dual clip at c_dual ≤ 1, two pairs of denominators with every aggregation
+    r#"{"preset":"authors","dual_clip":0.5,"kl_coef":0.05,"entropy_coef":0.01,"agg":"seq-mean-token-sum"}"#,
 ];
 
 fn compare(label: &str, cpu: &Outputs, gpu: &Outputs, dt: Dt) {
@@ -542,9 +544,11 @@ fn loss_matches_cpu_for_every_configuration() {
             (33, true, Dt::F64),
         ] {
             let b = batch(&mut rng, rows, padded, expert_rows);
+            // With expert rows, every row's counts too (the `authors` preset needs them).
             let norm = (ci % 2 == 0).then_some(CalibrlNormalizers {
-                token_count: 977.0,
-                seq_count: 301.0,
+                all_token_count: if expert_rows { 1201.0 } else { 0.0 },
+                all_seq_count: if expert_rows { 377.0 } else { 0.0 },
+                ..CalibrlNormalizers::new(977.0, 301.0)
             });
             let (cpu, gpu) = run_both(g, cfg, &b, dt, norm);
             compare(
@@ -870,6 +874,42 @@ fn entropy_control_matches_cpu() {
 
 #[test]
 #[ignore = "needs an NVIDIA GPU; run with --include-ignored on a GPU machine (scripts/gpu-check.sh does)"]
+fn entropy_control_non_finite_covariances_match_cpu() {
+    // Issue 30, item 1: log-probs of −1e308 with a caller-given mean of 1e308, or of −DBL_MAX
+    // with the call's own mean (its sum overflows): non-finite covariances are never selected,
+    // on either backend.
+    let (g, _guard) = require_gpu!();
+    let mut rng = Rng::new(23);
+    for (tiny, cfg) in [
+        (
+            -1e308,
+            r#"{"preset":"grpo","entropy_control":"kl_cov","kl_cov_ratio":0.2,"cov_adv_mean":0.05,"cov_logprob_mean":1e308,"cov_token_count":500}"#,
+        ),
+        (
+            -f64::MAX,
+            r#"{"preset":"grpo","entropy_control":"kl_cov","kl_cov_ratio":0.2}"#,
+        ),
+        (
+            -1e308,
+            r#"{"preset":"grpo","entropy_control":"clip_cov","clip_cov_ratio":0.3,"clip_cov_lb":-1e300,"clip_cov_ub":1e300,"cov_adv_mean":0.05,"cov_logprob_mean":1e308,"cov_token_count":500}"#,
+        ),
+    ] {
+        for (rows, padded) in [(30, false), (120, true)] {
+            let mut b = batch(&mut rng, rows, padded, true);
+            for (k, l) in b.logprobs.iter_mut().enumerate() {
+                if k % 4 == 1 {
+                    *l = tiny;
+                    b.old[k] = tiny;
+                }
+            }
+            let (cpu, gpu) = run_both(g, cfg, &b, Dt::F64, None);
+            compare_cov(&format!("{cfg} rows={rows}"), &cpu, &gpu, Dt::F64);
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU; run with --include-ignored on a GPU machine (scripts/gpu-check.sh does)"]
 fn entropy_control_ties_match_cpu() {
     // Equal advantages (0.1: not a binary fraction, so A − mean A is a rounding residue that
     // only the same summation order reproduces) or three values, and log-probs from a few
@@ -945,13 +985,7 @@ fn entropy_control_with_other_inputs_matches_cpu() {
         ..ALL_INPUTS
     };
     for (inputs, norm) in [
-        (
-            weighted,
-            Some(CalibrlNormalizers {
-                token_count: 977.0,
-                seq_count: 301.0,
-            }),
-        ),
+        (weighted, Some(CalibrlNormalizers::new(977.0, 301.0))),
         (plain, None),
     ] {
         for cfg in [COV_CONFIGS[2], COV_CONFIGS[5], COV_CONFIGS[7]] {
