@@ -48,13 +48,16 @@ def trainer_config(*overrides):
     with initialize_config_dir(config_dir=config_dir, version_base=None):
         return compose(config_name="ppo_trainer", overrides=list(README_OVERRIDES) + [
             f"actor_rollout_ref.actor.ppo_mini_batch_size={PROMPTS}", f"actor_rollout_ref.rollout.n={N}",
-            "actor_rollout_ref.actor.shuffle=False", *overrides])
+            "actor_rollout_ref.actor.shuffle=False",
+            "actor_rollout_ref.rollout.calculate_log_probs=False",  # no rollout log-probs without a rollout server
+            *overrides])
 
 
 @pytest.fixture(scope="module")
 def queue():
     """A local Ray with verl's TransferQueue, and a one-rank gloo group (the engine's DP group)."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    # logical CPUs: the queue's controller and its two storage units take one each
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     tq.init()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -125,7 +128,9 @@ def _engine_class():
             flat = self.model.model_output(micro_batch)["log_probs"]
             log_probs = torch.nested.nested_tensor_from_jagged(flat, offsets=ids.offsets())
             model_output = {"log_probs": log_probs}
-            if micro_batch.get("calculate_entropy", False):  # a metric only (entropy_coeff = 0)
+            from verl.utils import tensordict_utils as tu
+
+            if tu.get_non_tensor_data(micro_batch, "calculate_entropy", False):  # a metric (entropy_coeff 0)
                 model_output["entropy"] = torch.nested.nested_tensor_from_jagged(torch.zeros_like(flat),
                                                                                  offsets=ids.offsets())
             if loss_function is not None:
@@ -169,9 +174,11 @@ def _worker(model, actor_cfg):
         use_fused_kernels=False, infer_max_token_len_per_gpu=64, infer_micro_batch_size_per_gpu=4)
     training.model_config = {}
     training.device_name = "cpu"
-    training.profiler = types.SimpleNamespace(step=lambda: None)
+    training.profiler = types.SimpleNamespace(rank=0, step=lambda: None, check_enable=lambda: False)  # off
     training.flops_counter = types.SimpleNamespace(estimate_flops=lambda *a, **k: (1.0, 1.0))
-    worker = object.__new__(cv.CalibRLActorRolloutRefWorker)
+    worker = object.__new__(cv.CalibRLActorRolloutRefWorker)  # Worker.__init__ joins the Ray/torch group
+    worker._Worker__dispatch_dp_rank, worker._Worker__collect_dp_rank = {}, {}
+    worker.set_dispatch_collect(mesh_name="actor", dispatch_dp_rank={"train": 0}, collect_dp_rank={"train": True})
     worker.enable_routing_replay = False
     worker.actor = training
     worker.loss_fn = functools.partial(ppo_loss, config=actor_cfg)
@@ -233,7 +240,7 @@ def _reference_step(model, rows, cfg):
     total, parts = ref.loss(cfg, lp, mask, adv, adv.abs(), torch.tensor(signs, dtype=F64), old=old,
                             expert_lp=expert_lp, expert_mask=expert_mask, expert_index=torch.arange(len(rows)))
     grads = torch.autograd.grad(total, list(model.parameters()))
-    return [p.detach() - LR * g for p, g in zip(model.parameters(), grads)], parts
+    return [p.detach() - LR * g for p, g in zip(model.parameters(), grads)], parts, experts
 
 
 def test_v1_training_step_with_the_expert_pass_equals_the_reference(queue, on_cpu):
@@ -245,7 +252,7 @@ def test_v1_training_step_with_the_expert_pass_equals_the_reference(queue, on_cp
     keys, rows = _rows()
     config = trainer_config()
     model = TinyPolicy(seed=2)
-    want, parts = _reference_step(model, rows, cv.config_from_verl(actor_config(), "token-mean").to_dict())
+    want, parts, experts = _reference_step(model, rows, cv.config_from_verl(actor_config(), "token-mean").to_dict())
     assert parts["explore_loss"] != 0
 
     tags = [{"status": "success", "prompt_len": len(r["prompts"]), "response_len": len(r["responses"]),
@@ -268,7 +275,8 @@ def test_v1_training_step_with_the_expert_pass_equals_the_reference(queue, on_cp
     assert calls[1][1] == [f"{k}/calibrl_expert" for k in keys]  # the expert pass, on temporary keys
     assert not any(k.endswith("/calibrl_expert") for k in tq.kv_list("train").get("train", {}))
     stored = tq.kv_batch_get(keys=keys, partition_id="train", select_fields=[cv.EXPERT_LOG_PROBS, cv.EXPERT_MASK])
-    assert stored[cv.EXPERT_LOG_PROBS].shape == (len(keys), 4)
+    for lp, expert in zip(stored[cv.EXPERT_LOG_PROBS].unbind(), experts):  # log p(expert | the row's prompt)
+        torch.testing.assert_close(lp[: len(expert)].to(F64), expert, rtol=1e-6, atol=1e-6)
     assert metrics["actor/calibrl_explore_loss"] != 0 and "actor/pg_loss" in metrics
     for got, expect in zip(model.parameters(), want):
         torch.testing.assert_close(got.detach(), expect, rtol=1e-6, atol=1e-9)

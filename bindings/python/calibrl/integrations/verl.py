@@ -457,6 +457,8 @@ def attach_expert_log_probs_tq(batch, compute_log_prob, temperature: float = 1.0
         partition_id=partition,
         fields=TensorDict({EXPERT_LOG_PROBS: log_probs, EXPERT_MASK: expert_mask}, batch_size=len(keys)),
     )
+    if batch.fields is not None:  # the workers read the fields the batch's metadata lists
+        batch.fields = list(dict.fromkeys([*batch.fields, EXPERT_LOG_PROBS, EXPERT_MASK]))
 
 
 def attach_correctness(batch, threshold: float = 0.1, key: str = "token_level_scores") -> None:
