@@ -33,9 +33,11 @@ def test_readme_command_composes_with_verls_config():
     lines = [line for line in block.splitlines() if not line.strip().startswith("#")]
     command = "\n".join(lines).strip().rstrip("\\")
     assert command.startswith("python -m calibrl.integrations.verl_main")
-    command = command.replace("python", sys.executable, 1)
+    # Hydra's --cfg before the overrides (argparse takes one run of positionals)
+    command = command.replace("python -m calibrl.integrations.verl_main",
+                              f"{sys.executable} -m calibrl.integrations.verl_main --cfg job", 1)
     env = dict(os.environ, PYTHONPATH=PYTHONPATH)
-    out = subprocess.run(["bash", "-c", command + " --cfg job data.train_files=x.parquet data.val_files=x.parquet"],
+    out = subprocess.run(["bash", "-c", command + " data.train_files=x.parquet data.val_files=x.parquet"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     for line in ("adv_estimator: grpo", "norm_adv_by_std_in_grpo: false", "loss_mode: calibrl",

@@ -582,7 +582,9 @@ def use_trainer(mode: str) -> type:
 
 
 def _build_task_runner():
+    import transfer_queue  # noqa: F401  (the runner's trainer needs it: a missing one fails here, not in Ray)
     from verl.trainer.main_ppo import TaskRunnerV1
+    from verl.trainer.ppo.v1 import trainer_base  # noqa: F401
 
     class CalibRLTaskRunnerV1(TaskRunnerV1.__ray_metadata__.modified_class.__ray_actor_class__):
         """verl's ``TaskRunnerV1`` (a Ray actor) with CalibRL's trainer for the configured mode."""
