@@ -199,7 +199,9 @@ def _rows(seed=4):
         expert_mask = (torch.arange(4) < expert_len).long()
         for s in range(N):
             response = torch.randint(1, 12, (int(torch.randint(1, 5, (1,), generator=g)),), generator=g)
-            reward = float(s % 2 == p % 2)  # mixed groups: some correct, some not
+            # prompt 0: a mixed group; prompt 1: all correct (advantage 0, so correctness must come
+            # from verl's rm_scores, not from the advantage's sign)
+            reward = 1.0 if p == 1 else float(s % 2 == 0)
             seq = torch.cat([prompt, response])
             scores = torch.zeros(len(response))
             scores[-1] = reward

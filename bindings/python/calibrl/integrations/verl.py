@@ -147,9 +147,11 @@ def config_from_verl(config, loss_agg_mode: str, horizon: int | None = None, seq
 
 
 def _normalizers(config, response_mask: torch.Tensor, loss_agg_mode: str):
-    """``(normalizers, dp_size)`` that reproduce verl's agg_loss. verl divides by the global
-    count and multiplies by dp_size (DP averages gradients), i.e. divides by count / dp_size;
-    its ``token-sum`` multiplies the local sum by dp_size (the caller scales the loss)."""
+    """``(normalizers, dp_size)`` that reproduce verl's agg_loss: the global mini-batch's counts
+    (all ranks), by which the library divides; the caller multiplies the loss by dp_size, as
+    agg_loss does (DDP/FSDP average the gradients; ``token-sum``: the local sum times dp_size).
+    One scale for every term keeps CalibRL's own terms right too (the paper's seq-mean
+    ``L_explore`` under any ``loss_agg_mode``)."""
     info = _get(config, "global_batch_info", {}) or {}
     dp = int(_get(info, "dp_size", 1))
     tokens = _get(info, "batch_num_tokens")
@@ -158,14 +160,13 @@ def _normalizers(config, response_mask: torch.Tensor, loss_agg_mode: str):
         if dp > 1 and loss_agg_mode != "token-sum":
             raise ValueError("calibrl: `global_batch_info` needs batch_num_tokens and global_batch_size when dp_size > 1")
         return None, dp  # this micro-batch's own counts, as agg_loss
-    local_tokens = float(response_mask.sum())
-    local_seqs = float((response_mask.sum(-1) > 0).sum())
     if loss_agg_mode == "token-mean" and tokens is None:
         raise ValueError("calibrl: `global_batch_info.batch_num_tokens` is required for token-mean")
     if loss_agg_mode.startswith("seq-mean") and seqs is None:
         raise ValueError("calibrl: `global_batch_info.global_batch_size` is required for " + loss_agg_mode)
-    token_count = float(tokens) / dp if tokens is not None else local_tokens
-    seq_count = float(seqs) / dp if seqs is not None else local_seqs
+    # A count verl does not give (one the mode does not use) is estimated from this rank's.
+    token_count = float(tokens) if tokens is not None else float(response_mask.sum()) * dp
+    seq_count = float(seqs) if seqs is not None else float((response_mask.sum(-1) > 0).sum()) * dp
     return (token_count, seq_count), dp
 
 
@@ -258,8 +259,7 @@ def compute_policy_loss_calibrl(
         token_weights=None if rollout_is_weights is None else rollout_is_weights.detach(),
     )
     loss, m = calibrl_loss(log_prob, inputs, cfg)
-    if loss_agg_mode == "token-sum":
-        loss = loss * dp_size  # verl's agg_loss: the local token sum times dp_size
+    loss = loss * dp_size  # verl's agg_loss: global normalisers times dp_size (DP averages gradients)
     metrics = {
         "actor/pg_clipfrac": m["clipfrac"],
         "actor/ppo_kl": m["ppo_kl"],
@@ -471,10 +471,11 @@ def attach_correctness(batch, threshold: float = 0.1, key: str = "token_level_sc
 
 # ------------------------------------------------------------------------------ verl's classes
 
-# verl's optional packages (its `verl-core` extra) that the classes below import, by module name:
-# the pip requirement the error message names (pinned in integration/verl/requirements.txt).
+# verl and the optional packages of its `verl-core` extra that the classes below import, by
+# module name: the pip requirement the error message names (integration/verl/requirements.txt).
 _PIP = {
     "verl": "verl==0.9.1",
+    "hydra": "hydra-core",
     "transfer_queue": "TransferQueue==0.1.10",
     "cachetools": "cachetools",
     "fastapi": "fastapi",
@@ -489,7 +490,7 @@ def _missing(what: str, error: ModuleNotFoundError) -> ImportError:
     module = (error.name or "").split(".")[0]
     package = _PIP.get(module, module)
     return ImportError(
-        f"calibrl: {what} needs the package `{package}` (verl's optional dependency; import failed: {error}). "
+        f"calibrl: {what} needs the package `{package}`, which is not installed (import failed: {error}). "
         f"Install the verl drop-in's pinned requirements: `{INSTALL}` (from the calibrl repository), "
         f"or `pip install {package}`"
     )
