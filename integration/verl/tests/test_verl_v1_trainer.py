@@ -199,9 +199,9 @@ def _rows(seed=4):
         expert_mask = (torch.arange(4) < expert_len).long()
         for s in range(N):
             response = torch.randint(1, 12, (int(torch.randint(1, 5, (1,), generator=g)),), generator=g)
-            # prompt 0: a mixed group; prompt 1: all correct (advantage 0, so correctness must come
-            # from verl's rm_scores, not from the advantage's sign)
-            reward = 1.0 if p == 1 else float(s % 2 == 0)
+            # prompt 0: a mixed group; prompt 1: rewards 1, 1, 1, 0.5, all correct (> τ): the 0.5
+            # row is below its group's mean, so its correctness must come from verl's rm_scores
+            reward = (0.5 if s == N - 1 else 1.0) if p == 1 else float(s % 2 == 0)
             seq = torch.cat([prompt, response])
             scores = torch.zeros(len(response))
             scores[-1] = reward
