@@ -81,7 +81,12 @@ fn every_kernel_compiles_with_nvrtc() {
     }
     let ptx_dir = std::env::var_os("CALIBRL_PTX_DIR");
     for arch in ARCHS {
+        let t = std::time::Instant::now();
         let compiled = compile_all(arch).unwrap_or_else(|e| panic!("compute_{arch}: {e}"));
+        println!(
+            "compute_{arch}: every module to PTX in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
         let (reports, modules) = (&compiled.reports, &compiled.modules);
         for src in SOURCES {
             for kernel in src.kernels {
@@ -124,12 +129,14 @@ fn every_kernel_compiles_to_a_cubin() {
     for arch in ARCHS {
         for src in SOURCES {
             // compile_cubin also checks the ELF header and every kernel's symbol.
+            let t = std::time::Instant::now();
             let cubin = compile_cubin(src, arch)
                 .unwrap_or_else(|e| panic!("NVRTC {major}.{minor}, sm_{arch}: {e}"));
             println!(
-                "NVRTC {major}.{minor} sm_{arch}  {:<10} {:>8} bytes of cubin",
+                "NVRTC {major}.{minor} sm_{arch}  {:<10} {:>8} bytes of cubin in {:.1} s",
                 src.name,
-                cubin.len()
+                cubin.len(),
+                t.elapsed().as_secs_f64()
             );
         }
     }
