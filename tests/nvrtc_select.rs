@@ -53,15 +53,18 @@ fn a_12_4_driver_with_only_nvrtc_13_names_the_fix() {
     }
 }
 
+/// (driver, NVRTCs found, forced major, the expected (version, output) or `None` for an error).
+type Case = (
+    Option<(u32, u32)>,
+    &'static [(u32, u32)],
+    Option<u32>,
+    Option<((u32, u32), Output)>,
+);
+
 #[test]
 fn the_listed_cases() {
     use Output::{Cubin, Ptx};
-    let cases: &[(
-        Option<(u32, u32)>,
-        &[(u32, u32)],
-        Option<u32>,
-        Option<((u32, u32), Output)>,
-    )] = &[
+    let cases: &[Case] = &[
         // 13 on a 13.x driver, PTX (the driver is at least as new).
         (
             Some((13, 0)),
