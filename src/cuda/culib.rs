@@ -20,25 +20,6 @@ use std::path::{Path, PathBuf};
 const RTLD_NOW: c_int = 2;
 const RTLD_NOLOAD: c_int = 4;
 
-// Declared in a private module, not at the crate's top level, so cbindgen leaves them out of
-// calibrl.h.
-mod dl {
-    use std::ffi::{c_char, c_int, c_void};
-    /// glibc's `Dl_info`.
-    #[repr(C)]
-    pub struct DlInfo {
-        pub dli_fname: *const c_char,
-        pub dli_fbase: *mut c_void,
-        pub dli_sname: *const c_char,
-        pub dli_saddr: *mut c_void,
-    }
-    extern "C" {
-        pub fn dlopen(filename: *const c_char, flags: c_int) -> *mut c_void;
-        pub fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void;
-        pub fn dladdr(addr: *const c_void, info: *mut DlInfo) -> c_int;
-    }
-}
-
 /// An opened shared library, never closed (its functions stay valid for the process' life).
 #[derive(Clone, Copy, Debug)]
 pub struct Library(*mut c_void);
@@ -49,16 +30,23 @@ unsafe impl Sync for Library {}
 impl Library {
     /// `dlopen(name, flags)`.
     fn open(name: &CStr, flags: c_int) -> Option<Library> {
+        // Declared here, not at module level, so cbindgen leaves them out of calibrl.h.
+        extern "C" {
+            fn dlopen(filename: *const std::ffi::c_char, flags: c_int) -> *mut c_void;
+        }
         // SAFETY: a NUL-terminated name; opening a CUDA library runs only its initializers.
-        let h = unsafe { dl::dlopen(name.as_ptr(), flags) };
+        let h = unsafe { dlopen(name.as_ptr(), flags) };
         (!h.is_null()).then_some(Library(h))
     }
 
     /// The address of an exported symbol.
     pub fn symbol(&self, name: &str) -> Option<*mut c_void> {
         let c = CString::new(name).ok()?;
+        extern "C" {
+            fn dlsym(handle: *mut c_void, symbol: *const std::ffi::c_char) -> *mut c_void;
+        }
         // SAFETY: a live handle and a NUL-terminated name.
-        let p = unsafe { dl::dlsym(self.0, c.as_ptr()) };
+        let p = unsafe { dlsym(self.0, c.as_ptr()) };
         (!p.is_null()).then_some(p)
     }
 
@@ -70,14 +58,25 @@ impl Library {
 
 /// The file holding the code at `addr` (glibc's `dladdr`).
 fn file_containing(addr: *const c_void) -> Option<PathBuf> {
-    let mut info = dl::DlInfo {
+    // glibc's Dl_info and dladdr, declared here so cbindgen leaves them out of calibrl.h.
+    #[repr(C)]
+    struct DlInfo {
+        dli_fname: *const std::ffi::c_char,
+        dli_fbase: *mut c_void,
+        dli_sname: *const std::ffi::c_char,
+        dli_saddr: *mut c_void,
+    }
+    extern "C" {
+        fn dladdr(addr: *const c_void, info: *mut DlInfo) -> c_int;
+    }
+    let mut info = DlInfo {
         dli_fname: std::ptr::null(),
         dli_fbase: std::ptr::null_mut(),
         dli_sname: std::ptr::null(),
         dli_saddr: std::ptr::null_mut(),
     };
     // SAFETY: `info` is a valid out-pointer; any address is accepted.
-    let ok = unsafe { dl::dladdr(addr, &mut info) };
+    let ok = unsafe { dladdr(addr, &mut info) };
     (ok != 0 && !info.dli_fname.is_null())
         // SAFETY: dladdr returns a NUL-terminated path owned by the loader.
         .then(|| {

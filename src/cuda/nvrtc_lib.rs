@@ -37,7 +37,7 @@ pub const NVRTC: LibrarySpec = LibrarySpec {
 };
 
 /// The NVRTC majors the kernels are checked with, most preferred first.
-pub const MAJORS: [u32; 2] = [13, 12];
+pub const MAJORS: &[u32] = &[13, 12];
 
 /// Environment variable restricting the NVRTC major (testing: `CALIBRL_NVRTC_MAJOR=12`).
 pub const FORCE_MAJOR_ENV: &str = "CALIBRL_NVRTC_MAJOR";
@@ -416,10 +416,7 @@ fn load() -> Result<Nvrtc, String> {
     let forced = forced_major(std::env::var(FORCE_MAJOR_ENV).ok().as_deref())?;
     let driver = culib::driver_version().map(decode_driver_version);
     let (mut found, mut apis, mut searched) = (Vec::new(), Vec::new(), Vec::new());
-    for major in MAJORS
-        .into_iter()
-        .filter(|m| forced.map_or(true, |f| f == *m))
-    {
+    for &major in MAJORS.iter().filter(|&&m| forced.map_or(true, |f| f == m)) {
         let (lib, place) = match culib::find(&NVRTC, major) {
             Ok(hit) => hit,
             Err(tried) => {
