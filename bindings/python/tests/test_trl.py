@@ -174,17 +174,19 @@ def test_calibrl_terms_equal_the_float64_reference(tmp_path, loss_type, preset):
     expected_g = torch.cat([g.reshape(-1) for g in expected_grads if g is not None])
 
     loss, grads = loss_and_grad(ours, inputs)
-    assert abs(float(expected)) > 1e-6 and dl_dlp.abs().max() > 0
+    assert abs(float(expected.detach())) > 1e-6 and dl_dlp.abs().max() > 0
     torch.testing.assert_close(loss.double(), expected.detach(), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(grads, expected_g, rtol=1e-4, atol=1e-6)
 
 
 def test_expert_pass_and_correctness_equal_independent_recomputation(tmp_path):
     block = {"preset": "paper", "correct_threshold": 0.2}
-    _, ours, ds = trainers(tmp_path, {}, block, ds=h.dataset(expert_as_ids=True))
+    _, ours, ds = trainers(tmp_path, {"per_device_train_batch_size": 8}, block, ds=h.dataset(expert_as_ids=True))
     torch.manual_seed(3)
     rows = h.generation_batch(ours, ds)
     inputs = ours._generate_and_score_completions(rows)
+    assert len({tuple(r["expert"]) for r in rows}) == 2  # two prompts, each with its own expert
+    assert 0 < float(inputs[ctrl.CORRECT].sum()) < len(rows)  # both outcomes occur
     tok = ours.processing_class
     prompts, completions = inputs["prompt_ids"], inputs["completion_ids"]
     for i, row in enumerate(rows):
@@ -204,7 +206,7 @@ def test_expert_pass_and_correctness_equal_independent_recomputation(tmp_path):
 
 
 def test_expert_column_text_and_ids_give_the_same_rows(tmp_path):
-    _, ours, _ = trainers(tmp_path, {}, {"preset": "paper"})
+    _, ours, _ = trainers(tmp_path, {"per_device_train_batch_size": 8}, {"preset": "paper"})
     torch.manual_seed(4)
     text = ours._generate_and_score_completions(h.generation_batch(ours, h.dataset()))
     ids_rows = h.generation_batch(ours, h.dataset(expert_as_ids=True))
