@@ -184,6 +184,20 @@ if _GRPOTrainer is not None:
     class CalibRLGRPOTrainer(_GRPOTrainer):
         """TRL's ``GRPOTrainer`` whose policy loss is CalibRL's (libcalibrl)."""
 
+        # The multimodal inputs TRL's loss forwards to the model (the expert pass refuses them).
+        _MULTIMODAL = (
+            "pixel_values",
+            "image_grid_thw",
+            "num_images",
+            "pixel_attention_mask",
+            "spatial_shapes",
+            "num_tiles",
+            "image_sizes",
+            "token_type_ids",
+            "mm_token_type_ids",
+            "image_position_ids",
+        )
+
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             check_args(self.args)
@@ -207,17 +221,19 @@ if _GRPOTrainer is not None:
             n = len(inputs)
             local = rewards[self.accelerator.process_index * n : (self.accelerator.process_index + 1) * n]
             output[CORRECT] = (local > cfg["correct_threshold"]).float().to(self.accelerator.device)
-            column = self.args.calibrl_expert_column
+            column = getattr(self.args, "calibrl_expert_column", "expert")
             if needs_expert(cfg) or any(row.get(column) is not None for row in inputs):
-                logps, mask = self._expert_pass(inputs, output["prompt_ids"], output["prompt_mask"])
+                logps, mask = self._expert_pass(inputs, output["prompt_ids"], output["prompt_mask"], output.keys())
                 output[EXPERT_LOGPS], output[EXPERT_MASK] = logps, mask
             return output
 
         @torch.no_grad()
-        def _expert_pass(self, inputs, prompt_ids, prompt_mask):
+        def _expert_pass(self, inputs, prompt_ids, prompt_mask, output_keys=()):
             """One no-grad forward pass over the distinct (prompt, expert) pairs of this
             process's generation batch; returns per-row ``[B, S*]`` log-probs and mask."""
-            column = self.args.calibrl_expert_column
+            column = getattr(self.args, "calibrl_expert_column", "expert")
+            if any(key in self._MULTIMODAL for key in output_keys):
+                raise ValueError("calibrl: the expert pass takes text prompts; multimodal inputs are not supported")
             keys, slots, firsts, experts = [], {}, [], []
             for i, row in enumerate(inputs):
                 if column not in row:
@@ -292,6 +308,7 @@ if _GRPOTrainer is not None:
                 completion_ids.size(1),
                 compute_entropy=True,
                 compute_aux_loss=self.aux_loss_enabled,
+                **{key: inputs.get(key) for key in self._MULTIMODAL},
             )
             entropy_mask = None
             if self.top_entropy_quantile < 1.0:
