@@ -113,7 +113,7 @@ def test_grpo_preset_gives_trls_loss_and_gradient(tmp_path, loss_type, terms):
     if terms == "trl_terms":
         enable_is(theirs, inputs)
         enable_is(ours, inputs)
-    assert inputs["completion_mask"].sum() > 0 and ctrl.EXPERT_LOGPS in inputs
+    assert inputs["completion_mask"].sum() > 0 and ctrl.EXPERT_LOGPS not in inputs  # λ = 0: no expert pass
     l_theirs, g_theirs = loss_and_grad(theirs, inputs)
     l_ours, g_ours = loss_and_grad(ours, inputs)
     assert g_theirs.abs().max() > 0

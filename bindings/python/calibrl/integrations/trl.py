@@ -221,8 +221,7 @@ if _GRPOTrainer is not None:
             n = len(inputs)
             local = rewards[self.accelerator.process_index * n : (self.accelerator.process_index + 1) * n]
             output[CORRECT] = (local > cfg["correct_threshold"]).float().to(self.accelerator.device)
-            column = getattr(self.args, "calibrl_expert_column", "expert")
-            if needs_expert(cfg) or any(row.get(column) is not None for row in inputs):
+            if needs_expert(cfg):  # the grpo preset (λ = 0) and the ref_policy baseline need no expert pass
                 logps, mask = self._expert_pass(inputs, output["prompt_ids"], output["prompt_mask"], output.keys())
                 output[EXPERT_LOGPS], output[EXPERT_MASK] = logps, mask
             return output
@@ -340,6 +339,7 @@ if _GRPOTrainer is not None:
             if expert is not None:
                 has = expert_mask.bool().any(-1)
                 index = torch.where(has, torch.arange(len(has), device=has.device), -1)
+            ref = inputs.get("ref_per_token_logps")
             correct = inputs.get(CORRECT)
             signs = torch.where(adv > 0, 1.0, -1.0) if correct is None else correct.float() * 2 - 1
             loss, m = calibrl_loss(
@@ -350,6 +350,7 @@ if _GRPOTrainer is not None:
                     signs=signs,
                     mask=mask.bool(),
                     old_logprobs=old.detach().float(),
+                    ref_logprobs=None if ref is None else ref.detach().float(),  # the ref_policy baseline (β > 0)
                     expert_logprobs=expert,
                     expert_mask=expert_mask,
                     expert_index=index,
@@ -360,7 +361,6 @@ if _GRPOTrainer is not None:
             )
             loss = loss.to(per_token_logps.dtype)
             if self.beta != 0.0:
-                ref = inputs["ref_per_token_logps"]
                 per_token_kl = torch.exp(ref - per_token_logps) - (ref - per_token_logps) - 1  # TRL's k3
                 if self.args.use_bias_correction_kl:
                     per_token_kl = per_token_kl * torch.exp(per_token_logps - old)
