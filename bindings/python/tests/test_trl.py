@@ -124,7 +124,7 @@ def test_grpo_preset_gives_trls_loss_and_gradient(tmp_path, loss_type, terms):
 # --------------------------------------------------------------------------- CalibRL = float64 SPEC
 
 
-def spec_loss(ours, inputs, cfg: Config, lp64, ent64=None):
+def spec_loss(ours, inputs, cfg: Config, lp64):
     """SPEC §4 in float64 with the normalisers TRL's loss_type gives (trl.normalization)."""
     mask = inputs["completion_mask"]
     agg, t_norm, norms = ctrl.normalization(
