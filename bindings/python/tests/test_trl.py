@@ -140,7 +140,15 @@ def spec_loss(ours, inputs, cfg: Config, lp64):
     d = cfg.to_dict()
     d.update(agg=agg, t_norm=t_norm)
     adv = inputs["advantages"].double()
-    has = inputs[ctrl.EXPERT_MASK].bool().any(-1)
+    expert = {}
+    if ctrl.EXPERT_LOGPS in inputs:
+        has = inputs[ctrl.EXPERT_MASK].bool().any(-1)
+        expert = dict(
+            expert_lp=inputs[ctrl.EXPERT_LOGPS].double(),
+            expert_mask=inputs[ctrl.EXPERT_MASK].double(),
+            expert_index=torch.where(has, torch.arange(len(has)), -1),
+        )
+    ref_lp = inputs.get("ref_per_token_logps")
     value, _ = ref.loss(
         d,
         lp64,
@@ -149,21 +157,31 @@ def spec_loss(ours, inputs, cfg: Config, lp64):
         adv.abs(),
         inputs[ctrl.CORRECT].double() * 2 - 1,
         old=inputs["old_per_token_logps"].double(),
-        expert_lp=inputs[ctrl.EXPERT_LOGPS].double(),
-        expert_mask=inputs[ctrl.EXPERT_MASK].double(),
-        expert_index=torch.where(has, torch.arange(len(has)), -1),
+        ref=None if ref_lp is None else ref_lp.double(),
         normalizers=norms,
+        **expert,
     )
     return value
 
 
+BLOCKS = {
+    "paper": {"preset": "paper", "lambda": 0.3, "alpha": 0.4},
+    "reference": {"preset": "reference", "lambda": 0.3, "alpha": 0.4},
+    "ref_policy": {"preset": "paper", "lambda": 0.3, "baseline": "ref_policy"},  # Table 8: no expert pass
+}
+
+
 @pytest.mark.parametrize("loss_type", ctrl.LOSS_TYPES)
-@pytest.mark.parametrize("preset", ["paper", "reference"])
+@pytest.mark.parametrize("preset", sorted(BLOCKS))
 def test_calibrl_terms_equal_the_float64_reference(tmp_path, loss_type, preset):
-    block = {"preset": preset, "lambda": 0.3, "alpha": 0.4}
+    block = BLOCKS[preset]
     args = dict(loss_type=loss_type, gradient_accumulation_steps=2, steps_per_generation=2)
+    if preset == "ref_policy":
+        args["beta"] = 0.05  # TRL computes the reference log-probs only with β > 0
     _, ours, ds = trainers(tmp_path, args, block)
     inputs = micro_batch(ours, ds)
+    assert (ctrl.EXPERT_LOGPS in inputs) == (preset != "ref_policy")
+    ours.beta = 0.0  # CalibRL's terms alone (TRL's KL is checked against TRL itself)
     cfg = ctrl.config_from_trl(ours.args, "token-mean", None)
     lp, _, _ = per_token(ours, inputs)
     lp64 = lp.detach().double().requires_grad_(True)
