@@ -172,6 +172,16 @@ fn row_stats<T: Elem>(row: &[T], inv_t: f32, target: Option<usize>, u: &mut [f32
     }
 }
 
+/// `row_stats` of a float32 row (the fused linear path's logits block, `crate::cpu::linear`).
+pub(crate) fn row_stats_f32(
+    row: &[f32],
+    inv_t: f32,
+    target: Option<usize>,
+    u: &mut [f32],
+) -> RowStats {
+    row_stats(row, inv_t, target, u)
+}
+
 /// The label's position inside this shard, if any. Errors for labels past the full vocabulary.
 fn local_label(
     input: &LogitsInput,
