@@ -65,6 +65,7 @@ else:
         FusedLinearLogprobs,
         fused_linear_logprobs,
         fused_linear_logprobs_nograd,
+        vocab_parallel_fused_linear_logprobs,
     )
 
 __version__ = "0.1.0"
@@ -84,5 +85,5 @@ if "_torch" in globals():
     __all__ += [
         "CalibRLLoss", "FusedLogitsCalibRL", "calibrl_loss", "fused_logits_calibrl_loss",
         "vocab_parallel_calibrl_loss", "FusedLinearLogprobs", "fused_linear_logprobs",
-        "fused_linear_logprobs_nograd",
+        "fused_linear_logprobs_nograd", "vocab_parallel_fused_linear_logprobs",
     ]

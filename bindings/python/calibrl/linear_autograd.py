@@ -20,10 +20,16 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import linear
+from . import linear, ops
+from .autograd import _all_gather_stats
 from .linear import DEFAULT_CHUNK
 
-__all__ = ["FusedLinearLogprobs", "fused_linear_logprobs", "fused_linear_logprobs_nograd"]
+__all__ = [
+    "FusedLinearLogprobs",
+    "fused_linear_logprobs",
+    "fused_linear_logprobs_nograd",
+    "vocab_parallel_fused_linear_logprobs",
+]
 
 
 @torch.library.custom_op("calibrl::fused_linear_logprobs", mutates_args=())
@@ -123,3 +129,58 @@ class FusedLinearLogprobs(torch.nn.Module):
     def forward(self, hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor] = None):
         return fused_linear_logprobs(hidden, weight, labels, bias=bias, temperature=self.temperature,
                                      chunk_size=self.chunk_size)
+
+
+class _VocabParallel(torch.autograd.Function):
+    """Forward: this shard's ``[N, 4]`` statistics, all-gathered over ``group`` and finished
+    (every rank gets the same ℓ, H). Backward: this shard's ``d_weight``/``d_bias`` and its part
+    of ``d_hidden``, summed over ``group`` (the hidden states are replicated over it)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, group, vocab_start, temperature, chunk_size):
+        stats = linear.shard_stats(hidden, weight, labels, temperature, vocab_start=vocab_start, bias=bias,
+                                   chunk_size=chunk_size)
+        lp, ent, lse = ops.logits_shard_finish(_all_gather_stats(stats, group), labels)
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, ent)
+        ctx.args = (group, vocab_start, temperature, chunk_size)
+        return lp, ent
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy):
+        import torch.distributed as dist
+
+        hidden, weight, bias, labels, lse, ent = ctx.saved_tensors
+        group, vocab_start, temperature, chunk_size = ctx.args
+        if grad_logprobs is None:
+            grad_logprobs = torch.zeros_like(lse)
+        dh, dw, db = linear.backward(
+            hidden, weight, labels, lse, grad_logprobs.float().contiguous(), temperature, bias=bias,
+            entropy=ent if grad_entropy is not None else None,
+            grad_entropy=None if grad_entropy is None else grad_entropy.float().contiguous(),
+            vocab_start=vocab_start, chunk_size=chunk_size, d_hidden=torch.empty(hidden.shape),
+        )
+        dist.all_reduce(dh, group=group)
+        return (dh.to(hidden.dtype), dw.to(weight.dtype), None if bias is None else db.to(bias.dtype),
+                None, None, None, None, None)
+
+
+def vocab_parallel_fused_linear_logprobs(
+    hidden: Tensor, weight_shard: Tensor, labels: Tensor, *, group=None, vocab_start: Optional[int] = None,
+    bias_shard: Optional[Tensor] = None, temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK,
+) -> tuple[Tensor, Tensor]:
+    """:func:`fused_linear_logprobs` with the LM head split over the vocabulary across
+    ``group`` (a ``torch.distributed`` group; ``None`` = the default one), as Megatron's
+    ``ColumnParallelLinear`` output layer holds it: rank r has rows ``vocab_start ...`` of the
+    weight (default ``r · V_local``). ``hidden`` is the layer's input, the same on every rank of
+    the group; its gradient is summed over the group here (pass it *before* any
+    ``copy_to_tensor_model_parallel_region``, whose backward would sum it again)."""
+    import torch.distributed as dist
+
+    h2, l1 = _flatten(hidden, labels)
+    if group is None:
+        group = dist.group.WORLD
+    if vocab_start is None:
+        vocab_start = dist.get_rank(group) * weight_shard.shape[0]
+    lp, ent = _VocabParallel.apply(h2, weight_shard, bias_shard, l1, group, int(vocab_start), float(temperature),
+                                   int(chunk_size))
+    return lp.view(labels.shape), ent.view(labels.shape)

@@ -3,6 +3,10 @@ PyTorch's materialised path (``hidden @ weight.T + bias``, log-softmax, autograd
 helper, the array-level calls (combined forward+backward, accumulate, vocabulary shards
 finished by ``logits_shard_finish``), bad input, and torch.compile(fullgraph=True)."""
 
+import datetime
+import os
+import socket
+
 import numpy as np
 import pytest
 
@@ -155,3 +159,49 @@ def test_compiles_fullgraph_and_matches_eager(backend):
     assert grads_e[1].abs().sum() > 0
     torch._dynamo.reset()
     assert torch._dynamo.explain(objective)(*args, labels).graph_break_count == 0
+
+
+def _tp_worker(rank, world, port, out_dir):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    try:
+        hidden, weight, bias, labels = problem(n=11, h=9, v=30, dtype=torch.bfloat16)
+        v_local = weight.shape[0] // world
+        rows = slice(rank * v_local, (rank + 1) * v_local)
+        hid = hidden.clone().requires_grad_()
+        w = weight[rows].clone().requires_grad_()
+        b = bias[rows].clone().requires_grad_()
+        lp, ent = calibrl.vocab_parallel_fused_linear_logprobs(hid, w, labels, bias_shard=b, temperature=0.8,
+                                                               chunk_size=3)
+        ((lp * torch.linspace(-1, 1, lp.numel())).sum() + 0.2 * ent.sum()).backward()
+        torch.save({"lp": lp.detach(), "ent": ent.detach(), "hidden": hid.grad, "weight": w.grad, "bias": b.grad},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_vocabulary_shards_over_two_gloo_ranks(tmp_path):
+    """TP = 2 over gloo: every rank gets the full-vocabulary ℓ and H; the summed d_hidden and
+    the concatenated d_weight/d_bias equal the single-process fused path's."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_tp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    hidden, weight, bias, labels = problem(n=11, h=9, v=30, dtype=torch.bfloat16)
+    hid, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+    lp, ent = calibrl.fused_linear_logprobs(hid, w, labels, bias=b, temperature=0.8, chunk_size=5)
+    ((lp * torch.linspace(-1, 1, lp.numel())).sum() + 0.2 * ent.sum()).backward()
+    for r in ranks:
+        torch.testing.assert_close(r["lp"], lp.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(r["ent"], ent.detach(), rtol=1e-5, atol=1e-5)
+        # bf16 gradients: one rounding of a float32 sum on each side.
+        torch.testing.assert_close(r["hidden"].float(), hid.grad.float(), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(torch.cat([r["weight"] for r in ranks]).float(), w.grad.float(), rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(torch.cat([r["bias"] for r in ranks]).float(), b.grad.float(), rtol=1e-2, atol=1e-3)
+    assert w.grad.abs().sum() > 0
