@@ -25,6 +25,18 @@ use half::{bf16, f16};
 
 /// Weight rows converted to f32 at a time per thread (bf16 / f16 weights).
 const VOCAB_BLOCK: usize = 256;
+/// Vocabulary rows per GEMM call for f32 weights: bounds the `gemm` crate's packing buffers,
+/// which otherwise grow with the whole V a thread covers (measured: ~chunk·V·4 bytes more).
+const F32_VOCAB_BLOCK: usize = 2048;
+
+/// Vocabulary rows per GEMM call.
+fn vocab_step(input: &LinearInput) -> usize {
+    if input.weight.dtype == DType::F32 {
+        F32_VOCAB_BLOCK
+    } else {
+        VOCAB_BLOCK
+    }
+}
 /// At least this many multiply-adds per thread before a GEMM is split.
 const MIN_WORK_PER_THREAD: usize = 1 << 18;
 
@@ -243,9 +255,9 @@ fn prepare(input: &LinearInput, full_vocab: bool) -> Result<Prepared> {
     // |z| ≤ ‖h_k‖·max‖w_v‖ + max|b| (Cauchy–Schwarz); twice that must stay inside f32 once
     // divided by T, for the f32 GEMM's rounding and the scaling.
     let inv_t = inv_temperature(input.temperature) as f64;
-    if let Some(k) =
-        (0..input.n).find(|&k| !((hidden_norm[k] * wn + bmax) * inv_t * 2.0 <= f32::MAX as f64))
-    {
+    // Written so that NaN fails too.
+    let fits = |k: usize| (hidden_norm[k] * wn + bmax) * inv_t * 2.0 <= f32::MAX as f64;
+    if let Some(k) = (0..input.n).find(|&k| !fits(k)) {
         return Err(Error::new(
             CalibrlStatus::NonFinite,
             format!(
@@ -300,11 +312,7 @@ fn logits_block(
         min_items(rows * h),
         block_scratch(input),
         |b, e, scratch| {
-            let step = if input.weight.dtype == DType::F32 {
-                e - b
-            } else {
-                VOCAB_BLOCK
-            };
+            let step = vocab_step(input);
             let mut v0 = b;
             while v0 < e {
                 let v1 = (v0 + step).min(e);
@@ -388,11 +396,7 @@ fn gradient_gemms(
         min_items(rows * v),
         block_scratch(input),
         |h0, h1, scratch| {
-            let step = if input.weight.dtype == DType::F32 {
-                v
-            } else {
-                VOCAB_BLOCK
-            };
+            let step = vocab_step(input);
             let mut v0 = 0;
             while v0 < v {
                 let v1 = (v0 + step).min(v);
@@ -419,15 +423,21 @@ fn gradient_gemms(
     .map_err(|_| out_of_memory("weight"))?;
     let dw = SyncPtr(grads.d_weight.ptr as *mut f32);
     let db = grads.d_bias.as_ref().map(|t| SyncPtr(t.ptr as *mut f32));
-    for_row_chunks(v, min_items(rows * h), |v0, v1| unsafe {
-        // lhs[i, k] = dz[k, v0 + i]
-        sgemm(
-            (v1 - v0, h, rows),
-            (dw.get().add(v0 * h), h, 1),
-            accumulate,
-            (dz.get().add(v0), 1, v),
-            hid.rows(),
-        );
+    for_row_chunks(v, min_items(rows * h), |b, e| unsafe {
+        let mut v0 = b;
+        while v0 < e {
+            let v1 = (v0 + F32_VOCAB_BLOCK).min(e);
+            // lhs[i, k] = dz[k, v0 + i]
+            sgemm(
+                (v1 - v0, h, rows),
+                (dw.get().add(v0 * h), h, 1),
+                accumulate,
+                (dz.get().add(v0), 1, v),
+                hid.rows(),
+            );
+            v0 = v1;
+        }
+        let (v0, v1) = (b, e);
         if let Some(db) = db {
             for j in v0..v1 {
                 let s: f32 = (0..rows).map(|i| *dz.get().add(i * v + j)).sum();
@@ -482,7 +492,8 @@ fn check_gradient_range(
         ("d_bias", db, f32::MAX as f64),
         ("d_hidden", dh, dh_max),
     ] {
-        if !(bound * margin <= limit) {
+        let fits = bound * margin <= limit; // false for NaN
+        if !fits {
             return Err(Error::new(
                 CalibrlStatus::NonFinite,
                 format!(
