@@ -11,13 +11,13 @@
 //! (p is clamped to ≤ 1).
 
 use super::fastmath::exp_f32;
-use super::logits::{row_stats_f32, RowStats};
+use super::logits::{row_stats_f32, stats_rows, RowStats};
 use super::parallel::{for_row_chunks, for_row_chunks_with_scratch};
 use crate::desc::linear::{
     LinearBackward, LinearForward, LinearForwardBackward, LinearGrads, LinearInput,
     LinearShardStats,
 };
-use crate::desc::logits::{inv_temperature, STATS_WIDTH};
+use crate::desc::logits::inv_temperature;
 use crate::error::{CalibrlStatus, Error, Result};
 use crate::tensor::{try_vec, write_all, DType, Tensor};
 use half::slice::HalfFloatSliceExt;
@@ -640,16 +640,7 @@ pub fn forward(args: &LinearForward) -> Result<()> {
 pub fn shard_stats(args: &LinearShardStats) -> Result<()> {
     let prep = prepare(&args.input, false)?;
     let (stats, _) = run_pass(&args.input, &prep, RowWork::Stats, None)?;
-    let mut out = try_vec(args.input.n * STATS_WIDTH, 0.0, "stats")?;
-    for (k, s) in stats.iter().enumerate() {
-        out[k * STATS_WIDTH..(k + 1) * STATS_WIDTH].copy_from_slice(&[
-            s.max,
-            s.sum_exp,
-            s.sum_exp_centered,
-            s.target,
-        ]);
-    }
-    write_all(&[(Some(&args.stats), &out)])
+    write_all(&[(Some(&args.stats), &stats_rows(&stats)?)])
 }
 
 fn read_or_zero(t: &Option<Tensor>, n: usize, name: &str) -> Result<Vec<f64>> {

@@ -15,7 +15,7 @@
 //! - `d_weight` (and `d_bias`) are float32: they accumulate over chunks (and, with
 //!   `accumulate`, over calls). `d_hidden` is any float dtype, overwritten.
 
-use super::logits::{inv_temperature, LOGITS_DTYPES, OUT_DTYPES, STATS_WIDTH};
+use super::logits::{check_temperature_and_vocab_start, LOGITS_DTYPES, OUT_DTYPES, STATS_WIDTH};
 use crate::error::{CalibrlStatus, Error, Result};
 use crate::tensor::{common_device, DType, Device, Tensor};
 
@@ -145,23 +145,7 @@ impl<'a> LinearInput<'a> {
         labels.require_dtype(&[DType::I32, DType::I64])?;
         labels.require_shape(&[n])?;
         labels.require_contiguous()?;
-        if !(temperature.is_finite()
-            && temperature > 0.0
-            && inv_temperature(temperature).is_finite())
-        {
-            return Err(Error::invalid(
-                "temperature",
-                format!(
-                    "{temperature} must be finite and > 0, with a finite float32 1/temperature"
-                ),
-            ));
-        }
-        if vocab_start < 0 {
-            return Err(Error::invalid(
-                "vocab_start",
-                format!("{vocab_start} is negative"),
-            ));
-        }
+        check_temperature_and_vocab_start(temperature, vocab_start)?;
         let chunk = self::chunk_size(chunk_size)?.min(n.max(1));
         let need = workspace_bytes(chunk, v)?;
         workspace.require_contiguous()?;
