@@ -37,7 +37,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let chunk = if b.rare(8) { b.count(4) } else { 1 + b.below(n + 2) as i64 };
     // Usually a workspace of the right size; sometimes short or oddly typed.
-    let ws_len = chunk.max(1) as usize * v + 4;
+    let ws_len = chunk.clamp(1, 64) as usize * v + 4;
     let ws_len = if b.rare(6) { b.below(ws_len) } else { ws_len };
     let Some(mut ws) = FTensor::build(&mut b, &Want::input(&[F32, U8], &[ws_len]), true) else {
         return;
