@@ -779,6 +779,13 @@ fn bad_input_names_the_argument_and_writes_nothing() {
     assert_eq!(code, S::ShapeMismatch as i32, "{msg}");
     assert!(msg.contains("`d_hidden`"), "{msg}");
     assert!(out.dw.to_vec().iter().all(|&x| x == -7.0));
+    // Accumulating into a d_weight that holds NaN: refused, nothing written (found by the fuzzer).
+    let mut out = Grads::new(&c, Dt::F32, 0.5);
+    out.dw.set(3, f64::NAN);
+    let (code, msg) = backward(&c, &mut a, &fwd, &g, &hh, &mut out, true).unwrap_err();
+    assert_eq!(code, S::NonFinite as i32, "{msg}");
+    assert!(msg.contains("`d_weight`"), "{msg}");
+    assert!(out.dh.to_vec().iter().all(|&x| x == 0.5));
     // d_weight aliasing the workspace.
     let mut out = Grads::new(&c, Dt::F32, -7.0);
     let mut ws_alias = Args::new(&c, 1);

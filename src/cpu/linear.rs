@@ -477,10 +477,14 @@ fn check_gradient_range(
         dh = dh.max(e * (input.v as f64 + 1.0) * prep.weight_max);
     }
     if grads.accumulate {
-        let dw0 = grads.d_weight.read_f64()?;
+        // What is accumulated into must be finite (NaN would survive the sum, and `max` skips it).
+        let dw0 = grads.d_weight.read_finite_f64()?;
         dw += dw0.iter().fold(0f64, |a, &x| a.max(x.abs()));
         if let Some(t) = &grads.d_bias {
-            db += t.read_f64()?.iter().fold(0f64, |a, &x| a.max(x.abs()));
+            db += t
+                .read_finite_f64()?
+                .iter()
+                .fold(0f64, |a, &x| a.max(x.abs()));
         }
     }
     let dh_max = match grads.d_hidden.dtype {
