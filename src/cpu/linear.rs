@@ -25,8 +25,9 @@ use half::{bf16, f16};
 
 /// Weight rows converted to f32 at a time per thread (bf16 / f16 weights).
 const VOCAB_BLOCK: usize = 256;
-/// Vocabulary rows per GEMM call for f32 weights: bounds the `gemm` crate's packing buffers,
-/// which otherwise grow with the whole V a thread covers (measured: ~chunk·V·4 bytes more).
+/// Vocabulary rows per GEMM call for f32 weights, so that no single GEMM spans a thread's whole
+/// share of V (meant to bound the `gemm` crate's packing buffers; the working memory measured
+/// by benchmarks/bench_fused_linear.py did not change measurably with it, see docs/perf.md).
 const F32_VOCAB_BLOCK: usize = 2048;
 
 /// Vocabulary rows per GEMM call.
