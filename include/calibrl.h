@@ -179,6 +179,27 @@ typedef struct calibrl_config calibrl_config;
 typedef struct calibrl_plan calibrl_plan;
 
 /**
+ * The inputs every fused linear call takes. `hidden [N, H]`, `weight [V, H]` (this rank's
+ * vocabulary shard in the vocabulary-parallel form) and `bias [V]` (NULL: none) share one
+ * dtype (bf16, f16 or f32); the logits are `z = hidden·weightᵀ + bias`, scaled by
+ * 1/`temperature` as in `calibrl_logits_forward`. `labels [N]` int32/int64 are global ids
+ * (negative: ignored row). `vocab_start` is the shard's first id (0 for the full vocabulary).
+ * `chunk_size` tokens go through per GEMM, and `workspace` (any contiguous tensor on the
+ * call's device, 16-byte aligned) holds at least `calibrl_fused_linear_workspace_size` bytes
+ * for that chunk size; its contents are scratch.
+ */
+typedef struct calibrl_linear_input {
+  const DLTensor *hidden;
+  const DLTensor *weight;
+  const DLTensor *bias;
+  const DLTensor *labels;
+  double temperature;
+  int64_t vocab_start;
+  int64_t chunk_size;
+  DLTensor *workspace;
+} calibrl_linear_input;
+
+/**
  * The caller's CUDA stream (`CUstream`); NULL is the legacy default stream. Ignored on CPU.
  */
 typedef void *calibrl_stream;
@@ -582,6 +603,87 @@ enum calibrl_status calibrl_config_to_json(const struct calibrl_config *cfg,
                                            char *buf,
                                            size_t capacity,
                                            size_t *len);
+
+/**
+ * Writes into `*bytes` the workspace size for chunks of `chunk_size` tokens of
+ * `hidden [N, H]` against `weight [V, H]` on their device (the CPU backend: chunk_size·V·4).
+ *
+ * # Safety
+ * `hidden` and `weight` are valid `DLTensor`s (their data is not read); `bytes` is valid.
+ */
+enum calibrl_status calibrl_fused_linear_workspace_size(const DLTensor *hidden,
+                                                        const DLTensor *weight,
+                                                        int64_t chunk_size,
+                                                        size_t *bytes);
+
+/**
+ * Forward over the full vocabulary (`vocab_start` 0): writes `logprobs[N]`, `entropy[N]`
+ * (may be NULL) and `lse[N]` (save it for the backward), as `calibrl_logits_forward` on
+ * `hidden·weightᵀ + bias`.
+ *
+ * # Safety
+ * Every non-NULL pointer is a valid `DLTensor` (or `calibrl_linear_input`) whose memory lives
+ * on its stated device; `stream` is NULL or a `CUstream` of the tensors' CUDA context.
+ */
+enum calibrl_status calibrl_fused_linear_forward(const struct calibrl_linear_input *input,
+                                                 DLTensor *logprobs,
+                                                 DLTensor *entropy,
+                                                 DLTensor *lse,
+                                                 calibrl_stream stream);
+
+/**
+ * Phase 1 of the vocabulary-parallel forward: `stats[N, 4]` (f32) of this rank's weight shard,
+ * exactly as `calibrl_logits_shard_stats` of the shard's logits. All-gather them into
+ * `[R, N, 4]`, call `calibrl_logits_shard_finish`, and run the backward per shard.
+ *
+ * # Safety
+ * As `calibrl_fused_linear_forward`.
+ */
+enum calibrl_status calibrl_fused_linear_shard_stats(const struct calibrl_linear_input *input,
+                                                     DLTensor *stats,
+                                                     calibrl_stream stream);
+
+/**
+ * Backward from `grad_logprobs = ∂L/∂ℓ` and `grad_entropy = ∂L/∂H` (may be NULL; then
+ * `entropy` may be NULL too) with the saved `lse` (and `entropy`), recomputing each chunk's
+ * logits. Writes `d_hidden [N, H]` (any float dtype, overwritten; with a vocabulary shard it is
+ * this shard's part: sum it over the group), and `d_weight [V, H]` and `d_bias [V]` (float32,
+ * `d_bias` may be NULL), overwritten or, when `accumulate` is non-zero, added to.
+ *
+ * # Safety
+ * As `calibrl_fused_linear_forward`.
+ */
+enum calibrl_status calibrl_fused_linear_backward(const struct calibrl_linear_input *input,
+                                                  const DLTensor *lse,
+                                                  const DLTensor *entropy,
+                                                  const DLTensor *grad_logprobs,
+                                                  const DLTensor *grad_entropy,
+                                                  DLTensor *d_hidden,
+                                                  DLTensor *d_weight,
+                                                  DLTensor *d_bias,
+                                                  int32_t accumulate,
+                                                  calibrl_stream stream);
+
+/**
+ * Forward and backward in one pass (3 GEMMs per chunk), for losses whose `∂L/∂ℓ` and `∂L/∂H`
+ * are known per token before the call. Full vocabulary only. Writes `logprobs` (and
+ * `entropy`, `lse` when non-NULL; float32 or wider) and the gradients as
+ * `calibrl_fused_linear_backward`.
+ *
+ * # Safety
+ * As `calibrl_fused_linear_forward`.
+ */
+enum calibrl_status calibrl_fused_linear_forward_backward(const struct calibrl_linear_input *input,
+                                                          const DLTensor *grad_logprobs,
+                                                          const DLTensor *grad_entropy,
+                                                          DLTensor *logprobs,
+                                                          DLTensor *entropy,
+                                                          DLTensor *lse,
+                                                          DLTensor *d_hidden,
+                                                          DLTensor *d_weight,
+                                                          DLTensor *d_bias,
+                                                          int32_t accumulate,
+                                                          calibrl_stream stream);
 
 /**
  * Forward over full-vocabulary logits `[N, V]`: writes `logprobs[N]`, `entropy[N]` (may be

@@ -172,6 +172,16 @@ fn row_stats<T: Elem>(row: &[T], inv_t: f32, target: Option<usize>, u: &mut [f32
     }
 }
 
+/// `row_stats` of a float32 row (the fused linear path's logits block, `crate::cpu::linear`).
+pub(crate) fn row_stats_f32(
+    row: &[f32],
+    inv_t: f32,
+    target: Option<usize>,
+    u: &mut [f32],
+) -> RowStats {
+    row_stats(row, inv_t, target, u)
+}
+
 /// The label's position inside this shard, if any. Errors for labels past the full vocabulary.
 fn local_label(
     input: &LogitsInput,
@@ -276,7 +286,13 @@ pub fn shard_stats(args: &ShardStats) -> Result<()> {
     let input = &args.input;
     let labels = input.labels.read_i64()?;
     let stats = all_row_stats(input, &labels, false)?;
-    let mut out = try_vec(input.n * STATS_WIDTH, 0.0, "stats")?;
+    write_all(&[(Some(&args.stats), &stats_rows(&stats)?)])
+}
+
+/// Rows of statistics as the `[N, 4]` phase-1 tensor holds them (also the fused linear
+/// path's, `crate::cpu::linear`).
+pub(crate) fn stats_rows(stats: &[RowStats]) -> Result<Vec<f64>> {
+    let mut out = try_vec(stats.len() * STATS_WIDTH, 0.0, "stats")?;
     for (k, s) in stats.iter().enumerate() {
         out[k * STATS_WIDTH..(k + 1) * STATS_WIDTH].copy_from_slice(&[
             s.max,
@@ -285,7 +301,7 @@ pub fn shard_stats(args: &ShardStats) -> Result<()> {
             s.target,
         ]);
     }
-    write_all(&[(Some(&args.stats), &out)])
+    Ok(out)
 }
 
 /// Combines shard statistics `[R][4]` of one row into global ones.

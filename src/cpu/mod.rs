@@ -6,6 +6,7 @@ pub mod advantages;
 pub mod cov;
 pub mod expert;
 pub mod fastmath;
+pub mod linear;
 pub mod logits;
 pub mod loss;
 pub mod parallel;

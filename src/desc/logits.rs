@@ -65,24 +65,7 @@ impl<'a> LogitsInput<'a> {
                 format!("row stride {row_stride} is smaller than the vocabulary size {v}"),
             ));
         }
-        // Both backends scale by 1/T in f32: the reciprocal must be finite there too.
-        if !(temperature.is_finite()
-            && temperature > 0.0
-            && inv_temperature(temperature).is_finite())
-        {
-            return Err(Error::invalid(
-                "temperature",
-                format!(
-                    "{temperature} must be finite and > 0, with a finite float32 1/temperature"
-                ),
-            ));
-        }
-        if vocab_start < 0 {
-            return Err(Error::invalid(
-                "vocab_start",
-                format!("{vocab_start} is negative"),
-            ));
-        }
+        check_temperature_and_vocab_start(temperature, vocab_start)?;
         Ok(LogitsInput {
             logits,
             labels,
@@ -93,6 +76,25 @@ impl<'a> LogitsInput<'a> {
             row_stride: row_stride as usize,
         })
     }
+}
+
+/// The temperature and a shard's first vocabulary id, as every logits-path call takes them
+/// (also the fused linear path's, `crate::desc::linear`).
+pub fn check_temperature_and_vocab_start(temperature: f64, vocab_start: i64) -> Result<()> {
+    // Both backends scale by 1/T in f32: the reciprocal must be finite there too.
+    if !(temperature.is_finite() && temperature > 0.0 && inv_temperature(temperature).is_finite()) {
+        return Err(Error::invalid(
+            "temperature",
+            format!("{temperature} must be finite and > 0, with a finite float32 1/temperature"),
+        ));
+    }
+    if vocab_start < 0 {
+        return Err(Error::invalid(
+            "vocab_start",
+            format!("{vocab_start} is negative"),
+        ));
+    }
+    Ok(())
 }
 
 /// 1/T as both backends use it (f32).

@@ -4,6 +4,7 @@
 //! `validate` checked. This layer imports only the foundation (`error`, `tensor`, `config`).
 
 pub mod expert;
+pub mod linear;
 pub mod logits;
 pub mod loss;
 pub mod metrics;

@@ -7,6 +7,7 @@
 //! - handles are opaque pointers created by `*_new` and released by `*_free` (NULL is a no-op).
 
 pub mod common;
+pub mod linear;
 pub mod logits;
 pub mod loss;
 pub mod scheduler;

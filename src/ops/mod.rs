@@ -3,6 +3,7 @@
 //! use; it is the only one that sees both backends.
 
 pub mod expert;
+pub mod linear;
 pub mod logits;
 pub mod loss;
 

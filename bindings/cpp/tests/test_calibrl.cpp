@@ -389,6 +389,67 @@ void test_logits() {
   report(ok, "logits_shard_stats + shard_finish over 2 strided shards = full forward");
 }
 
+// The fused linear path equals the materialised one: logits = hidden · weightᵀ computed here,
+// then logits_forward / logits_backward; d_weight = dzᵀ · hidden, d_hidden = dz · weight.
+void test_fused_linear() {
+  const std::int64_t N = 5, H = 3, V = 7;
+  std::vector<float> hidden(N * H), weight(V * H), z(N * V);
+  for (std::int64_t i = 0; i < N * H; ++i) hidden[i] = float(std::sin(0.7 * double(i) + 0.3));
+  for (std::int64_t i = 0; i < V * H; ++i) weight[i] = float(std::cos(1.3 * double(i)));
+  for (std::int64_t k = 0; k < N; ++k)
+    for (std::int64_t v = 0; v < V; ++v)
+      for (std::int64_t j = 0; j < H; ++j) z[k * V + v] += hidden[k * H + j] * weight[v * H + j];
+  std::vector<std::int64_t> labels{0, 6, -1, 3, 2};
+  std::vector<float> lp(N), ent(N), lse(N), g{1.f, -0.5f, 2.f, 0.25f, 1.f};
+  calibrl::logits_forward(calibrl::TensorView(z, {N, V}), labels, 0.9, lp, ent, lse);
+  std::vector<float> dz(N * V);
+  calibrl::logits_backward(calibrl::TensorView(z, {N, V}), labels, 0.9, 0, lse, std::nullopt, g,
+                           std::nullopt, calibrl::TensorView(dz, {N, V}));
+
+  const std::int64_t chunk = 2;
+  std::vector<std::uint8_t> ws(calibrl::fused_linear_workspace_size(
+      calibrl::TensorView(hidden, {N, H}), calibrl::TensorView(weight, {V, H}), chunk) + 16);
+  // 16-byte aligned start inside the buffer.
+  const std::size_t skip = (16 - reinterpret_cast<std::uintptr_t>(ws.data()) % 16) % 16;
+  const calibrl::TensorView wsv(ws.data() + skip, {std::int64_t(ws.size() - 16)});
+  const calibrl::LinearInput in(calibrl::TensorView(hidden, {N, H}),
+                                calibrl::TensorView(weight, {V, H}), std::nullopt, labels, wsv,
+                                chunk, 0.9);
+  std::vector<float> f_lp(N), f_ent(N), f_lse(N), dh(N * H), dw(V * H);
+  calibrl::fused_linear_forward(in, f_lp, f_ent, f_lse);
+  bool ok = true;
+  for (std::int64_t k = 0; k < N; ++k) ok = ok && near(f_lp[k], lp[k], 1e-5) && near(f_ent[k], ent[k], 1e-5);
+  report(ok, "fused_linear_forward = logits_forward of hidden·weightᵀ");
+  calibrl::fused_linear_backward(in, f_lse, std::nullopt, g, std::nullopt,
+                                 calibrl::TensorView(dh, {N, H}), calibrl::TensorView(dw, {V, H}),
+                                 std::nullopt);
+  ok = true;
+  for (std::int64_t v = 0; v < V; ++v)
+    for (std::int64_t j = 0; j < H; ++j) {
+      double want = 0;
+      for (std::int64_t k = 0; k < N; ++k) want += double(dz[k * V + v]) * hidden[k * H + j];
+      ok = ok && near(dw[v * H + j], want, 1e-5);
+    }
+  for (std::int64_t k = 0; k < N; ++k)
+    for (std::int64_t j = 0; j < H; ++j) {
+      double want = 0;
+      for (std::int64_t v = 0; v < V; ++v) want += double(dz[k * V + v]) * weight[v * H + j];
+      ok = ok && near(dh[k * H + j], want, 1e-5);
+    }
+  report(ok, "fused_linear_backward = dzᵀ·hidden and dz·weight of logits_backward");
+  try {
+    const calibrl::LinearInput small(calibrl::TensorView(hidden, {N, H}),
+                                     calibrl::TensorView(weight, {V, H}), std::nullopt, labels,
+                                     calibrl::TensorView(ws.data() + skip, {8}), chunk, 0.9);
+    calibrl::fused_linear_forward(small, f_lp, f_ent, f_lse);
+    report(false, "short workspace: no exception");
+  } catch (const calibrl::Error& e) {
+    report(e.status() == CALIBRL_STATUS_BUFFER_TOO_SMALL &&
+               std::string(e.what()).find("`workspace`") != std::string::npos,
+           std::string("short workspace -> ") + e.what());
+  }
+}
+
 // ---- the scheduler (SPEC §7) ----------------------------------------------------------------
 static_assert(!std::is_copy_constructible_v<calibrl::Plan>, "Plan is move-only");
 static_assert(std::is_nothrow_move_constructible_v<calibrl::Plan>);
@@ -740,6 +801,7 @@ int main(int argc, char** argv) {
       {"loss (clipping)", test_loss_clipping},
       {"loss (KL-Cov)", test_loss_kl_cov},
       {"errors", test_errors},       {"logits", test_logits},
+      {"fused linear", test_fused_linear},
       {"plan", test_plan},           {"dynamic sampling", test_dynamic_sampling},
   };
   for (const auto& [name, fn] : groups) {

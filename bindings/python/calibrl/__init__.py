@@ -38,6 +38,7 @@ from .ops import (
     loss,
     metrics_dict,
 )
+from . import linear
 from .plan import Minibatch, Plan, Prompt, SchedulerConfig, SeqKind, SeqRef, plan
 
 
@@ -60,6 +61,12 @@ else:
         fused_logits_calibrl_loss,
         vocab_parallel_calibrl_loss,
     )
+    from .linear_autograd import (  # noqa: F401
+        FusedLinearLogprobs,
+        fused_linear_logprobs,
+        fused_linear_logprobs_nograd,
+        vocab_parallel_fused_linear_logprobs,
+    )
 
 __version__ = "0.1.0"
 
@@ -72,10 +79,11 @@ __all__ = [
     "Config", "DLPackTensor", "LossInputs", "LossResult", "TensorLike",
     "group_advantages", "logits_backward", "logits_forward", "logits_shard_finish",
     "logits_shard_stats", "loss", "metrics_dict", "library_version",
-    "Minibatch", "Plan", "Prompt", "SchedulerConfig", "SeqKind", "SeqRef", "plan",
+    "linear", "Minibatch", "Plan", "Prompt", "SchedulerConfig", "SeqKind", "SeqRef", "plan",
 ]
 if "_torch" in globals():
     __all__ += [
         "CalibRLLoss", "FusedLogitsCalibRL", "calibrl_loss", "fused_logits_calibrl_loss",
-        "vocab_parallel_calibrl_loss",
+        "vocab_parallel_calibrl_loss", "FusedLinearLogprobs", "fused_linear_logprobs",
+        "fused_linear_logprobs_nograd", "vocab_parallel_fused_linear_logprobs",
     ]

@@ -145,6 +145,21 @@ class LossArgs(ctypes.Structure):
     ]
 
 
+class LinearInput(ctypes.Structure):
+    """``calibrl_linear_input``: the inputs every fused linear call shares."""
+
+    _fields_ = [
+        ("hidden", _T),
+        ("weight", _T),
+        ("bias", _T),
+        ("labels", _T),
+        ("temperature", c_double),
+        ("vocab_start", c_int64),
+        ("chunk_size", c_int64),
+        ("workspace", _T),
+    ]
+
+
 class SchedulerConfigC(ctypes.Structure):
     """``calibrl_scheduler_config`` (SPEC §7); :class:`calibrl.SchedulerConfig` builds it."""
 

@@ -32,6 +32,7 @@ from ._abi import (  # noqa: F401
     METRICS_NAMES,
     AdvantageArgs,
     DLTensor,
+    LinearInput,
     LossArgs,
     Metrics,
     MinibatchInfo,
@@ -93,6 +94,16 @@ _SIGNATURES: dict[str, tuple[object, list]] = {
     "calibrl_logits_backward": (_status, [_T, _T, c_double, c_int64, _T, _T, _T, _T, _T, _stream]),
     "calibrl_logits_shard_stats": (_status, [_T, _T, c_double, c_int64, _T, _stream]),
     "calibrl_logits_shard_finish": (_status, [_T, _T, _T, _T, _T, _stream]),
+    # the fused linear path (docs/abi.md)
+    "calibrl_fused_linear_workspace_size": (_status, [_T, _T, c_int64, _sizep]),
+    "calibrl_fused_linear_forward": (_status, [POINTER(LinearInput), _T, _T, _T, _stream]),
+    "calibrl_fused_linear_shard_stats": (_status, [POINTER(LinearInput), _T, _stream]),
+    "calibrl_fused_linear_backward": (
+        _status, [POINTER(LinearInput), _T, _T, _T, _T, _T, _T, _T, c_int32, _stream]
+    ),
+    "calibrl_fused_linear_forward_backward": (
+        _status, [POINTER(LinearInput), _T, _T, _T, _T, _T, _T, _T, _T, c_int32, _stream]
+    ),
     # SPEC §7: the scheduler
     "calibrl_scheduler_config_default": (_status, [POINTER(SchedulerConfigC)]),
     "calibrl_plan_new": (

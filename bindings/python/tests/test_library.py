@@ -181,6 +181,7 @@ def test_ctypes_declarations_match_the_header():
         "calibrl_metrics": _lib.Metrics,
         "calibrl_advantage_args": _lib.AdvantageArgs,
         "calibrl_loss_args": _lib.LossArgs,
+        "calibrl_linear_input": _lib.LinearInput,
         "calibrl_scheduler_config": _lib.SchedulerConfigC,
         "calibrl_prompt_desc": _lib.PromptDesc,
         "calibrl_plan_info": _lib.PlanInfo,
