@@ -8,6 +8,7 @@ use crate::config::{
 use crate::desc::loss::Loss;
 use crate::desc::metrics::{CalibrlMetrics as Metrics, CalibrlNormalizers as Normalizers};
 use crate::error::{Error, Result};
+use crate::tensor::{out_of_memory, try_collect, try_vec};
 use std::ops::Range;
 
 // Moved to `crate::desc::metrics` (shared by both backends and the C ABI); the old paths
@@ -190,11 +191,14 @@ pub fn compute(cfg: &Config, batch: &LossBatch) -> Result<LossOutput> {
     // and the metrics (an untrained expert row's p and exploration term are 0).
     let authors = cfg.authors_arithmetic && !cfg.trains_expert_rows();
     let counted_row = |i: usize| trained(i) || authors;
-    let n_tokens: Vec<f64> = batch
-        .rows
-        .iter()
-        .map(|r| fsum(batch.mask[r.clone()].iter().copied()))
-        .collect();
+    // Working memory is requested fallibly (an error status, never an abort; docs/abi.md).
+    let n_tokens = try_collect(
+        batch
+            .rows
+            .iter()
+            .map(|r| fsum(batch.mask[r.clone()].iter().copied())),
+        "logprobs",
+    )?;
     let local_tokens = fsum((0..b).filter(|&i| counted_row(i)).map(|i| n_tokens[i]));
     // A row without counted tokens adds nothing and is not counted in N_seq (SPEC §4.5).
     let local_seqs = (0..b)
@@ -204,6 +208,7 @@ pub fn compute(cfg: &Config, batch: &LossBatch) -> Result<LossOutput> {
         token_count: local_tokens,
         seq_count: local_seqs,
     });
+    require_global_counts(&norm, local_tokens, local_seqs)?;
     let inv = |x: f64| if x > 0.0 { 1.0 / x } else { 0.0 };
     let agg_weight = |i: usize| match cfg.agg {
         Aggregation::TokenMean => inv(norm.token_count),
@@ -216,11 +221,11 @@ pub fn compute(cfg: &Config, batch: &LossBatch) -> Result<LossOutput> {
     let lambda = cfg.effective_lambda();
     let baseline = explore_baseline(cfg, batch, authors)?;
     require_inputs(cfg, batch, lambda > 0.0 && baseline.is_none())?;
-    let (selected, cov_frac) = cov_selection(cfg, batch, expert_row);
+    let (selected, cov_frac) = cov_selection(cfg, batch, expert_row)?;
 
     let mut out = LossOutput {
-        grad_logprobs: vec![0.0; batch.logprobs.len()],
-        grad_entropy: vec![0.0; batch.logprobs.len()],
+        grad_logprobs: try_vec(batch.logprobs.len(), 0.0, "grad_logprobs")?,
+        grad_entropy: try_vec(batch.logprobs.len(), 0.0, "grad_entropy")?,
         metrics: Metrics {
             cov_selected_frac: cov_frac,
             ..Metrics::default()
@@ -319,11 +324,35 @@ pub fn compute(cfg: &Config, batch: &LossBatch) -> Result<LossOutput> {
     m.ppo_kl = mean(kl_sum, rollout_tokens);
     m.mean_delta = mean(delta_sum, delta_n);
     // Per-row metrics over rollouts (every row in the authors' arithmetic).
-    let rollouts: Vec<usize> = (0..b).filter(|&i| !expert_row(i) || authors).collect();
+    let mut rollouts = Vec::new();
+    rollouts
+        .try_reserve_exact(b)
+        .map_err(|_| out_of_memory("advantages", b, std::mem::size_of::<usize>()))?;
+    rollouts.extend((0..b).filter(|&i| !expert_row(i) || authors));
     row_metrics(m, batch, &rollouts, &n_tokens);
     m.num_tokens = local_tokens;
     m.num_seqs = local_seqs;
     Ok(out)
+}
+
+/// Global normalisers count every slice of the mini-batch: they cannot be smaller than this
+/// call's own counts (a 0 would silently zero the terms that divide by it).
+fn require_global_counts(norm: &Normalizers, tokens: f64, seqs: f64) -> Result<()> {
+    for (name, global, local) in [
+        ("normalizers.token_count", norm.token_count, tokens),
+        ("normalizers.seq_count", norm.seq_count, seqs),
+    ] {
+        if global < local {
+            return Err(Error::invalid(
+                name,
+                format!(
+                    "{global} is smaller than this call's own count {local}: the global \
+                     normalisers count every slice of the mini-batch"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn mean(sum: f64, n: f64) -> f64 {
@@ -359,12 +388,20 @@ fn cov_selection(
     cfg: &Config,
     batch: &LossBatch,
     expert_row: impl Fn(usize) -> bool,
-) -> (Vec<bool>, f64) {
-    let mut selected = vec![false; batch.logprobs.len()];
+) -> Result<(Vec<bool>, f64)> {
     if cfg.entropy_control == EntropyControl::None {
-        return (selected, 0.0);
+        return Ok((Vec::new(), 0.0)); // never indexed: only Clip-Cov / KL-Cov read it
     }
+    let mut selected = try_vec(batch.logprobs.len(), false, "logprobs")?;
+    let counted = fsum(batch.mask.iter().copied()) as usize;
     let mut tokens = Vec::new();
+    tokens.try_reserve_exact(counted).map_err(|_| {
+        out_of_memory(
+            "logprobs",
+            counted,
+            std::mem::size_of::<crate::cpu::cov::CovToken>(),
+        )
+    })?;
     for i in (0..batch.rows.len()).filter(|&i| !expert_row(i)) {
         for k in batch.rows[i].clone().filter(|&k| batch.mask[k] != 0.0) {
             let logp = batch.logprobs[k];
@@ -382,7 +419,7 @@ fn cov_selection(
     for k in picked {
         selected[k] = true;
     }
-    (selected, frac)
+    Ok((selected, frac))
 }
 
 /// The per-row metrics over `rollouts`, and the experts' mean log-prob.
@@ -444,30 +481,32 @@ fn explore_baseline<'a>(
     Ok(match cfg.baseline {
         Baseline::RefPolicy => batch.ref_logprobs.as_deref().map(BaselineSource::Reference),
         Baseline::Expert if authors && batch.expert.is_none() => Some(BaselineSource::Zero),
-        Baseline::Expert => batch.expert.as_ref().map(|e| {
-            let sums = e
-                .rows
-                .iter()
-                .map(|r| {
-                    let s = fsum(r.clone().map(|k| masked(e.mask[k], e.logprobs[k])));
-                    let n = fsum(e.mask[r.clone()].iter().copied());
-                    if cfg.length_normalize {
-                        if n > 0.0 {
-                            s / n
+        Baseline::Expert => match batch.expert.as_ref() {
+            None => None,
+            Some(e) => {
+                let sums = try_collect(
+                    e.rows.iter().map(|r| {
+                        let s = fsum(r.clone().map(|k| masked(e.mask[k], e.logprobs[k])));
+                        let n = fsum(e.mask[r.clone()].iter().copied());
+                        if cfg.length_normalize {
+                            if n > 0.0 {
+                                s / n
+                            } else {
+                                0.0
+                            }
                         } else {
-                            0.0
+                            s
                         }
-                    } else {
-                        s
-                    }
+                    }),
+                    "expert_logprobs",
+                )?;
+                Some(BaselineSource::Expert {
+                    expert: e,
+                    sums,
+                    zero_when_missing: authors,
                 })
-                .collect();
-            BaselineSource::Expert {
-                expert: e,
-                sums,
-                zero_when_missing: authors,
             }
-        }),
+        },
     })
 }
 
@@ -570,6 +609,27 @@ fn counted_only(name: &str, mut v: Vec<f64>, mask: &[f64]) -> Result<Vec<f64>> {
     Ok(v)
 }
 
+/// Log-probabilities are ≤ 0 (SPEC §4): a counted value above [`LOGPROB_TOLERANCE`] is a
+/// caller's mistake (logits, or a sign error), not a rounding error. Masked entries were zeroed.
+fn require_log_probs(name: &str, values: Option<&[f64]>) -> Result<()> {
+    let Some(values) = values else { return Ok(()) };
+    match values.iter().position(|&v| v > LOGPROB_TOLERANCE) {
+        None => Ok(()),
+        Some(k) => Err(Error::invalid(
+            name,
+            format!(
+                "element {k} is {}: a log-probability is <= 0 (up to {LOGPROB_TOLERANCE} of \
+                 rounding)",
+                values[k]
+            ),
+        )),
+    }
+}
+
+/// How far above 0 a log-probability may be (rounding of a log-softmax computed in low
+/// precision) before it is rejected.
+pub const LOGPROB_TOLERANCE: f64 = 0.1;
+
 fn read_batch(args: &Loss) -> Result<LossBatch> {
     let rows = args.policy.ranges()?;
     let mask = args.policy.mask_values()?;
@@ -597,8 +657,21 @@ fn read_batch(args: &Loss) -> Result<LossBatch> {
             format!("element {k} is {r}; importance weights must be >= 0"),
         ));
     }
+    for (name, v) in [
+        ("logprobs", Some(&logprobs)),
+        ("old_logprobs", old_logprobs.as_ref()),
+        ("ref_logprobs", ref_logprobs.as_ref()),
+    ] {
+        require_log_probs(name, v.map(Vec::as_slice))?;
+    }
     let advantages = args.advantages.read_finite_f64()?;
     let weights = args.weights.read_finite_f64()?;
+    if let Some((i, w)) = weights.iter().enumerate().find(|(_, w)| **w < 0.0) {
+        return Err(Error::invalid(
+            "weights",
+            format!("element {i} is {w}; rarity weights are >= 0 (|A|, or 1)"),
+        ));
+    }
     let signs = args.signs.read_finite_f64()?;
     if let Some((i, s)) = signs.iter().enumerate().find(|(_, s)| s.abs() != 1.0) {
         return Err(Error::invalid(
@@ -613,6 +686,7 @@ fn read_batch(args: &Loss) -> Result<LossBatch> {
             let erows = e.ranges()?;
             let emask = e.mask_values()?;
             let values = counted_only("expert_logprobs", e.values.read_f64()?, &emask)?;
+            require_log_probs("expert_logprobs", Some(&values))?;
             let index = args.expert_index.as_ref().expect("validated").read_i64()?;
             let p = erows.len() as i64;
             if let Some((i, s)) = index.iter().enumerate().find(|(_, &s)| s < -1 || s >= p) {
