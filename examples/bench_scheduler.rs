@@ -168,7 +168,7 @@ fn stats(passes: &[&PassPlan], budget: u64) -> Stats {
             .sum::<u64>();
         s.max_rank += *rank_tokens.iter().max().unwrap() as f64;
         s.mean_rank += rank_tokens.iter().sum::<u64>() as f64 / RANKS as f64;
-        let m = pass.ranks.iter().map(Vec::len).max().unwrap();
+        let m = pass.microbatches_per_rank();
         s.microbatches_per_rank += m;
         for j in 0..m {
             s.lockstep += pass

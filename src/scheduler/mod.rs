@@ -246,14 +246,17 @@ impl MicroBatch {
     }
 }
 
-/// One pass over a set of sequences: `ranks[r][m]` is micro-batch `m` of rank `r`. Every rank
-/// has the same number of micro-batches (collectives stay in step); a rank holding fewer
-/// sequences than that count gets empty micro-batches (run them as zero-token steps). Within a
-/// rank, micro-batches are ordered by decreasing workload so that the heavy ones of all ranks
-/// run at the same time.
+/// One pass over a set of sequences. Every rank runs the same number of micro-batches,
+/// `microbatches` (collectives stay in step); `ranks[r]` holds rank `r`'s micro-batches that
+/// have sequences, ordered by decreasing workload (so that the heavy ones of all ranks run at
+/// the same time), and the rank runs the remaining ones of the count empty (zero-token steps).
+/// Empty micro-batches are not stored, so a plan's memory follows its sequences, not
+/// ranks × the busiest rank's count (docs/abi.md states the bound).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct PassPlan {
     pub ranks: Vec<Vec<MicroBatch>>,
+    /// Micro-batches per rank (the same on every rank).
+    pub microbatches: usize,
     /// Sequences longer than the pass's budget; each sits alone in a micro-batch.
     pub oversize: Vec<SeqRef>,
 }
@@ -261,7 +264,21 @@ pub struct PassPlan {
 impl PassPlan {
     /// Micro-batches per rank (the same on every rank).
     pub fn microbatches_per_rank(&self) -> usize {
-        self.ranks.first().map_or(0, |r| r.len())
+        self.microbatches
+    }
+    /// The sequences of micro-batch `mb` of rank `rank` (empty past the stored ones).
+    /// Panics when `rank` or `mb` is out of range.
+    pub fn microbatch(&self, rank: usize, mb: usize) -> &[SeqRef] {
+        assert!(
+            mb < self.microbatches,
+            "micro-batch {mb} of {}",
+            self.microbatches
+        );
+        self.ranks[rank].get(mb).map_or(&[], |m| &m.seqs)
+    }
+    /// Rank `rank`'s micro-batches, all `microbatches` of them (the empty ones included).
+    pub fn rank_microbatches(&self, rank: usize) -> impl Iterator<Item = &[SeqRef]> {
+        (0..self.microbatches).map(move |mb| self.microbatch(rank, mb))
     }
     /// Token load (prompt + response) of each rank.
     pub fn rank_tokens(&self) -> Vec<u64> {
