@@ -190,3 +190,31 @@ fn plan_memory_follows_the_sequences_not_ranks_times_microbatches() {
         },
     );
 }
+
+// Issue 30, defect 4: an unknown 1 MiB key cost ~190 bytes and ~6 s per byte… per MiB of key
+// (the did-you-mean edit distance), aborted under a 128 MiB limit, and the message echoed the
+// whole key. Now: no edit distance for a key longer than any known key, and a short message.
+#[test]
+fn an_unknown_one_mebibyte_key_is_cheap_and_quoted_short() {
+    in_child(
+        "an_unknown_one_mebibyte_key_is_cheap_and_quoted_short",
+        || {
+            let key = "k".repeat(1 << 20);
+            let json = std::ffi::CString::new(format!("{{\"{key}\": 1}}")).unwrap();
+            limit_address_space(128 * MIB);
+            let start = std::time::Instant::now();
+            let mut cfg = std::ptr::null_mut();
+            let st = unsafe { calibrl_config_new(json.as_ptr(), &mut cfg) } as i32;
+            let elapsed = start.elapsed();
+            let msg = last_error();
+            assert_eq!(st, 7, "{msg}");
+            assert!(cfg.is_null());
+            assert!(
+                msg.contains("unknown key") && msg.contains("1048576 bytes"),
+                "{msg}"
+            );
+            assert!(msg.len() < 2048, "the message is {} bytes long", msg.len());
+            assert!(elapsed.as_secs_f64() < 5.0, "took {elapsed:?}");
+        },
+    );
+}

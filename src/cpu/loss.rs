@@ -609,10 +609,11 @@ fn counted_only(name: &str, mut v: Vec<f64>, mask: &[f64]) -> Result<Vec<f64>> {
     Ok(v)
 }
 
-/// Log-probabilities are ≤ 0 (SPEC §4): a counted value above [`LOGPROB_TOLERANCE`] is a
-/// caller's mistake (logits, or a sign error), not a rounding error. Masked entries were zeroed.
-fn require_log_probs(name: &str, values: Option<&[f64]>) -> Result<()> {
-    let Some(values) = values else { return Ok(()) };
+/// The policy's log-probabilities (this step's forward output, the one input every term
+/// differentiates) are ≤ 0 (SPEC §4): a counted value above [`LOGPROB_TOLERANCE`] is a caller's
+/// mistake (logits, or a sign error), not rounding. Masked entries were zeroed. The other
+/// log-prob inputs (old, reference, expert) are taken as given (docs/abi.md).
+fn require_log_probs(name: &str, values: &[f64]) -> Result<()> {
     match values.iter().position(|&v| v > LOGPROB_TOLERANCE) {
         None => Ok(()),
         Some(k) => Err(Error::invalid(
@@ -657,13 +658,7 @@ fn read_batch(args: &Loss) -> Result<LossBatch> {
             format!("element {k} is {r}; importance weights must be >= 0"),
         ));
     }
-    for (name, v) in [
-        ("logprobs", Some(&logprobs)),
-        ("old_logprobs", old_logprobs.as_ref()),
-        ("ref_logprobs", ref_logprobs.as_ref()),
-    ] {
-        require_log_probs(name, v.map(Vec::as_slice))?;
-    }
+    require_log_probs("logprobs", &logprobs)?;
     let advantages = args.advantages.read_finite_f64()?;
     let weights = args.weights.read_finite_f64()?;
     if let Some((i, w)) = weights.iter().enumerate().find(|(_, w)| **w < 0.0) {
@@ -686,7 +681,6 @@ fn read_batch(args: &Loss) -> Result<LossBatch> {
             let erows = e.ranges()?;
             let emask = e.mask_values()?;
             let values = counted_only("expert_logprobs", e.values.read_f64()?, &emask)?;
-            require_log_probs("expert_logprobs", Some(&values))?;
             let index = args.expert_index.as_ref().expect("validated").read_i64()?;
             let p = erows.len() as i64;
             if let Some((i, s)) = index.iter().enumerate().find(|(_, &s)| s < -1 || s >= p) {
