@@ -218,3 +218,22 @@ fn an_unknown_one_mebibyte_key_is_cheap_and_quoted_short() {
         },
     );
 }
+
+// Issue 30, defect 2 (planner): the planner's containers grow infallibly, so a valid input too
+// large for the memory left aborted. Planning now reserves its estimated peak fallibly first:
+// the same 2^20-rank plan with 600 MiB of headroom (it needs ≈ 0.8 GB) is an error.
+#[test]
+fn planning_without_the_memory_it_needs_returns_an_error() {
+    in_child(
+        "planning_without_the_memory_it_needs_returns_an_error",
+        || {
+            limit_address_space(600 * MIB);
+            let (st, msg, _) = lopsided_plan(1 << 20, 400);
+            assert_eq!(st, 2, "{msg}");
+            assert!(
+                msg.contains("out of memory") && msg.contains("`prompts`"),
+                "{msg}"
+            );
+        },
+    );
+}
