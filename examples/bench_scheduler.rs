@@ -88,7 +88,7 @@ struct Naive {
 
 fn naive_pass(rows: Vec<SeqRef>, mb_size: usize) -> PassPlan {
     let n = rows.len();
-    let ranks = (0..RANKS)
+    let ranks: Vec<Vec<MicroBatch>> = (0..RANKS)
         .map(|r| {
             let chunk = &rows[r * n / RANKS..(r + 1) * n / RANKS];
             chunk
@@ -98,6 +98,7 @@ fn naive_pass(rows: Vec<SeqRef>, mb_size: usize) -> PassPlan {
         })
         .collect();
     PassPlan {
+        microbatches: ranks.iter().map(Vec::len).max().unwrap_or(0),
         ranks,
         oversize: Vec::new(),
     }

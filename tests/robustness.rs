@@ -825,7 +825,9 @@ fn loss_outputs_that_share_memory_are_refused() {
     let mut call = LossCall::new();
     assert_eq!(call.run(None, None, None), OK, "{}", last_error());
 
-    let cases: Vec<(&str, &str, Box<dyn Fn(&LossCall) -> [Option<Box<View>>; 3]>)> = vec![
+    // (what, the argument named, the output views replacing grad_logprobs, grad_entropy, metrics)
+    type Outputs = Box<dyn Fn(&LossCall) -> [Option<Box<View>>; 3]>;
+    let cases: Vec<(&str, &str, Outputs)> = vec![
         (
             "grad_entropy == grad_logprobs",
             "grad_entropy",
