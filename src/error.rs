@@ -92,7 +92,7 @@ impl Error {
 }
 
 /// Longest caller-given text (a JSON key or value) a message quotes in full.
-pub const QUOTE_MAX: usize = 64;
+pub(crate) const QUOTE_MAX: usize = 64;
 
 /// `text` as a message quotes it: in full up to [`QUOTE_MAX`] bytes, else its start and its
 /// length, so that a message stays short whatever the caller passed.

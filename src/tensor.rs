@@ -45,11 +45,11 @@ pub struct DLTensor {
 /// on AArch64 with its default 48-bit virtual addresses; other 64-bit targets get 2^48 too.
 /// CUDA's unified addresses lie in the same range.
 #[cfg(target_arch = "x86_64")]
-pub const USER_ADDRESS_LIMIT: usize = 1 << 47;
+pub(crate) const USER_ADDRESS_LIMIT: usize = 1 << 47;
 #[cfg(all(target_pointer_width = "64", not(target_arch = "x86_64")))]
-pub const USER_ADDRESS_LIMIT: usize = 1 << 48;
+pub(crate) const USER_ADDRESS_LIMIT: usize = 1 << 48;
 #[cfg(not(target_pointer_width = "64"))]
-pub const USER_ADDRESS_LIMIT: usize = usize::MAX;
+pub(crate) const USER_ADDRESS_LIMIT: usize = usize::MAX;
 
 pub const DL_CPU: i32 = 1;
 pub const DL_CUDA: i32 = 2;

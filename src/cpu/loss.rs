@@ -629,7 +629,7 @@ fn require_log_probs(name: &str, values: &[f64]) -> Result<()> {
 
 /// How far above 0 a log-probability may be (rounding of a log-softmax computed in low
 /// precision) before it is rejected.
-pub const LOGPROB_TOLERANCE: f64 = 0.1;
+const LOGPROB_TOLERANCE: f64 = 0.1;
 
 fn read_batch(args: &Loss) -> Result<LossBatch> {
     let rows = args.policy.ranges()?;
