@@ -261,17 +261,28 @@ fuzz_target!(|data: &[u8]| {
         calibrl_plan_dropped_prompts(plan, p, cap, len) as i32
     });
     if let Some(d) = dropped {
-        assert_eq!(d.len() as u64, info.dropped_prompts, "dropped_prompts length");
+        assert_eq!(
+            d.len() as u64,
+            info.dropped_prompts,
+            "dropped_prompts length"
+        );
         assert!(
-            d.windows(2).all(|w| w[0] < w[1]) && d.iter().all(|&g| (0..n_prompts as i64).contains(&g)),
+            d.windows(2).all(|w| w[0] < w[1])
+                && d.iter().all(|&g| (0..n_prompts as i64).contains(&g)),
             "dropped prompts {d:?} not increasing within 0..{n_prompts}"
         );
         if cfg.dynamic_sampling == 0 {
-            assert!(d.is_empty(), "prompts dropped without dynamic sampling: {d:?}");
+            assert!(
+                d.is_empty(),
+                "prompts dropped without dynamic sampling: {d:?}"
+            );
         }
         // A dropped group's rewards are all equal.
         let r = rewards.as_deref().unwrap_or_default();
-        assert!(d.is_empty() || !r.is_empty(), "prompts dropped without rewards");
+        assert!(
+            d.is_empty() || !r.is_empty(),
+            "prompts dropped without rewards"
+        );
         let mut first = vec![0usize; n_prompts + 1];
         for (g, p) in prompts.iter().enumerate() {
             first[g + 1] = first[g] + p.num_rollouts as usize;

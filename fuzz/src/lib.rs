@@ -587,7 +587,10 @@ const ENUM_KEYS: [(&str, &[&str]); 8] = [
         "kl_kind",
         &["k1", "abs", "k2", "k3", "mse", "low_var_kl", "u"],
     ),
-    ("entropy_control", &["none", "clip_cov", "kl_cov", "clipcov"]),
+    (
+        "entropy_control",
+        &["none", "clip_cov", "kl_cov", "clipcov"],
+    ),
 ];
 const BOOL_KEYS: [&str; 4] = [
     "length_normalize",
