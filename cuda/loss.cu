@@ -232,7 +232,7 @@ extern "C" __global__ void calibrl_group_advantages(AdvParams p) {
 #define KL_K3 3
 // Where N_tok and N_seq come from.
 #define COUNTS_GIVEN 0     // the caller's global normalisers
-#define COUNTS_KERNEL 1    // calibrl_loss_counts wrote them to final_ws[0..2]
+#define COUNTS_KERNEL 1    // calibrl_loss_counts wrote them to final_ws[0..4]
 #define COUNTS_ALL_ROWS 2  // padded, every row trained, no mask: the layout's token and row counts
 // "Any dtype" instantiation of the loss kernel (runtime switch per load).
 #define DT_ANY (-1)
@@ -267,7 +267,7 @@ struct CovParams {
   i64 tiles;                       // ⌈numel / COV_TILE⌉
   CovState* state;
   unsigned long long* hist;        // [COV_BINS], zero between passes
-  double* tile_sums;               // [tiles * 3]
+  double* tile_sums;               // [tiles * COV_TILE_FIELDS]
 };
 
 struct LossParams {
@@ -303,21 +303,24 @@ struct LossParams {
   i64 counts;     // COUNTS_*
   // configuration
   i64 loss_kind, token_aligned, length_normalize, activation, baseline_ref, agg, kl_kind;
-  // SPEC §4.7 (preset `authors`, never with LUFFY / RL-PLUS): every row counts in the
-  // normalisers, entropy, KL and metrics; p and the exploration term are 0 on expert rows; a
-  // rollout without a selected expert explores against ℓ* = 0.
+  // SPEC §4.7 (preset `authors`, never with LUFFY / RL-PLUS): every row counts in entropy,
+  // KL (with every row's counts as denominators) and the metrics; p and the exploration term
+  // are 0 on expert rows, whose tokens are not in the L_pg / L_explore denominators; a rollout
+  // without a selected expert explores against ℓ* = 0.
   i64 authors;
-  double norm_tokens, norm_seqs, t_norm;
+  i64 dual_on;  // the dual clip applies (src/config.rs `dual_clip_on`)
+  // The caller's normalisers (COUNTS_GIVEN): rollout rows, then every row (0: the same).
+  double norm_tokens, norm_seqs, norm_all_tokens, norm_all_seqs, t_norm;
   double alpha, lambda, clip_low, clip_high, dual_clip, entropy_coef, kl_coef, luffy_gamma;
   CovParams cov;
 };
 
 #define LOSS_THREADS 256
 #define MAX_TEAMS (LOSS_THREADS / 2)
-#define FINAL_FIELDS 4  // N_tok, N_seq used for the gradients
+#define FINAL_FIELDS 4  // N_tok, N_seq, then every row's N_tok, N_seq (SPEC §4.7), as used
 #define METRICS 16
 // Block partial sums (block_ws): per-thread sums, then per-row sums kept by each team's leader.
-#define B_NTOK 0     // Σ m over trained rows
+#define B_NTOK 0     // Σ m over trained rows (the metric num_tokens)
 #define B_CLIP 1     // clipped rollout tokens
 #define B_LOWER 2    // dual-clipped rollout tokens
 #define B_RTOK 3     // rollout tokens
@@ -340,6 +343,7 @@ struct LossParams {
 #define ROW_FIELDS (BLOCK_FIELDS - THREAD_FIELDS)
 
 #define NAN_D __longlong_as_double(0x7ff8000000000000ll)
+#define INF_D __longlong_as_double(0x7ff0000000000000ll)
 
 // Loads of the main float inputs (ℓ, ℓold, ∂L/∂ℓ), specialised on their common dtype; DT_ANY
 // reads through the runtime switch.
@@ -411,7 +415,7 @@ __device__ __forceinline__ void clipped_pg(const LossParams& p, double a, double
   v = pc;
   dv = clipped ? 0.0 : -a * ratio;
   lower = false;
-  if (p.dual_clip > 1.0 && a < 0.0) {
+  if (p.dual_on && a < 0.0) {
     const double cap = -a * p.dual_clip;
     if (pc > cap) { v = cap; dv = 0.0; lower = true; }
   }
@@ -543,15 +547,17 @@ __device__ void gather_partials(double (&v)[N], const double* ws, double* scratc
   block_sum<N>(v, scratch);
 }
 
-// N_tok and N_seq over the trained rows when they are neither given nor known from the layout
-// (a mask, or expert rows the loss does not train). One warp per row.
+// N_tok and N_seq over the trained rows, and over every counted row (the authors'
+// arithmetic), when they are neither given nor known from the layout (a mask, or expert rows
+// the loss does not train). One warp per row.
 extern "C" __global__ void __launch_bounds__(LOSS_THREADS) calibrl_loss_counts(LossParams p) {
-  __shared__ double scratch[32 * 2];
+  __shared__ double scratch[32 * 4];
   const int lane = threadIdx.x & 31;
   const i64 warps = blockDim.x >> 5;
-  double v[2] = {0.0, 0.0};  // tokens, rows
+  double v[4] = {0.0, 0.0, 0.0, 0.0};  // trained tokens, rows; counted tokens, rows
   for (i64 i = blockIdx.x * warps + (threadIdx.x >> 5); i < p.rows; i += gridDim.x * warps) {
-    if (expert_row(p, i) && !trains_experts(p) && !p.authors) continue;
+    const bool trained = !expert_row(p, i) || trains_experts(p);
+    if (!trained && !p.authors) continue;
     i64 start, len;
     row_range(p, i, start, len);
     double n_row = 0.0;
@@ -560,14 +566,17 @@ extern "C" __global__ void __launch_bounds__(LOSS_THREADS) calibrl_loss_counts(L
     } else if (lane == 0 && len > 0) {
       n_row = (double)len;
     }
-    v[0] += n_row;
     // A row without counted tokens is not counted in N_seq (SPEC §4.5).
-    if (__any_sync(0xffffffffu, n_row > 0.0) && lane == 0) v[1] += 1.0;
+    const double seq = (__any_sync(0xffffffffu, n_row > 0.0) && lane == 0) ? 1.0 : 0.0;
+    if (trained) { v[0] += n_row; v[1] += seq; }
+    v[2] += n_row;
+    v[3] += seq;
   }
-  block_sum<2>(v, scratch);
-  if (publish_partials<2>(v, p.block_ws, &p.tickets[0])) {
-    gather_partials<2>(v, p.block_ws, scratch);  // integers: exact in any order
-    if (threadIdx.x == 0) { p.final_ws[0] = v[0]; p.final_ws[1] = v[1]; }
+  block_sum<4>(v, scratch);
+  if (publish_partials<4>(v, p.block_ws, &p.tickets[0])) {
+    gather_partials<4>(v, p.block_ws, scratch);  // integers: exact in any order
+    if (threadIdx.x == 0)
+      for (int j = 0; j < 4; ++j) p.final_ws[j] = v[j];
   }
 }
 
@@ -598,6 +607,7 @@ extern "C" __global__ void __launch_bounds__(LOSS_THREADS) calibrl_loss_counts(L
 #define COV_TILE (COV_THREADS * COV_PER_THREAD)
 #define COV_BINS 256
 #define COV_KEY_PASSES 8
+#define COV_TILE_FIELDS 5  // per tile: Σ A, Σ ℓ, count, min A, max A
 
 // Clip-Cov's random key: SplitMix64 of the seed and the flat index (src/cpu/cov.rs `cov_key`).
 __device__ __forceinline__ unsigned long long cov_hash(unsigned long long seed, unsigned long long k) {
@@ -612,6 +622,8 @@ __device__ __forceinline__ bool cov_candidate(const LossParams& p, const CovStat
                                               i64 k, bool clipped, unsigned long long& key) {
   // Detached covariance; no multiply-add to contract, so the same bits as the CPU backend.
   const double cov = (a - s->adv_mean) * (logp - s->logprob_mean);
+  // A covariance that is not finite (an overflow of finite inputs) is never a candidate.
+  if (!(fabs(cov) < INF_D)) return false;
   if (p.cov.control == EC_CLIP_COV) {
     if (clipped || !(p.cov.lb < cov && cov < p.cov.ub)) return false;
     key = cov_hash(p.cov.seed, (unsigned long long)k);
@@ -701,32 +713,63 @@ __device__ bool last_block(unsigned* ticket) {
   return last;
 }
 
-// Σ A, Σ ℓ and the count over the counted rollout tokens (fixed order, see above); the last
-// block writes the means, N_tok and a fresh selection state, and zeroes the histogram.
+// The smallest and largest of `lo`, `hi` over the block (valid in thread 0). Every thread
+// must call it; `scratch` holds 64 doubles.
+__device__ void block_min_max(double& lo, double& hi, double* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+  for (int o = 16; o > 0; o >>= 1) {
+    lo = fmin(lo, __shfl_down_sync(0xffffffffu, lo, o));
+    hi = fmax(hi, __shfl_down_sync(0xffffffffu, hi, o));
+  }
+  __syncthreads();  // scratch may still be read by a previous call
+  if (lane == 0) { scratch[2 * warp] = lo; scratch[2 * warp + 1] = hi; }
+  __syncthreads();
+  if (threadIdx.x == 0)
+    for (int w = 0; w < warps; ++w) { lo = fmin(lo, scratch[2 * w]); hi = fmax(hi, scratch[2 * w + 1]); }
+}
+
+// Σ A, Σ ℓ, the count, min A and max A over the counted rollout tokens (sums in the fixed
+// order, see above); the last block writes the means (the advantages' common value, exactly,
+// when they are all equal: src/cpu/cov.rs `advantage_mean`), N_tok and a fresh selection
+// state, and zeroes the histogram.
 extern "C" __global__ void __launch_bounds__(COV_THREADS) calibrl_cov_prepare(LossParams p) {
   __shared__ double scratch[32 * 3];
   for (i64 tile = blockIdx.x; tile < p.cov.tiles; tile += gridDim.x) {
     double v[3] = {0.0, 0.0, 0.0};
+    double lo = INF_D, hi = -INF_D;
     cov_tokens(p, tile * COV_TILE + (i64)threadIdx.x * COV_PER_THREAD, [&](i64, double a, double logp, double) {
       v[0] += a;
       v[1] += logp;
       v[2] += 1.0;
+      lo = fmin(lo, a);
+      hi = fmax(hi, a);
     });
     block_sum<3>(v, scratch);
-    if (threadIdx.x == 0)
-      for (int j = 0; j < 3; ++j) p.cov.tile_sums[tile * 3 + j] = v[j];
+    block_min_max(lo, hi, scratch);
+    if (threadIdx.x == 0) {
+      double* ts = p.cov.tile_sums + tile * COV_TILE_FIELDS;
+      for (int j = 0; j < 3; ++j) ts[j] = v[j];
+      ts[3] = lo;
+      ts[4] = hi;
+    }
   }
   if (!last_block(&p.tickets[2])) return;
   const volatile double* ts = p.cov.tile_sums;  // written by other blocks: bypass L1
   double v[3] = {0.0, 0.0, 0.0};
-  for (i64 t = threadIdx.x; t < p.cov.tiles; t += COV_THREADS)
-    for (int j = 0; j < 3; ++j) v[j] += ts[t * 3 + j];
+  double lo = INF_D, hi = -INF_D;
+  for (i64 t = threadIdx.x; t < p.cov.tiles; t += COV_THREADS) {
+    for (int j = 0; j < 3; ++j) v[j] += ts[t * COV_TILE_FIELDS + j];
+    lo = fmin(lo, ts[t * COV_TILE_FIELDS + 3]);
+    hi = fmax(hi, ts[t * COV_TILE_FIELDS + 4]);
+  }
   block_sum<3>(v, scratch);
+  block_min_max(lo, hi, scratch);
   p.cov.hist[threadIdx.x] = 0ull;  // COV_BINS == COV_THREADS
   if (threadIdx.x == 0) {
     CovState* s = p.cov.state;
     const double n = v[2];
-    s->adv_mean = (p.cov.given & 1) ? p.cov.adv_mean : (n > 0.0 ? v[0] / n : 0.0);
+    const double adv_mean = lo == hi ? lo : (n > 0.0 ? v[0] / n : 0.0);
+    s->adv_mean = (p.cov.given & 1) ? p.cov.adv_mean : adv_mean;
     s->logprob_mean = (p.cov.given & 2) ? p.cov.logprob_mean : (n > 0.0 ? v[1] / n : 0.0);
     s->n_tok = (p.cov.given & 4) ? p.cov.token_count : n;
     s->local_n = n;
@@ -806,21 +849,25 @@ extern "C" __global__ void __launch_bounds__(COV_THREADS) calibrl_cov_histogram(
   p.cov.hist[threadIdx.x] = 0ull;
 }
 
-// N_tok and N_seq as the gradients use them.
-__device__ __forceinline__ void normalisers(const LossParams& p, double& n_tok, double& n_seq) {
+// N_tok and N_seq as the gradients use them: n[0], n[1] over the trained rows (L_pg,
+// L_explore), n[2], n[3] over every counted row (entropy, KL; the same rows but under the
+// authors' arithmetic).
+__device__ __forceinline__ void normalisers(const LossParams& p, double (&n)[4]) {
   if (p.counts == COUNTS_GIVEN) {
-    n_tok = p.norm_tokens; n_seq = p.norm_seqs;
+    n[0] = p.norm_tokens; n[1] = p.norm_seqs;
+    n[2] = p.norm_all_tokens != 0.0 ? p.norm_all_tokens : p.norm_tokens;
+    n[3] = p.norm_all_seqs != 0.0 ? p.norm_all_seqs : p.norm_seqs;
   } else if (p.counts == COUNTS_KERNEL) {
-    n_tok = p.final_ws[0]; n_seq = p.final_ws[1];
+    for (int j = 0; j < 4; ++j) n[j] = p.final_ws[j];
   } else {
-    n_tok = (double)p.rows * (double)p.seq_len;
-    n_seq = p.seq_len > 0 ? (double)p.rows : 0.0;
+    n[0] = n[2] = (double)p.rows * (double)p.seq_len;
+    n[1] = n[3] = p.seq_len > 0 ? (double)p.rows : 0.0;
   }
 }
 
 // The metrics from the block partials' totals (thread 0 of the last block).
-__device__ void write_metrics(const LossParams& p, const double (&a)[BLOCK_FIELDS], double n_tok, double n_seq) {
-  const double explore = p.token_aligned ? a[B_TOK_EX] : a[B_SEQ_EX] * inv(n_seq);
+__device__ void write_metrics(const LossParams& p, const double (&a)[BLOCK_FIELDS], const double (&n)[4]) {
+  const double explore = p.token_aligned ? a[B_TOK_EX] : a[B_SEQ_EX] * inv(n[1]);
   auto mean = [](double s, double n) { return n > 0.0 ? s / n : 0.0; };
   double m[METRICS];
   m[1] = a[B_PG];
@@ -841,8 +888,7 @@ __device__ void write_metrics(const LossParams& p, const double (&a)[BLOCK_FIELD
   m[15] = p.cov.control != EC_NONE ? p.cov.state->frac : 0.0;  // cov_selected_frac
   if (p.metrics)
     for (int j = 0; j < METRICS; ++j) st(p.metrics, p.metrics_dt, j, m[j]);
-  p.final_ws[0] = n_tok;
-  p.final_ws[1] = n_seq;
+  for (int j = 0; j < 4; ++j) p.final_ws[j] = n[j];
   for (int j = 0; j < METRICS; ++j) p.final_ws[FINAL_FIELDS + j] = m[j];
 }
 
@@ -881,8 +927,9 @@ __device__ __forceinline__ void loss_kernel(const LossParams& p) {
   const bool leader = lane == 0;
   if (leader)
     for (int j = 0; j < ROW_FIELDS; ++j) team_rows[slot_in_block][j] = 0.0;
-  double n_tok, n_seq;
-  normalisers(p, n_tok, n_seq);
+  double n[4];
+  normalisers(p, n);
+  const double n_tok = n[0], n_seq = n[1];
   const double lambda = effective_lambda(p);
   // The authors' arithmetic explores against ℓ* = 0 even without expert data.
   const bool baseline = has_baseline(p) || (p.authors && !p.baseline_ref);
@@ -964,6 +1011,7 @@ __device__ __forceinline__ void loss_kernel(const LossParams& p) {
     }
     const double n_row = s1[0];
     const double f = counted ? agg_factor(p, n_row, n_tok, n_seq) : 0.0;
+    const double f_all = counted ? agg_factor(p, n_row, n[2], n[3]) : 0.0;  // entropy, KL
     double seq_coef = 0.0;
     // An empty rollout adds nothing, not even φ of a length-normalised Δ (SPEC §4.5).
     if (seq_explore && n_row > 0.0) {
@@ -1028,15 +1076,15 @@ __device__ __forceinline__ void loss_kernel(const LossParams& p) {
             const double omega = ld(p.token_weights, p.token_weights_dt, k);
             pv *= omega; dv *= omega;
           }
-          n_counted += 1;
+          n_counted += trained;
           acc_pg += f * pv;
           g = f * dv;
-          if (p.entropy) { acc_ent += f * ld(p.entropy, p.entropy_dt, k); gh = -p.entropy_coef * f; }
+          if (p.entropy) { acc_ent += f_all * ld(p.entropy, p.entropy_dt, k); gh = -p.entropy_coef * f_all; }
           if (p.ref_logprobs) {
             double kv, dk;
             kl_term(p.kl_kind, logp, ld(p.ref_logprobs, p.ref_dt, k), kv, dk);
-            acc_kl += f * kv;
-            if (p.kl_coef != 0.0) g += p.kl_coef * f * dk;
+            acc_kl += f_all * kv;
+            if (p.kl_coef != 0.0) g += p.kl_coef * f_all * dk;
           }
           if (tok_explore) {
             const double delta = slot == -2 ? NAN_D : logp - token_baseline(p, slot, t, k);
@@ -1055,7 +1103,7 @@ __device__ __forceinline__ void loss_kernel(const LossParams& p) {
     // so the team's votes are its bits of the warp's ballot.
     const unsigned votes = __ballot_sync(0xffffffffu, row_counted);
     const unsigned team_bits = team >= 32 ? votes : (votes >> (threadIdx.x & 31 & ~(team - 1))) & ((1u << team) - 1u);
-    if (active && leader && counted && team_bits != 0u) team_rows[slot_in_block][B_SEQS - THREAD_FIELDS] += 1.0;
+    if (active && leader && trained && team_bits != 0u) team_rows[slot_in_block][B_SEQS - THREAD_FIELDS] += 1.0;
   }
 
   // The expert rows' Σ m*ℓ*, Σ m* (metric), one team per expert row.
@@ -1093,7 +1141,7 @@ __device__ __forceinline__ void loss_kernel(const LossParams& p) {
       for (int j = THREAD_FIELDS; j < BLOCK_FIELDS; ++j) v[j] += team_rows[tm][j - THREAD_FIELDS];
   if (publish_partials<BLOCK_FIELDS>(v, p.block_ws, &p.tickets[1])) {
     gather_partials<BLOCK_FIELDS>(v, p.block_ws, scratch);
-    if (threadIdx.x == 0) write_metrics(p, v, n_tok, n_seq);
+    if (threadIdx.x == 0) write_metrics(p, v, n);
   }
 }
 

@@ -141,10 +141,7 @@ fn main() {
     let t_eidx = HostTensor::i64(&mut expert_index, &[b]);
     let t_old = HostTensor::f32(&mut old, &[t_roll]);
     let mut t_grad = HostTensor::f32(&mut grad, &[t_roll]);
-    let normalizers = CalibrlNormalizers {
-        token_count: t_roll as f64,
-        seq_count: b as f64,
-    };
+    let normalizers = CalibrlNormalizers::new(t_roll as f64, b as f64);
     let loss_args = CalibrlLossArgs {
         logprobs: t_roll_lp.as_ptr(),
         seq_offsets: t_off.as_ptr(),

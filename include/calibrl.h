@@ -29,7 +29,7 @@ typedef struct {
 #endif
 
 /* The ABI version this header describes; compare with calibrl_abi_version(). */
-#define CALIBRL_ABI_VERSION 3
+#define CALIBRL_ABI_VERSION 4
 
 
 /**
@@ -223,13 +223,26 @@ typedef struct calibrl_advantage_args {
  */
 typedef struct calibrl_normalizers {
   /**
-   * Σ m over the trained rows' tokens.
+   * Σ m over the trained rows' tokens (rollouts; plus expert rows for LUFFY / RL-PLUS): the
+   * denominator of L_pg and L_explore.
    */
   double token_count;
   /**
-   * Number of trained rows.
+   * Number of trained rows with at least one counted token.
    */
   double seq_count;
+  /**
+   * Σ m over every row's tokens, expert rows included: the denominator of entropy and KL
+   * under the `authors` preset (SPEC §4.7). 0 means "equal to `token_count`" (no untrained
+   * expert row in the mini-batch; always the case for the other presets, which ignore it).
+   * Otherwise it must be >= `token_count`.
+   */
+  double all_token_count;
+  /**
+   * Number of rows with at least one counted token, expert rows included (SPEC §4.7); 0
+   * means "equal to `seq_count`", otherwise it must be >= `seq_count`.
+   */
+  double all_seq_count;
 } calibrl_normalizers;
 
 /**

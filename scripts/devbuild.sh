@@ -4,6 +4,7 @@
 #   .devbuild/bin/<test>      release test executables: every tests/gpu_*.rs and nvrtc_compile
 #                             (or the integration tests named in $CALIBRL_DEVBUILD_TESTS)
 #   .devbuild/lib/libcalibrl.so
+#   .devbuild/COMMIT          the commit built (and whether the tree was dirty), for the GPU log
 # Debug info is stripped to keep the folder small.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +15,9 @@ for t in $tests; do args+=(--test "$t"); done
 cargo build --release --lib
 json="$(cargo test --release --no-run "${args[@]}" --message-format=json)"
 rm -rf .devbuild && mkdir -p .devbuild/bin .devbuild/lib
+dirty=""
+[[ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]] && dirty=" (dirty: uncommitted changes to tracked files)"
+echo "$(git rev-parse HEAD 2>/dev/null || echo unknown)$dirty" >.devbuild/COMMIT
 python3 - "$json" <<'PY'
 import json, shutil, subprocess, sys, os
 for line in sys.argv[1].splitlines():

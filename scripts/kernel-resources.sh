@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Registers, spills and shared memory of every kernel, from `ptxas -v` on the PTX that NVRTC
 # generates at run time. Needs ptxas (CUDA toolkit); without it, says so and exits 0.
+# `CALIBRL_PTXAS=<path>` picks the ptxas; with `CALIBRL_NVRTC_MAJOR=12` the PTX comes from NVRTC
+# 12 (CI runs both: NVRTC 13.0 with ptxas 13.0, NVRTC 12.9 with ptxas 12.9).
 #
 # PTX comes from $CALIBRL_PTX_DIR if it already holds *.ptx, else from the nvrtc_compile test
 # (.devbuild/bin/nvrtc_compile, or `cargo test --test nvrtc_compile` where cargo exists).
@@ -10,7 +12,7 @@ cd "$(dirname "$0")/.."
 devbuild="${CALIBRL_DEVBUILD:-.devbuild}"
 ptx_dir="${CALIBRL_PTX_DIR:-${TMPDIR:-/tmp}/calibrl-ptx}"
 
-ptxas_bin="$(command -v ptxas || true)"
+ptxas_bin="${CALIBRL_PTXAS:-$(command -v ptxas || true)}"
 for d in "${CUDA_HOME:-}" /usr/local/cuda /usr/local/cuda-13.0; do
   [[ -z "$ptxas_bin" && -n "$d" && -x "$d/bin/ptxas" ]] && ptxas_bin="$d/bin/ptxas"
 done
@@ -22,9 +24,9 @@ fi
 if ! ls "$ptx_dir"/*.ptx >/dev/null 2>&1; then
   mkdir -p "$ptx_dir"
   if [[ -x "$devbuild/bin/nvrtc_compile" ]]; then
-    CALIBRL_REQUIRE_NVRTC=1 CALIBRL_PTX_DIR="$ptx_dir" "$devbuild/bin/nvrtc_compile" --test-threads=1 >/dev/null || exit 1
+    CALIBRL_REQUIRE_NVRTC=1 CALIBRL_PTX_DIR="$ptx_dir" "$devbuild/bin/nvrtc_compile" --test-threads=1 --exact every_kernel_compiles_with_nvrtc >/dev/null || exit 1
   elif command -v cargo >/dev/null; then
-    CALIBRL_REQUIRE_NVRTC=1 CALIBRL_PTX_DIR="$ptx_dir" cargo test -q --release --test nvrtc_compile >/dev/null || exit 1
+    CALIBRL_REQUIRE_NVRTC=1 CALIBRL_PTX_DIR="$ptx_dir" cargo test -q --release --test nvrtc_compile -- --exact every_kernel_compiles_with_nvrtc >/dev/null || exit 1
   else
     echo "kernel-resources: no PTX in $ptx_dir, no $devbuild/bin/nvrtc_compile and no cargo"; exit 1
   fi
@@ -38,6 +40,7 @@ archs="${archs:-90 80}"
 
 status=0
 echo "ptxas: $("$ptxas_bin" --version | tail -1)"
+echo "PTX: $(grep -h -m1 '^// Cuda compilation tools' "$ptx_dir"/*.ptx | head -1 | sed 's|^// ||') ($(grep -h -m1 '^.version' "$ptx_dir"/*.ptx | head -1))"
 printf '%-8s %-34s %5s %7s %7s %6s %6s\n' sm kernel regs spillST spillLD stack smem
 for sm in $archs; do
   # The PTX compiled for the nearest architecture at or below the device's.

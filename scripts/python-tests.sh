@@ -7,7 +7,7 @@
 # Environment:
 #   CALIBRL_VENV           the virtual environment (default: <repo>/.venv); reused when present
 #   PYTHON                 the interpreter that creates it (default: python3)
-#   CALIBRL_PY_INTEGRATIONS=0   skip installing deepspeed and megatron-core (their tests skip)
+#   CALIBRL_PY_INTEGRATIONS=0   skip installing deepspeed, megatron-core and trl (their tests skip)
 #   CALIBRL_PY_VERL=0      skip the verl drop-in's tests (scripts/verl-tests.sh, own venv)
 set -euo pipefail
 

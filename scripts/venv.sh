@@ -7,7 +7,7 @@
 # Environment:
 #   CALIBRL_VENV                the virtual environment (default: <repo>/.venv)
 #   PYTHON                      the interpreter that creates it (default: python3)
-#   CALIBRL_PY_INTEGRATIONS=0   leave out the "# integration" lines (deepspeed, megatron-core)
+#   CALIBRL_PY_INTEGRATIONS=0   leave out the "# integration" lines (deepspeed, megatron-core, trl)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${CALIBRL_VENV:-$root/.venv}"

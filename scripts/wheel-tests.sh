@@ -80,11 +80,14 @@ else
 fi
 [[ -f "$work/unpacked/calibrl/py.typed" ]] && pass "the wheel has calibrl/py.typed" || fail "the wheel has calibrl/py.typed"
 meta="$(cat "$work"/unpacked/calibrl-*.dist-info/METADATA)"
-if grep -q '^Provides-Extra: cuda' <<<"$meta" && grep -q '^Requires-Dist: nvidia-cuda-nvrtc.*extra == "cuda"' <<<"$meta"; then
-  pass "the wheel declares calibrl[cuda] (nvidia-cuda-nvrtc)"
-else
-  fail "the wheel declares calibrl[cuda] with nvidia-cuda-nvrtc"
-fi
+for extra in cuda cuda13 cuda12; do
+  wheel=nvidia-cuda-nvrtc; [[ $extra == cuda12 ]] && wheel=nvidia-cuda-nvrtc-cu12
+  if grep -q "^Provides-Extra: $extra\$" <<<"$meta" && grep -q "^Requires-Dist: $wheel[=<>!~ ].*extra == \"$extra\"" <<<"$meta"; then
+    pass "the wheel declares calibrl[$extra] ($wheel)"
+  else
+    fail "the wheel declares calibrl[$extra] with $wheel"
+  fi
+done
 
 # --- install each into a fresh venv and test it ---------------------------------------------------
 site_of() { "$1" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'; }

@@ -175,8 +175,9 @@ impl Config {
             clip_cov_ratio: 2e-4,
             clip_cov_lb: 1.0,
             clip_cov_ub: 5.0,
-            kl_cov_ratio: 2e-3,
-            kl_cov_coef: 1.0,
+            // verl 0.9.1 actor.yaml: policy_loss.kl_cov_ratio, policy_loss.ppo_kl_coef.
+            kl_cov_ratio: 2e-4,
+            kl_cov_coef: 0.1,
             cov_seed: 0,
             cov_adv_mean: None,
             cov_logprob_mean: None,
@@ -420,6 +421,17 @@ impl Config {
 
     pub fn trains_expert_rows(&self) -> bool {
         matches!(self.loss, LossKind::Luffy | LossKind::Rlplus)
+    }
+
+    /// SPEC §4.7 applies: the `authors` preset, unless LUFFY / RL-PLUS train the expert rows.
+    pub fn authors(&self) -> bool {
+        self.authors_arithmetic && !self.trains_expert_rows()
+    }
+
+    /// Whether the dual clip caps p for A < 0: never under Clip-Cov / KL-Cov (SPEC §4.6, as in
+    /// verl), at any c_dual under the authors' arithmetic (§4.7), else when c_dual > 1 (§4.1).
+    pub fn dual_clip_on(&self) -> bool {
+        self.entropy_control == EntropyControl::None && (self.authors() || self.dual_clip > 1.0)
     }
 }
 

@@ -202,15 +202,17 @@ impl<'a> Tensor<'a> {
             shape.push(e as usize);
         }
         let compact = checked_compact_strides(&shape).ok_or_else(|| too_large(name, &shape))?;
-        let strides = if t.strides.is_null() {
-            compact
-        } else {
-            (0..ndim).map(|d| *t.strides.add(d) as isize).collect()
-        };
         let numel = shape
             .iter()
             .try_fold(1usize, |acc, &e| acc.checked_mul(e))
             .ok_or_else(|| too_large(name, &shape))?;
+        // A tensor without elements has no layout to respect: its strides (NumPy reports
+        // (0, 0) for a (0, 5) array) are ignored and it counts as contiguous.
+        let strides = if t.strides.is_null() || numel == 0 {
+            compact
+        } else {
+            (0..ndim).map(|d| *t.strides.add(d) as isize).collect()
+        };
         // The byte extent of every element the view can reach: it must fit in the address
         // space (an `isize`, as for any Rust object) before anything is read or allocated.
         let (lo, hi) =

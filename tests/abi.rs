@@ -39,6 +39,8 @@ struct AdvArgs {
 struct Normalizers {
     token_count: f64,
     seq_count: f64,
+    all_token_count: f64,
+    all_seq_count: f64,
 }
 
 #[repr(C)]
@@ -204,10 +206,10 @@ fn version_and_abi_version() {
         .to_str()
         .unwrap();
     assert_eq!(v, env!("CARGO_PKG_VERSION"));
-    assert_eq!(unsafe { (api().abi_version)() }, 3);
+    assert_eq!(unsafe { (api().abi_version)() }, 4);
     let header =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/include/calibrl.h")).unwrap();
-    assert!(header.contains("#define CALIBRL_ABI_VERSION 3"));
+    assert!(header.contains("#define CALIBRL_ABI_VERSION 4"));
     for (st, name) in [
         (0, "CALIBRL_STATUS_OK"),
         (3, "CALIBRL_STATUS_SHAPE_MISMATCH"),
@@ -381,6 +383,8 @@ impl LossBufs {
             norm: Normalizers {
                 token_count: 20.0,
                 seq_count: 6.0,
+                all_token_count: 0.0,
+                all_seq_count: 0.0,
             },
             grad: Tensor::filled(SENTINEL, &[T], Dt::F32),
             gradh: Tensor::filled(SENTINEL, &[T], Dt::F64),
@@ -680,6 +684,24 @@ fn loss_bad_input_of_every_kind() {
             INVALID_ARGUMENT,
             "normalizers.seq_count",
             Box::new(|b, _| b.norm.seq_count = f64::NAN),
+        ),
+        (
+            "normalizers all_token_count below token_count",
+            INVALID_ARGUMENT,
+            "normalizers.all_token_count",
+            Box::new(|b, _| b.norm.all_token_count = 19.0),
+        ),
+        (
+            "normalizers all_seq_count below seq_count",
+            INVALID_ARGUMENT,
+            "normalizers.all_seq_count",
+            Box::new(|b, _| b.norm.all_seq_count = 5.0),
+        ),
+        (
+            "normalizers all_token_count infinite",
+            INVALID_ARGUMENT,
+            "normalizers.all_token_count",
+            Box::new(|b, _| b.norm.all_token_count = f64::INFINITY),
         ),
         (
             "NaN logprobs",

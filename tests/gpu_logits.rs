@@ -379,12 +379,19 @@ impl Problem {
             .into_iter()
             .map(|x| x as f32)
             .collect::<Vec<_>>();
+        // A label on a −inf logit would make log p = −inf, which the CPU backend rejects as an
+        // out-of-range result: such a row takes label 0 (never −inf) instead.
         let labels = (0..n)
-            .map(|_| {
+            .map(|row| {
                 if rng.uniform() < 0.1 {
                     -1 - rng.below(3) as i64
                 } else {
-                    rng.below(v) as i64
+                    let y = rng.below(v);
+                    if logits[row * v + y].is_finite() {
+                        y as i64
+                    } else {
+                        0
+                    }
                 }
             })
             .collect();

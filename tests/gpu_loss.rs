@@ -19,7 +19,7 @@ use calibrl::ffi::loss::{
 use calibrl::tensor::{DLDataType, DLDevice, DLTensor, DL_CPU, DL_CUDA};
 use calibrl::CalibrlStatus;
 use cudarc::driver::{CudaSlice, DevicePtr};
-use half::bf16;
+use half::{bf16, f16};
 use std::ffi::{c_void, CString};
 use std::ptr::{null, null_mut};
 
@@ -38,6 +38,7 @@ enum Dt {
     F32,
     F64,
     Bf16,
+    F16,
     I64,
     U8,
 }
@@ -48,6 +49,7 @@ impl Dt {
             Dt::F32 => (2, 32),
             Dt::F64 => (2, 64),
             Dt::Bf16 => (4, 16),
+            Dt::F16 => (2, 16),
             Dt::I64 => (0, 64),
             Dt::U8 => (1, 8),
         };
@@ -63,6 +65,7 @@ impl Dt {
                 Dt::F32 => (x as f32).to_le_bytes().to_vec(),
                 Dt::F64 => x.to_le_bytes().to_vec(),
                 Dt::Bf16 => bf16::from_f64(x).to_le_bytes().to_vec(),
+                Dt::F16 => f16::from_f64(x).to_le_bytes().to_vec(),
                 Dt::I64 => (x as i64).to_le_bytes().to_vec(),
                 Dt::U8 => vec![x as u8],
             })
@@ -82,6 +85,10 @@ impl Dt {
                 .chunks_exact(2)
                 .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f64())
                 .collect(),
+            Dt::F16 => b
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f64())
+                .collect(),
             _ => unreachable!("outputs are float"),
         }
     }
@@ -91,6 +98,7 @@ impl Dt {
         match self {
             Dt::F32 => 2f64.powi(-23),
             Dt::Bf16 => 2f64.powi(-7),
+            Dt::F16 => 2f64.powi(-10),
             _ => 1e-12,
         }
     }
@@ -323,6 +331,8 @@ struct Inputs {
     reference: bool,
     entropy: bool,
     token_weights: bool,
+    /// ℓold's dtype when it differs from ℓ's (the mixed-dtype kernel `calibrl_loss_any`).
+    old_dtype: Option<Dt>,
 }
 
 const ALL_INPUTS: Inputs = Inputs {
@@ -331,6 +341,7 @@ const ALL_INPUTS: Inputs = Inputs {
     reference: true,
     entropy: true,
     token_weights: false,
+    old_dtype: None,
 };
 
 struct Outputs {
@@ -377,7 +388,7 @@ fn run_both_with(
     let mut t_lp = Pair::new(g, dt, &b.logprobs, &shape);
     let mut t_off = Pair::new(g, Dt::I64, &offsets, &[b.rows + 1]);
     let mut t_mask = Pair::new(g, Dt::U8, &b.mask, &shape);
-    let mut t_old = Pair::new(g, dt, &b.old, &shape);
+    let mut t_old = Pair::new(g, inputs.old_dtype.unwrap_or(dt), &b.old, &shape);
     let mut t_ref = Pair::new(g, Dt::F32, &b.reference, &shape); // mixed dtypes on purpose
     let mut t_ent = Pair::new(g, dt, &b.entropy, &shape);
     let mut t_adv = Pair::new(g, Dt::F64, &b.advantages, &[b.rows]);
@@ -482,6 +493,8 @@ const CONFIGS: &[&str] = &[
     r#"{"preset":"authors"}"#,
     r#"{"preset":"authors","kl_coef":0.05,"kl_kind":"k2","entropy_coef":0.01}"#,
     r#"{"preset":"authors","delta_mode":"sequence","agg":"seq-mean-token-mean"}"#,
+    // the authors' dual clip at c_dual ≤ 1, two pairs of denominators with every aggregation
+    r#"{"preset":"authors","dual_clip":0.5,"kl_coef":0.05,"entropy_coef":0.01,"agg":"seq-mean-token-sum"}"#,
 ];
 
 fn compare(label: &str, cpu: &Outputs, gpu: &Outputs, dt: Dt) {
@@ -531,9 +544,11 @@ fn loss_matches_cpu_for_every_configuration() {
             (33, true, Dt::F64),
         ] {
             let b = batch(&mut rng, rows, padded, expert_rows);
+            // With expert rows, every row's counts too (the `authors` preset needs them).
             let norm = (ci % 2 == 0).then_some(CalibrlNormalizers {
-                token_count: 977.0,
-                seq_count: 301.0,
+                all_token_count: if expert_rows { 1201.0 } else { 0.0 },
+                all_seq_count: if expert_rows { 377.0 } else { 0.0 },
+                ..CalibrlNormalizers::new(977.0, 301.0)
             });
             let (cpu, gpu) = run_both(g, cfg, &b, dt, norm);
             compare(
@@ -620,6 +635,7 @@ fn loss_matches_cpu_without_optional_inputs_and_with_token_weights() {
                     reference,
                     entropy,
                     token_weights,
+                    old_dtype: None,
                 };
                 for dt in [Dt::F32, Dt::Bf16] {
                     let (cpu, gpu) = run_both_with(g, cfg, &b, dt, None, inputs);
@@ -631,6 +647,37 @@ fn loss_matches_cpu_without_optional_inputs_and_with_token_weights() {
                     );
                 }
             }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU; run with --include-ignored on a GPU machine (scripts/gpu-check.sh does)"]
+fn loss_matches_cpu_for_f16_and_mixed_dtypes() {
+    // `calibrl_loss_f16`, and `calibrl_loss_any` (ℓold in another dtype than ℓ and ∂L/∂ℓ).
+    let (g, _guard) = require_gpu!();
+    let mut rng = Rng::new(17);
+    for cfg in [CONFIGS[0], CONFIGS[1], CONFIGS[3], CONFIGS[10], CONFIGS[17]] {
+        let expert_rows = cfg.contains("luffy") || cfg.contains("authors");
+        for (rows, padded, dt, old_dtype) in [
+            (9, false, Dt::F16, None),
+            (40, true, Dt::F16, None),
+            (33, false, Dt::F32, Some(Dt::Bf16)),
+            (12, true, Dt::Bf16, Some(Dt::F64)),
+            (20, false, Dt::F16, Some(Dt::F32)),
+        ] {
+            let b = batch(&mut rng, rows, padded, expert_rows);
+            let inputs = Inputs {
+                old_dtype,
+                ..ALL_INPUTS
+            };
+            let (cpu, gpu) = run_both_with(g, cfg, &b, dt, None, inputs);
+            compare(
+                &format!("{cfg} rows={rows} padded={padded} {dt:?} old {old_dtype:?}"),
+                &cpu,
+                &gpu,
+                dt,
+            );
         }
     }
 }
@@ -827,6 +874,42 @@ fn entropy_control_matches_cpu() {
 
 #[test]
 #[ignore = "needs an NVIDIA GPU; run with --include-ignored on a GPU machine (scripts/gpu-check.sh does)"]
+fn entropy_control_non_finite_covariances_match_cpu() {
+    // Issue 30, item 1: log-probs of −1e308 with a caller-given mean of 1e308, or of −DBL_MAX
+    // with the call's own mean (its sum overflows): non-finite covariances are never selected,
+    // on either backend.
+    let (g, _guard) = require_gpu!();
+    let mut rng = Rng::new(23);
+    for (tiny, cfg) in [
+        (
+            -1e308,
+            r#"{"preset":"grpo","entropy_control":"kl_cov","kl_cov_ratio":0.2,"cov_adv_mean":0.05,"cov_logprob_mean":1e308,"cov_token_count":500}"#,
+        ),
+        (
+            -f64::MAX,
+            r#"{"preset":"grpo","entropy_control":"kl_cov","kl_cov_ratio":0.2}"#,
+        ),
+        (
+            -1e308,
+            r#"{"preset":"grpo","entropy_control":"clip_cov","clip_cov_ratio":0.3,"clip_cov_lb":-1e300,"clip_cov_ub":1e300,"cov_adv_mean":0.05,"cov_logprob_mean":1e308,"cov_token_count":500}"#,
+        ),
+    ] {
+        for (rows, padded) in [(30, false), (120, true)] {
+            let mut b = batch(&mut rng, rows, padded, true);
+            for (k, l) in b.logprobs.iter_mut().enumerate() {
+                if k % 4 == 1 {
+                    *l = tiny;
+                    b.old[k] = tiny;
+                }
+            }
+            let (cpu, gpu) = run_both(g, cfg, &b, Dt::F64, None);
+            compare_cov(&format!("{cfg} rows={rows}"), &cpu, &gpu, Dt::F64);
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU; run with --include-ignored on a GPU machine (scripts/gpu-check.sh does)"]
 fn entropy_control_ties_match_cpu() {
     // Equal advantages (0.1: not a binary fraction, so A − mean A is a rounding residue that
     // only the same summation order reproduces) or three values, and log-probs from a few
@@ -902,13 +985,7 @@ fn entropy_control_with_other_inputs_matches_cpu() {
         ..ALL_INPUTS
     };
     for (inputs, norm) in [
-        (
-            weighted,
-            Some(CalibrlNormalizers {
-                token_count: 977.0,
-                seq_count: 301.0,
-            }),
-        ),
+        (weighted, Some(CalibrlNormalizers::new(977.0, 301.0))),
         (plain, None),
     ] {
         for cfg in [COV_CONFIGS[2], COV_CONFIGS[5], COV_CONFIGS[7]] {

@@ -1,11 +1,14 @@
 //! CI compile check: every kernel source under `cuda/` compiles with NVRTC for compute_90 and
-//! compute_80 and defines the kernels the library launches.
+//! compute_80 (PTX) and for sm_90 and sm_80 (cubin, what the library loads where NVRTC is newer
+//! than the driver) and defines the kernels the library launches. CI runs it with NVRTC 13 and
+//! again with `CALIBRL_NVRTC_MAJOR=12` (NVRTC 12).
 //!
 //! Without NVRTC the test prints a notice and passes, unless `CALIBRL_REQUIRE_NVRTC=1` (set in
 //! CI), where a missing NVRTC fails the run. `CALIBRL_PTX_DIR=<dir>` also writes each module's
 //! PTX there (used by `scripts/kernel-resources.sh`).
 
-use calibrl::cuda::compile::{nvrtc_available, nvrtc_version};
+use calibrl::cuda::compile::{compile_cubin, nvrtc_available, nvrtc_version};
+use calibrl::cuda::nvrtc_lib::{FORCE_MAJOR_ENV, MAJORS};
 use calibrl::cuda::{compile_all, SOURCES};
 use std::collections::BTreeSet;
 
@@ -58,10 +61,17 @@ fn every_kernel_compiles_with_nvrtc() {
         calibrl::cuda::compile::nvrtc_library().unwrap()
     );
     assert!(
-        major >= 13,
-        "NVRTC {major}.{minor}: the kernels are checked against CUDA 13"
+        MAJORS.contains(&(major as u32)),
+        "NVRTC {major}.{minor}: the kernels are checked against CUDA {MAJORS:?}"
     );
-    // CI pins the NVRTC it compiles with (13.0: driver 580 JITs PTX up to 9.0, what 13.0 emits).
+    if let Ok(forced) = std::env::var(FORCE_MAJOR_ENV) {
+        assert_eq!(
+            forced.trim(),
+            major.to_string(),
+            "{FORCE_MAJOR_ENV} was not honoured"
+        );
+    }
+    // CI pins the NVRTCs it compiles with (13.0 and 12.9).
     if let Ok(want) = std::env::var("CALIBRL_REQUIRE_NVRTC_VERSION") {
         assert_eq!(
             format!("{major}.{minor}"),
@@ -71,7 +81,12 @@ fn every_kernel_compiles_with_nvrtc() {
     }
     let ptx_dir = std::env::var_os("CALIBRL_PTX_DIR");
     for arch in ARCHS {
+        let t = std::time::Instant::now();
         let compiled = compile_all(arch).unwrap_or_else(|e| panic!("compute_{arch}: {e}"));
+        println!(
+            "compute_{arch}: every module to PTX in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
         let (reports, modules) = (&compiled.reports, &compiled.modules);
         for src in SOURCES {
             for kernel in src.kernels {
@@ -101,6 +116,28 @@ fn every_kernel_compiles_with_nvrtc() {
                 std::fs::write(&path, ptx).unwrap();
                 println!("wrote {}", path.display());
             }
+        }
+    }
+}
+
+#[test]
+fn every_kernel_compiles_to_a_cubin() {
+    if !nvrtc_or_skip() {
+        return;
+    }
+    let (major, minor) = nvrtc_version().unwrap();
+    for arch in ARCHS {
+        for src in SOURCES {
+            // compile_cubin also checks the ELF header and every kernel's symbol.
+            let t = std::time::Instant::now();
+            let cubin = compile_cubin(src, arch)
+                .unwrap_or_else(|e| panic!("NVRTC {major}.{minor}, sm_{arch}: {e}"));
+            println!(
+                "NVRTC {major}.{minor} sm_{arch}  {:<10} {:>8} bytes of cubin in {:.1} s",
+                src.name,
+                cubin.len(),
+                t.elapsed().as_secs_f64()
+            );
         }
     }
 }

@@ -1,15 +1,17 @@
 //! NVRTC is found without environment variables: the `nvidia-cuda-nvrtc` wheel beside the
-//! library (site-packages/nvidia/cu13/lib), then the CUDA toolkit, then the system; when none is
-//! found, the error names every place searched.
+//! library (site-packages/nvidia/cu13/lib for 13, site-packages/nvidia/cuda_nvrtc/lib for the
+//! cu12 wheel), then the CUDA toolkit, then the system; when none is found, the error names
+//! every place searched.
 
-use calibrl::cuda::nvrtc_lib::{open_first, search_dirs, NVRTC_SONAME};
+use calibrl::cuda::culib::open_first;
+use calibrl::cuda::nvrtc_lib::{select, NVRTC};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 #[test]
 fn search_order_is_wheel_then_toolkit_then_system() {
     let env = |k: &str| (k == "CUDA_HOME").then(|| "/opt/cu13".into());
-    let dirs = search_dirs(Some(Path::new("/venv/lib/site-packages/calibrl")), &env);
+    let dirs = NVRTC.search_dirs(13, Some(Path::new("/venv/lib/site-packages/calibrl")), &env);
     let want: Vec<Option<PathBuf>> = [
         "/venv/lib/site-packages/nvidia/cu13/lib",
         "/venv/lib/nvidia/cu13/lib",
@@ -28,19 +30,53 @@ fn search_order_is_wheel_then_toolkit_then_system() {
 }
 
 #[test]
+fn the_cu12_wheel_and_toolkit_are_searched_for_nvrtc_12() {
+    let env = |k: &str| (k == "CUDA_PATH").then(|| "/opt/cuda-12.9".into());
+    let dirs = NVRTC.search_dirs(12, Some(Path::new("/venv/lib/site-packages/calibrl")), &env);
+    let want: Vec<Option<PathBuf>> = [
+        "/venv/lib/site-packages/nvidia/cuda_nvrtc/lib",
+        "/venv/lib/nvidia/cuda_nvrtc/lib",
+        "/opt/cuda-12.9/lib64",
+        "/opt/cuda-12.9/lib",
+        "/usr/local/cuda-12/lib64",
+        "/usr/local/cuda-12/lib",
+        "/usr/local/cuda/lib64",
+        "/usr/local/cuda/lib",
+    ]
+    .iter()
+    .map(|d| Some(PathBuf::from(d)))
+    .chain([None])
+    .collect();
+    assert_eq!(dirs, want);
+    assert_eq!(NVRTC.soname(12), "libnvrtc.so.12");
+}
+
+#[test]
 fn missing_nvrtc_names_every_place_searched() {
-    let dirs = [
-        Some(PathBuf::from("/nonexistent/site-packages/nvidia/cu13/lib")),
-        Some(PathBuf::from("/nonexistent/cuda/lib64")),
-    ];
-    let err = open_first(&dirs).unwrap_err();
-    for d in dirs.iter().flatten() {
-        assert!(
-            err.contains(&d.join(NVRTC_SONAME).display().to_string()),
-            "{err}"
-        );
+    let mut searched = Vec::new();
+    for major in [13, 12] {
+        let dirs = [
+            Some(PathBuf::from(format!(
+                "/nonexistent/site-packages/nvidia/cu{major}/lib"
+            ))),
+            Some(PathBuf::from("/nonexistent/cuda/lib64")),
+        ];
+        let tried = open_first(&NVRTC.soname(major), &dirs).unwrap_err();
+        for d in dirs.iter().flatten() {
+            let path = d.join(NVRTC.soname(major)).display().to_string();
+            assert!(tried.contains(&path), "{path} not in {tried:?}");
+        }
+        searched.extend(tried);
     }
-    assert!(err.contains("calibrl[cuda]"), "{err}");
+    assert_eq!(searched.len(), 4);
+    let err = select(None, &[], None, &searched).unwrap_err();
+    for s in &searched {
+        assert!(err.contains(s.as_str()), "{s} not in: {err}");
+    }
+    assert!(
+        err.contains("calibrl[cuda13]") && err.contains("calibrl[cuda12]"),
+        "{err}"
+    );
 }
 
 /// The child half of `finds_the_wheel_beside_the_library` (run only by it).
@@ -53,53 +89,74 @@ fn child_reports_nvrtc() {
     println!("nvrtc-version: {major}.{minor}");
 }
 
-/// Lays out `site/calibrl/<this test program>` and `site/nvidia/cu13/lib` (the wheel's files)
-/// and runs the program there with no LD_LIBRARY_PATH, CUDA_HOME or CUDA_PATH.
+/// The wheels' library directories under `$CALIBRL_CUDA_TOOLS` (13) and
+/// `$CALIBRL_CUDA12_TOOLS` (12), where scripts/dev-env.sh installs them.
+fn wheel_lib(tools_env: &str, wheel_dir: &str, soname: &str) -> Option<PathBuf> {
+    let tools = std::env::var(tools_env).ok().filter(|t| !t.is_empty())?;
+    let lib = Path::new(&tools).join(wheel_dir);
+    lib.join(soname).exists().then_some(lib)
+}
+
+/// Lays out `site/calibrl/<this test program>` beside `site/nvidia/cu13/lib` and
+/// `site/nvidia/cuda_nvrtc/lib` (the wheels' files) and runs the program there with no
+/// LD_LIBRARY_PATH, CUDA_HOME or CUDA_PATH: NVRTC 13 by default (no driver here), NVRTC 12 with
+/// `CALIBRL_NVRTC_MAJOR=12`.
 #[test]
-fn finds_the_wheel_beside_the_library() {
-    let tools = std::env::var("CALIBRL_CUDA_TOOLS").unwrap_or_default();
-    let wheel_lib = Path::new(&tools).join("nvidia/cu13/lib");
-    if tools.is_empty() || !wheel_lib.join(NVRTC_SONAME).exists() {
+fn finds_the_wheels_beside_the_library() {
+    let wheels = [
+        (13, "nvidia/cu13/lib", "CALIBRL_CUDA_TOOLS"),
+        (12, "nvidia/cuda_nvrtc/lib", "CALIBRL_CUDA12_TOOLS"),
+    ];
+    let libs: Vec<Option<PathBuf>> = wheels
+        .iter()
+        .map(|&(major, dir, env)| wheel_lib(env, dir, &NVRTC.soname(major)))
+        .collect();
+    if libs.iter().any(Option::is_none) {
         let required = std::env::var("CALIBRL_REQUIRE_NVRTC").is_ok_and(|v| v == "1");
         assert!(
             !required,
-            "CALIBRL_REQUIRE_NVRTC=1 but no wheel at $CALIBRL_CUDA_TOOLS"
+            "CALIBRL_REQUIRE_NVRTC=1 but no wheels at $CALIBRL_CUDA_TOOLS and $CALIBRL_CUDA12_TOOLS"
         );
-        println!(
-            "skipped: no nvidia-cuda-nvrtc wheel (scripts/dev-env.sh sets CALIBRL_CUDA_TOOLS)"
-        );
+        println!("skipped: no nvidia-cuda-nvrtc wheels (scripts/dev-env.sh sets CALIBRL_CUDA_TOOLS and CALIBRL_CUDA12_TOOLS)");
         return;
     }
     let exe = std::env::current_exe().unwrap();
     let site = exe.parent().unwrap().join("nvrtc-locate/site-packages");
     let _ = std::fs::remove_dir_all(&site);
     std::fs::create_dir_all(site.join("calibrl")).unwrap();
-    std::fs::create_dir_all(site.join("nvidia/cu13")).unwrap();
-    std::os::unix::fs::symlink(
-        wheel_lib.canonicalize().unwrap(),
-        site.join("nvidia/cu13/lib"),
-    )
-    .unwrap();
+    for (&(_, dir, _), lib) in wheels.iter().zip(&libs) {
+        let link = site.join(dir);
+        std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(lib.as_ref().unwrap().canonicalize().unwrap(), &link).unwrap();
+    }
     let copy = site.join("calibrl/program");
     std::fs::copy(&exe, &copy).unwrap();
-    let out = Command::new(&copy)
-        .args(["child_reports_nvrtc", "--exact", "--ignored", "--nocapture"])
-        .env_remove("LD_LIBRARY_PATH")
-        .env_remove("CUDA_HOME")
-        .env_remove("CUDA_PATH")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let path = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("nvrtc-path: "))
-        .expect("the child printed the NVRTC it loaded");
-    let want = site.join("nvidia/cu13/lib").join(NVRTC_SONAME);
-    assert_eq!(Path::new(path), want, "{stdout}");
-    assert!(stdout.contains("nvrtc-version: 13."), "{stdout}");
+    for (&(major, dir, _), force) in wheels.iter().zip([None, Some("12")]) {
+        let mut cmd = Command::new(&copy);
+        cmd.args(["child_reports_nvrtc", "--exact", "--ignored", "--nocapture"])
+            .env_remove("LD_LIBRARY_PATH")
+            .env_remove("CUDA_HOME")
+            .env_remove("CUDA_PATH")
+            .env_remove("CALIBRL_NVRTC_MAJOR");
+        if let Some(m) = force {
+            cmd.env("CALIBRL_NVRTC_MAJOR", m);
+        }
+        let out = cmd.output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let path = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("nvrtc-path: "))
+            .expect("the child printed the NVRTC it loaded");
+        let want = site.join(dir).join(NVRTC.soname(major));
+        assert_eq!(Path::new(path), want, "{stdout}");
+        assert!(
+            stdout.contains(&format!("nvrtc-version: {major}.")),
+            "{stdout}"
+        );
+    }
 }

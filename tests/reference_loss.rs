@@ -191,6 +191,7 @@ fn loss_matches_reference_every_mode_layout_and_dtype() {
                             mask_dt: [Dt::U8, Dt::Bool, Dt::F32, Dt::I32][rng.int(0, 4)],
                             grad_h: rng.bool(0.7),
                             metrics_tensor: rng.bool(0.5),
+                            norm_all: None,
                         };
                         case.quantize(o.dt, o.row_dt);
                         let kink = ref_loss(&config(json), &case.b).kink;

@@ -1050,6 +1050,7 @@ fn loss_values_that_make_no_sense_are_refused() {
     call.norm = Some(calibrl::desc::metrics::CalibrlNormalizers {
         token_count: 0.0,
         seq_count: 2.0,
+        ..Default::default()
     });
     let before = call.snapshot();
     expect(
@@ -1062,6 +1063,7 @@ fn loss_values_that_make_no_sense_are_refused() {
     call.norm = Some(calibrl::desc::metrics::CalibrlNormalizers {
         token_count: 3.0,
         seq_count: 1.0,
+        ..Default::default()
     });
     expect(
         call.run(None, None, None),
@@ -1072,6 +1074,7 @@ fn loss_values_that_make_no_sense_are_refused() {
     call.norm = Some(calibrl::desc::metrics::CalibrlNormalizers {
         token_count: 30.0,
         seq_count: 4.0,
+        ..Default::default()
     });
     assert_eq!(call.run(None, None, None), OK, "{}", last_error());
 

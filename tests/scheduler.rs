@@ -316,7 +316,9 @@ fn check_plan(input: &StepInput, cfg: &SchedulerConfig, plan: &Plan) {
             mb.normalizers,
             CalibrlNormalizers {
                 token_count: tokens as f64,
-                seq_count: rows as f64
+                seq_count: rows as f64,
+                all_token_count: tokens as f64,
+                all_seq_count: rows as f64,
             },
             "mini-batch {b} normalisers"
         );
@@ -1359,7 +1361,9 @@ fn dynamic_sampling_leaves_out_all_equal_groups_and_reports_them() {
         plan.minibatches[0].normalizers,
         CalibrlNormalizers {
             token_count: 400.0,
-            seq_count: 4.0
+            seq_count: 4.0,
+            all_token_count: 400.0,
+            all_seq_count: 4.0,
         }
     );
     // Off: nothing is dropped.

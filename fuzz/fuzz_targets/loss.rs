@@ -178,6 +178,9 @@ fn build(b: &mut Bytes) -> Option<Call> {
         } else {
             b.below(8) as f64
         },
+        // 0 (the same as the rollout-row counts) or a count that may include expert rows.
+        all_token_count: if b.rare(2) { 0.0 } else { b.below(60) as f64 },
+        all_seq_count: if b.rare(2) { 0.0 } else { b.below(12) as f64 },
     });
     // grad_logprobs, grad_entropy (shape of logprobs), metrics [METRICS_LEN], then token_weights
     t.push(tok(b, true)?);

@@ -9,6 +9,7 @@ use crate::config::{Config, EntropyControl};
 use crate::desc::loss::{
     COV_SUM_PER_THREAD as SUM_PER_THREAD, COV_SUM_THREADS as SUM_THREADS, COV_SUM_TILE as SUM_TILE,
 };
+use crate::error::{Error, Result};
 
 /// A token that may be selected: its flat index, its covariance and whether the ratio clip
 /// clipped it (p2 > p1). Tokens are given in increasing flat index.
@@ -19,28 +20,58 @@ pub struct CovToken {
     pub clipped: bool,
 }
 
+/// The error for selection memory that cannot be had (an error status, never an abort).
+pub fn no_memory(n: usize) -> Error {
+    Error::invalid(
+        "logprobs",
+        format!(
+            "Clip-Cov / KL-Cov needs working memory for {n} tokens, which could not be allocated"
+        ),
+    )
+}
+
+/// A vector of `n` values from `f`, allocated fallibly.
+fn try_collect<T>(n: usize, values: impl Iterator<Item = T>) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| no_memory(n))?;
+    v.extend(values);
+    Ok(v)
+}
+
+/// The mean of the counted tokens' advantages: exactly their common value when they are all
+/// equal (SPEC §4.6: then A − mean A is 0 for every token, and no rounding residue of a sum
+/// ranks them), else the fixed-order sum over the count.
+pub fn advantage_mean(tokens: &[CovToken]) -> f64 {
+    match tokens.first() {
+        None => 0.0,
+        Some(t0) if tokens.iter().all(|t| t.adv == t0.adv) => t0.adv,
+        Some(_) => fixed_order_sum(tokens, |t| t.adv) / tokens.len() as f64,
+    }
+}
+
 /// The counted tokens' covariances `(A − mean A)(ℓ − mean ℓ)` and the number n to select.
-fn covariances(cfg: &Config, tokens: &[CovToken]) -> (Vec<f64>, usize) {
+fn covariances(cfg: &Config, tokens: &[CovToken]) -> Result<(Vec<f64>, usize)> {
     let local_n = tokens.len() as f64;
-    let mean = |f: fn(&CovToken) -> f64| {
+    let adv_mean = cfg.cov_adv_mean.unwrap_or_else(|| advantage_mean(tokens));
+    let logp_mean = cfg.cov_logprob_mean.unwrap_or_else(|| {
         if local_n > 0.0 {
-            fixed_order_sum(tokens, f) / local_n
+            fixed_order_sum(tokens, |t| t.logp) / local_n
         } else {
             0.0
         }
-    };
-    let adv_mean = cfg.cov_adv_mean.unwrap_or_else(|| mean(|t| t.adv));
-    let logp_mean = cfg.cov_logprob_mean.unwrap_or_else(|| mean(|t| t.logp));
+    });
     let n_tok = cfg.cov_token_count.unwrap_or(local_n);
-    let cov = tokens
-        .iter()
-        .map(|t| (t.adv - adv_mean) * (t.logp - logp_mean))
-        .collect();
+    let cov = try_collect(
+        tokens.len(),
+        tokens
+            .iter()
+            .map(|t| (t.adv - adv_mean) * (t.logp - logp_mean)),
+    )?;
     let ratio = match cfg.entropy_control {
         EntropyControl::ClipCov => cfg.clip_cov_ratio,
         _ => cfg.kl_cov_ratio,
     };
-    (cov, ((ratio * n_tok).floor() as usize).max(1))
+    Ok((cov, ((ratio * n_tok).floor() as usize).max(1)))
 }
 
 /// Σ f(token) in the order `calibrl_cov_prepare` (cuda/loss.cu) adds them, which depends on
@@ -94,37 +125,47 @@ pub fn cov_key(seed: u64, k: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// The flat indices of the selected tokens, in increasing order (empty when entropy control
-/// is off or nothing qualifies).
-pub fn select(cfg: &Config, tokens: &[CovToken]) -> Vec<usize> {
-    if cfg.entropy_control == EntropyControl::None || tokens.is_empty() {
-        return Vec::new();
+/// KL-Cov's sort key of a finite covariance: ascending key = descending covariance, −0 and +0
+/// one key (a tie). The same map as `cov_candidate` in cuda/loss.cu.
+pub fn kl_cov_key(cov: f64) -> u64 {
+    let x = if cov == 0.0 { 0.0 } else { -cov };
+    let bits = x.to_bits();
+    if bits >> 63 == 1 {
+        !bits
+    } else {
+        bits | (1 << 63)
     }
-    let (cov, n) = covariances(cfg, tokens);
-    let mut picked: Vec<usize> = match cfg.entropy_control {
-        EntropyControl::ClipCov => {
-            let mut cand: Vec<(u64, usize)> = tokens
-                .iter()
-                .zip(&cov)
-                .filter(|(t, &c)| !t.clipped && cfg.clip_cov_lb < c && c < cfg.clip_cov_ub)
-                .map(|(t, _)| (cov_key(cfg.cov_seed, t.k as u64), t.k))
-                .collect();
-            cand.sort_unstable();
-            cand.into_iter().take(n).map(|(_, k)| k).collect()
-        }
-        _ => {
-            // Largest covariance first; equal covariances by position.
-            let mut order: Vec<usize> = (0..tokens.len()).collect();
-            // (partial_cmp: −0 and +0 are the same covariance, a tie; inputs are finite.)
-            order.sort_by(|&a, &b| {
-                cov[b]
-                    .partial_cmp(&cov[a])
-                    .unwrap_or(std::cmp::Ordering::Equal)
-                    .then(tokens[a].k.cmp(&tokens[b].k))
-            });
-            order.into_iter().take(n).map(|j| tokens[j].k).collect()
-        }
-    };
+}
+
+/// The flat indices of the selected tokens, in increasing order (empty when entropy control
+/// is off or nothing qualifies). Candidates are sorted by (key, flat index), a total order
+/// (flat indices are distinct): Clip-Cov's key is the seeded hash, KL-Cov's the descending
+/// covariance. A covariance that is not finite (an overflow of finite inputs) is never a
+/// candidate (SPEC §4.6).
+pub fn select(cfg: &Config, tokens: &[CovToken]) -> Result<Vec<usize>> {
+    if cfg.entropy_control == EntropyControl::None || tokens.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (cov, n) = covariances(cfg, tokens)?;
+    let candidates = tokens.iter().zip(&cov).filter(|(t, &c)| {
+        c.is_finite()
+            && match cfg.entropy_control {
+                EntropyControl::ClipCov => !t.clipped && cfg.clip_cov_lb < c && c < cfg.clip_cov_ub,
+                _ => true,
+            }
+    });
+    let count = candidates.clone().count();
+    let mut keyed = try_collect(
+        count,
+        candidates.map(|(t, &c)| match cfg.entropy_control {
+            EntropyControl::ClipCov => (cov_key(cfg.cov_seed, t.k as u64), t.k),
+            _ => (kl_cov_key(c), t.k),
+        }),
+    )?;
+    // Unstable sort: no allocation, and (key, k) pairs are distinct, so the order is unique.
+    keyed.sort_unstable();
+    keyed.truncate(n);
+    let mut picked = try_collect(keyed.len(), keyed.iter().map(|&(_, k)| k))?;
     picked.sort_unstable();
-    picked
+    Ok(picked)
 }

@@ -110,7 +110,7 @@ pub fn clipped_pg(cfg: &Config, a: f64, logp: f64, old: f64) -> (f64, f64, bool,
     let mut grad = if clipped { 0.0 } else { -a * ratio };
     let mut p = pc;
     let mut lower = false;
-    if cfg.dual_clip > 1.0 && a < 0.0 {
+    if cfg.dual_clip_on() && a < 0.0 {
         let cap = -a * cfg.dual_clip;
         if pc > cap {
             p = cap;
@@ -182,14 +182,62 @@ fn masked(mask: f64, x: f64) -> f64 {
     }
 }
 
+/// The denominators of one call (SPEC §4.5, §4.7): `tokens`/`seqs` for L_pg and L_explore,
+/// `all_tokens`/`all_seqs` for entropy and KL (every row under the authors' arithmetic, else
+/// the same rows).
+struct Denominators {
+    tokens: f64,
+    seqs: f64,
+    all_tokens: f64,
+    all_seqs: f64,
+}
+
+impl Denominators {
+    /// The caller's global normalisers (an all-row count left 0 means "the same as the
+    /// rollout-row count"), or this call's own counts.
+    fn resolve(
+        given: Option<Normalizers>,
+        local: Denominators,
+        expert_tokens: f64,
+    ) -> Result<Self> {
+        let Some(n) = given else {
+            return Ok(local);
+        };
+        if expert_tokens > 0.0 {
+            // Left 0, the all-row counts say the mini-batch has no expert-row token; this call has.
+            for (name, v) in [
+                ("normalizers.all_token_count", n.all_token_count),
+                ("normalizers.all_seq_count", n.all_seq_count),
+            ] {
+                if v == 0.0 {
+                    return Err(Error::invalid(
+                        name,
+                        format!(
+                            "is 0 (= the rollout-row count) but this call counts {expert_tokens} \
+                             expert-row tokens; the `authors` preset needs every row's count"
+                        ),
+                    ));
+                }
+            }
+        }
+        let or = |all: f64, base: f64| if all == 0.0 { base } else { all };
+        Ok(Denominators {
+            tokens: n.token_count,
+            seqs: n.seq_count,
+            all_tokens: or(n.all_token_count, n.token_count),
+            all_seqs: or(n.all_seq_count, n.seq_count),
+        })
+    }
+}
+
 pub fn compute(cfg: &Config, batch: &LossBatch) -> Result<LossOutput> {
     let b = batch.rows.len();
     let expert_row = |i: usize| batch.is_expert.as_ref().is_some_and(|e| e[i]);
     // Rows that are trained: rollouts, plus expert rows for LUFFY / RL-PLUS.
     let trained = |i: usize| !expert_row(i) || cfg.trains_expert_rows();
-    // SPEC §4.7: the authors' arithmetic counts every row in the normalisers, the regularisers
-    // and the metrics (an untrained expert row's p and exploration term are 0).
-    let authors = cfg.authors_arithmetic && !cfg.trains_expert_rows();
+    // SPEC §4.7: the authors' arithmetic counts every row in the regularisers and the metrics
+    // (an untrained expert row's p and exploration term are 0).
+    let authors = cfg.authors();
     let counted_row = |i: usize| trained(i) || authors;
     // Working memory is requested fallibly (an error status, never an abort; docs/abi.md).
     let n_tokens = try_collect(
@@ -199,24 +247,33 @@ pub fn compute(cfg: &Config, batch: &LossBatch) -> Result<LossOutput> {
             .map(|r| fsum(batch.mask[r.clone()].iter().copied())),
         "logprobs",
     )?;
-    let local_tokens = fsum((0..b).filter(|&i| counted_row(i)).map(|i| n_tokens[i]));
+    let tokens_of =
+        |row: &dyn Fn(usize) -> bool| fsum((0..b).filter(|&i| row(i)).map(|i| n_tokens[i]));
     // A row without counted tokens adds nothing and is not counted in N_seq (SPEC §4.5).
-    let local_seqs = (0..b)
-        .filter(|&i| counted_row(i) && n_tokens[i] > 0.0)
-        .count() as f64;
-    let norm = batch.normalizers.unwrap_or(Normalizers {
-        token_count: local_tokens,
-        seq_count: local_seqs,
-    });
-    require_global_counts(&norm, local_tokens, local_seqs)?;
+    let seqs_of = |row: &dyn Fn(usize) -> bool| {
+        (0..b).filter(|&i| row(i) && n_tokens[i] > 0.0).count() as f64
+    };
+    let local = Denominators {
+        tokens: tokens_of(&trained),
+        seqs: seqs_of(&trained),
+        all_tokens: tokens_of(&counted_row),
+        all_seqs: seqs_of(&counted_row),
+    };
+    let (local_tokens, local_seqs) = (local.tokens, local.seqs);
+    let expert_tokens = local.all_tokens - local.tokens;
+    let norm = Denominators::resolve(batch.normalizers, local, expert_tokens)?;
+    require_global_counts(norm.tokens, norm.seqs, local_tokens, local_seqs)?;
     let inv = |x: f64| if x > 0.0 { 1.0 / x } else { 0.0 };
-    let agg_weight = |i: usize| match cfg.agg {
-        Aggregation::TokenMean => inv(norm.token_count),
-        Aggregation::SeqMeanTokenSum => inv(norm.seq_count),
-        Aggregation::SeqMeanTokenMean => inv(norm.seq_count) * inv(n_tokens[i]),
+    let weight = |i: usize, tokens: f64, seqs: f64| match cfg.agg {
+        Aggregation::TokenMean => inv(tokens),
+        Aggregation::SeqMeanTokenSum => inv(seqs),
+        Aggregation::SeqMeanTokenMean => inv(seqs) * inv(n_tokens[i]),
         Aggregation::SeqMeanTokenSumNorm => inv(cfg.t_norm.unwrap_or(1.0)),
         Aggregation::TokenSum => 1.0,
     };
+    // L_pg and L_explore over the rollout rows' counts; entropy and KL over every row's.
+    let agg_weight = |i: usize| weight(i, norm.tokens, norm.seqs);
+    let agg_weight_all = |i: usize| weight(i, norm.all_tokens, norm.all_seqs);
 
     let lambda = cfg.effective_lambda();
     let baseline = explore_baseline(cfg, batch, authors)?;
@@ -241,6 +298,7 @@ pub fn compute(cfg: &Config, batch: &LossBatch) -> Result<LossOutput> {
         let w = batch.weights[i];
         let c = batch.signs[i];
         let aw = agg_weight(i);
+        let aw_all = agg_weight_all(i);
         let is_exp = expert_row(i);
         for (t, k) in batch.rows[i].clone().enumerate() {
             if batch.mask[k] == 0.0 {
@@ -260,6 +318,7 @@ pub fn compute(cfg: &Config, batch: &LossBatch) -> Result<LossOutput> {
                     _ if !pg_row => (0.0, 0.0),
                     EntropyControl::ClipCov if selected[k] => (0.0, 0.0),
                     EntropyControl::KlCov => kl_cov_pg(cfg, a, logp, old, selected[k]),
+                    // Clip-Cov's other tokens: max(p1, p2), no dual clip (dual_clip_on).
                     _ => (p, dp),
                 }
             };
@@ -268,13 +327,13 @@ pub fn compute(cfg: &Config, batch: &LossBatch) -> Result<LossOutput> {
             m.pg_loss += aw * rho * p;
             out.grad_logprobs[k] += aw * rho * dp;
             if let Some(h) = &batch.entropy {
-                m.entropy_loss += aw * h[k];
-                out.grad_entropy[k] = -cfg.entropy_coef * aw;
+                m.entropy_loss += aw_all * h[k];
+                out.grad_entropy[k] = -cfg.entropy_coef * aw_all;
             }
             if let Some(r) = &batch.ref_logprobs {
                 let (kv, dk) = kl_term(cfg.kl_kind, logp, r[k]);
-                m.kl_loss += aw * kv;
-                out.grad_logprobs[k] += cfg.kl_coef * aw * dk;
+                m.kl_loss += aw_all * kv;
+                out.grad_logprobs[k] += cfg.kl_coef * aw_all * dk;
             }
             if let (DeltaMode::TokenAligned, Some(base), false) =
                 (cfg.delta_mode, &baseline, is_exp)
@@ -305,7 +364,7 @@ pub fn compute(cfg: &Config, batch: &LossBatch) -> Result<LossOutput> {
                 ) * scale;
                 let delta = s - e;
                 let (phi, dphi) = activation(cfg, -c * delta);
-                let inv_seq = inv(norm.seq_count);
+                let inv_seq = inv(norm.seqs);
                 m.explore_loss += inv_seq * w * phi;
                 let g = lambda * inv_seq * w * dphi * -c * scale;
                 for k in batch.rows[i].clone() {
@@ -337,10 +396,15 @@ pub fn compute(cfg: &Config, batch: &LossBatch) -> Result<LossOutput> {
 
 /// Global normalisers count every slice of the mini-batch: they cannot be smaller than this
 /// call's own counts (a 0 would silently zero the terms that divide by it).
-fn require_global_counts(norm: &Normalizers, tokens: f64, seqs: f64) -> Result<()> {
+fn require_global_counts(
+    global_tokens: f64,
+    global_seqs: f64,
+    tokens: f64,
+    seqs: f64,
+) -> Result<()> {
     for (name, global, local) in [
-        ("normalizers.token_count", norm.token_count, tokens),
-        ("normalizers.seq_count", norm.seq_count, seqs),
+        ("normalizers.token_count", global_tokens, tokens),
+        ("normalizers.seq_count", global_seqs, seqs),
     ] {
         if global < local {
             return Err(Error::invalid(
@@ -383,27 +447,25 @@ fn require_inputs(cfg: &Config, batch: &LossBatch, baseline_missing: bool) -> Re
 }
 
 /// SPEC §4.6: per token, whether Clip-Cov detaches it or KL-Cov penalises it (among counted
-/// rollout tokens), and the selected fraction.
+/// rollout tokens), and the selected fraction. Allocation failures are errors, never aborts.
 fn cov_selection(
     cfg: &Config,
     batch: &LossBatch,
     expert_row: impl Fn(usize) -> bool,
 ) -> Result<(Vec<bool>, f64)> {
     if cfg.entropy_control == EntropyControl::None {
-        return Ok((Vec::new(), 0.0)); // never indexed: only Clip-Cov / KL-Cov read it
+        return Ok((Vec::new(), 0.0));
     }
-    let mut selected = try_vec(batch.logprobs.len(), false, "logprobs")?;
-    let counted = fsum(batch.mask.iter().copied()) as usize;
+    let mut selected = crate::tensor::try_vec(batch.logprobs.len(), false, "logprobs")?;
+    let rollouts = || (0..batch.rows.len()).filter(|&i| !expert_row(i));
+    let counted = |i: usize| batch.rows[i].clone().filter(|&k| batch.mask[k] != 0.0);
+    let n: usize = rollouts().map(|i| counted(i).count()).sum();
     let mut tokens = Vec::new();
-    tokens.try_reserve_exact(counted).map_err(|_| {
-        out_of_memory(
-            "logprobs",
-            counted,
-            std::mem::size_of::<crate::cpu::cov::CovToken>(),
-        )
-    })?;
-    for i in (0..batch.rows.len()).filter(|&i| !expert_row(i)) {
-        for k in batch.rows[i].clone().filter(|&k| batch.mask[k] != 0.0) {
+    tokens
+        .try_reserve_exact(n)
+        .map_err(|_| crate::cpu::cov::no_memory(n))?;
+    for i in rollouts() {
+        for k in counted(i) {
             let logp = batch.logprobs[k];
             let old = batch.old_logprobs.as_ref().map_or(logp, |o| o[k]);
             tokens.push(crate::cpu::cov::CovToken {
@@ -414,7 +476,7 @@ fn cov_selection(
             });
         }
     }
-    let picked = crate::cpu::cov::select(cfg, &tokens);
+    let picked = crate::cpu::cov::select(cfg, &tokens)?;
     let frac = mean(picked.len() as f64, tokens.len() as f64);
     for k in picked {
         selected[k] = true;

@@ -1,15 +1,16 @@
 //! Kernel sources and their NVRTC compilation.
 //!
-//! Every `cuda/*.cu` file is embedded in the library (`include_str!`) and compiled to PTX with
-//! NVRTC at first use, for the device's compute capability; the driver then JIT-compiles the PTX
-//! (its compute cache keeps the result across processes). The sources include no header, so a
-//! bare NVRTC (the `nvidia-cuda-nvrtc` wheel, or the toolkit's `libnvrtc.so.13`) is enough;
-//! `nvrtc_lib` finds it.
+//! Every `cuda/*.cu` file is embedded in the library (`include_str!`) and compiled with NVRTC at
+//! first use for the device's compute capability: to PTX, which the driver JIT-compiles (its
+//! compute cache keeps the result across processes), or, where the NVRTC is newer than the
+//! driver within the same CUDA major, straight to a cubin for the device's architecture
+//! (`nvrtc_lib` explains the rules and picks NVRTC 13 or 12). The sources include no header, so
+//! a bare NVRTC (the `nvidia-cuda-nvrtc` wheel, or the toolkit's `libnvrtc.so.13`/`.12`) is
+//! enough.
 
+use super::nvrtc_lib::{self, Nvrtc, Output};
 use crate::error::{Error, Result};
-use cudarc::nvrtc::{result as nvrtc, sys as nvrtc_sys};
 use std::ffi::CString;
-use std::sync::OnceLock;
 
 /// One kernel source file (an op family) and the kernels it must define.
 #[derive(Debug)]
@@ -31,76 +32,86 @@ pub fn compile_all(arch: i32) -> Result<Compiled> {
     compile_sources(super::SOURCES, arch)
 }
 
-/// Whether NVRTC can be loaded (checked once; cudarc would panic on a missing library).
+/// Whether an NVRTC this driver can run was found (checked once).
 pub fn nvrtc_available() -> bool {
-    nvrtc_library().is_ok()
+    nvrtc_lib::nvrtc().is_ok()
 }
 
-/// Which NVRTC is used (a path, or how it was found), or what was searched when none was.
+/// Which NVRTC is used (its path, or how it was found), or what was searched when none fits.
 pub fn nvrtc_library() -> std::result::Result<&'static str, &'static str> {
-    static PRESENT: OnceLock<bool> = OnceLock::new();
-    let found = super::nvrtc_lib::locate()?;
-    // SAFETY: only probes whether the shared library can be opened (now by its SONAME, which
-    // resolves to the library `locate` opened).
-    if *PRESENT.get_or_init(|| unsafe { nvrtc_sys::is_culib_present() }) {
-        Ok(found)
-    } else {
-        Err("NVRTC was opened but cudarc cannot load it by its SONAME")
-    }
+    nvrtc_lib::nvrtc().map(|n| n.place.as_str())
+}
+
+pub(crate) fn nvrtc() -> Result<&'static Nvrtc> {
+    nvrtc_lib::nvrtc()
+        .map_err(|why| Error::cuda_unavailable(format!("CUDA tensors were passed but {why}")))
 }
 
 pub(crate) fn require_nvrtc() -> Result<()> {
-    nvrtc_library().map(|_| ()).map_err(|searched| {
-        Error::cuda_unavailable(format!("CUDA tensors were passed but {searched}"))
-    })
+    nvrtc().map(|_| ())
 }
 
 /// The NVRTC version as (major, minor).
 pub fn nvrtc_version() -> Result<(i32, i32)> {
-    require_nvrtc()?;
-    let (mut major, mut minor) = (0, 0);
-    // SAFETY: NVRTC is loaded; the pointers are valid.
-    unsafe { nvrtc_sys::nvrtcVersion(&mut major, &mut minor) }
-        .result()
-        .map_err(|e| Error::cuda(format!("nvrtcVersion failed: {e:?}")))?;
-    Ok((major, minor))
+    let (major, minor) = nvrtc()?.version;
+    Ok((major as i32, minor as i32))
+}
+
+/// What the kernels are compiled to with this NVRTC and driver (PTX, or a cubin where the NVRTC
+/// is newer than the driver).
+pub fn output() -> Result<Output> {
+    Ok(nvrtc()?.output)
 }
 
 /// The virtual architectures (e.g. 90 for compute_90) this NVRTC can target, ascending.
 pub fn supported_archs() -> Result<Vec<i32>> {
-    require_nvrtc()?;
-    let mut n = 0;
-    // SAFETY: NVRTC is loaded; the buffer holds `n` entries.
-    unsafe {
-        nvrtc_sys::nvrtcGetNumSupportedArchs(&mut n)
-            .result()
-            .map_err(|e| Error::cuda(format!("nvrtcGetNumSupportedArchs failed: {e:?}")))?;
-        let mut archs = vec![0; n.max(0) as usize];
-        nvrtc_sys::nvrtcGetSupportedArchs(archs.as_mut_ptr())
-            .result()
-            .map_err(|e| Error::cuda(format!("nvrtcGetSupportedArchs failed: {e:?}")))?;
-        archs.sort_unstable();
-        Ok(archs)
+    nvrtc()?.supported_archs().map_err(Error::cuda)
+}
+
+/// The architecture to compile for on a device of compute capability `major.minor`.
+///
+/// PTX: the device's own, or the newest one NVRTC knows below it (PTX runs on newer devices).
+/// Cubin: the device's own, or the newest one below it of the same major (a cubin runs on
+/// devices of the same major and an equal or higher minor).
+pub fn arch_for_device(major: i32, minor: i32) -> Result<i32> {
+    arch_for(major, minor, &supported_archs()?, output()?)
+}
+
+/// [`arch_for_device`] for a given list of NVRTC architectures and output.
+pub fn arch_for(major: i32, minor: i32, archs: &[i32], output: Output) -> Result<i32> {
+    let want = major * 10 + minor;
+    let fits = |a: i32| a <= want && (output == Output::Ptx || a / 10 == major);
+    archs
+        .iter()
+        .rev()
+        .copied()
+        .find(|&a| fits(a))
+        .ok_or_else(|| {
+            let how = match output {
+                Output::Ptx => "PTX",
+                Output::Cubin => {
+                    "a cubin (this NVRTC is newer than the driver, so its PTX cannot be used)"
+                }
+            };
+            Error::cuda(format!(
+            "NVRTC supports architectures {archs:?}, none of which gives {how} for a device of \
+             compute capability {major}.{minor}"
+        ))
+        })
+}
+
+/// The name of architecture `arch` for `output`: `compute_90` (PTX) or `sm_90` (cubin).
+pub fn target_name(arch: i32, output: Output) -> String {
+    match output {
+        Output::Ptx => format!("compute_{arch}"),
+        Output::Cubin => format!("sm_{arch}"),
     }
 }
 
-/// The architecture to compile for on a device of compute capability `major.minor`: the device's
-/// own, or the newest one NVRTC knows below it (PTX runs on newer devices).
-pub fn arch_for_device(major: i32, minor: i32) -> Result<i32> {
-    let want = major * 10 + minor;
-    let archs = supported_archs()?;
-    archs.iter().rev().copied().find(|&a| a <= want).ok_or_else(|| {
-        Error::cuda(format!(
-            "NVRTC supports architectures {archs:?}, none of which runs on a device of compute capability \
-             {major}.{minor}"
-        ))
-    })
-}
-
-/// NVRTC options for architecture `arch` (e.g. 90).
-pub fn options(arch: i32) -> Vec<String> {
+/// NVRTC options for architecture `arch` (e.g. 90) and `output`.
+pub fn options(arch: i32, output: Output) -> Vec<String> {
     vec![
-        format!("--gpu-architecture=compute_{arch}"),
+        format!("--gpu-architecture={}", target_name(arch, output)),
         "--std=c++17".into(),
         // Line tables for compute-sanitizer / profilers; no effect on the generated code.
         "-lineinfo".into(),
@@ -124,60 +135,59 @@ fn kernel_source(src: &KernelSource) -> Result<String> {
     }
 }
 
-/// Compiles `src` to PTX for `compute_{arch}`. The error carries NVRTC's log.
-pub fn compile_ptx(src: &KernelSource, arch: i32) -> Result<CString> {
-    require_nvrtc()?;
+/// Compiles `src` for `arch` to `output`: PTX text with its NUL, or a cubin. The error carries
+/// NVRTC's log; the image must define every kernel of `src`.
+pub fn compile_module(src: &KernelSource, arch: i32, output: Output) -> Result<Vec<u8>> {
+    let nvrtc = nvrtc()?;
     let code = CString::new(kernel_source(src)?)
         .map_err(|_| Error::cuda(format!("{}.cu contains a NUL byte", src.name)))?;
     let name = CString::new(format!("{}.cu", src.name)).expect("module names have no NUL");
-    let prog = nvrtc::create_program(&code, Some(&name))
-        .map_err(|e| Error::cuda(format!("nvrtcCreateProgram({}.cu) failed: {e:?}", src.name)))?;
-    // SAFETY: `prog` is a live program until destroyed below; `code`/`name` outlive it.
-    let result = unsafe {
-        let compiled = nvrtc::compile_program(prog, &options(arch));
-        let log = program_log(prog);
-        let ptx = compiled.and_then(|()| nvrtc::get_ptx(prog));
-        let _ = nvrtc::destroy_program(prog);
-        ptx.map_err(|e| {
+    let target = target_name(arch, output);
+    let image = nvrtc
+        .compile(&code, &name, &options(arch, output), output)
+        .map_err(|e| {
             Error::cuda(format!(
-                "NVRTC failed to compile {}.cu for compute_{arch} ({e:?}):\n{log}",
-                src.name
+                "NVRTC {}.{} failed to compile {}.cu for {target} ({}):\n{}",
+                nvrtc.version.0, nvrtc.version.1, src.name, e.message, e.log
             ))
-        })
-    }?;
-    let bytes: Vec<u8> = result
-        .iter()
-        .map(|&c| c as u8)
-        .take_while(|&b| b != 0)
-        .collect();
-    let ptx = CString::new(bytes).expect("NUL was stripped");
+        })?;
+    if output == Output::Cubin && !image.starts_with(b"\x7fELF") {
+        return Err(Error::cuda(format!(
+            "{}.cu: NVRTC returned no ELF cubin for {target}",
+            src.name
+        )));
+    }
     for kernel in src.kernels {
-        if !ptx
-            .to_bytes()
+        // PTX: `.entry name(`; cubin: the symbol name with its NUL in the string table.
+        let end = match output {
+            Output::Ptx => b'(',
+            Output::Cubin => 0,
+        };
+        if !image
             .windows(kernel.len() + 1)
-            .any(|w| w[..kernel.len()] == *kernel.as_bytes() && w[kernel.len()] == b'(')
+            .any(|w| w[..kernel.len()] == *kernel.as_bytes() && w[kernel.len()] == end)
         {
             return Err(Error::cuda(format!(
-                "{}.cu compiled but defines no kernel `{kernel}`",
+                "{}.cu compiled but defines no kernel `{kernel}` ({target})",
                 src.name
             )));
         }
     }
-    Ok(ptx)
+    Ok(image)
 }
 
-unsafe fn program_log(prog: nvrtc_sys::nvrtcProgram) -> String {
-    match nvrtc::get_program_log(prog) {
-        Ok(log) => {
-            let bytes: Vec<u8> = log
-                .iter()
-                .map(|&c| c as u8)
-                .take_while(|&b| b != 0)
-                .collect();
-            String::from_utf8_lossy(&bytes).trim().to_string()
-        }
-        Err(e) => format!("(no log: {e:?})"),
-    }
+/// Compiles `src` to PTX for `compute_{arch}`. The error carries NVRTC's log.
+pub fn compile_ptx(src: &KernelSource, arch: i32) -> Result<CString> {
+    let mut ptx = compile_module(src, arch, Output::Ptx)?;
+    let nul = ptx.iter().position(|&b| b == 0).unwrap_or(ptx.len());
+    ptx.truncate(nul);
+    Ok(CString::new(ptx).expect("NUL was stripped"))
+}
+
+/// Compiles `src` to a cubin for `sm_{arch}` (what the library loads where NVRTC is newer than
+/// the driver). The error carries NVRTC's log.
+pub fn compile_cubin(src: &KernelSource, arch: i32) -> Result<Vec<u8>> {
+    compile_module(src, arch, Output::Cubin)
 }
 
 /// One kernel's entry in a compile report.

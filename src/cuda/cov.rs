@@ -19,6 +19,8 @@ const TILE: usize = crate::desc::loss::COV_SUM_TILE;
 const BINS: usize = 256;
 /// Bytes of the sort key (COV_KEY_PASSES in cuda/loss.cu).
 const KEY_PASSES: i64 = 8;
+/// Doubles per tile in the tile sums (COV_TILE_FIELDS in cuda/loss.cu).
+const TILE_FIELDS: usize = 5;
 /// Doubles of `CovState` in cuda/loss.cu, rounded up.
 const STATE_DOUBLES: usize = 16;
 
@@ -92,7 +94,7 @@ impl CovParams {
         if !self.on() {
             return 0;
         }
-        (STATE_DOUBLES + BINS + 3 * self.tiles as usize) * 8
+        (STATE_DOUBLES + BINS + TILE_FIELDS * self.tiles as usize) * 8
     }
 
     /// Places the state, the histogram and the tile sums at `base` (`workspace_bytes` long).

@@ -3,16 +3,27 @@
 //! family is compiled and loaded at first use per device.
 
 use super::compile::{self, KernelSource};
+use super::culib;
+use super::nvrtc_lib::{decode_driver_version, Output};
 use crate::error::{Error, Result};
 use cudarc::driver::{result as drv, sys};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
-/// Whether the CUDA driver library can be loaded (checked once).
+/// The oldest driver the bindings run on: cudarc is built for CUDA 12.0 (`cuda-12000` in
+/// Cargo.toml), so every entry point it binds exists in any 12.x or 13.x driver.
+const MIN_DRIVER: i32 = 12000;
+
+/// Whether a CUDA driver of CUDA 12.0 or later can be loaded (checked once).
 pub fn driver_available() -> bool {
     static PRESENT: OnceLock<bool> = OnceLock::new();
+    // The version is read first: cudarc's probe panics on a driver that lacks an entry point
+    // of the CUDA version it was built for.
     // SAFETY: only probes whether the shared library can be opened.
-    *PRESENT.get_or_init(|| unsafe { sys::is_culib_present() })
+    *PRESENT.get_or_init(|| {
+        culib::driver_version().is_some_and(|v| v >= MIN_DRIVER)
+            && unsafe { sys::is_culib_present() }
+    })
 }
 
 /// Maps a driver error to `CALIBRL_STATUS_CUDA_ERROR`, naming the call that failed.
@@ -29,10 +40,26 @@ pub(crate) fn driver_error(call: &str, e: drv::DriverError) -> Error {
 }
 
 fn init_driver() -> Result<()> {
-    if !driver_available() {
-        return Err(Error::cuda_unavailable(
-            "CUDA tensors were passed but the CUDA driver library (libcuda.so) could not be loaded",
-        ));
+    match culib::driver_version() {
+        None => {
+            return Err(Error::cuda_unavailable(
+                "CUDA tensors were passed but the CUDA driver library (libcuda.so.1) could not be \
+                 loaded",
+            ))
+        }
+        Some(v) if v < MIN_DRIVER => {
+            let (major, minor) = decode_driver_version(v);
+            return Err(Error::cuda_unavailable(format!(
+                "CUDA tensors were passed but the driver supports CUDA {major}.{minor}; calibrl \
+                 needs a driver of CUDA 12.0 or later (≥ 525): update the NVIDIA driver"
+            )));
+        }
+        Some(_) if !driver_available() => {
+            return Err(Error::cuda_unavailable(
+                "CUDA tensors were passed but cudarc cannot load the CUDA driver library",
+            ))
+        }
+        Some(_) => {}
     }
     static INIT: OnceLock<std::result::Result<(), String>> = OnceLock::new();
     INIT.get_or_init(|| drv::init().map_err(|e| driver_error("cuInit", e).message))
@@ -63,6 +90,8 @@ pub(crate) struct Device {
     ctx: sys::CUcontext,
     /// The architecture the modules are compiled for (e.g. 90).
     pub arch: i32,
+    /// PTX for `compute_{arch}`, or a cubin for `sm_{arch}` (see `nvrtc_lib`).
+    pub output: Output,
     /// Streaming multiprocessors (sizes the grids of kernels that loop over their work).
     pub sms: usize,
     modules: Mutex<HashMap<&'static str, Arc<Module>>>,
@@ -110,6 +139,7 @@ impl Device {
         use sys::CUdevice_attribute as A;
         let major = attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
         let minor = attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+        let output = compile::output()?;
         let arch = compile::arch_for_device(major, minor)?;
         let sms = attr(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(1) as usize;
         // SAFETY: `dev` is valid. The primary context is retained for the life of the process.
@@ -118,6 +148,7 @@ impl Device {
         Ok(Device {
             ctx,
             arch,
+            output,
             sms,
             modules: Mutex::new(HashMap::new()),
         })
@@ -149,16 +180,20 @@ impl Device {
     }
 
     fn load(&self, src: &'static KernelSource) -> Result<Module> {
-        let ptx = compile::compile_ptx(src, self.arch)?;
+        let image = compile::compile_module(src, self.arch, self.output)?;
         let _ctx = self.activate()?;
-        // SAFETY: `ptx` is a NUL-terminated PTX image; the context is current.
-        let module = unsafe { drv::module::load_data(ptx.as_ptr() as *const std::ffi::c_void) }
+        // SAFETY: `image` is a NUL-terminated PTX text or an ELF cubin; the context is current.
+        let module = unsafe { drv::module::load_data(image.as_ptr() as *const std::ffi::c_void) }
             .map_err(|e| {
-                driver_error(
-                    &format!("cuModuleLoadData({}.cu, compute_{})", src.name, self.arch),
-                    e,
-                )
-            })?;
+            driver_error(
+                &format!(
+                    "cuModuleLoadData({}.cu, {})",
+                    src.name,
+                    compile::target_name(self.arch, self.output)
+                ),
+                e,
+            )
+        })?;
         let mut functions = HashMap::new();
         for &name in src.kernels {
             let cname = std::ffi::CString::new(name).expect("kernel names have no NUL");

@@ -239,8 +239,11 @@ struct LossParams {
     agg: i64,
     kl_kind: i64,
     authors: i64,
+    dual_on: i64,
     norm_tokens: f64,
     norm_seqs: f64,
+    norm_all_tokens: f64,
+    norm_all_seqs: f64,
     t_norm: f64,
     alpha: f64,
     lambda: f64,
@@ -275,16 +278,11 @@ fn layout(rows: &Rows) -> Result<(*const c_void, i64, i64)> {
     }
 }
 
-/// SPEC §4.7 applies (LUFFY / RL-PLUS train expert rows anyway).
-fn authors(cfg: &Config) -> bool {
-    cfg.authors_arithmetic && !cfg.trains_expert_rows()
-}
-
 /// The same requirements the CPU reference enforces before computing.
 fn check_inputs(cfg: &Config, args: &Loss) -> Result<()> {
     let baseline_present = match cfg.baseline {
         // The authors' arithmetic explores against ℓ* = 0 without expert data.
-        Baseline::Expert => args.expert.is_some() || authors(cfg),
+        Baseline::Expert => args.expert.is_some() || cfg.authors(),
         Baseline::RefPolicy => args.ref_logprobs.is_some(),
     };
     if cfg.effective_lambda() > 0.0 && !baseline_present {
@@ -335,9 +333,10 @@ fn counts_mode(cfg: &Config, args: &Loss) -> Counts {
         Counts::Given
     } else if args.policy.mask.is_none()
         && args.policy.layout != Layout::Packed
-        && (args.is_expert.is_none() || cfg.trains_expert_rows() || authors(cfg))
+        && (args.is_expert.is_none() || cfg.trains_expert_rows())
     {
         // Padded rows all have the same length: all empty or none (a packed row may be empty).
+        // (Under the authors' arithmetic expert rows count apart from the rollouts: Kernel.)
         Counts::AllRows
     } else {
         Counts::Kernel
@@ -441,9 +440,12 @@ fn loss_params(cfg: &Config, args: &Loss) -> Result<LossParams> {
             KlKind::K2 => 2,
             KlKind::K3 => 3,
         },
-        authors: authors(cfg) as i64,
+        authors: cfg.authors() as i64,
+        dual_on: cfg.dual_clip_on() as i64,
         norm_tokens: args.normalizers.map_or(0.0, |n| n.token_count),
         norm_seqs: args.normalizers.map_or(0.0, |n| n.seq_count),
+        norm_all_tokens: args.normalizers.map_or(0.0, |n| n.all_token_count),
+        norm_all_seqs: args.normalizers.map_or(0.0, |n| n.all_seq_count),
         t_norm: cfg.t_norm.unwrap_or(1.0),
         alpha: cfg.alpha,
         lambda: cfg.lambda,

@@ -1,7 +1,8 @@
 //! The CUDA backend: the same operations as the CPU backend, on the caller's device buffers and
 //! the caller's stream.
 //!
-//! - Availability: libcuda and NVRTC are loaded dynamically. Without them a call with CUDA
+//! - Availability: libcuda (a driver of CUDA 12.0 or later) and NVRTC 13 or 12, whichever the
+//!   driver can run ([`nvrtc_lib`]), are loaded dynamically. Without them a call with CUDA
 //!   tensors returns `CALIBRL_STATUS_CUDA_UNAVAILABLE`; CPU tensors keep working.
 //! - Context: the device's *primary* context (the one PyTorch, JAX and the runtime API use) is
 //!   retained once per device and pushed for the duration of a call, then popped, so the
@@ -16,6 +17,7 @@
 
 pub mod compile;
 mod cov;
+pub mod culib;
 mod device;
 pub mod expert;
 mod launch;

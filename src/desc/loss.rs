@@ -350,9 +350,36 @@ impl<'a> Loss<'a> {
             for (name, v) in [
                 ("normalizers.token_count", n.token_count),
                 ("normalizers.seq_count", n.seq_count),
+                ("normalizers.all_token_count", n.all_token_count),
+                ("normalizers.all_seq_count", n.all_seq_count),
             ] {
                 if !(v.is_finite() && v >= 0.0) {
                     return Err(Error::invalid(name, format!("{v} must be finite and >= 0")));
+                }
+            }
+            // Every row's count includes the rollout rows' (0: the same count).
+            for (name, all, base, base_name) in [
+                (
+                    "normalizers.all_token_count",
+                    n.all_token_count,
+                    n.token_count,
+                    "token_count",
+                ),
+                (
+                    "normalizers.all_seq_count",
+                    n.all_seq_count,
+                    n.seq_count,
+                    "seq_count",
+                ),
+            ] {
+                if all != 0.0 && all < base {
+                    return Err(Error::invalid(
+                        name,
+                        format!(
+                            "{all} is below {base_name} ({base}): it counts every row, the \
+                             rollout rows included (0 means the same as {base_name})"
+                        ),
+                    ));
                 }
             }
         }

@@ -5,10 +5,31 @@
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct CalibrlNormalizers {
-    /// Σ m over the trained rows' tokens.
+    /// Σ m over the trained rows' tokens (rollouts; plus expert rows for LUFFY / RL-PLUS): the
+    /// denominator of L_pg and L_explore.
     pub token_count: f64,
-    /// Number of trained rows.
+    /// Number of trained rows with at least one counted token.
     pub seq_count: f64,
+    /// Σ m over every row's tokens, expert rows included: the denominator of entropy and KL
+    /// under the `authors` preset (SPEC §4.7). 0 means "equal to `token_count`" (no untrained
+    /// expert row in the mini-batch; always the case for the other presets, which ignore it).
+    /// Otherwise it must be >= `token_count`.
+    pub all_token_count: f64,
+    /// Number of rows with at least one counted token, expert rows included (SPEC §4.7); 0
+    /// means "equal to `seq_count`", otherwise it must be >= `seq_count`.
+    pub all_seq_count: f64,
+}
+
+impl CalibrlNormalizers {
+    /// Rollout-row counts only (no expert row counted apart: the all-row counts are the same).
+    pub fn new(token_count: f64, seq_count: f64) -> Self {
+        CalibrlNormalizers {
+            token_count,
+            seq_count,
+            all_token_count: 0.0,
+            all_seq_count: 0.0,
+        }
+    }
 }
 
 /// Loss metrics, in the order of the `metrics` output tensor.

@@ -7,7 +7,7 @@ use std::ffi::{c_char, CStr};
 
 /// The ABI version: bumped whenever a signature, struct layout or status number changes.
 /// Bindings check it before any other call.
-pub const CALIBRL_ABI_VERSION: u32 = 3;
+pub const CALIBRL_ABI_VERSION: u32 = 4;
 
 /// The library version as a static NUL-terminated string, e.g. "0.1.0".
 #[no_mangle]

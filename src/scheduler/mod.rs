@@ -571,10 +571,16 @@ pub fn plan(input: &StepInput, config: &SchedulerConfig) -> Result<Plan> {
                     .map(|g| expert(slot_of_prompt[g] as usize)),
             );
         }
+        let token_count = seqs.iter().map(|s| s.response_len as u64).sum::<u64>() as f64;
+        // An empty rollout adds nothing and is not counted in N_seq (SPEC §4.5).
+        let seq_count = seqs.iter().filter(|s| s.response_len > 0).count() as f64;
+        // The training pass holds no untrained expert row (SPEC §7), so every row's counts
+        // (SPEC §4.7) are the trained rows'.
         let normalizers = CalibrlNormalizers {
-            token_count: seqs.iter().map(|s| s.response_len as u64).sum::<u64>() as f64,
-            // An empty rollout adds nothing and is not counted in N_seq (SPEC §4.5).
-            seq_count: seqs.iter().filter(|s| s.response_len > 0).count() as f64,
+            token_count,
+            seq_count,
+            all_token_count: token_count,
+            all_seq_count: seq_count,
         };
         Minibatch {
             first_prompt: first,

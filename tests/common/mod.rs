@@ -586,6 +586,8 @@ pub struct CallOpts {
     pub mask_dt: Dt,
     pub grad_h: bool,
     pub metrics_tensor: bool,
+    /// With `RefBatch::norm`: the all-row counts (SPEC §4.7) of the normalisers (0: the same).
+    pub norm_all: Option<(f64, f64)>,
 }
 
 impl Default for CallOpts {
@@ -598,6 +600,7 @@ impl Default for CallOpts {
             mask_dt: Dt::U8,
             grad_h: true,
             metrics_tensor: true,
+            norm_all: None,
         }
     }
 }
@@ -652,12 +655,15 @@ pub fn lib_loss_cfg(cfg: &Cfg, case: &Case, o: &CallOpts) -> Result<LibLoss, (i3
         }
         None => (None, None, None, None),
     };
-    let norm = b
-        .norm
-        .map(|(t, s)| calibrl::desc::metrics::CalibrlNormalizers {
+    let norm = b.norm.map(|(t, s)| {
+        let (all_token_count, all_seq_count) = o.norm_all.unwrap_or((0.0, 0.0));
+        calibrl::desc::metrics::CalibrlNormalizers {
             token_count: t,
             seq_count: s,
-        });
+            all_token_count,
+            all_seq_count,
+        }
+    });
     let mut grad_l = Some(Tensor::filled(f64::NAN, &shape, o.grad_dt));
     let mut grad_h = o
         .grad_h

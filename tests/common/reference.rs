@@ -221,9 +221,13 @@ pub fn ref_cov_selection(cfg: &Config, b: &RefBatch) -> (Vec<usize>, f64) {
         return (vec![], f64::INFINITY);
     }
     let cnt = toks.len() as f64;
-    let a_mean = cfg
-        .cov_adv_mean
-        .unwrap_or(toks.iter().map(|t| t.1).sum::<f64>() / cnt);
+    // SPEC §4.6: when every counted advantage is the same, A − mean A is exactly 0.
+    let all_equal = toks.iter().all(|t| t.1 == toks[0].1);
+    let a_mean = cfg.cov_adv_mean.unwrap_or(if all_equal {
+        toks[0].1
+    } else {
+        toks.iter().map(|t| t.1).sum::<f64>() / cnt
+    });
     let l_mean = cfg
         .cov_logprob_mean
         .unwrap_or(toks.iter().map(|t| t.2).sum::<f64>() / cnt);
@@ -251,7 +255,8 @@ pub fn ref_cov_selection(cfg: &Config, b: &RefBatch) -> (Vec<usize>, f64) {
         }
         _ => {
             let n = ((cfg.kl_cov_ratio * n_tok).floor() as usize).max(1);
-            let mut order: Vec<usize> = (0..toks.len()).collect();
+            // Finite covariances only (SPEC §4.6).
+            let mut order: Vec<usize> = (0..toks.len()).filter(|&j| cov[j].is_finite()).collect();
             // Bubble-free: a plain stable sort by decreasing cov keeps position order on ties.
             order.sort_by(|&x, &y| cov[y].partial_cmp(&cov[x]).unwrap());
             if n < order.len() {
@@ -317,7 +322,8 @@ pub fn clipped_pg(cfg: &Config, a: f64, l: f64, old: f64) -> (f64, f64, bool, bo
     let (pc, mut dp) = if p1 >= p2 { (p1, -a * rho) } else { (p2, 0.0) };
     let mut kink = (rho - lo).abs().min((rho - hi).abs());
     let mut p = pc;
-    let dual_on = cfg.dual_clip > 1.0;
+    // SPEC §4.1: off at c_dual ≤ 1; §4.6: never under Clip-Cov / KL-Cov.
+    let dual_on = cfg.dual_clip > 1.0 && cfg.entropy_control == EntropyControl::None;
     let mut lower = false;
     if dual_on && a < 0.0 {
         let cap = -a * cfg.dual_clip;

@@ -1,27 +1,45 @@
 // Host stand-ins for the CUDA built-ins the kernels use, shared by the kernel emulations in this
-// folder: every CUDA thread of a block is a std::thread, __syncthreads is a block barrier, warp
-// shuffles and votes exchange values through a per-warp barrier (so a warp's lanes must call
-// them together, as on the GPU), atomics are host atomics, and blocks run one after another.
+// folder (tests/emulate/*_emulate.cpp) and the emulated driver (tests/emulate/driver/).
+//
+// Each CUDA thread of a block is a fiber (ucontext) on the launching host thread; blocks run one
+// after another, in a shuffled order. A fiber runs until it reaches a synchronising built-in,
+// then the scheduler resumes a ready fiber picked at random (seeded, so a run is repeatable), so
+// a missing __syncthreads shows up as a read of a value not yet written.
+//   __syncthreads     waits for every thread of the block; reaching it while another thread of
+//                     the block has exited, or while lanes wait in a warp collective, is an error.
+//   __shfl_*_sync, __ballot_sync, __any_sync, __all_sync
+//                     CUDA's semantics (Programming Guide, "Warp Shuffle Functions", "Warp Vote
+//                     Functions"): the calling lane must be in `mask`; every non-exited lane of
+//                     `mask` must call the same collective with the same mask (else an error, or
+//                     a deadlock, reported); `width` segments; a lane reading from a lane that
+//                     does not take part (outside `mask`, or exited) gets an undefined value,
+//                     here a NaN-patterned poison; only taking part lanes count in a vote.
+//   atomics           return the old value; with __threadfence they are also switch points.
+// An error (mismatched collective, divergent barrier, deadlock) stops the launch and is reported
+// by `try_launch`; `launch` prints it and exits. Shared memory (`__shared__` is `static`) keeps
+// its bits from block to block, where a GPU leaves it undefined.
+//
 // Include it before the kernel source; the file then defines CALIBRL_HOST_EMULATION and its
 // source's PTX-only helpers.
 #pragma once
 
-#include <atomic>
-#include <barrier>
+#include <ucontext.h>
+#include <sys/mman.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
-#include <memory>
-#include <thread>
+#include <random>
+#include <string>
 #include <vector>
 
 struct Dim {
     unsigned x;
 };
-thread_local Dim threadIdx, blockIdx;
-Dim blockDim, gridDim;
-static std::barrier<>* g_block;
-static std::vector<std::unique_ptr<std::barrier<>>> g_warps;
-static unsigned long long g_lanes[1024];
+inline thread_local Dim threadIdx, blockIdx, blockDim, gridDim;
 
 #define __device__
 #define __global__
@@ -31,42 +49,286 @@ static unsigned long long g_lanes[1024];
 #define __launch_bounds__(...)
 #define __shared__ static
 
-inline void __syncthreads() { g_block->arrive_and_wait(); }
-inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+namespace cuda_emu {
 
-// Every lane of the warp publishes a value; each gets lane `src`'s.
+enum class State { Ready, Barrier, Warp, Done };
+enum Collective { SHFL_IDX, SHFL_UP, SHFL_DOWN, SHFL_XOR, BALLOT, ANY, ALL };
+inline const char* collective_name(int c) {
+    static const char* names[] = {"__shfl_sync", "__shfl_up_sync", "__shfl_down_sync", "__shfl_xor_sync",
+                                  "__ballot_sync", "__any_sync", "__all_sync"};
+    return c >= 0 && c <= ALL ? names[c] : "none";
+}
+// What a lane reads from a lane outside the mask (undefined in CUDA): NaN as a float or double.
+constexpr uint64_t POISON = 0xfff8dead7ff8deadull;
+constexpr size_t STACK_BYTES = 256 << 10;
+
+struct Fiber {
+    ucontext_t ctx;
+    State state = State::Ready;
+    unsigned tid = 0;
+    uint64_t result = 0;  // of the last warp collective
+};
+
+// The collective a warp's lanes are gathering for.
+struct WarpOp {
+    int kind = -1;
+    unsigned mask = 0, arrived = 0;
+    unsigned exited = 0;  // lanes of the warp that have returned from the kernel
+    uint64_t value[32];
+    int src[32];  // shuffles: the lane read (−1: own value); votes: the predicate
+};
+
+struct Block {
+    std::vector<Fiber> fibers;
+    std::vector<WarpOp> warps;
+    std::vector<unsigned> ready;
+    unsigned at_barrier = 0, done = 0;
+    Fiber* current = nullptr;
+    ucontext_t scheduler;
+    std::string error;
+    std::mt19937_64 rng;
+    const std::function<void()>* kernel = nullptr;
+};
+inline thread_local Block* g_block = nullptr;
+
+// Fiber stacks of a host thread, reused across its launches and unmapped when it ends (a guard
+// page below each catches an overflow).
+struct Stacks {
+    static constexpr size_t PAGE = 4096;
+    std::vector<char*> v;
+    ~Stacks() {
+        for (char* s : v) munmap(s - PAGE, STACK_BYTES + PAGE);
+    }
+};
+inline char* stack(unsigned i) {
+    static thread_local Stacks stacks;
+    while (stacks.v.size() <= i) {
+        void* m = mmap(nullptr, STACK_BYTES + Stacks::PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (m == MAP_FAILED) {
+            std::perror("cuda_host.h: mmap");
+            std::abort();
+        }
+        mprotect(m, Stacks::PAGE, PROT_NONE);
+        stacks.v.push_back((char*)m + Stacks::PAGE);
+    }
+    return stacks.v[i];
+}
+
+// The running fiber gives control back to the scheduler (it stays in its current state).
+inline void switch_out() {
+    Block& b = *g_block;
+    swapcontext(&b.current->ctx, &b.scheduler);
+}
+
+// Records the first error of the launch and leaves the fiber suspended for good.
+inline void fail(const std::string& what) {
+    Block& b = *g_block;
+    if (b.error.empty()) b.error = "thread " + std::to_string(b.current->tid) + " of block " +
+                                   std::to_string(blockIdx.x) + ": " + what;
+    b.current->state = State::Barrier;  // never resumed
+    switch_out();
+    std::abort();  // unreachable
+}
+
+// A switch point: the scheduler may run other fibers first.
+inline void yield() {
+    if (!g_block || !g_block->current) return;
+    g_block->ready.push_back((unsigned)(g_block->current - g_block->fibers.data()));
+    switch_out();
+}
+
+inline void complete(unsigned w);
+
+inline void entry() {
+    Block& b = *g_block;
+    (*b.kernel)();
+    b.current->state = State::Done;
+    ++b.done;
+    // A collective waiting only for lanes that have now exited completes without them.
+    const unsigned w = b.current->tid >> 5;
+    WarpOp& op = b.warps[w];
+    op.exited |= 1u << (b.current->tid & 31);
+    if (op.arrived && op.arrived == (op.mask & ~op.exited)) complete(w);
+    // returning resumes uc_link, the scheduler
+}
+
+inline std::string hex(unsigned m) {
+    char s[16];
+    std::snprintf(s, sizeof s, "0x%08x", m);
+    return s;
+}
+
+// Runs one block to completion; returns false (and b.error) on an error.
+inline bool run_block(Block& b, unsigned n) {
+    b.fibers.assign(n, Fiber{});
+    b.warps.assign((n + 31) / 32, WarpOp{});
+    b.ready.clear();
+    b.at_barrier = b.done = 0;
+    for (unsigned t = 0; t < n; ++t) {
+        Fiber& f = b.fibers[t];
+        f.tid = t;
+        getcontext(&f.ctx);
+        f.ctx.uc_stack.ss_sp = stack(t);
+        f.ctx.uc_stack.ss_size = STACK_BYTES;
+        f.ctx.uc_link = &b.scheduler;
+        makecontext(&f.ctx, entry, 0);
+        b.ready.push_back(t);
+    }
+    while (b.error.empty()) {
+        if (b.ready.empty()) {
+            if (b.done == n) return true;
+            if (b.at_barrier == n - b.done) {
+                if (b.done > 0) {
+                    b.error = "block " + std::to_string(blockIdx.x) + ": __syncthreads reached by " +
+                              std::to_string(b.at_barrier) + " threads while " + std::to_string(b.done) +
+                              " have exited";
+                    break;
+                }
+                for (Fiber& f : b.fibers) {
+                    f.state = State::Ready;
+                    b.ready.push_back(f.tid);
+                }
+                b.at_barrier = 0;
+                continue;
+            }
+            std::string why = "block " + std::to_string(blockIdx.x) + ": deadlock:";
+            for (size_t w = 0; w < b.warps.size(); ++w)
+                if (b.warps[w].arrived)
+                    why += " warp " + std::to_string(w) + " waits in " + collective_name(b.warps[w].kind) +
+                           " (mask " + hex(b.warps[w].mask) + ", arrived " + hex(b.warps[w].arrived) + ");";
+            why += " " + std::to_string(b.at_barrier) + " threads wait in __syncthreads, " +
+                   std::to_string(b.done) + " have exited";
+            b.error = why;
+            break;
+        }
+        const size_t j = b.rng() % b.ready.size();
+        const unsigned t = b.ready[j];
+        b.ready[j] = b.ready.back();
+        b.ready.pop_back();
+        b.current = &b.fibers[t];
+        threadIdx.x = t;
+        swapcontext(&b.scheduler, &b.current->ctx);
+        b.current = nullptr;
+    }
+    return false;
+}
+
+// The lane a shuffle reads (−1: its own value), after CUDA's rules for `width`.
+inline int shfl_source(int kind, unsigned lane, int arg, int width) {
+    const unsigned seg = lane & ~(unsigned)(width - 1), in_seg = lane & (unsigned)(width - 1);
+    switch (kind) {
+        case SHFL_IDX: return (int)(seg + ((unsigned)arg & (unsigned)(width - 1)));
+        case SHFL_UP: return in_seg < (unsigned)arg ? -1 : (int)(lane - (unsigned)arg);
+        case SHFL_DOWN: return in_seg + (unsigned)arg >= (unsigned)width ? -1 : (int)(lane + (unsigned)arg);
+        default: {  // xor: later segments give the own value, earlier ones may be read
+            const unsigned src = lane ^ (unsigned)arg;
+            return src >= seg + (unsigned)width ? -1 : (int)src;
+        }
+    }
+}
+
+// One lane's part of a warp collective; returns its result once every lane of `mask` has come.
+inline uint64_t collective(int kind, unsigned mask, uint64_t value, int arg) {
+    Block& b = *g_block;
+    Fiber& f = *b.current;
+    const unsigned lane = f.tid & 31, w = f.tid >> 5;
+    const unsigned lanes = blockDim.x - 32 * w < 32 ? blockDim.x - 32 * w : 32;
+    const unsigned exist = lanes == 32 ? ~0u : (1u << lanes) - 1u;
+    if (!((mask >> lane) & 1u)) fail(std::string(collective_name(kind)) + " with mask " + hex(mask) + " that excludes the calling lane");
+    if (mask & ~exist) fail(std::string(collective_name(kind)) + " with mask " + hex(mask) + " naming lanes the block does not have");
+    WarpOp& op = b.warps[w];
+    if (op.arrived == 0) {
+        op.kind = kind;
+        op.mask = mask;
+    } else if (op.kind != kind || op.mask != mask) {
+        fail(std::string("warp ") + std::to_string(w) + ": " + collective_name(kind) + " (mask " + hex(mask) +
+             ") while other lanes wait in " + collective_name(op.kind) + " (mask " + hex(op.mask) + ")");
+    }
+    op.value[lane] = value;
+    op.src[lane] = arg;
+    op.arrived |= 1u << lane;
+    f.state = State::Warp;
+    if (op.arrived == (mask & ~op.exited)) complete(w);
+    switch_out();
+    return f.result;
+}
+
+// Every non-exited lane of the mask has arrived: the results, and the lanes are ready again.
+inline void complete(unsigned w) {
+    Block& b = *g_block;
+    WarpOp& op = b.warps[w];
+    const unsigned in = op.arrived;  // the lanes taking part
+    unsigned votes = 0;
+    for (unsigned l = 0; l < 32; ++l)
+        if (((in >> l) & 1u) && op.src[l]) votes |= 1u << l;
+    for (unsigned l = 0; l < 32; ++l) {
+        if (!((in >> l) & 1u)) continue;
+        Fiber& g = b.fibers[32 * w + l];
+        switch (op.kind) {
+            case BALLOT: g.result = votes; break;
+            case ANY: g.result = votes != 0; break;
+            case ALL: g.result = votes == in; break;
+            default: {
+                const int src = op.src[l];
+                g.result = src < 0 ? op.value[l] : ((in >> src) & 1u) ? op.value[src] : POISON;
+            }
+        }
+        g.state = State::Ready;
+        b.ready.push_back(g.tid);
+    }
+    op.arrived = 0;
+    op.kind = -1;
+}
+
 template <class T>
-static T warp_exchange(T v, unsigned src) {
-    unsigned long long bits = 0;
+T shuffle(int kind, unsigned mask, T v, int arg, int width) {
+    static_assert(sizeof(T) <= 8);
+    if (width <= 0 || width > 32 || (width & (width - 1))) fail("shuffle width " + std::to_string(width) + " is not a power of two <= 32");
+    uint64_t bits = 0;
     std::memcpy(&bits, &v, sizeof(T));
-    g_lanes[threadIdx.x] = bits;
-    g_warps[threadIdx.x >> 5]->arrive_and_wait();
-    bits = g_lanes[(threadIdx.x & ~31u) + src];
-    g_warps[threadIdx.x >> 5]->arrive_and_wait();
+    const int src = shfl_source(kind, threadIdx.x & 31, arg, width);
+    bits = collective(kind, mask, bits, src);
     T out;
     std::memcpy(&out, &bits, sizeof(T));
     return out;
 }
-template <class T>
-T __shfl_down_sync(unsigned, T v, int o) {
-    const unsigned lane = threadIdx.x & 31;
-    return warp_exchange(v, lane + o < 32 ? lane + o : lane);
-}
-template <class T>
-T __shfl_xor_sync(unsigned, T v, int lane_mask) {
-    return warp_exchange(v, (threadIdx.x & 31) ^ (unsigned)lane_mask);
-}
-inline unsigned __ballot_sync(unsigned, int pred) {
-    unsigned r = 0;
-    for (unsigned l = 0; l < 32; ++l) r |= (warp_exchange(pred != 0, l) ? 1u : 0u) << l;
-    return r;
-}
-inline int __any_sync(unsigned m, int pred) { return __ballot_sync(m, pred) != 0; }
 
-inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
-inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
-    return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
+}  // namespace cuda_emu
+
+inline void __syncthreads() {
+    cuda_emu::Block& b = *cuda_emu::g_block;
+    b.current->state = cuda_emu::State::Barrier;
+    ++b.at_barrier;
+    cuda_emu::switch_out();
 }
+inline void __threadfence() {
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    cuda_emu::yield();
+}
+
+template <class T>
+T __shfl_sync(unsigned m, T v, int src, int width = 32) { return cuda_emu::shuffle(cuda_emu::SHFL_IDX, m, v, src, width); }
+template <class T>
+T __shfl_up_sync(unsigned m, T v, unsigned d, int width = 32) { return cuda_emu::shuffle(cuda_emu::SHFL_UP, m, v, (int)d, width); }
+template <class T>
+T __shfl_down_sync(unsigned m, T v, unsigned d, int width = 32) { return cuda_emu::shuffle(cuda_emu::SHFL_DOWN, m, v, (int)d, width); }
+template <class T>
+T __shfl_xor_sync(unsigned m, T v, int lane_mask, int width = 32) { return cuda_emu::shuffle(cuda_emu::SHFL_XOR, m, v, lane_mask, width); }
+inline unsigned __ballot_sync(unsigned m, int pred) { return (unsigned)cuda_emu::collective(cuda_emu::BALLOT, m, 0, pred != 0); }
+inline int __any_sync(unsigned m, int pred) { return (int)cuda_emu::collective(cuda_emu::ANY, m, 0, pred != 0); }
+inline int __all_sync(unsigned m, int pred) { return (int)cuda_emu::collective(cuda_emu::ALL, m, 0, pred != 0); }
+
+// Atomics return the old value (fibers of a block share one host thread; the host atomic also
+// orders them against other host threads).
+template <class T>
+T emu_atomic_add(T* p, T v) {
+    const T old = __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
+    cuda_emu::yield();
+    return old;
+}
+inline unsigned atomicAdd(unsigned* p, unsigned v) { return emu_atomic_add(p, v); }
+inline int atomicAdd(int* p, int v) { return emu_atomic_add(p, v); }
+inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) { return emu_atomic_add(p, v); }
 
 template <class To, class From>
 inline To bits_as(From f) {
@@ -83,22 +345,48 @@ inline double __longlong_as_double(long long i) { return bits_as<double>(i); }
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
 
-// Runs `kernel` as a grid of `grid` blocks of `block` threads (a multiple of 32), block by block.
-static void launch(unsigned grid, unsigned block, const std::function<void()>& kernel) {
+namespace cuda_emu {
+// Launches counted per host thread, so each gets its own block order and schedule.
+inline thread_local uint64_t g_launches = 0;
+inline uint64_t seed() {
+    static const uint64_t s = [] {
+        const char* e = std::getenv("CALIBRL_EMULATE_SEED");
+        return e ? std::strtoull(e, nullptr, 10) : 1ull;
+    }();
+    return s;
+}
+}  // namespace cuda_emu
+
+// Runs `kernel` as a grid of `grid` blocks of `block` threads, block by block in a shuffled
+// order; returns "" or the first error.
+inline std::string try_launch(unsigned grid, unsigned block, const std::function<void()>& kernel) {
+    using namespace cuda_emu;
+    if (grid == 0 || block == 0 || block > 1024) return "invalid launch geometry " + std::to_string(grid) + " x " + std::to_string(block);
     gridDim.x = grid;
     blockDim.x = block;
-    for (unsigned b = 0; b < grid; ++b) {
-        std::barrier<> bar(block);
-        g_block = &bar;
-        g_warps.clear();
-        for (unsigned w = 0; w < block / 32; ++w) g_warps.push_back(std::make_unique<std::barrier<>>(32));
-        std::vector<std::thread> threads;
-        for (unsigned t = 0; t < block; ++t)
-            threads.emplace_back([&, t] {
-                threadIdx.x = t;
-                blockIdx.x = b;
-                kernel();
-            });
-        for (auto& t : threads) t.join();
+    Block b;
+    b.kernel = &kernel;
+    const uint64_t launch_seed = seed() * 0x9e3779b97f4a7c15ull + ++g_launches;
+    b.rng.seed(launch_seed);
+    std::vector<unsigned> order(grid);
+    for (unsigned i = 0; i < grid; ++i) order[i] = i;
+    for (unsigned i = grid; i > 1; --i) std::swap(order[i - 1], order[b.rng() % i]);
+    Block* outer = g_block;
+    g_block = &b;
+    std::string error;
+    for (unsigned i = 0; i < grid && error.empty(); ++i) {
+        blockIdx.x = order[i];
+        if (!run_block(b, block)) error = b.error + " (CALIBRL_EMULATE_SEED=" + std::to_string(seed()) + ")";
+    }
+    g_block = outer;
+    return error;
+}
+
+// try_launch for the standalone emulations: an error ends the program.
+inline void launch(unsigned grid, unsigned block, const std::function<void()>& kernel) {
+    const std::string e = try_launch(grid, block, kernel);
+    if (!e.empty()) {
+        std::printf("FAIL emulated launch: %s\n", e.c_str());
+        std::exit(2);
     }
 }

@@ -8,7 +8,11 @@
 //     n = 1, n = candidates − 1, = candidates, > candidates; caller-given means and count),
 //   - the means to the bit (the fixed summation order of src/cpu/cov.rs `fixed_order_sum`),
 //   - the same selection, means and gradients whatever the grid size,
-//   - the loss kernel's gradients and the cov_selected_frac metric.
+//   - the loss kernel's gradients and the cov_selected_frac metric,
+//   - special values: equal advantages (A − mean A exactly 0, ties by position) and covariances
+//     that overflow to ±inf or NaN (never selected, SPEC §4.6),
+//   - the `authors` preset (SPEC §4.7): calibrl_loss_counts' two pairs of counts, or the given
+//     ones, the dual clip at c_dual = 0.5, rollout-row and all-row denominators.
 // It does not replace the GPU tests (tests/gpu_loss.rs): no real memory model, no concurrency
 // between blocks, no PTX, and the host's exp.
 //
@@ -115,7 +119,13 @@ static RefResult reference(int control, double ratio, double lb, double ub, unsi
                            const std::vector<Tok>& toks) {
     RefResult r{};
     const double n_local = (double)toks.size();
-    r.adv_mean = g.on ? g.adv_mean : (n_local > 0 ? ref_fixed_sum(toks, [](const Tok& t) { return t.a; }) / n_local : 0.0);
+    // cpu::cov::advantage_mean: the common value, exactly, when every advantage is equal.
+    bool equal = true;
+    for (const Tok& t : toks) equal = equal && t.a == toks[0].a;
+    r.adv_mean = g.on ? g.adv_mean
+                      : toks.empty() ? 0.0
+                      : equal ? toks[0].a
+                              : ref_fixed_sum(toks, [](const Tok& t) { return t.a; }) / n_local;
     r.logprob_mean =
         g.on ? g.logprob_mean : (n_local > 0 ? ref_fixed_sum(toks, [](const Tok& t) { return t.logp; }) / n_local : 0.0);
     const double n_tok = g.on ? g.count : n_local;
@@ -131,8 +141,10 @@ static RefResult reference(int control, double ratio, double lb, double ub, unsi
         r.candidates = cand.size();
         for (size_t j = 0; j < std::min(n, cand.size()); ++j) r.selected.push_back(cand[j].second);
     } else {
-        std::vector<size_t> order(toks.size());
-        for (size_t j = 0; j < order.size(); ++j) order[j] = j;
+        // Finite covariances only (SPEC §4.6), largest first, ties by position.
+        std::vector<size_t> order;
+        for (size_t j = 0; j < toks.size(); ++j)
+            if (std::isfinite(cov[j])) order.push_back(j);
         std::stable_sort(order.begin(), order.end(), [&](size_t x, size_t y) { return cov[x] > cov[y]; });
         r.candidates = order.size();
         for (size_t j = 0; j < std::min(n, order.size()); ++j) r.selected.push_back(toks[order[j]].k);
@@ -281,6 +293,7 @@ static Run run(const Batch& b, int control, double ratio, double lb, double ub, 
     p.clip_low = 0.2;
     p.clip_high = 0.2;
     p.dual_clip = 3.0;
+    p.dual_on = 0;  // src/config.rs `dual_clip_on`: never under Clip-Cov / KL-Cov
     // src/cuda/cov.rs `params`
     p.cov.control = control;
     p.cov.lb = lb;
@@ -297,7 +310,7 @@ static Run run(const Batch& b, int control, double ratio, double lb, double ub, 
     while (b.numel > 1 && ((b.numel - 1) >> bits) != 0) ++bits;
     p.cov.k_passes = (bits + 7) / 8;
     p.cov.tiles = (b.numel + COV_TILE - 1) / COV_TILE;
-    std::vector<unsigned long long> cov_ws(16 + COV_BINS + 3 * p.cov.tiles + 1, 0xdeadbeefdeadbeefull);  // garbage
+    std::vector<unsigned long long> cov_ws(16 + COV_BINS + COV_TILE_FIELDS * p.cov.tiles + 1, 0xdeadbeefdeadbeefull);  // garbage
     p.cov.state = (CovState*)cov_ws.data();
     p.cov.hist = cov_ws.data() + 16;
     p.cov.tile_sums = (double*)(cov_ws.data() + 16 + COV_BINS);
@@ -331,6 +344,162 @@ static Run run(const Batch& b, int control, double ratio, double lb, double ub, 
     return out;
 }
 
+// ---------------------------------------------------------------- the authors' arithmetic
+
+// calibrl_loss_counts (COUNTS_KERNEL) or the caller's normalisers (COUNTS_GIVEN, with the
+// all-row counts left 0 or given) and calibrl_loss_any under the `authors` preset (SPEC §4.7):
+// L_pg and L_explore over the rollout rows' counts, entropy and KL over every row's, the dual
+// clip at c_dual = 0.5, the exploration term against ℓ* = 0 (no expert data). Checked against
+// a reference written here from SPEC §4.7. Returns the number of cases.
+static int authors_cases(std::mt19937_64& rng) {
+    int cases = 0;
+    for (int agg : {AGG_TOKEN_MEAN, AGG_SEQ_SUM, AGG_SEQ_MEAN}) {
+        for (int counts : {COUNTS_KERNEL, COUNTS_GIVEN}) {
+            for (bool packed : {false, true}) {
+                ++cases;
+                Batch b = make_batch(rng, 37, 23, packed, DT_F64, false);
+                std::vector<double> ref(b.numel), ent(b.numel), w(b.rows), c(b.rows);
+                for (long long k = 0; k < b.numel; ++k) {
+                    ref[k] = b.logp[k] + 0.05 * (double)(rng() % 11) - 0.25;
+                    ent[k] = 0.1 * (double)(rng() % 20);
+                }
+                for (long long i = 0; i < b.rows; ++i) {
+                    w[i] = std::fabs(b.adv[i]);
+                    c[i] = rng() % 2 ? 1.0 : -1.0;
+                }
+                // The reference: per-row counts, then the sums.
+                double tok_r = 0, seq_r = 0, tok_a = 0, seq_a = 0;
+                std::vector<double> n_row(b.rows, 0.0);
+                for (long long i = 0; i < b.rows; ++i) {
+                    for (long long k = b.offsets[i]; k < b.offsets[i + 1]; ++k) n_row[i] += b.mask[k];
+                    tok_a += n_row[i];
+                    seq_a += n_row[i] > 0;
+                    if (!b.is_expert[i]) tok_r += n_row[i], seq_r += n_row[i] > 0;
+                }
+                // Given normalisers (global counts above the call's); padded: the all-row counts
+                // left 0, which means "the same as the rollout-row counts".
+                const bool all_zero = !packed;
+                const double given[4] = {tok_r + 5, seq_r + 2, all_zero ? 0.0 : tok_a + 9, all_zero ? 0.0 : seq_a + 3};
+                const double n[4] = {counts == COUNTS_GIVEN ? given[0] : tok_r, counts == COUNTS_GIVEN ? given[1] : seq_r,
+                                     counts == COUNTS_GIVEN ? (all_zero ? given[0] : given[2]) : tok_a,
+                                     counts == COUNTS_GIVEN ? (all_zero ? given[1] : given[3]) : seq_a};
+                auto factor = [&](long long i, double nt, double ns) {
+                    if (agg == AGG_TOKEN_MEAN) return 1.0 / nt;
+                    if (agg == AGG_SEQ_SUM) return 1.0 / ns;
+                    return 1.0 / ns / n_row[i];
+                };
+                const double lambda = 0.1, alpha = 0.5, cdual = 0.5, ent_coef = 0.01, kl_coef = 0.05, clip = 0.2;
+                std::vector<double> want_g(b.numel, 0.0);
+                double pg = 0, ex = 0, h = 0, kl = 0, nclip = 0, nlow = 0, ntok = 0;
+                for (long long i = 0; i < b.rows; ++i)
+                    for (long long k = b.offsets[i]; k < b.offsets[i + 1]; ++k) {
+                        if (!b.mask[k]) continue;
+                        const double a = b.adv[i], r = std::exp(b.logp[k] - b.old[k]);
+                        const double p1 = -a * r, p2 = -a * std::clamp(r, 1.0 - clip, 1.0 + clip);
+                        const double pc = std::max(p1, p2);
+                        double p = pc, dp = p2 > p1 ? 0.0 : -a * r;
+                        const bool low = a < 0 && pc > -a * cdual;
+                        if (low) p = -a * cdual, dp = 0.0;
+                        nclip += p2 > p1;
+                        nlow += low;
+                        ntok += 1;
+                        const double fa = factor(i, n[2], n[3]);
+                        h += fa * ent[k];
+                        const double d = b.logp[k] - ref[k];
+                        kl += fa * 0.5 * d * d;
+                        double g = kl_coef * fa * d;
+                        if (!b.is_expert[i]) {
+                            const double f = factor(i, n[0], n[1]);
+                            pg += f * p;
+                            const double x = -c[i] * b.logp[k];  // Δ against ℓ* = 0
+                            ex += f * w[i] * (x > 0 ? x : alpha * x);
+                            g += f * dp + lambda * f * w[i] * (x > 0 ? 1.0 : alpha) * -c[i];
+                        }
+                        want_g[k] = g;
+                    }
+                LossParams p;
+                std::memset(&p, 0, sizeof p);
+                p.logprobs = b.lp_raw.data();
+                p.logprobs_dt = DT_F64;
+                p.offsets = b.packed ? b.offsets.data() : nullptr;
+                p.offsets_dt = DT_I64;
+                p.rows = b.rows;
+                p.seq_len = b.packed ? 0 : b.seq_len;
+                p.mask = b.mask.data();
+                p.mask_dt = DT_U8;
+                p.old_logprobs = b.old_raw.data();
+                p.old_dt = DT_F64;
+                p.ref_logprobs = ref.data();
+                p.ref_dt = DT_F64;
+                p.entropy = ent.data();
+                p.entropy_dt = DT_F64;
+                p.advantages = b.adv.data();
+                p.advantages_dt = DT_F64;
+                p.weights = w.data();
+                p.weights_dt = DT_F64;
+                p.signs = c.data();
+                p.signs_dt = DT_F64;
+                p.is_expert = b.is_expert.data();
+                p.is_expert_dt = DT_U8;
+                std::vector<double> grad(b.numel + 1, NAN), metrics(METRICS, NAN), gh(b.numel + 1, NAN);
+                p.grad_logprobs = grad.data();
+                p.grad_dt = DT_F64;
+                p.grad_entropy = gh.data();
+                p.grad_entropy_dt = DT_F64;
+                p.metrics = metrics.data();
+                p.metrics_dt = DT_F64;
+                p.team_log2 = 2;
+                const unsigned blocks = 3;
+                std::vector<double> ws(FINAL_FIELDS + METRICS + (size_t)blocks * BLOCK_FIELDS, NAN);
+                unsigned tickets[64] = {};
+                p.final_ws = ws.data();
+                p.block_ws = ws.data() + FINAL_FIELDS + METRICS;
+                p.tickets = tickets;
+                p.counts = counts;
+                p.norm_tokens = given[0];
+                p.norm_seqs = given[1];
+                p.norm_all_tokens = given[2];
+                p.norm_all_seqs = given[3];
+                p.loss_kind = LOSS_CALIBRL;
+                p.token_aligned = 1;
+                p.activation = ACT_LEAKY;
+                p.agg = agg;
+                p.kl_kind = KL_K2;
+                p.authors = 1;
+                p.dual_on = 1;  // src/config.rs `dual_clip_on`: any c_dual under the authors' arithmetic
+                p.t_norm = 1.0;
+                p.alpha = alpha;
+                p.lambda = lambda;
+                p.clip_low = clip;
+                p.clip_high = clip;
+                p.dual_clip = cdual;
+                p.entropy_coef = ent_coef;
+                p.kl_coef = kl_coef;
+                if (counts == COUNTS_KERNEL) launch(blocks, LOSS_THREADS, [&] { calibrl_loss_counts(p); });
+                launch(blocks, LOSS_THREADS, [&] { calibrl_loss_any(p); });
+                char tag[128];
+                std::snprintf(tag, sizeof tag, "authors agg=%d counts=%d packed=%d", agg, counts, (int)packed);
+                auto close = [](double x, double y) { return std::fabs(x - y) <= 1e-13 + 1e-12 * std::fabs(y); };
+                const double loss = pg + lambda * ex - ent_coef * h + kl_coef * kl;
+                const double want_m[][2] = {{metrics[0], loss}, {metrics[1], pg}, {metrics[2], ex}, {metrics[3], h},
+                                            {metrics[4], kl}, {metrics[5], nclip / ntok}, {metrics[6], nlow / ntok},
+                                            {metrics[13], tok_r}, {metrics[14], seq_r}};
+                for (int j = 0; j < 9; ++j)
+                    if (!close(want_m[j][0], want_m[j][1]))
+                        fail(std::string(tag) + ": metric " + std::to_string(j) + " " + std::to_string(want_m[j][0]) +
+                             " vs " + std::to_string(want_m[j][1]));
+                int bad = 0;
+                for (long long k = 0; k < b.numel; ++k)
+                    if (!close(grad[k], want_g[k]) && bad++ == 0)
+                        fail(std::string(tag) + ": gradient at " + std::to_string(k) + ": " + std::to_string(grad[k]) +
+                             " vs " + std::to_string(want_g[k]));
+                if (nlow == 0) fail(std::string(tag) + ": no token was dual-clipped (the case tests nothing)");
+            }
+        }
+    }
+    return cases;
+}
+
 static bool same_bits(double x, double y) { return std::memcmp(&x, &y, 8) == 0; }
 
 int main() {
@@ -347,8 +516,31 @@ int main() {
                             {40, 60, true, DT_F64, false},   {300, 30, false, DT_F32, false},
                             {90, 400, true, DT_BF16, false}, {3, 1, false, DT_F32, false},
                             {20, 50, false, DT_F32, true},   {30, 20, true, DT_BF16, true}};
-    for (const Shape& sh : shapes) {
-        const Batch b = make_batch(rng, sh.rows, sh.max_len, sh.packed, sh.dt, sh.plain);
+    // The batches: random shapes, then special values (kind 1: every advantage equal, so every
+    // covariance ties; kind 2: log-probs of -DBL_MAX, no mask, so the computed mean of ℓ
+    // overflows; kind 3: log-probs of -1e308 with a caller-given mean of ℓ of 1e308). Kinds 2
+    // and 3 make some covariances infinite or NaN: never selected (SPEC §4.6).
+    struct Case {
+        Shape sh;
+        int kind;
+    };
+    std::vector<Case> all_cases;
+    for (const Shape& sh : shapes) all_cases.push_back({sh, 0});
+    all_cases.push_back({{60, 30, true, DT_F64, false}, 1});
+    all_cases.push_back({{9, 40, false, DT_BF16, false}, 1});
+    all_cases.push_back({{20, 50, false, DT_F64, true}, 2});
+    all_cases.push_back({{30, 20, true, DT_F64, false}, 3});
+    for (const Case& cs : all_cases) {
+        const Shape& sh = cs.sh;
+        Batch b = make_batch(rng, sh.rows, sh.max_len, sh.packed, sh.dt, sh.plain);
+        if (cs.kind == 1) std::fill(b.adv.begin(), b.adv.end(), 0.7);
+        if (cs.kind >= 2) {
+            std::vector<double> lp = b.logp, old = b.old;
+            for (long long k = 0; k < b.numel; ++k)
+                if (rng() % 4 == 0) lp[k] = old[k] = cs.kind == 2 ? -1.7976931348623157e308 : -1e308;
+            encode(b.dt, lp, b.lp_raw, b.logp);
+            encode(b.dt, old, b.old_raw, b.old);
+        }
         const std::vector<Tok> toks = rollout_tokens(b, clip);
         for (int control : {EC_CLIP_COV, EC_KL_COV}) {
             const RefResult local = reference(control, 0.5, lb, ub, 7, Given{}, toks);
@@ -359,14 +551,26 @@ int main() {
                 {0.5, Given{true, local.adv_mean, local.logprob_mean, 2 * c}},
                 {0.5, Given{true, local.adv_mean, local.logprob_mean, 2 * c + 2}}, {0.3, Given{}},
                 {1.0, Given{}},  {0.2, Given{true, 0.1, -1.5, 3.0 * (double)toks.size()}}};
+            if (cs.kind == 3) settings.push_back({0.3, Given{true, 0.1, 1e308, (double)toks.size()}});
+            if (cs.kind == 1 && control == EC_KL_COV) {
+                // Every covariance ties: the first n counted rollout tokens by position.
+                const RefResult r = reference(control, 0.1, lb, ub, 0, Given{}, toks);
+                const size_t n = std::max<size_t>((size_t)std::floor(0.1 * (double)toks.size()), 1);
+                for (size_t j = 0; j < std::min(n, toks.size()); ++j)
+                    if (r.selected.size() <= j || r.selected[j] != toks[j].k) {
+                        fail("all-equal advantages: the reference does not take the first tokens");
+                        break;
+                    }
+                settings.push_back({0.1, Given{}});
+            }
             for (const auto& [ratio, given] : settings) {
                 for (unsigned long long seed : {0ull, 12345ull}) {
                     if (control == EC_KL_COV && seed != 0) continue;  // KL-Cov takes no seed
                     ++cases;
                     const RefResult want = reference(control, ratio, lb, ub, seed, given, toks);
                     char tag[256];
-                    std::snprintf(tag, sizeof tag, "rows=%lld packed=%d plain=%d dt=%d control=%d ratio=%g given=%d(%g) seed=%llu",
-                                  sh.rows, (int)sh.packed, (int)sh.plain, sh.dt, control, ratio, (int)given.on, given.count, seed);
+                    std::snprintf(tag, sizeof tag, "kind=%d rows=%lld packed=%d plain=%d dt=%d control=%d ratio=%g given=%d(%g) seed=%llu",
+                                  cs.kind, sh.rows, (int)sh.packed, (int)sh.plain, sh.dt, control, ratio, (int)given.on, given.count, seed);
                     std::vector<Run> runs;
                     for (unsigned max_blocks : {1u, 4u}) runs.push_back(run(b, control, ratio, lb, ub, seed, coef, given, max_blocks, 997.0));
                     const Run& got = runs[0];
@@ -397,8 +601,7 @@ int main() {
                             if (b.mask[k] && !b.is_expert[i]) {
                                 const double a = b.adv[i], r = std::exp(b.logp[k] - b.old[k]);
                                 const double p1 = -a * r, p2 = -a * std::clamp(r, 1.0 - clip, 1.0 + clip);
-                                double dv = p2 > p1 ? 0.0 : -a * r;
-                                if (a < 0 && std::max(p1, p2) > -a * 3.0) dv = 0.0;
+                                double dv = p2 > p1 ? 0.0 : -a * r;  // no dual clip (SPEC §4.6)
                                 if (control == EC_CLIP_COV && chosen[k]) dv = 0.0;
                                 if (control == EC_KL_COV) {
                                     const double d = b.logp[k] - b.old[k];
@@ -414,6 +617,7 @@ int main() {
             }
         }
     }
+    cases += authors_cases(rng);
     std::printf("loss_emulate: %d cases, %d failures\n", cases, failures);
     return failures == 0 ? 0 : 1;
 }

@@ -1,5 +1,7 @@
 //! The device harness shared by the GPU test files: one CUDA context and stream per process,
 //! tests serialised (they may allocate gigabytes), and a clean skip without a driver or device.
+//! Without a GPU, `scripts/emulate-kernels.sh` runs these tests on an emulated driver that
+//! executes the kernels on the host (docs/cuda.md, "Host emulation").
 
 use cudarc::driver::{CudaContext, CudaStream};
 use std::sync::{Arc, Mutex, OnceLock};

@@ -542,9 +542,12 @@ class LossArgs {
     return *this;
   }
   LossArgs& expert_mask(TensorView v) { expert_mask_ = v; return *this; }
-  /// Global token and sequence counts of the mini-batch (all ranks, all micro-batches).
-  LossArgs& normalizers(double token_count, double seq_count) {
-    normalizers_ = calibrl_normalizers{token_count, seq_count};
+  /// Global token and sequence counts of the mini-batch's trained rows (all ranks, all
+  /// micro-batches); optionally every row's counts, expert rows included (the entropy and KL
+  /// denominators of the `authors` preset, SPEC §4.7; 0 = the same as the trained rows').
+  LossArgs& normalizers(double token_count, double seq_count, double all_token_count = 0.0,
+                        double all_seq_count = 0.0) {
+    normalizers_ = calibrl_normalizers{token_count, seq_count, all_token_count, all_seq_count};
     return *this;
   }
   /// The same from a calibrl::Plan (Plan::normalizers(b)).

@@ -501,7 +501,8 @@ void check_plan(const std::vector<calibrl::Prompt>& prompts, const calibrl::Sche
     }
     const calibrl_normalizers n = plan.normalizers(b);
     norm_ok = norm_ok && n.token_count == tokens && n.seq_count == rows &&
-              mbi.normalizers.token_count == tokens && mbi.normalizers.seq_count == rows;
+              mbi.normalizers.token_count == tokens && mbi.normalizers.seq_count == rows &&
+              n.all_token_count == tokens && n.all_seq_count == rows;  // no untrained expert row
   }
   const bool rollouts_once = std::all_of(seen.begin(), seen.begin() + R, [](int c) { return c == 1; });
   const int want_expert = trains_experts ? 1 : 0;

@@ -20,7 +20,7 @@ from ctypes import (
 )
 
 #: The ABI version these bindings are written against (``CALIBRL_ABI_VERSION`` in the header).
-EXPECTED_ABI_VERSION = 3
+EXPECTED_ABI_VERSION = 4
 
 METRICS_NAMES = (
     "loss",
@@ -81,9 +81,18 @@ _T = POINTER(DLTensor)
 
 
 class Normalizers(ctypes.Structure):
-    """``calibrl_normalizers``: global counts of the mini-batch (all ranks, all micro-batches)."""
+    """``calibrl_normalizers``: global counts of the mini-batch (all ranks, all micro-batches).
+    ``token_count`` / ``seq_count`` count the trained rows (the denominators of the policy
+    gradient and exploration terms); ``all_token_count`` / ``all_seq_count`` every row, expert
+    rows included (entropy and KL under the ``authors`` preset, SPEC §4.7), 0 meaning "the same
+    as token_count / seq_count"."""
 
-    _fields_ = [("token_count", c_double), ("seq_count", c_double)]
+    _fields_ = [
+        ("token_count", c_double),
+        ("seq_count", c_double),
+        ("all_token_count", c_double),
+        ("all_seq_count", c_double),
+    ]
 
 
 class Metrics(ctypes.Structure):

@@ -145,6 +145,12 @@ class View:
 
     def _set_layout(self, shape, strides):
         self.shape = tuple(int(s) for s in shape)
+        if 0 in self.shape:
+            # No element, no layout: NumPy reports strides (0, 0) for a (0, 5) array; pass
+            # row-major ones (the library ignores an empty tensor's strides too).
+            strides = [1] * len(self.shape)
+            for d in range(len(self.shape) - 2, -1, -1):
+                strides[d] = strides[d + 1] * max(self.shape[d + 1], 1)
         self.strides = tuple(int(s) for s in strides)
         n = len(self.shape)
         self._shape_arr = (c_int64 * max(n, 1))(*self.shape)

@@ -172,26 +172,37 @@ def library_path() -> Path:
     return Path(__file__).resolve().parent / "libcalibrl.so"
 
 
-def _preload_nvrtc() -> None:
-    """Opens NVRTC from an ``nvidia-cuda-nvrtc`` wheel (``calibrl[cuda]``) on ``sys.path``.
+# The NVRTC wheels: ``calibrl[cuda13]`` (nvidia-cuda-nvrtc 13) and ``calibrl[cuda12]``
+# (nvidia-cuda-nvrtc-cu12), relative to a ``sys.path`` entry.
+_NVRTC_WHEELS = (
+    ("nvidia", "cu13", "lib", "libnvrtc.so.13"),
+    ("nvidia", "cuda_nvrtc", "lib", "libnvrtc.so.12"),
+)
 
-    The library itself looks beside its own directory (``site-packages/nvidia/cu13/lib``), the
-    CUDA toolkit and the system; this covers a wheel installed elsewhere on ``sys.path`` (user
-    site, ``--target`` directories). Once loaded, the library's ``dlopen`` by SONAME finds it.
+
+def _preload_nvrtc() -> None:
+    """Opens the NVRTC of each ``nvidia-cuda-nvrtc`` wheel (13 and cu12) on ``sys.path``.
+
+    The library itself looks beside its own directory (``site-packages/nvidia/cu13/lib``,
+    ``site-packages/nvidia/cuda_nvrtc/lib``), the CUDA toolkit and the system, and picks the
+    NVRTC the driver can run; this covers a wheel installed elsewhere on ``sys.path`` (user site,
+    ``--target`` directories): the library sees an already-loaded NVRTC as found. Loading one
+    that the driver cannot run costs address space only (each has its own SONAME).
     """
     import sys
 
     own_site = Path(__file__).resolve().parent.parent
-    for entry in sys.path:
-        base = Path(entry or ".")
-        candidate = base / "nvidia" / "cu13" / "lib" / "libnvrtc.so.13"
-        if candidate.is_file():
-            if base.resolve() != own_site:  # the library finds that one itself, lazily
-                try:
-                    ctypes.CDLL(str(candidate))
-                except OSError:
-                    continue
-            return
+    for parts in _NVRTC_WHEELS:
+        for entry in sys.path:
+            base = Path(entry or ".")
+            candidate = base.joinpath(*parts)
+            if candidate.is_file():
+                if base.resolve() != own_site:  # the library finds that one itself, lazily
+                    try:
+                        ctypes.CDLL(str(candidate))
+                    except OSError:
+                        continue
+                break
 
 
 def lib() -> _Library:

@@ -194,8 +194,9 @@ def _config_json(config: Any) -> str:
 
 
 def _field_args(inputs: LossInputs) -> tuple:
-    n = inputs.normalizers
-    return (None if n is None else [float(n[0]), float(n[1])],) + tuple(getattr(inputs, k) for k in _FIELDS)
+    n = ops._normalizers(inputs.normalizers)
+    counts = None if n is None else [float(getattr(n, name)) for name, _ in n._fields_]
+    return (counts,) + tuple(getattr(inputs, k) for k in _FIELDS)
 
 
 class CompiledCalibRLLoss(torch.nn.Module):

@@ -53,9 +53,22 @@ def _normalizers(n) -> Normalizers | None:
     if isinstance(n, Normalizers):
         return n
     if isinstance(n, dict):
-        return Normalizers(float(n["token_count"]), float(n["seq_count"]))
-    token_count, seq_count = n
-    return Normalizers(float(token_count), float(seq_count))
+        unknown = set(n) - {f for f, _ in Normalizers._fields_}
+        if unknown:
+            raise ValueError(f"`normalizers`: unknown keys {sorted(unknown)}")
+        return Normalizers(
+            float(n["token_count"]),
+            float(n["seq_count"]),
+            float(n.get("all_token_count", 0.0)),
+            float(n.get("all_seq_count", 0.0)),
+        )
+    values = [float(v) for v in n]
+    if len(values) not in (2, 4):
+        raise ValueError(
+            "`normalizers`: expected (token_count, seq_count) or (token_count, seq_count, "
+            f"all_token_count, all_seq_count), got {len(values)} values"
+        )
+    return Normalizers(*values)
 
 
 def _num_groups(group_ids) -> int:
@@ -142,8 +155,10 @@ class LossInputs:
     ``is_expert``, ``expert_index``) are ``[B]``. The expert baseline is ``expert_logprobs``
     (padded ``[P, S*]`` with optional ``expert_mask``, or packed ``[T*]`` with
     ``expert_offsets [P+1]``) plus ``expert_index`` (each row's expert slot, −1 for none).
-    ``normalizers`` is ``(token_count, seq_count)`` of the global mini-batch, or ``None`` for
-    this call's own counts. ``token_weights`` (layout of ``logprobs``, ≥ 0) multiplies each
+    ``normalizers`` is ``(token_count, seq_count)`` of the global mini-batch's trained rows, or
+    ``(token_count, seq_count, all_token_count, all_seq_count)`` adding every row's counts
+    (expert rows included: the entropy and KL denominators of the ``authors`` preset; 0 = the
+    same), or a dict with those keys, or ``None`` for this call's own counts. ``token_weights`` (layout of ``logprobs``, ≥ 0) multiplies each
     token's policy-gradient term, like verl's ``rollout_is_weights``. See docs/abi.md.
     """
 
@@ -159,7 +174,7 @@ class LossInputs:
     expert_offsets: Optional[TensorLike] = None
     expert_mask: Optional[TensorLike] = None
     expert_index: Optional[TensorLike] = None
-    normalizers: Optional[Tuple[float, float]] = None
+    normalizers: Optional[Tuple[float, ...]] = None
     token_weights: Optional[TensorLike] = None
 
     def map_tensors(self, fn: Callable[[Any], Any]) -> "LossInputs":

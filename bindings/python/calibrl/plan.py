@@ -253,7 +253,7 @@ class Plan:
                     first_prompt=int(mi.first_prompt),
                     num_prompts=int(mi.num_prompts),
                     microbatches=int(mi.microbatches),
-                    normalizers={"token_count": norm.token_count, "seq_count": norm.seq_count},
+                    normalizers={name: getattr(norm, name) for name, _ in _abi.Normalizers._fields_},
                     train=train,
                 )
             )

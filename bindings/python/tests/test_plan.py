@@ -126,9 +126,13 @@ def check_plan(prompts, cfg, p):
         seqs = mb.seqs()
         assert all(q.prompt in mb.prompts for q in seqs)
         trained.update(q.id for q in seqs)
+        tokens, rows = float(sum(q.response_len for q in seqs)), float(len(seqs))
+        # No untrained expert row in the training pass: every row's counts are the same.
         assert mb.normalizers == {
-            "token_count": float(sum(q.response_len for q in seqs)),
-            "seq_count": float(len(seqs)),
+            "token_count": tokens,
+            "seq_count": rows,
+            "all_token_count": tokens,
+            "all_seq_count": rows,
         }
         for rank in mb.train:
             for micro in rank:
@@ -161,7 +165,9 @@ def test_calibrl_forwards_experts_once_and_never_trains_them():
     assert p.expert_offsets.tolist() == [0, 12, 18]
     assert sorted(q.id for q in p.nograd_seqs() if q.kind == SeqKind.EXPERT) == [6, 7]
     assert all(q.kind == SeqKind.ROLLOUT for mb in p.minibatches for q in mb.seqs())
-    assert p.minibatches[0].normalizers == {"token_count": 29.0, "seq_count": 6.0}
+    assert p.minibatches[0].normalizers == {
+        "token_count": 29.0, "seq_count": 6.0, "all_token_count": 29.0, "all_seq_count": 6.0
+    }
     # The expert of prompt 0 (10 + 12 tokens) is over the no-grad budget; its longest rollout
     # (10 + 9) over the training budget. Each is alone in its micro-batch.
     assert p.oversize("nograd") == [6] and p.oversize("train") == [2]
@@ -340,7 +346,9 @@ def test_microbatch_losses_with_the_plans_normalizers_add_up_to_the_whole_batch(
         everything = sorted(mb.seqs(), key=lambda q: q.id)
         lp, inputs = pack(everything, d, p.gather_map)
         whole = calibrl.loss(cfg, lp, **inputs, **expert)
-        assert {"token_count": whole.metrics["num_tokens"], "seq_count": whole.metrics["num_seqs"]} == mb.normalizers
+        n_tok, n_seq = whole.metrics["num_tokens"], whole.metrics["num_seqs"]
+        assert {"token_count": n_tok, "seq_count": n_seq, "all_token_count": n_tok, "all_seq_count": n_seq} \
+            == mb.normalizers
         want = dict(zip([q.id for q in everything], whole.grad_logprobs.split([q.response_len for q in everything])))
 
         got, loss_sum, local_sum, slices = {}, 0.0, 0.0, 0
@@ -376,7 +384,9 @@ def test_dynamic_sampling_leaves_out_all_equal_groups():
     assert p.dropped_prompts.tolist() == [0, 2] and p.summary["dropped_prompts"] == 2
     assert p.expert_prompts.tolist() == [1]
     assert sorted(q.id for q in p.nograd_seqs()) == [3, 4, 7]  # prompt 1's rollouts, its expert
-    assert p.minibatches[0].normalizers == {"token_count": 6.0, "seq_count": 2.0}
+    assert p.minibatches[0].normalizers == {
+        "token_count": 6.0, "seq_count": 2.0, "all_token_count": 6.0, "all_seq_count": 2.0
+    }
     off = calibrl.plan(prompts)
     assert off.dropped_prompts.tolist() == [] and off.expert_prompts.tolist() == [0, 1, 2]
     with pytest.raises(calibrl.CalibrlError, match=r"prompts\[0\]\.rewards"):

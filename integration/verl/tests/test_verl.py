@@ -13,6 +13,8 @@ import calibrl.integrations.verl as cv
 import spec_reference as ref
 from verl_harness import F64, TinyPolicy, actor_config, make_batch, update
 from verl.trainer.ppo import core_algos
+from verl.utils import tensordict_utils as tu
+from verl.workers.utils.padding import left_right_2_no_padding
 
 AGG = {
     "token-mean": [],
@@ -20,6 +22,7 @@ AGG = {
     "seq-mean-token-sum": ["actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-sum"],
     "seq-mean-token-sum-norm": ["actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-sum-norm",
                                 "actor_rollout_ref.actor.loss_scale_factor=5"],
+    "token-sum": ["actor_rollout_ref.actor.loss_agg_mode=token-sum"],
 }
 
 
@@ -237,7 +240,7 @@ def test_expert_pass_scores_each_rows_prompt_and_expert_response():
         assert torch.all(got[len(expert):] == 0) and torch.all(b[cv.EXPERT_MASK][i, len(expert):] == 0)
 
 
-def _dp_worker(rank, world, path, seed):
+def _dp_worker(rank, world, path, seed, agg):
     import os
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["CALIBRL_TEST_PORT"])
@@ -247,7 +250,7 @@ def _dp_worker(rank, world, path, seed):
         data = make_batch(model, seed=seed)
         shard = data.chunk(world)[rank]  # verl's DP dispatch
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
-        losses, _ = update(model, opt, shard, actor_config(), micro_batch_size=4,
+        losses, _ = update(model, opt, shard, actor_config(*AGG[agg]), micro_batch_size=4,
                            dp_group=torch.distributed.group.WORLD)
         if rank == 0:
             torch.save(([p.detach() for p in model.parameters()], len(shard), len(losses)), path)
@@ -255,7 +258,8 @@ def _dp_worker(rank, world, path, seed):
         torch.distributed.destroy_process_group()
 
 
-def test_dp2_ga2_update_equals_the_single_process_update(tmp_path):
+@pytest.mark.parametrize("agg", list(AGG))
+def test_dp2_ga2_update_equals_the_single_process_update(agg, tmp_path):
     """One mini-batch of 16 rows: two gloo ranks of 8 rows, each in 2 micro-batches of 4
     (gradient accumulation 2), against one process with the whole mini-batch at once."""
     import os
@@ -265,7 +269,7 @@ def test_dp2_ga2_update_equals_the_single_process_update(tmp_path):
         s.bind(("127.0.0.1", 0))
         os.environ["CALIBRL_TEST_PORT"] = str(s.getsockname()[1])
     path = tmp_path / "rank0.pt"
-    torch.multiprocessing.spawn(_dp_worker, args=(2, str(path), 6), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_dp_worker, args=(2, str(path), 6, agg), nprocs=2, join=True)
     dp, rows_per_rank, micro_batches = torch.load(path)
     assert (rows_per_rank, micro_batches) == (8, 2)
 
@@ -273,13 +277,47 @@ def test_dp2_ga2_update_equals_the_single_process_update(tmp_path):
     before = [p.detach().clone() for p in model.parameters()]
     data = make_batch(model, seed=6)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    update(model, opt, data, actor_config(), micro_batch_size=len(data), shuffle=False)
+    update(model, opt, data, actor_config(*AGG[agg]), micro_batch_size=len(data), shuffle=False)
     for b, single, multi in zip(before, model.parameters(), dp):
         step = single.detach() - b
         assert step.abs().max() > 1e-4
         rel = (multi - single.detach()).norm() / step.norm()
-        print(f"DP=2 x GA 2 vs single process: relative difference of the update {rel:.2e}")
+        print(f"{agg}: DP=2 x GA 2 vs single process: relative difference of the update {rel:.2e}")
         assert rel < 1e-6, rel
+
+
+def _engine_micro_batch(model, data, dp_size):
+    """One rank's micro-batch as verl's engine hands it to the loss under ``dp_size`` ranks:
+    ``global_batch_info`` counts the global mini-batch (here: dp_size copies of this one)."""
+    td = left_right_2_no_padding(data.to_tensordict())
+    tu.assign_non_tensor(td, dp_size=dp_size, batch_num_tokens=float(td["loss_mask"].sum()) * dp_size,
+                         global_batch_size=len(data) * dp_size)
+    return td
+
+
+@pytest.mark.parametrize("dp_size", [1, 2, 4])
+@pytest.mark.parametrize("agg", list(AGG))
+def test_grpo_preset_equals_verl_vanilla_under_every_dp_size(agg, dp_size):
+    """verl's agg_loss scales each rank's loss for DP (token-sum: the local sum times dp_size):
+    the registered loss with the grpo preset equals verl's vanilla loss at every dp_size, value
+    and gradient, with verl's rollout_is_weights."""
+    model = TinyPolicy()
+    data = make_batch(model, seed=12, expert=False)
+    data.batch["rollout_is_weights"] = torch.rand(data.batch["old_log_probs"].shape,
+                                                  generator=torch.Generator().manual_seed(5)) * 2
+    out = {}
+    for name, mode in (("calibrl", "actor_rollout_ref.actor.policy_loss.calibrl.preset=grpo"),
+                       ("vanilla", "actor_rollout_ref.actor.policy_loss.loss_mode=vanilla")):
+        config = actor_config(mode, *AGG[agg])
+        model.zero_grad()
+        td = _engine_micro_batch(model, data, dp_size)
+        loss, _ = cv.ppo_loss(config=config, model_output=model.model_output(td), data=td)
+        loss.backward()
+        out[name] = (loss.item(), grads(model).clone())
+    (ours, g_ours), (verls, g_verl) = out["calibrl"], out["vanilla"]
+    print(f"{agg} dp={dp_size}: loss ratio to verl's vanilla {ours / verls:.6f}")
+    assert ours == pytest.approx(verls, rel=1e-6)  # verl's loss is float32
+    torch.testing.assert_close(g_ours, g_verl, rtol=1e-5, atol=1e-8)
 
 
 # ------------------------------------------------------------------------------ bad input

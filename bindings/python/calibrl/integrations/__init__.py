@@ -1,1 +1,1 @@
-"""Drop-ins for trainers: `megatron`, `verl`, `deepspeed` (import the one you use)."""
+"""Drop-ins for trainers: `megatron`, `verl`, `trl`, `deepspeed` (import the one you use)."""
