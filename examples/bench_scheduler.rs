@@ -88,7 +88,7 @@ struct Naive {
 
 fn naive_pass(rows: Vec<SeqRef>, mb_size: usize) -> PassPlan {
     let n = rows.len();
-    let ranks = (0..RANKS)
+    let ranks: Vec<Vec<MicroBatch>> = (0..RANKS)
         .map(|r| {
             let chunk = &rows[r * n / RANKS..(r + 1) * n / RANKS];
             chunk
@@ -98,6 +98,7 @@ fn naive_pass(rows: Vec<SeqRef>, mb_size: usize) -> PassPlan {
         })
         .collect();
     PassPlan {
+        microbatches: ranks.iter().map(Vec::len).max().unwrap_or(0),
         ranks,
         oversize: Vec::new(),
     }
@@ -168,7 +169,7 @@ fn stats(passes: &[&PassPlan], budget: u64) -> Stats {
             .sum::<u64>();
         s.max_rank += *rank_tokens.iter().max().unwrap() as f64;
         s.mean_rank += rank_tokens.iter().sum::<u64>() as f64 / RANKS as f64;
-        let m = pass.ranks.iter().map(Vec::len).max().unwrap();
+        let m = pass.microbatches_per_rank();
         s.microbatches_per_rank += m;
         for j in 0..m {
             s.lockstep += pass

@@ -1,7 +1,8 @@
 //! Configuration: every knob of SPEC.md §4–§5, the presets, and JSON parsing that names the
 //! offending key for unknown keys, wrong types and out-of-range values.
 
-use crate::error::{Error, Result};
+use crate::error::{shorten, Error, Result};
+use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -211,18 +212,12 @@ impl Config {
     /// Parses JSON: an object whose optional `"preset"` key picks the starting point (default
     /// `paper`) and whose other keys override fields. Errors name the key.
     pub fn from_json(text: &str) -> Result<Config> {
-        let value: Value = serde_json::from_str(text).map_err(|e| {
+        let Entries(map) = serde_json::from_str(text).map_err(|e| {
             Error::new(
                 crate::error::CalibrlStatus::InvalidConfig,
                 format!("config JSON: {e}"),
             )
         })?;
-        let Value::Object(map) = value else {
-            return Err(Error::new(
-                crate::error::CalibrlStatus::InvalidConfig,
-                "config JSON: expected an object at the top level",
-            ));
-        };
         Config::from_map(map)
     }
 
@@ -233,7 +228,7 @@ impl Config {
             Some(other) => {
                 return Err(Error::config(
                     "preset",
-                    format!("expected a string, got {other}"),
+                    format!("expected a string, got {}", shorten(&other.to_string())),
                 ))
             }
         };
@@ -244,6 +239,8 @@ impl Config {
         for (key, value) in map {
             if !base.contains_key(&key) {
                 let known: Vec<&str> = base.keys().map(|k| k.as_str()).collect();
+                // Only a key of a known key's length can be a typo of it; this also bounds the
+                // edit-distance work, whatever the key's length.
                 let hint = closest_key(&key, &known)
                     .map(|k| format!("; did you mean {k:?}?"))
                     .unwrap_or_default();
@@ -334,6 +331,15 @@ impl Config {
             return Err(Error::config(
                 "luffy_gamma",
                 format!("{} must be > 0", self.luffy_gamma),
+            ));
+        }
+        if self.kl_cov_coef < 0.0 {
+            return Err(Error::config(
+                "kl_cov_coef",
+                format!(
+                    "{} is negative (β of KL-Cov's penalty β·|ℓ − ℓold| is >= 0)",
+                    self.kl_cov_coef
+                ),
             ));
         }
         for (k, r) in [
@@ -429,6 +435,46 @@ impl Config {
     }
 }
 
+/// The top-level JSON object, read so that a key given twice is an error (a plain map keeps the
+/// last value silently) and a value that is no JSON (`NaN`) names its key.
+struct Entries(Map<String, Value>);
+
+impl<'de> Deserialize<'de> for Entries {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct ObjectVisitor;
+        impl<'de> Visitor<'de> for ObjectVisitor {
+            type Value = Entries;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object at the top level")
+            }
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> std::result::Result<Entries, A::Error> {
+                let mut map = Map::new();
+                while let Some(key) = m.next_key::<String>()? {
+                    let value = m.next_value::<Value>().map_err(|e| {
+                        de::Error::custom(format!(
+                            "config key `{}`: its value is not valid JSON ({e}; NaN and \
+                             Infinity are not JSON numbers)",
+                            shorten(&key)
+                        ))
+                    })?;
+                    if map.contains_key(&key) {
+                        return Err(de::Error::custom(format!(
+                            "config key `{}` is given twice",
+                            shorten(&key)
+                        )));
+                    }
+                    map.insert(key, value);
+                }
+                Ok(Entries(map))
+            }
+        }
+        d.deserialize_map(ObjectVisitor)
+    }
+}
+
 /// Rejects a value whose JSON type differs from the default's (so `"lambda": "0.1"` names the
 /// key instead of a serde position).
 fn check_type(key: &str, default: &Value, value: &Value) -> Result<()> {
@@ -452,7 +498,7 @@ fn check_type(key: &str, default: &Value, value: &Value) -> Result<()> {
         };
         return Err(Error::config(
             key,
-            format!("expected {expected}, got {value}"),
+            format!("expected {expected}, got {}", shorten(&value.to_string())),
         ));
     }
     if let Value::String(_) = default {
@@ -471,6 +517,9 @@ fn check_type(key: &str, default: &Value, value: &Value) -> Result<()> {
 /// The known key a mistyped one most likely meant: the nearest by edit distance (case and a
 /// trailing `_` ignored, as Python's `lambda_`), if it is close enough to be a typo.
 fn closest_key<'k>(key: &str, known: &[&'k str]) -> Option<&'k str> {
+    if key.len() > crate::error::QUOTE_MAX {
+        return None; // no known key is that long: no typo of one
+    }
     let key = key.to_ascii_lowercase();
     let key = key.trim_end_matches('_');
     known
@@ -560,6 +609,13 @@ mod tests {
             ),
             (r#"{"cov_token_count":10}"#, "`cov_token_count`"),
             (r#"{"entropy_control":"clipcov"}"#, "`entropy_control`"),
+            (r#"{"kl_cov_coef":-1}"#, "`kl_cov_coef`"),
+            (
+                r#"{"lambda":0.1,"alpha":0.3,"lambda":0.2}"#,
+                "`lambda` is given twice",
+            ),
+            (r#"{"lambda": NaN}"#, "`lambda`"),
+            (r#"{"alpha": 0.3, "lambda": Infinity}"#, "`lambda`"),
         ];
         for (json, key) in cases {
             let e = Config::from_json(json).unwrap_err();

@@ -73,10 +73,11 @@ impl Error {
             format!("`{arg}`: element {index} is {value}, expected a finite value"),
         )
     }
+    /// A configuration error naming `key` (shortened: a key may be any length).
     pub fn config(key: &str, what: impl fmt::Display) -> Self {
         Self::new(
             CalibrlStatus::InvalidConfig,
-            format!("config key `{key}`: {what}"),
+            format!("config key `{}`: {what}", shorten(key)),
         )
     }
     pub fn layout(arg: &str, what: impl fmt::Display) -> Self {
@@ -88,6 +89,22 @@ impl Error {
     pub fn cuda_unavailable(what: impl fmt::Display) -> Self {
         Self::new(CalibrlStatus::CudaUnavailable, what.to_string())
     }
+}
+
+/// Longest caller-given text (a JSON key or value) a message quotes in full.
+pub(crate) const QUOTE_MAX: usize = 64;
+
+/// `text` as a message quotes it: in full up to [`QUOTE_MAX`] bytes, else its start and its
+/// length, so that a message stays short whatever the caller passed.
+pub fn shorten(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.len() <= QUOTE_MAX {
+        return text.into();
+    }
+    let mut end = QUOTE_MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &text[..end], text.len()).into()
 }
 
 impl fmt::Display for Error {

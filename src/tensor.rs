@@ -39,6 +39,18 @@ pub struct DLTensor {
     pub byte_offset: u64,
 }
 
+/// The top of the user address space: no tensor's bytes may reach past it (a view there cannot
+/// be valid memory, whatever its data pointer). Linux hands user space addresses below 2^47 on
+/// x86-64 (also with 5-level paging, unless a program maps above it on purpose) and below 2^48
+/// on AArch64 with its default 48-bit virtual addresses; other 64-bit targets get 2^48 too.
+/// CUDA's unified addresses lie in the same range.
+#[cfg(target_arch = "x86_64")]
+pub(crate) const USER_ADDRESS_LIMIT: usize = 1 << 47;
+#[cfg(all(target_pointer_width = "64", not(target_arch = "x86_64")))]
+pub(crate) const USER_ADDRESS_LIMIT: usize = 1 << 48;
+#[cfg(not(target_pointer_width = "64"))]
+pub(crate) const USER_ADDRESS_LIMIT: usize = usize::MAX;
+
 pub const DL_CPU: i32 = 1;
 pub const DL_CUDA: i32 = 2;
 pub const DL_CUDA_HOST: i32 = 3;
@@ -220,16 +232,23 @@ impl<'a> Tensor<'a> {
         if t.data.is_null() {
             return Err(Error::null(name).with_suffix(".data"));
         }
+        // Beyond overflow: every byte the view reaches must lie below the top of the user
+        // address space (`USER_ADDRESS_LIMIT`), or dereferencing it would fault.
         let base = usize::try_from(t.byte_offset)
             .ok()
             .and_then(|off| (t.data as usize).checked_add(off))
-            .filter(|&b| b.checked_sub(lo).is_some() && b.checked_add(hi).is_some())
+            .filter(|&b| {
+                b.checked_sub(lo).is_some()
+                    && b.checked_add(hi)
+                        .is_some_and(|end| end <= USER_ADDRESS_LIMIT)
+            })
             .ok_or_else(|| {
                 Error::invalid(
                     name,
                     format!(
-                        "byte_offset {} puts the tensor outside the address space",
-                        t.byte_offset
+                        "byte_offset {} puts the tensor outside the address space (data {:#x}; \
+                         its bytes must end below {USER_ADDRESS_LIMIT:#x})",
+                        t.byte_offset, t.data as usize
                     ),
                 )
             })?;
@@ -464,7 +483,12 @@ impl<'a> Tensor<'a> {
     /// Reads a boolean-like tensor (bool, uint8, int8, int32, int64): non-zero is true.
     pub fn read_bool(&self) -> Result<Vec<bool>> {
         self.require_dtype(&[DType::Bool, DType::U8, DType::I8, DType::I32, DType::I64])?;
-        Ok(self.read_f64()?.into_iter().map(|v| v != 0.0).collect())
+        let values = self.read_f64()?;
+        let mut out = Vec::new();
+        out.try_reserve_exact(values.len())
+            .map_err(|_| out_of_memory(self.name, values.len(), 1))?;
+        out.extend(values.into_iter().map(|v| v != 0.0));
+        Ok(out)
     }
 
     /// Writes `values` (row-major order) converting to the tensor's float dtype. Host only.
@@ -561,12 +585,96 @@ impl<'a> Tensor<'a> {
         ((base + lo * sz) as usize, (base + (hi + 1) * sz) as usize)
     }
 
-    /// True when the two tensors share any bytes.
+    /// True when the two tensors may share a byte: exact when their byte ranges are disjoint
+    /// or when both step through memory with one common stride (interleaved columns of one
+    /// buffer do not overlap); otherwise any intersection of the byte ranges counts.
     pub fn overlaps(&self, other: &Tensor) -> bool {
         let (a0, a1) = self.byte_span();
         let (b0, b1) = other.byte_span();
-        a0 < b1 && b0 < a1
+        if self.numel() == 0 || other.numel() == 0 || !(a0 < b1 && b0 < a1) {
+            return false;
+        }
+        match (self.byte_step(), other.byte_step()) {
+            (Some(s), Some(t)) if s == t && s >= self.dtype.size().max(other.dtype.size()) => {
+                // Element i of each occupies [base + i·s, base + i·s + size): offsets modulo s.
+                let d = (self.ptr as usize).abs_diff(other.ptr as usize) % s;
+                let (first, second) = if (other.ptr as usize) >= (self.ptr as usize) {
+                    (self.dtype.size(), other.dtype.size())
+                } else {
+                    (other.dtype.size(), self.dtype.size())
+                };
+                d < first || d + second > s
+            }
+            _ => true,
+        }
     }
+
+    /// The byte distance between consecutive elements when the view has at most one dimension
+    /// of extent > 1 (`None` otherwise; the element size for a single element).
+    fn byte_step(&self) -> Option<usize> {
+        let mut dims = self.shape.iter().zip(&self.strides).filter(|(&e, _)| e > 1);
+        match (dims.next(), dims.next()) {
+            (None, _) => Some(self.dtype.size()),
+            (Some((_, &s)), None) => Some(s.unsigned_abs() * self.dtype.size()),
+            _ => None,
+        }
+    }
+
+    /// True when two different elements of the view share memory (a stride of 0 along a
+    /// dimension of extent > 1, or dimensions that interleave). Conservative: a layout is
+    /// accepted when, with its dimensions ordered by stride, each stride steps past everything
+    /// the smaller ones reach.
+    pub fn self_overlaps(&self) -> bool {
+        let mut dims: Vec<(usize, usize)> = self
+            .shape
+            .iter()
+            .zip(&self.strides)
+            .filter(|(&e, _)| e > 1)
+            .map(|(&e, &s)| (s.unsigned_abs(), e))
+            .collect();
+        dims.sort_unstable();
+        // Elements reached by the dimensions so far (validated to fit by `from_raw`).
+        let mut reach = 1usize;
+        for (s, e) in dims {
+            if s < reach {
+                return true;
+            }
+            reach += s * (e - 1);
+        }
+        false
+    }
+}
+
+/// Rejects outputs that share memory with themselves, with each other or with an input: a
+/// call writes every output element once, from inputs it has finished reading. (In-place
+/// pairs an operation documents are left out of `inputs` by its caller.)
+pub fn require_disjoint(outputs: &[Option<&Tensor>], inputs: &[Option<&Tensor>]) -> Result<()> {
+    let outputs: Vec<&Tensor> = outputs.iter().flatten().copied().collect();
+    for (i, o) in outputs.iter().enumerate() {
+        if o.self_overlaps() {
+            return Err(Error::invalid(
+                o.name,
+                format!(
+                    "its elements share memory (shape {:?}, strides {:?}): every output element \
+                     needs its own memory",
+                    o.shape, o.strides
+                ),
+            ));
+        }
+        let others = outputs[..i].iter().map(|t| (*t, "output"));
+        let ins = inputs.iter().flatten().map(|t| (*t, "input"));
+        if let Some((t, what)) = others.chain(ins).find(|(t, _)| o.overlaps(t)) {
+            return Err(Error::invalid(
+                o.name,
+                format!(
+                    "shares memory with the {what} `{}`: outputs must not overlap each other or \
+                     an input",
+                    t.name
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl Error {
@@ -622,17 +730,36 @@ fn too_large(name: &str, shape: &[usize]) -> Error {
     )
 }
 
+/// The error when `n` elements of `size` bytes of working memory cannot be allocated.
+pub fn out_of_memory(name: &str, n: usize, size: usize) -> Error {
+    Error::invalid(
+        name,
+        format!(
+            "out of memory: needs {n} elements ({} bytes) of working memory, which could not be \
+             allocated",
+            n.saturating_mul(size)
+        ),
+    )
+}
+
 /// A zero-filled vector of `n` values, or an error naming `name` when the memory cannot be
 /// had (an error status, never an abort).
 pub fn try_vec<T: Clone>(n: usize, value: T, name: &str) -> Result<Vec<T>> {
     let mut v = Vec::new();
-    v.try_reserve_exact(n).map_err(|_| {
-        Error::invalid(
-            name,
-            format!("needs {n} elements of working memory, which could not be allocated"),
-        )
-    })?;
+    v.try_reserve_exact(n)
+        .map_err(|_| out_of_memory(name, n, std::mem::size_of::<T>()))?;
     v.resize(n, value);
+    Ok(v)
+}
+
+/// Collects `items` (of known length) into a vector whose memory is requested fallibly: an
+/// error naming `name` when it cannot be had, never an abort.
+pub fn try_collect<T>(items: impl ExactSizeIterator<Item = T>, name: &str) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    let n = items.len();
+    v.try_reserve_exact(n)
+        .map_err(|_| out_of_memory(name, n, std::mem::size_of::<T>()))?;
+    v.extend(items);
     Ok(v)
 }
 

@@ -637,6 +637,7 @@ fn empty_padded_expert_rows_never_panic() {
     let cfg = cfg_new(r#"{"lambda":0.0}"#);
     let logp = Tensor::new(&[-1.0, -2.0, -0.5, -0.25], &[2, 2], Dt::F32);
     let row = Tensor::new(&[0.5, -0.5], &[2], Dt::F32);
+    let weights = Tensor::new(&[0.5, 0.5], &[2], Dt::F32);
     let signs = Tensor::new(&[1.0, -1.0], &[2], Dt::F32);
     let index = Tensor::ints(&[-1, -1], &[2], Dt::I64);
     for rows in [i64::MAX as usize - 221, 1 << 40] {
@@ -650,7 +651,7 @@ fn empty_padded_expert_rows_never_panic() {
             ref_logprobs: std::ptr::null(),
             entropy: std::ptr::null(),
             advantages: row.lib(),
-            weights: row.lib(),
+            weights: weights.lib(),
             signs: signs.lib(),
             is_expert: std::ptr::null(),
             expert_logprobs: expert.lib(),
@@ -678,5 +679,465 @@ fn empty_padded_expert_rows_never_panic() {
             &format!("[{rows}, 0] expert rows"),
         );
         assert!(grad.to_vec().iter().all(|&x| x == 7.0), "written on error");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 30 (second fuzzing pass): hostile descriptors, aliased outputs, values that make no
+// sense. Each test failed on the code before the fix (a segfault, or OK with a wrong result).
+// ---------------------------------------------------------------------------------------------
+
+use calibrl::ffi::loss::{calibrl_loss, CalibrlLossArgs};
+use calibrl::tensor::{DLTensor as LibDL, HostTensor};
+
+/// A second descriptor of the same view (for aliasing), with its own shape and strides arrays.
+struct View {
+    shape: Vec<i64>,
+    strides: Vec<i64>,
+    desc: LibDL,
+}
+
+impl View {
+    /// `len` f64 elements starting `first` elements into `base`'s data, with `stride`.
+    fn f64s(base: &HostTensor, first: usize, len: usize, stride: i64) -> Box<View> {
+        let mut v = Box::new(View {
+            shape: vec![len as i64],
+            strides: vec![stride],
+            desc: unsafe { std::ptr::read(&base.desc) },
+        });
+        v.desc.ndim = 1;
+        v.desc.shape = v.shape.as_mut_ptr();
+        v.desc.strides = v.strides.as_mut_ptr();
+        v.desc.byte_offset = (first * 8) as u64;
+        v
+    }
+}
+
+/// A small valid loss call (two packed rows of two tokens, entropy bonus on): its inputs and
+/// outputs, each output in its own buffer filled with 7.
+struct LossCall {
+    logp: Box<HostTensor>,
+    offsets: Box<HostTensor>,
+    mask: Box<HostTensor>,
+    old: Box<HostTensor>,
+    ent: Box<HostTensor>,
+    adv: Box<HostTensor>,
+    w: Box<HostTensor>,
+    c: Box<HostTensor>,
+    grad_l: Box<HostTensor>,
+    grad_h: Box<HostTensor>,
+    metrics: Box<HostTensor>,
+    norm: Option<calibrl::desc::metrics::CalibrlNormalizers>,
+    _data: Vec<Vec<f64>>,
+    _ints: Vec<i64>,
+}
+
+impl LossCall {
+    fn new() -> LossCall {
+        let mut data: Vec<Vec<f64>> = vec![
+            vec![-0.5, -1.0, -0.2, -0.7],
+            vec![1.0, 1.0, 1.0, 0.0],
+            vec![-0.6, -0.9, -0.3, -0.7],
+            vec![0.8, 1.1, 0.5, 0.9],
+            vec![1.0, -1.0],
+            vec![1.0, 1.0],
+            vec![1.0, -1.0],
+            vec![7.0; 4],
+            vec![7.0; 4],
+            vec![7.0; 16],
+        ];
+        let mut ints = vec![0i64, 2, 4];
+        let t = |d: &mut Vec<f64>| {
+            let n = d.len();
+            HostTensor::f64(d, &[n])
+        };
+        LossCall {
+            logp: t(&mut data[0]),
+            mask: t(&mut data[1]),
+            old: t(&mut data[2]),
+            ent: t(&mut data[3]),
+            adv: t(&mut data[4]),
+            w: t(&mut data[5]),
+            c: t(&mut data[6]),
+            grad_l: t(&mut data[7]),
+            grad_h: t(&mut data[8]),
+            metrics: t(&mut data[9]),
+            offsets: HostTensor::i64(&mut ints, &[3]),
+            norm: None,
+            _data: data,
+            _ints: ints,
+        }
+    }
+
+    /// Calls the loss with the given output descriptors (defaults: the call's own buffers).
+    fn run(
+        &mut self,
+        grad_l: Option<*mut LibDL>,
+        grad_h: Option<*mut LibDL>,
+        metrics: Option<*mut LibDL>,
+    ) -> i32 {
+        let cfg = cfg_new(r#"{"preset":"grpo","entropy_coef":0.01}"#);
+        let args = CalibrlLossArgs {
+            logprobs: self.logp.as_ptr(),
+            seq_offsets: self.offsets.as_ptr(),
+            mask: self.mask.as_ptr(),
+            old_logprobs: self.old.as_ptr(),
+            ref_logprobs: std::ptr::null(),
+            entropy: self.ent.as_ptr(),
+            advantages: self.adv.as_ptr(),
+            weights: self.w.as_ptr(),
+            signs: self.c.as_ptr(),
+            is_expert: std::ptr::null(),
+            expert_logprobs: std::ptr::null(),
+            expert_offsets: std::ptr::null(),
+            expert_mask: std::ptr::null(),
+            expert_index: std::ptr::null(),
+            normalizers: self
+                .norm
+                .as_ref()
+                .map_or(std::ptr::null(), |n| n as *const _),
+            grad_logprobs: grad_l.unwrap_or(self.grad_l.as_mut_ptr()),
+            grad_entropy: grad_h.unwrap_or(self.grad_h.as_mut_ptr()),
+            metrics: metrics.unwrap_or(self.metrics.as_mut_ptr()),
+            token_weights: std::ptr::null(),
+        };
+        let mut host = calibrl::desc::metrics::CalibrlMetrics::default();
+        unsafe { calibrl_loss(cfg.0, &args, &mut host, std::ptr::null_mut()) as i32 }
+    }
+
+    /// Every value of the input and output buffers (to show nothing was written).
+    fn snapshot(&self) -> Vec<Vec<u64>> {
+        self._data
+            .iter()
+            .map(|d| d.iter().map(|v| v.to_bits()).collect())
+            .collect()
+    }
+
+    fn set(&mut self, which: usize, k: usize, v: f64) {
+        let d = &mut self._data[which];
+        d[k] = v; // the descriptors point into these vectors (never reallocated)
+    }
+}
+
+// Issue 30, defect 6: outputs that share memory were accepted, and one result was lost.
+#[test]
+fn loss_outputs_that_share_memory_are_refused() {
+    let mut call = LossCall::new();
+    assert_eq!(call.run(None, None, None), OK, "{}", last_error());
+
+    // (what, the argument named, the output views replacing grad_logprobs, grad_entropy, metrics)
+    type Outputs = Box<dyn Fn(&LossCall) -> [Option<Box<View>>; 3]>;
+    let cases: Vec<(&str, &str, Outputs)> = vec![
+        (
+            "grad_entropy == grad_logprobs",
+            "grad_entropy",
+            Box::new(|c| [None, Some(View::f64s(&c.grad_l, 0, 4, 1)), None]),
+        ),
+        (
+            "metrics overlapping grad_logprobs",
+            "metrics",
+            Box::new(|c| {
+                [
+                    None,
+                    None,
+                    Some(View::f64s(&c.metrics, 0, 16, 1)).map(|mut v| {
+                        v.desc.data = c.grad_l.desc.data;
+                        v.desc.byte_offset = 16; // elements 2.. of grad_logprobs, then past it
+                        v
+                    }),
+                ]
+            }),
+        ),
+        (
+            "metrics with stride 0",
+            "metrics",
+            Box::new(|c| [None, None, Some(View::f64s(&c.metrics, 0, 16, 0))]),
+        ),
+        (
+            "grad_logprobs over the logprobs input",
+            "grad_logprobs",
+            Box::new(|c| [Some(View::f64s(&c.logp, 0, 4, 1)), None, None]),
+        ),
+        (
+            "grad_entropy over the entropy input",
+            "grad_entropy",
+            Box::new(|c| [None, Some(View::f64s(&c.ent, 0, 4, 1)), None]),
+        ),
+    ];
+    for (what, arg, views) in cases {
+        let mut v = views(&call);
+        let before = call.snapshot();
+        let p = |v: &mut Option<Box<View>>| v.as_mut().map(|v| &mut v.desc as *mut LibDL);
+        let [a, b, m] = &mut v;
+        let st = call.run(p(a), p(b), p(m));
+        expect(st, INVALID_ARGUMENT, arg, what);
+        assert!(last_error().contains("memory"), "{what}: {}", last_error());
+        assert_eq!(call.snapshot(), before, "{what}: a buffer was written");
+    }
+    // A metrics view that steps over every other element of a 32-element buffer owns its
+    // elements: accepted.
+    let mut wide = vec![7.0f64; 32];
+    let wide_t = HostTensor::f64(&mut wide, &[32]);
+    let mut strided = View::f64s(&wide_t, 0, 16, 2);
+    assert_eq!(
+        call.run(None, None, Some(&mut strided.desc)),
+        OK,
+        "{}",
+        last_error()
+    );
+}
+
+// Issue 30, defect 6: forward `logprobs == lse` returned OK with one of them lost; an output
+// over an input (d-logits over `lse`) was accepted too. In place over the logits stays fine.
+#[test]
+fn logits_outputs_that_share_memory_are_refused() {
+    let mut rng = Rng::new(30);
+    let logits = random_logits(&mut rng, 3, 5, Dt::F32);
+    let labels = Tensor::ints(&[1, 4, 0], &[3], Dt::I64);
+    let mut out = outputs(3, Dt::F32);
+    let mut alias = Tensor::filled(-7.0, &[3], Dt::F32);
+    let before = bits(&alias);
+    let st = unsafe {
+        calibrl::ffi::logits::calibrl_logits_forward(
+            logits.lib(),
+            labels.lib(),
+            1.0,
+            alias.lib_mut(),
+            out[1].lib_mut(),
+            alias.lib_mut(),
+            std::ptr::null_mut(),
+        ) as i32
+    };
+    expect(st, INVALID_ARGUMENT, "lse", "forward logprobs == lse");
+    assert_eq!(bits(&alias), before);
+    assert_eq!(forward(&logits, &labels, 1.0, &mut out), OK);
+    // d-logits [3, 5] f32 in a buffer whose first elements are the saved lse [3] f32.
+    let [_, _, lse] = &out;
+    let g = Tensor::filled(1.0, &[3], Dt::F32);
+    let mut grad = Tensor::filled(0.0, &[15], Dt::F32);
+    grad.bytes_mut()[..12].copy_from_slice(&lse.bytes()[..12]);
+    let mut lse_view = Tensor::filled(0.0, &[3], Dt::F32);
+    lse_view.desc.data = grad.desc.data;
+    grad.set_shape(&[3, 5]);
+    let before = bits(&grad);
+    let st = backward(&logits, &labels, 1.0, &lse_view, None, &g, &mut grad);
+    expect(st, INVALID_ARGUMENT, "grad_logits", "d-logits over lse");
+    assert_eq!(bits(&grad), before);
+    // In place (the documented pair) still works.
+    let mut inplace = Tensor::new(&logits.to_vec(), &[3, 5], Dt::F32);
+    let st = unsafe {
+        calibrl::ffi::logits::calibrl_logits_backward(
+            inplace.lib(),
+            labels.lib(),
+            1.0,
+            0,
+            lse.lib(),
+            std::ptr::null(),
+            g.lib(),
+            std::ptr::null(),
+            inplace.lib_mut(),
+            std::ptr::null_mut(),
+        ) as i32
+    };
+    assert_eq!(st, OK, "{}", last_error());
+}
+
+// Issue 30, defect 6: advantages' outputs aliasing each other; interleaved columns of one
+// buffer do not share memory and stay accepted.
+#[test]
+fn advantage_outputs_that_share_memory_are_refused() {
+    let mut rewards = vec![1.0, 0.0, 1.0, 0.5];
+    let mut ids = vec![0i64, 0, 1, 1];
+    let r = HostTensor::f64(&mut rewards, &[4]);
+    let g = HostTensor::i64(&mut ids, &[4]);
+    let cfg = cfg_new("{}");
+    let call = |a: *mut LibDL, w: *mut LibDL, s: *mut LibDL| unsafe {
+        let args = CalibrlAdvantageArgs {
+            rewards: r.as_ptr(),
+            group_ids: g.as_ptr(),
+            num_groups: 2,
+            correct: std::ptr::null(),
+            is_expert: std::ptr::null(),
+            advantages: a,
+            weights: w,
+            signs: s,
+        };
+        calibrl_group_advantages(cfg.0, &args, std::ptr::null_mut()) as i32
+    };
+    let mut cols = vec![7.0f64; 12];
+    let base = HostTensor::f64(&mut cols, &[12]);
+    let mut views: Vec<Box<View>> = (0..3).map(|j| View::f64s(&base, j, 4, 3)).collect();
+    let [a, w, s] = &mut views[..] else {
+        unreachable!()
+    };
+    assert_eq!(
+        call(&mut a.desc, &mut w.desc, &mut s.desc),
+        OK,
+        "{}",
+        last_error()
+    );
+    let mut sep = vec![vec![0.0f64; 4]; 3];
+    let mut st: Vec<Box<HostTensor>> = sep.iter_mut().map(|d| HostTensor::f64(d, &[4])).collect();
+    let [sa, sw, ss] = &mut st[..] else {
+        unreachable!()
+    };
+    assert_eq!(call(sa.as_mut_ptr(), sw.as_mut_ptr(), ss.as_mut_ptr()), OK);
+    drop(st);
+    for j in 0..3 {
+        let col: Vec<f64> = (0..4).map(|i| cols[3 * i + j]).collect();
+        assert_eq!(col, sep[j], "column {j}");
+    }
+    let before = cols.clone();
+    let base = HostTensor::f64(&mut cols, &[12]);
+    let mut a = View::f64s(&base, 0, 4, 3);
+    let mut w = View::f64s(&base, 0, 4, 3);
+    let mut s = View::f64s(&base, 2, 4, 3);
+    let status = call(&mut a.desc, &mut w.desc, &mut s.desc);
+    expect(status, INVALID_ARGUMENT, "weights", "weights == advantages");
+    let mut s_over_rewards = View::f64s(&r, 0, 4, 1);
+    let mut a2 = View::f64s(&base, 0, 4, 3);
+    let mut w2 = View::f64s(&base, 1, 4, 3);
+    let status = call(&mut a2.desc, &mut w2.desc, &mut s_over_rewards.desc);
+    expect(
+        status,
+        INVALID_ARGUMENT,
+        "signs",
+        "signs over the rewards input",
+    );
+    drop(base);
+    assert_eq!(cols, before, "outputs written on error");
+}
+
+// Issue 30, defect 5: a byte_offset of 2^47…2^63 on a valid pointer passed the overflow check
+// and the call read (or wrote) unmapped memory: a segfault.
+#[test]
+fn byte_offsets_past_the_user_address_space_are_refused() {
+    let mut rng = Rng::new(5);
+    let logits = random_logits(&mut rng, 2, 4, Dt::F32);
+    let labels = Tensor::ints(&[1, 2], &[2], Dt::I64);
+    for shift in [47u32, 50, 56, 62, 63] {
+        let mut far = Tensor::new(&logits.to_vec(), &[2, 4], Dt::F32);
+        far.desc.byte_offset = 1u64 << shift;
+        let mut out = outputs(2, Dt::F32);
+        let before: Vec<_> = out.iter().map(bits).collect();
+        let st = forward(&far, &labels, 1.0, &mut out);
+        expect(
+            st,
+            INVALID_ARGUMENT,
+            "logits",
+            &format!("byte_offset 2^{shift}"),
+        );
+        assert!(last_error().contains("address space"), "{}", last_error());
+        assert_eq!(out.iter().map(bits).collect::<Vec<_>>(), before);
+        // An output too: nothing is written there either.
+        let mut out = outputs(2, Dt::F32);
+        out[2].desc.byte_offset = 1u64 << shift;
+        let st = forward(&logits, &labels, 1.0, &mut out);
+        expect(
+            st,
+            INVALID_ARGUMENT,
+            "lse",
+            &format!("lse byte_offset 2^{shift}"),
+        );
+    }
+}
+
+// Issue 30, defect 7: values that make no sense returned OK.
+#[test]
+fn loss_values_that_make_no_sense_are_refused() {
+    // normalizers.token_count = 0 while tokens count: the PG term was silently 0.
+    let mut call = LossCall::new();
+    call.norm = Some(calibrl::desc::metrics::CalibrlNormalizers {
+        token_count: 0.0,
+        seq_count: 2.0,
+        ..Default::default()
+    });
+    let before = call.snapshot();
+    expect(
+        call.run(None, None, None),
+        INVALID_ARGUMENT,
+        "normalizers.token_count",
+        "token_count 0",
+    );
+    assert_eq!(call.snapshot(), before);
+    call.norm = Some(calibrl::desc::metrics::CalibrlNormalizers {
+        token_count: 3.0,
+        seq_count: 1.0,
+        ..Default::default()
+    });
+    expect(
+        call.run(None, None, None),
+        INVALID_ARGUMENT,
+        "normalizers.seq_count",
+        "seq_count 1 < 2 rows",
+    );
+    call.norm = Some(calibrl::desc::metrics::CalibrlNormalizers {
+        token_count: 30.0,
+        seq_count: 4.0,
+        ..Default::default()
+    });
+    assert_eq!(call.run(None, None, None), OK, "{}", last_error());
+
+    // Negative rarity weights; log-probs above 0 (in any log-prob input).
+    for (what, which, k, v, arg) in [
+        ("negative weight", 5, 1, -0.5, "weights"),
+        ("log-prob 5", 0, 2, 5.0, "logprobs"),
+    ] {
+        let mut call = LossCall::new();
+        call.set(which, k, v);
+        let before = call.snapshot();
+        expect(call.run(None, None, None), INVALID_ARGUMENT, arg, what);
+        assert_eq!(call.snapshot(), before, "{what}");
+    }
+    // At a masked position (index 3) anything goes; a hair above 0 is rounding.
+    for (k, v) in [(3, 1e30), (1, 1e-4)] {
+        let mut call = LossCall::new();
+        call.set(0, k, v);
+        assert_eq!(
+            call.run(None, None, None),
+            OK,
+            "log-prob {v} at {k}: {}",
+            last_error()
+        );
+    }
+}
+
+// Issue 30, defect 7: configuration values and JSON that made no sense were accepted, or
+// failed without naming the key.
+#[test]
+fn config_values_that_make_no_sense_are_refused() {
+    let status = |json: &str| {
+        let c = std::ffi::CString::new(json).unwrap();
+        let mut out = std::ptr::null_mut();
+        let st = unsafe { calibrl::ffi::common::calibrl_config_new(c.as_ptr(), &mut out) } as i32;
+        if !out.is_null() {
+            unsafe { calibrl::ffi::common::calibrl_config_free(out) };
+        }
+        (st, out.is_null())
+    };
+    const INVALID_CONFIG: i32 = 7;
+    let dup = format!(
+        "{{{}}}",
+        (0..200_000)
+            .map(|_| r#""lambda": 0.1"#)
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    for (json, key) in [
+        (r#"{"kl_cov_coef": -1}"#.to_string(), "kl_cov_coef"),
+        (r#"{"lambda": NaN}"#.to_string(), "lambda"),
+        (
+            r#"{"alpha": 0.3, "lambda": -Infinity}"#.to_string(),
+            "lambda",
+        ),
+        (
+            r#"{"alpha": 0.3, "lambda": 0.2, "alpha": 0.4}"#.to_string(),
+            "alpha",
+        ),
+        (dup, "lambda"),
+    ] {
+        let (st, untouched) = status(&json);
+        expect(st, INVALID_CONFIG, key, &json[..json.len().min(60)]);
+        assert!(untouched);
     }
 }

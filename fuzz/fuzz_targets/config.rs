@@ -3,11 +3,27 @@
 #![no_main]
 
 use calibrl::ffi::common::*;
-use calibrl_fuzz::{config_json, last_error, Bytes, Config, LAST_STATUS, OK};
+use calibrl_fuzz::{config_json, config_keys, last_error, Bytes, Config, LAST_STATUS, OK};
 use libfuzzer_sys::fuzz_target;
 use std::ffi::CStr;
 
+/// The generator produces every key the library knows (checked once per run).
+fn generator_covers_every_key() {
+    let json = calibrl::config::Config::default().to_json();
+    let keys = config_keys();
+    for part in json.trim_matches(|c| c == '{' || c == '}').split(',') {
+        let key = part.split('"').nth(1).expect("a quoted key");
+        assert!(
+            keys.contains(&key),
+            "the fuzz config generator never produces the key `{key}`"
+        );
+    }
+}
+
+static COVERAGE: std::sync::Once = std::sync::Once::new();
+
 fuzz_target!(|data: &[u8]| {
+    COVERAGE.call_once(generator_covers_every_key);
     let mut b = Bytes::new(data);
     let version = unsafe { CStr::from_ptr(calibrl_version()) };
     assert!(!version.to_bytes().is_empty());

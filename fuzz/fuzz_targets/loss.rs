@@ -1,5 +1,6 @@
-//! calibrl_loss: packed and padded rows, every optional input, expert baselines, normalisers,
-//! and the masked-position invariant (padding may hold anything, NaN included).
+//! calibrl_loss: packed and padded rows (up to 64 rows of up to 300 tokens), every optional
+//! input, expert baselines, normalisers, outputs aliasing another tensor, and the
+//! masked-position invariant (padding of every token input may hold anything, NaN included).
 #![no_main]
 
 use calibrl::desc::metrics::{CalibrlMetrics, CalibrlNormalizers, METRICS_LEN};
@@ -11,7 +12,10 @@ const MASKS: [(u8, u8); 5] = [U8, BOOL, F32, I32, I64];
 
 /// Token rows: (shape of the token tensor, offsets for the packed layout).
 fn rows(b: &mut Bytes, count: usize) -> (Vec<usize>, Option<Vec<f64>>) {
-    let lens: Vec<usize> = (0..count).map(|_| b.below(6)).collect();
+    let long = b.rare(4);
+    let lens: Vec<usize> = (0..count)
+        .map(|_| if long { b.below(300) } else { b.below(6) })
+        .collect();
     if b.rare(2) {
         let mut off = vec![0.0];
         for &l in &lens {
@@ -41,9 +45,11 @@ const MASK: usize = 2;
 const EXPERT_LOGPROBS: usize = 10;
 const EXPERT_MASK: usize = 12;
 const OUTPUTS: [usize; 3] = [14, 15, 16];
+/// Token-shaped inputs (old, ref, entropy, token weights) besides the log-probs.
+const TOKEN_INPUTS: [usize; 4] = [3, 4, 5, 17];
 
 fn build(b: &mut Bytes) -> Option<Call> {
-    let nrows = b.below(6);
+    let nrows = if b.rare(4) { b.below(64) } else { b.below(6) };
     let (shape, offsets) = rows(b, nrows);
     let numel: usize = shape.iter().product();
     let mask_vals: Vec<f64> = (0..numel).map(|_| (b.u8() % 3 != 0) as u8 as f64).collect();
@@ -181,6 +187,18 @@ fn build(b: &mut Bytes) -> Option<Call> {
     t.push(tok(b, true)?);
     t.push(optional(b, &Want::output(&FLOATS, &[METRICS_LEN]), true)?);
     t.push(tok(b, false)?);
+    if b.rare(6) {
+        // An output passed over another tensor's memory (an input, or another output): the
+        // library must refuse it, whatever the shapes.
+        let out = OUTPUTS[b.below(OUTPUTS.len())];
+        let owner = b.below(t.len());
+        if owner != out {
+            if let Some(o) = &t[owner] {
+                let alias = FTensor::alias_of(o, true);
+                t[out] = Some(alias);
+            }
+        }
+    }
     Some(Call {
         tensors: t,
         normalizers,
@@ -262,9 +280,14 @@ fuzz_target!(|data: &[u8]| {
     if st != OK {
         return;
     }
-    // Masked positions must not matter: NaN there gives the very same result.
+    // Masked positions must not matter: NaN or ±inf there gives the very same result, in every
+    // token input.
+    let bad = [f64::NAN, f64::INFINITY, f64::NEG_INFINITY][b.below(3)];
     let mut changed = false;
-    for (values, mask) in [(LOGPROBS, MASK), (EXPERT_LOGPROBS, EXPERT_MASK)] {
+    let pairs = std::iter::once((LOGPROBS, MASK))
+        .chain(TOKEN_INPUTS.iter().map(|&i| (i, MASK)))
+        .chain([(EXPERT_LOGPROBS, EXPERT_MASK)]);
+    for (values, mask) in pairs {
         let Some(m) = c.tensors[mask].as_ref().map(|m| m.values()) else {
             continue;
         };
@@ -273,7 +296,7 @@ fuzz_target!(|data: &[u8]| {
         };
         for (k, &mv) in m.iter().enumerate() {
             if mv == 0.0 && k < v.numel() {
-                v.set(k, f64::NAN);
+                v.set(k, bad);
                 changed = true;
             }
         }
@@ -286,7 +309,7 @@ fuzz_target!(|data: &[u8]| {
         .map(|&i| c.tensors[i].as_ref().map_or(vec![], |t| t.values()))
         .collect();
     let (st2, host2) = call(&cfg, &mut c, "loss with NaN padding");
-    assert_eq!(st2, OK, "NaN at masked positions: {}", last_error());
+    assert_eq!(st2, OK, "{bad} at masked positions: {}", last_error());
     if !c.metrics_ptr_null {
         assert!(
             host2 == host,

@@ -1,6 +1,8 @@
 //! The scheduler: calibrl_scheduler_config_default, calibrl_plan_new, every query of a plan
 //! (summary, mini-batches, normalisers, micro-batches, gather map, expert prompts / offsets,
-//! oversize lists, sequences), calibrl_plan_collect_experts and calibrl_plan_free.
+//! oversize lists, dropped prompts, sequences), calibrl_plan_collect_experts and
+//! calibrl_plan_free; with and without dynamic sampling (rewards mostly 0 / 1, so that whole
+//! groups are often all equal).
 #![no_main]
 
 use calibrl::desc::metrics::CalibrlNormalizers;
@@ -107,6 +109,11 @@ fuzz_target!(|data: &[u8]| {
     };
     cfg.reward_threshold = if b.rare(4) { b.float() } else { 0.5 };
     cfg.quadratic_coef = if b.rare(6) { b.float() } else { 1.0 / 24576.0 };
+    cfg.dynamic_sampling = if b.rare(16) {
+        b.u32()
+    } else {
+        b.rare(2) as u32
+    };
 
     let n_prompts = b.below(9);
     let prompts: Vec<CalibrlPromptDesc> = (0..n_prompts)
@@ -131,9 +138,17 @@ fuzz_target!(|data: &[u8]| {
     let lens: Vec<u32> = (0..n_rollouts)
         .map(|_| small_or(&mut b, 120, u32::MAX as u64) as u32)
         .collect();
-    let rewards: Option<Vec<f64>> = b
-        .rare(2)
-        .then(|| (0..n_rollouts).map(|_| b.float()).collect());
+    let rewards: Option<Vec<f64>> = (cfg.dynamic_sampling != 0 || b.rare(2)).then(|| {
+        (0..n_rollouts)
+            .map(|_| {
+                if b.rare(4) {
+                    b.float()
+                } else {
+                    b.below(2) as f64
+                }
+            })
+            .collect()
+    });
     let mut plan = std::ptr::null_mut();
     let st = unsafe {
         calibrl_plan_new(
@@ -242,6 +257,44 @@ fuzz_target!(|data: &[u8]| {
     let offsets = array::<i64>(&mut b, "expert_offsets", |p, cap, len| unsafe {
         calibrl_plan_expert_offsets(plan, p, cap, len) as i32
     });
+    let dropped = array::<i64>(&mut b, "dropped_prompts", |p, cap, len| unsafe {
+        calibrl_plan_dropped_prompts(plan, p, cap, len) as i32
+    });
+    if let Some(d) = dropped {
+        assert_eq!(
+            d.len() as u64,
+            info.dropped_prompts,
+            "dropped_prompts length"
+        );
+        assert!(
+            d.windows(2).all(|w| w[0] < w[1])
+                && d.iter().all(|&g| (0..n_prompts as i64).contains(&g)),
+            "dropped prompts {d:?} not increasing within 0..{n_prompts}"
+        );
+        if cfg.dynamic_sampling == 0 {
+            assert!(
+                d.is_empty(),
+                "prompts dropped without dynamic sampling: {d:?}"
+            );
+        }
+        // A dropped group's rewards are all equal.
+        let r = rewards.as_deref().unwrap_or_default();
+        assert!(
+            d.is_empty() || !r.is_empty(),
+            "prompts dropped without rewards"
+        );
+        let mut first = vec![0usize; n_prompts + 1];
+        for (g, p) in prompts.iter().enumerate() {
+            first[g + 1] = first[g] + p.num_rollouts as usize;
+        }
+        for &g in &d {
+            let group = &r[first[g as usize]..first[g as usize + 1]];
+            assert!(
+                group.iter().all(|&x| x == group[0]),
+                "prompt {g} dropped with rewards {group:?}"
+            );
+        }
+    }
     let pass = if b.rare(8) {
         b.u32()
     } else {

@@ -129,6 +129,10 @@ pub struct FTensor {
     elem_size: usize,
     /// An output that the call may write.
     pub output: bool,
+    /// Address of the buffer `elems` index into (another tensor's, for an alias).
+    origin: usize,
+    /// A second descriptor of another tensor's memory (owns no buffer).
+    alias: bool,
 }
 
 fn size_of((code, bits): (u8, u8)) -> usize {
@@ -321,6 +325,8 @@ impl FTensor {
             elems: Vec::new(),
             elem_size: elem,
             output: want.output,
+            origin: 0,
+            alias: false,
         };
         if representable && numel > 0 {
             // Exactly the bytes the view spans (plus the misalignment shift).
@@ -353,8 +359,12 @@ impl FTensor {
         } else if !representable {
             t.buf = vec![0xa5; 16]; // the library must refuse the descriptor before reading
         }
+        t.origin = t.buf.as_ptr() as usize;
         if huge_offset(b) && numel > 0 {
             t.desc.byte_offset = u64::MAX - b.u8() as u64;
+        } else if b.rare(96) && numel > 0 {
+            // Past the top of the user address space, without any overflow.
+            t.desc.byte_offset = 1u64 << (47 + b.below(17));
         }
         t.desc.data = if t.buf.is_empty() || b.rare(48) {
             std::ptr::null_mut()
@@ -367,6 +377,28 @@ impl FTensor {
             .as_mut()
             .map_or(std::ptr::null_mut(), |s| s.as_mut_ptr());
         Some(t)
+    }
+
+    /// A second descriptor of `owner`'s view (same memory, shape, strides and dtype), for a
+    /// call that passes one buffer twice.
+    pub fn alias_of(owner: &FTensor, output: bool) -> FTensor {
+        let mut t = FTensor {
+            buf: Vec::new(),
+            shape: owner.shape.clone(),
+            strides: owner.strides.clone(),
+            desc: DLTensor { ..owner.desc },
+            elems: owner.elems.clone(),
+            elem_size: owner.elem_size,
+            output,
+            origin: owner.origin,
+            alias: true,
+        };
+        t.desc.shape = t.shape.as_mut_ptr();
+        t.desc.strides = t
+            .strides
+            .as_mut()
+            .map_or(std::ptr::null_mut(), |s| s.as_mut_ptr());
+        t
     }
 
     pub fn ptr(&self) -> *const DLTensor {
@@ -493,8 +525,12 @@ pub fn check(
         return;
     }
     assert!(msg.is_empty(), "{what}: OK with a message {msg:?}");
+    no_output_shares_memory(what, tensors, in_place);
     for (i, (t, b)) in tensors.iter().zip(before).enumerate() {
         let (Some(t), Some(b)) = (t, b) else { continue };
+        if t.alias {
+            continue; // its memory is its owner's, checked there
+        }
         if !t.output && in_place != Some(i) {
             assert!(&t.buf == b, "{what}: input tensor {i} was modified");
             continue;
@@ -526,75 +562,180 @@ pub fn check(
     }
 }
 
-/// A configuration JSON drawn from the bytes: known keys with valid or invalid values, and now
-/// and then an unknown key or malformed text.
+/// Enumerated configuration keys and their values (one invalid value each).
+const ENUM_KEYS: [(&str, &[&str]); 8] = [
+    ("preset", &["paper", "reference", "grpo", "authors", "nope"]),
+    ("loss", &["calibrl", "grpo", "luffy", "rlplus", "x"]),
+    ("delta_mode", &["sequence", "token_aligned", "y"]),
+    (
+        "activation",
+        &["leaky_relu", "relu", "tanh", "sigmoid", "huber", "z"],
+    ),
+    ("baseline", &["expert", "ref_policy", "w"]),
+    (
+        "agg",
+        &[
+            "token-mean",
+            "seq-mean-token-sum",
+            "seq-mean-token-mean",
+            "seq-mean-token-sum-norm",
+            "token-sum",
+            "v",
+        ],
+    ),
+    (
+        "kl_kind",
+        &["k1", "abs", "k2", "k3", "mse", "low_var_kl", "u"],
+    ),
+    (
+        "entropy_control",
+        &["none", "clip_cov", "kl_cov", "clipcov"],
+    ),
+];
+const BOOL_KEYS: [&str; 4] = [
+    "length_normalize",
+    "rarity_weighting",
+    "norm_by_std",
+    "authors_arithmetic",
+];
+/// Numeric keys with values that make sense for them (drawn half the time; any float else).
+const NUMBER_KEYS: [(&str, &[f64]); 19] = [
+    ("alpha", &[0.0, 0.2, 0.5, 1.0]),
+    ("lambda", &[0.0, 0.1, 0.3, 1.0]),
+    ("clip_low", &[0.0, 0.2, 0.28]),
+    ("clip_high", &[0.2, 0.28, 1.0]),
+    ("dual_clip", &[0.0, 1.0, 3.0]),
+    ("t_norm", &[1.0, 8.0, 4096.0]),
+    ("adv_eps", &[1e-6, 1e-3]),
+    ("correct_threshold", &[0.0, 0.1, 0.5]),
+    ("entropy_coef", &[0.0, 0.01, -0.01]),
+    ("kl_coef", &[0.0, 0.1, 1e-3]),
+    ("luffy_gamma", &[0.1, 1.0]),
+    ("clip_cov_ratio", &[2e-4, 0.1, 0.5, 1.0]),
+    ("clip_cov_lb", &[-5.0, 0.0, 1.0]),
+    ("clip_cov_ub", &[0.5, 5.0, 50.0]),
+    ("kl_cov_ratio", &[2e-3, 0.2, 1.0]),
+    ("kl_cov_coef", &[0.0, 1.0, 5.0]),
+    ("cov_adv_mean", &[0.0, 0.3, -1.0]),
+    ("cov_logprob_mean", &[-1.0, -0.2, -1e5]),
+    ("cov_token_count", &[0.0, 3.0, 40.0]),
+];
+/// Keys taking a non-negative integer.
+const INTEGER_KEYS: [&str; 1] = ["cov_seed"];
+
+/// Every key [`config_json`] produces (the `config` target checks that these cover every key
+/// `calibrl_config_to_json` writes, so a key added to the library without the generator
+/// fails the smoke run).
+pub fn config_keys() -> Vec<&'static str> {
+    let mut keys: Vec<&str> = ENUM_KEYS.iter().map(|(k, _)| *k).collect();
+    keys.extend(BOOL_KEYS);
+    keys.extend(NUMBER_KEYS.iter().map(|(k, _)| *k));
+    keys.extend(INTEGER_KEYS);
+    keys
+}
+
+fn json_number(b: &mut Bytes, sane: &[f64]) -> String {
+    let v = if b.rare(2) {
+        sane[b.below(sane.len())]
+    } else {
+        b.float()
+    };
+    if v.is_finite() {
+        format!("{v:e}")
+    } else {
+        ["1e999", "null", "NaN", "-Infinity"][b.below(4)].into()
+    }
+}
+
+/// After a call that returned OK: no output element shares a byte with another element of
+/// it, with another output or with an input (`in_place` is the one tensor both read and
+/// written). A sweep over every element's byte range, sorted by start.
+fn no_output_shares_memory(what: &str, tensors: &[Option<&FTensor>], in_place: Option<usize>) {
+    let writes = |i: usize| tensors[i].is_some_and(|t| t.output) || in_place == Some(i);
+    let mut spans: Vec<(usize, usize, usize, usize)> = Vec::new();
+    for (i, t) in tensors.iter().enumerate() {
+        let Some(t) = t else { continue };
+        if t.desc.data.is_null() {
+            continue;
+        }
+        for (k, &at) in t.elems.iter().enumerate() {
+            let a = t.origin + at;
+            spans.push((a, a + t.elem_size, i, k));
+        }
+    }
+    if !(0..tensors.len()).any(writes) {
+        return;
+    }
+    spans.sort_unstable();
+    let mut active: Vec<(usize, usize, usize, usize)> = Vec::new();
+    for s in spans {
+        active.retain(|a| a.1 > s.0);
+        for a in &active {
+            assert!(
+                !(writes(a.2) || writes(s.2)),
+                "{what}: OK, but element {} of tensor {} and element {} of tensor {} share \
+                 memory (one is an output)",
+                a.3,
+                a.2,
+                s.3,
+                s.2
+            );
+        }
+        active.push(s);
+    }
+}
+
+/// A configuration JSON drawn from the bytes: every known key with valid or invalid values,
+/// the global covariance means as a group, and now and then an unknown or very long key, a key
+/// given twice, a value that is no JSON, or malformed text.
 pub fn config_json(b: &mut Bytes) -> String {
-    const ENUMS: [(&str, &[&str]); 7] = [
-        ("preset", &["paper", "reference", "grpo", "nope"]),
-        ("loss", &["calibrl", "grpo", "luffy", "rlplus", "x"]),
-        ("delta_mode", &["sequence", "token_aligned", "y"]),
-        (
-            "activation",
-            &["leaky_relu", "relu", "tanh", "sigmoid", "huber", "z"],
-        ),
-        ("baseline", &["expert", "ref_policy", "w"]),
-        (
-            "agg",
-            &[
-                "token-mean",
-                "seq-mean-token-sum",
-                "seq-mean-token-mean",
-                "seq-mean-token-sum-norm",
-                "v",
-            ],
-        ),
-        (
-            "kl_kind",
-            &["k1", "abs", "k2", "k3", "mse", "low_var_kl", "u"],
-        ),
-    ];
-    const BOOLS: [&str; 4] = [
-        "length_normalize",
-        "rarity_weighting",
-        "norm_by_std",
-        "unknown_flag",
-    ];
-    const NUMBERS: [&str; 12] = [
-        "alpha",
-        "lambda",
-        "clip_low",
-        "clip_high",
-        "dual_clip",
-        "t_norm",
-        "adv_eps",
-        "correct_threshold",
-        "entropy_coef",
-        "kl_coef",
-        "luffy_gamma",
-        "lambda",
-    ];
     let mut parts = Vec::new();
-    for _ in 0..b.below(6) {
-        match b.u8() % 3 {
+    for _ in 0..b.below(8) {
+        match b.u8() % 6 {
             0 => {
-                let (k, vals) = ENUMS[b.below(ENUMS.len())];
+                let (k, vals) = ENUM_KEYS[b.below(ENUM_KEYS.len())];
                 parts.push(format!(r#""{k}":"{}""#, vals[b.below(vals.len())]));
             }
             1 => {
-                let k = BOOLS[b.below(BOOLS.len())];
+                let k = BOOL_KEYS[b.below(BOOL_KEYS.len())];
                 parts.push(format!(r#""{k}":{}"#, b.rare(2)));
             }
-            _ => {
-                let k = NUMBERS[b.below(NUMBERS.len())];
-                let v = b.float();
-                let text = if v.is_finite() {
-                    format!("{v:e}")
-                } else if b.rare(2) {
-                    "1e999".into()
-                } else {
-                    "null".into()
+            2 => {
+                // The global covariance means go together (a lone one is an error).
+                for k in ["cov_adv_mean", "cov_logprob_mean", "cov_token_count"] {
+                    if !b.rare(16) {
+                        let sane = NUMBER_KEYS.iter().find(|(n, _)| *n == k).unwrap().1;
+                        parts.push(format!(r#""{k}":{}"#, json_number(b, sane)));
+                    }
+                }
+            }
+            3 => {
+                let k = INTEGER_KEYS[b.below(INTEGER_KEYS.len())];
+                let v = match b.u8() % 4 {
+                    0 => format!("{}", b.u64()),
+                    1 => format!("-{}", b.u8()),
+                    2 => "0.5".into(),
+                    _ => format!("{}", b.u8()),
                 };
-                parts.push(format!(r#""{k}":{text}"#));
+                parts.push(format!(r#""{k}":{v}"#));
+            }
+            4 if b.rare(4) => {
+                // An unknown key: short (a typo), or long (bounded cost, short message).
+                let key = if b.rare(2) {
+                    "lamda".to_string()
+                } else {
+                    "k".repeat(1 + b.below(1 << 14))
+                };
+                parts.push(format!(r#""{key}":1"#));
+            }
+            4 if !parts.is_empty() => {
+                // A key given twice.
+                let again = parts[b.below(parts.len())].clone();
+                parts.push(again);
+            }
+            _ => {
+                let (k, sane) = NUMBER_KEYS[b.below(NUMBER_KEYS.len())];
+                parts.push(format!(r#""{k}":{}"#, json_number(b, sane)));
             }
         }
     }

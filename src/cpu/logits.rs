@@ -209,12 +209,21 @@ unsafe fn rows<'a, T>(input: &LogitsInput, ptr: *mut u8, k: usize) -> &'a mut [T
     std::slice::from_raw_parts_mut((ptr as *mut T).add(k * input.row_stride), input.v)
 }
 
+/// Each row's label position inside this shard (working memory requested fallibly).
+fn local_labels(
+    input: &LogitsInput,
+    labels: &[i64],
+    full_vocab: bool,
+) -> Result<Vec<Option<usize>>> {
+    let mut locals = try_vec(labels.len(), None, "labels")?;
+    for (k, &y) in labels.iter().enumerate() {
+        locals[k] = local_label(input, y, k, full_vocab)?;
+    }
+    Ok(locals)
+}
+
 fn all_row_stats(input: &LogitsInput, labels: &[i64], full_vocab: bool) -> Result<Vec<RowStats>> {
-    let locals: Vec<Option<usize>> = labels
-        .iter()
-        .enumerate()
-        .map(|(k, &y)| local_label(input, y, k, full_vocab))
-        .collect::<Result<_>>()?;
+    let locals = local_labels(input, labels, full_vocab)?;
     let mut stats = try_vec(input.n, RowStats::default(), "logits")?;
     let inv_t = inv_temperature(input.temperature);
     let out = SyncPtr(stats.as_mut_ptr());
@@ -335,16 +344,15 @@ pub fn shard_finish(args: &ShardFinish) -> Result<()> {
     let mut lp = try_vec(n, 0.0, "logprobs")?;
     let mut ent = try_vec(n, 0.0, "entropy")?;
     let mut lse = try_vec(n, 0.0, "lse")?;
+    let mut rows = try_vec(r, [0.0; 4], "stats")?;
     for k in 0..n {
         if labels[k] < 0 {
             continue;
         }
-        let rows: Vec<[f64; 4]> = (0..r)
-            .map(|s| {
-                let o = (s * n + k) * STATS_WIDTH;
-                [raw[o], raw[o + 1], raw[o + 2], raw[o + 3]]
-            })
-            .collect();
+        for (s, row) in rows.iter_mut().enumerate() {
+            let o = (s * n + k) * STATS_WIDTH;
+            *row = [raw[o], raw[o + 1], raw[o + 2], raw[o + 3]];
+        }
         let st = combine(&rows);
         if !(st.max.is_finite() && st.sum_exp > 0.0) || rows.iter().flatten().any(|v| v.is_nan()) {
             return Err(Error::new(
@@ -402,11 +410,7 @@ pub fn backward(args: &Backward) -> Result<()> {
     let input = &args.input;
     let n = input.n;
     let labels = input.labels.read_i64()?;
-    let locals: Vec<Option<usize>> = labels
-        .iter()
-        .enumerate()
-        .map(|(k, &y)| local_label(input, y, k, false))
-        .collect::<Result<_>>()?;
+    let locals = local_labels(input, &labels, false)?;
     let lse = args.lse.read_finite_f64()?;
     let g = args.grad_logprobs.read_finite_f64()?;
     let h = match &args.grad_entropy {

@@ -8,6 +8,7 @@ use crate::config::{
 use crate::desc::loss::Loss;
 use crate::desc::metrics::{CalibrlMetrics as Metrics, CalibrlNormalizers as Normalizers};
 use crate::error::{Error, Result};
+use crate::tensor::{out_of_memory, try_collect, try_vec};
 use std::ops::Range;
 
 // Moved to `crate::desc::metrics` (shared by both backends and the C ABI); the old paths
@@ -238,11 +239,14 @@ pub fn compute(cfg: &Config, batch: &LossBatch) -> Result<LossOutput> {
     // (an untrained expert row's p and exploration term are 0).
     let authors = cfg.authors();
     let counted_row = |i: usize| trained(i) || authors;
-    let n_tokens: Vec<f64> = batch
-        .rows
-        .iter()
-        .map(|r| fsum(batch.mask[r.clone()].iter().copied()))
-        .collect();
+    // Working memory is requested fallibly (an error status, never an abort; docs/abi.md).
+    let n_tokens = try_collect(
+        batch
+            .rows
+            .iter()
+            .map(|r| fsum(batch.mask[r.clone()].iter().copied())),
+        "logprobs",
+    )?;
     let tokens_of =
         |row: &dyn Fn(usize) -> bool| fsum((0..b).filter(|&i| row(i)).map(|i| n_tokens[i]));
     // A row without counted tokens adds nothing and is not counted in N_seq (SPEC §4.5).
@@ -258,6 +262,7 @@ pub fn compute(cfg: &Config, batch: &LossBatch) -> Result<LossOutput> {
     let (local_tokens, local_seqs) = (local.tokens, local.seqs);
     let expert_tokens = local.all_tokens - local.tokens;
     let norm = Denominators::resolve(batch.normalizers, local, expert_tokens)?;
+    require_global_counts(norm.tokens, norm.seqs, local_tokens, local_seqs)?;
     let inv = |x: f64| if x > 0.0 { 1.0 / x } else { 0.0 };
     let weight = |i: usize, tokens: f64, seqs: f64| match cfg.agg {
         Aggregation::TokenMean => inv(tokens),
@@ -276,8 +281,8 @@ pub fn compute(cfg: &Config, batch: &LossBatch) -> Result<LossOutput> {
     let (selected, cov_frac) = cov_selection(cfg, batch, expert_row)?;
 
     let mut out = LossOutput {
-        grad_logprobs: vec![0.0; batch.logprobs.len()],
-        grad_entropy: vec![0.0; batch.logprobs.len()],
+        grad_logprobs: try_vec(batch.logprobs.len(), 0.0, "grad_logprobs")?,
+        grad_entropy: try_vec(batch.logprobs.len(), 0.0, "grad_entropy")?,
         metrics: Metrics {
             cov_selected_frac: cov_frac,
             ..Metrics::default()
@@ -378,11 +383,40 @@ pub fn compute(cfg: &Config, batch: &LossBatch) -> Result<LossOutput> {
     m.ppo_kl = mean(kl_sum, rollout_tokens);
     m.mean_delta = mean(delta_sum, delta_n);
     // Per-row metrics over rollouts (every row in the authors' arithmetic).
-    let rollouts: Vec<usize> = (0..b).filter(|&i| !expert_row(i) || authors).collect();
+    let mut rollouts = Vec::new();
+    rollouts
+        .try_reserve_exact(b)
+        .map_err(|_| out_of_memory("advantages", b, std::mem::size_of::<usize>()))?;
+    rollouts.extend((0..b).filter(|&i| !expert_row(i) || authors));
     row_metrics(m, batch, &rollouts, &n_tokens);
     m.num_tokens = local_tokens;
     m.num_seqs = local_seqs;
     Ok(out)
+}
+
+/// Global normalisers count every slice of the mini-batch: they cannot be smaller than this
+/// call's own counts (a 0 would silently zero the terms that divide by it).
+fn require_global_counts(
+    global_tokens: f64,
+    global_seqs: f64,
+    tokens: f64,
+    seqs: f64,
+) -> Result<()> {
+    for (name, global, local) in [
+        ("normalizers.token_count", global_tokens, tokens),
+        ("normalizers.seq_count", global_seqs, seqs),
+    ] {
+        if global < local {
+            return Err(Error::invalid(
+                name,
+                format!(
+                    "{global} is smaller than this call's own count {local}: the global \
+                     normalisers count every slice of the mini-batch"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn mean(sum: f64, n: f64) -> f64 {
@@ -509,30 +543,32 @@ fn explore_baseline<'a>(
     Ok(match cfg.baseline {
         Baseline::RefPolicy => batch.ref_logprobs.as_deref().map(BaselineSource::Reference),
         Baseline::Expert if authors && batch.expert.is_none() => Some(BaselineSource::Zero),
-        Baseline::Expert => batch.expert.as_ref().map(|e| {
-            let sums = e
-                .rows
-                .iter()
-                .map(|r| {
-                    let s = fsum(r.clone().map(|k| masked(e.mask[k], e.logprobs[k])));
-                    let n = fsum(e.mask[r.clone()].iter().copied());
-                    if cfg.length_normalize {
-                        if n > 0.0 {
-                            s / n
+        Baseline::Expert => match batch.expert.as_ref() {
+            None => None,
+            Some(e) => {
+                let sums = try_collect(
+                    e.rows.iter().map(|r| {
+                        let s = fsum(r.clone().map(|k| masked(e.mask[k], e.logprobs[k])));
+                        let n = fsum(e.mask[r.clone()].iter().copied());
+                        if cfg.length_normalize {
+                            if n > 0.0 {
+                                s / n
+                            } else {
+                                0.0
+                            }
                         } else {
-                            0.0
+                            s
                         }
-                    } else {
-                        s
-                    }
+                    }),
+                    "expert_logprobs",
+                )?;
+                Some(BaselineSource::Expert {
+                    expert: e,
+                    sums,
+                    zero_when_missing: authors,
                 })
-                .collect();
-            BaselineSource::Expert {
-                expert: e,
-                sums,
-                zero_when_missing: authors,
             }
-        }),
+        },
     })
 }
 
@@ -635,6 +671,28 @@ fn counted_only(name: &str, mut v: Vec<f64>, mask: &[f64]) -> Result<Vec<f64>> {
     Ok(v)
 }
 
+/// The policy's log-probabilities (this step's forward output, the one input every term
+/// differentiates) are ≤ 0 (SPEC §4): a counted value above [`LOGPROB_TOLERANCE`] is a caller's
+/// mistake (logits, or a sign error), not rounding. Masked entries were zeroed. The other
+/// log-prob inputs (old, reference, expert) are taken as given (docs/abi.md).
+fn require_log_probs(name: &str, values: &[f64]) -> Result<()> {
+    match values.iter().position(|&v| v > LOGPROB_TOLERANCE) {
+        None => Ok(()),
+        Some(k) => Err(Error::invalid(
+            name,
+            format!(
+                "element {k} is {}: a log-probability is <= 0 (up to {LOGPROB_TOLERANCE} of \
+                 rounding)",
+                values[k]
+            ),
+        )),
+    }
+}
+
+/// How far above 0 a log-probability may be (rounding of a log-softmax computed in low
+/// precision) before it is rejected.
+const LOGPROB_TOLERANCE: f64 = 0.1;
+
 fn read_batch(args: &Loss) -> Result<LossBatch> {
     let rows = args.policy.ranges()?;
     let mask = args.policy.mask_values()?;
@@ -662,8 +720,15 @@ fn read_batch(args: &Loss) -> Result<LossBatch> {
             format!("element {k} is {r}; importance weights must be >= 0"),
         ));
     }
+    require_log_probs("logprobs", &logprobs)?;
     let advantages = args.advantages.read_finite_f64()?;
     let weights = args.weights.read_finite_f64()?;
+    if let Some((i, w)) = weights.iter().enumerate().find(|(_, w)| **w < 0.0) {
+        return Err(Error::invalid(
+            "weights",
+            format!("element {i} is {w}; rarity weights are >= 0 (|A|, or 1)"),
+        ));
+    }
     let signs = args.signs.read_finite_f64()?;
     if let Some((i, s)) = signs.iter().enumerate().find(|(_, s)| s.abs() != 1.0) {
         return Err(Error::invalid(

@@ -4,7 +4,7 @@
 //! the caller, so backends see only tensors and two index tables.
 
 use crate::error::{Error, Result};
-use crate::tensor::{common_device, try_vec, Device, Tensor};
+use crate::tensor::{common_device, require_disjoint, try_vec, Device, Tensor};
 
 /// Validated arguments of the expert collection.
 pub struct CollectExperts<'a> {
@@ -49,17 +49,10 @@ impl CollectExperts<'_> {
             t.require_float()?;
             t.require_shape(&[self.slots()])?;
         }
-        let outputs = [self.expert_logprobs.as_ref(), self.expert_sums.as_ref()];
-        for out in outputs.into_iter().flatten() {
-            if out.numel() > 0 && out.overlaps(&self.nograd_logprobs) {
-                return Err(Error::invalid(out.name, "overlaps `nograd_logprobs`"));
-            }
-        }
-        if let [Some(a), Some(b)] = outputs {
-            if a.numel() > 0 && b.numel() > 0 && a.overlaps(b) {
-                return Err(Error::invalid(b.name, "overlaps `expert_logprobs`"));
-            }
-        }
+        require_disjoint(
+            &[self.expert_logprobs.as_ref(), self.expert_sums.as_ref()],
+            &[Some(&self.nograd_logprobs)],
+        )?;
         Ok(device)
     }
 }

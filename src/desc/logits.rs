@@ -11,7 +11,7 @@
 //!   into `[R, N, 4]` and calls `shard_finish`.
 
 use crate::error::{Error, Result};
-use crate::tensor::{common_device, DType, Device, Tensor};
+use crate::tensor::{common_device, require_disjoint, DType, Device, Tensor};
 
 pub const LOGITS_DTYPES: [DType; 3] = [DType::BF16, DType::F16, DType::F32];
 pub const OUT_DTYPES: [DType; 4] = [DType::F32, DType::F64, DType::BF16, DType::F16];
@@ -131,13 +131,18 @@ impl Forward<'_> {
                 "the full-vocabulary forward takes vocab_start = 0 (use the shard functions)",
             ));
         }
-        common_device(&[
+        let device = common_device(&[
             Some(&self.input.logits),
             Some(&self.input.labels),
             Some(&self.logprobs),
             self.entropy.as_ref(),
             Some(&self.lse),
-        ])
+        ])?;
+        require_disjoint(
+            &[Some(&self.logprobs), self.entropy.as_ref(), Some(&self.lse)],
+            &[Some(&self.input.logits), Some(&self.input.labels)],
+        )?;
+        Ok(device)
     }
 }
 
@@ -214,7 +219,7 @@ impl Backward<'_> {
                 ));
             }
         }
-        common_device(&[
+        let device = common_device(&[
             Some(&self.input.logits),
             Some(&self.input.labels),
             Some(&self.lse),
@@ -222,7 +227,20 @@ impl Backward<'_> {
             Some(&self.grad_logprobs),
             self.grad_entropy.as_ref(),
             Some(&self.grad_logits),
-        ])
+        ])?;
+        // In place (the logits tensor itself) is the one documented overlap; a partial
+        // overlap with the logits was rejected above.
+        require_disjoint(
+            &[Some(&self.grad_logits)],
+            &[
+                Some(&self.input.labels),
+                Some(&self.lse),
+                self.entropy.as_ref(),
+                Some(&self.grad_logprobs),
+                self.grad_entropy.as_ref(),
+            ],
+        )?;
+        Ok(device)
     }
 
     pub fn in_place(&self) -> bool {
@@ -242,11 +260,16 @@ impl ShardStats<'_> {
         self.stats.require_dtype(&[DType::F32])?;
         self.stats.require_shape(&[self.input.n, STATS_WIDTH])?;
         self.stats.require_contiguous()?;
-        common_device(&[
+        let device = common_device(&[
             Some(&self.input.logits),
             Some(&self.input.labels),
             Some(&self.stats),
-        ])
+        ])?;
+        require_disjoint(
+            &[Some(&self.stats)],
+            &[Some(&self.input.logits), Some(&self.input.labels)],
+        )?;
+        Ok(device)
     }
 }
 
@@ -296,12 +319,17 @@ impl<'a> ShardFinish<'a> {
         })
     }
     pub fn device(&self) -> Result<Device> {
-        common_device(&[
+        let device = common_device(&[
             Some(&self.stats),
             Some(&self.labels),
             Some(&self.logprobs),
             self.entropy.as_ref(),
             Some(&self.lse),
-        ])
+        ])?;
+        require_disjoint(
+            &[Some(&self.logprobs), self.entropy.as_ref(), Some(&self.lse)],
+            &[Some(&self.stats), Some(&self.labels)],
+        )?;
+        Ok(device)
     }
 }

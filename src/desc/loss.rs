@@ -4,7 +4,7 @@
 use super::metrics::{CalibrlNormalizers, METRICS_LEN};
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::tensor::{common_device, DType, Device, Tensor};
+use crate::tensor::{common_device, require_disjoint, DType, Device, Tensor};
 
 const FLOATS: [DType; 4] = [DType::F32, DType::F64, DType::BF16, DType::F16];
 const MASKS: [DType; 9] = [
@@ -139,9 +139,10 @@ impl<'a> Rows<'a> {
                         format!("decreases at index {i} ({} > {})", off[i], off[i + 1]),
                     ));
                 }
-                Ok((0..self.rows)
-                    .map(|i| off[i] as usize..off[i + 1] as usize)
-                    .collect())
+                crate::tensor::try_collect(
+                    (0..self.rows).map(|i| off[i] as usize..off[i + 1] as usize),
+                    o.name,
+                )
             }
         }
     }
@@ -213,7 +214,7 @@ impl Advantages<'_> {
             t.require_dtype(&FLOATS)?;
             t.require_shape(&[b])?;
         }
-        common_device(&[
+        let device = common_device(&[
             Some(&self.rewards),
             Some(&self.group_ids),
             self.correct.as_ref(),
@@ -221,7 +222,21 @@ impl Advantages<'_> {
             Some(&self.advantages),
             Some(&self.weights),
             Some(&self.signs),
-        ])
+        ])?;
+        require_disjoint(
+            &[
+                Some(&self.advantages),
+                Some(&self.weights),
+                Some(&self.signs),
+            ],
+            &[
+                Some(&self.rewards),
+                Some(&self.group_ids),
+                self.correct.as_ref(),
+                self.is_expert.as_ref(),
+            ],
+        )?;
+        Ok(device)
     }
 }
 
@@ -369,8 +384,8 @@ impl<'a> Loss<'a> {
             }
         }
         cfg.validate()?;
-        let mut all = self.policy.all();
-        all.extend([
+        let mut inputs = self.policy.all();
+        inputs.extend([
             self.old_logprobs.as_ref(),
             self.ref_logprobs.as_ref(),
             self.entropy.as_ref(),
@@ -380,13 +395,17 @@ impl<'a> Loss<'a> {
             Some(&self.signs),
             self.is_expert.as_ref(),
             self.expert_index.as_ref(),
+        ]);
+        if let Some(e) = &self.expert {
+            inputs.extend(e.all());
+        }
+        let outputs = [
             self.grad_logprobs.as_ref(),
             self.grad_entropy.as_ref(),
             self.metrics.as_ref(),
-        ]);
-        if let Some(e) = &self.expert {
-            all.extend(e.all());
-        }
-        common_device(&all)
+        ];
+        let device = common_device(&[inputs.as_slice(), &outputs].concat())?;
+        require_disjoint(&outputs, &inputs)?;
+        Ok(device)
     }
 }

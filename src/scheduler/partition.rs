@@ -235,9 +235,16 @@ impl Packable {
     /// tokens when `by_tokens`) into the least-loaded bin. Returns each item's bin, or `None`
     /// when an item does not fit in the least-loaded bin.
     fn pack_exact(&self, m: usize, budget: u64, by_tokens: bool) -> Option<Vec<u32>> {
-        if m == 0 {
-            return self.tokens.is_empty().then(Vec::new);
+        if self.tokens.is_empty() {
+            return Some(Vec::new());
         }
+        if m == 0 {
+            return None;
+        }
+        // With at least as many bins as items each item gets an empty bin of its own, the
+        // lowest-numbered first, as with exactly `len` bins: a rank's work stays bounded by its
+        // own items, not by the busiest rank's count.
+        let m = m.min(self.tokens.len());
         let (order, weight): (&[usize], &dyn Fn(usize) -> f64) = if by_tokens {
             (&self.by_tokens, &|i| self.tokens[i] as f64)
         } else {
@@ -372,7 +379,10 @@ pub(crate) fn plan_pass(
         .map(|(r, bin_of)| {
             let mut bins: Vec<Vec<usize>> = r.oversize.iter().map(|&i| vec![i]).collect();
             let first_packed = bins.len();
-            bins.resize(m, Vec::new());
+            // Only the micro-batches that receive a sequence are held: a rank runs the other
+            // ones of the common count `m` empty (see `PassPlan`).
+            let used = bin_of.iter().max().map_or(0, |&b| b as usize + 1);
+            bins.resize(first_packed + used, Vec::new());
             for (j, &b) in bin_of.iter().enumerate() {
                 bins[first_packed + b as usize].push(r.rest[j]);
             }
@@ -391,6 +401,7 @@ pub(crate) fn plan_pass(
                 .collect();
             // Heaviest first on every rank, so micro-batch m of all ranks are alike.
             mbs.sort_by(|a, b| b.0.total_cmp(&a.0));
+            mbs.retain(|(_, mb)| !mb.seqs.is_empty());
             oversize.extend(r.oversize.iter().map(|&i| seqs[i]));
             mbs.into_iter().map(|(_, mb)| mb).collect()
         })
@@ -398,6 +409,7 @@ pub(crate) fn plan_pass(
     oversize.sort_unstable_by_key(|s| (s.kind, s.index));
     PassPlan {
         ranks: ranks_plan,
+        microbatches: m,
         oversize,
     }
 }

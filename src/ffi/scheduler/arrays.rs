@@ -74,7 +74,7 @@ unsafe fn write_microbatch(
 fn microbatch(pass: &scheduler::PassPlan, rank: usize, mb: usize) -> Result<&[SeqRef]> {
     scheduler::check_index("rank", rank, pass.ranks.len())?;
     scheduler::check_index("mb", mb, pass.microbatches_per_rank())?;
-    Ok(&pass.ranks[rank][mb].seqs)
+    Ok(pass.microbatch(rank, mb))
 }
 
 /// Micro-batch `mb` of rank `rank` in the no-grad pass: its sequence ids into `seq_ids` and
