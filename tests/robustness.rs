@@ -1062,15 +1062,22 @@ fn loss_values_that_make_no_sense_are_refused() {
     assert_eq!(call.snapshot(), before);
     call.norm = Some(calibrl::desc::metrics::CalibrlNormalizers {
         token_count: 3.0,
-        seq_count: 1.0,
+        seq_count: 0.0,
         ..Default::default()
     });
     expect(
         call.run(None, None, None),
         INVALID_ARGUMENT,
         "normalizers.seq_count",
-        "seq_count 1 < 2 rows",
+        "seq_count 0 with 2 rows",
     );
+    // Smaller than the call's own counts is allowed: a data-parallel factor folded in.
+    call.norm = Some(calibrl::desc::metrics::CalibrlNormalizers {
+        token_count: 3.0,
+        seq_count: 1.0,
+        ..Default::default()
+    });
+    assert_eq!(call.run(None, None, None), OK, "{}", last_error());
     call.norm = Some(calibrl::desc::metrics::CalibrlNormalizers {
         token_count: 30.0,
         seq_count: 4.0,

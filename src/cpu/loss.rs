@@ -394,8 +394,10 @@ pub fn compute(cfg: &Config, batch: &LossBatch) -> Result<LossOutput> {
     Ok(out)
 }
 
-/// Global normalisers count every slice of the mini-batch: they cannot be smaller than this
-/// call's own counts (a 0 would silently zero the terms that divide by it).
+/// A global normaliser is a denominator: where this call counts tokens (rows), it must be
+/// positive (a 0 would silently zero the terms that divide by it). It may be smaller than the
+/// call's own count: a caller may fold its data-parallel factor into it (global count / D, as
+/// the TRL drop-in does for TRL's `dapo` normalisation), and ranks' loads may be uneven.
 fn require_global_counts(
     global_tokens: f64,
     global_seqs: f64,
@@ -406,12 +408,12 @@ fn require_global_counts(
         ("normalizers.token_count", global_tokens, tokens),
         ("normalizers.seq_count", global_seqs, seqs),
     ] {
-        if global < local {
+        if local > 0.0 && global <= 0.0 {
             return Err(Error::invalid(
                 name,
                 format!(
-                    "{global} is smaller than this call's own count {local}: the global \
-                     normalisers count every slice of the mini-batch"
+                    "{global} while this call counts {local}: a global normaliser is a \
+                     denominator and must be positive"
                 ),
             ));
         }
