@@ -1455,13 +1455,14 @@ fn without_a_driver_cuda_tensors_report_unavailable() {
         println!("skipped: a CUDA driver is present");
         return;
     }
-    let mut fake = [0u64; 8];
-    let p = fake.as_mut_ptr() as *mut c_void;
+    // Separate (fake) buffers: tensors that share memory are refused before the device is.
+    let mut fake = [[0u64; 2]; 4];
+    let [p_lg, p_lb, p_a, p_c] = fake.each_mut().map(|b| b.as_mut_ptr() as *mut c_void);
     let f = Dt::F32.dl();
-    let lg = Desc::new(p, DL_CUDA, f, &[1, 2], None, 0);
-    let lb = Desc::new(p, DL_CUDA, label_dtype(true), &[1], None, 0);
-    let mut a = Desc::new(p, DL_CUDA, f, &[1], None, 0);
-    let mut c = Desc::new(p, DL_CUDA, f, &[1], None, 0);
+    let lg = Desc::new(p_lg, DL_CUDA, f, &[1, 2], None, 0);
+    let lb = Desc::new(p_lb, DL_CUDA, label_dtype(true), &[1], None, 0);
+    let mut a = Desc::new(p_a, DL_CUDA, f, &[1], None, 0);
+    let mut c = Desc::new(p_c, DL_CUDA, f, &[1], None, 0);
     // SAFETY: the call fails before touching the (fake) device pointers.
     let st = unsafe {
         calibrl_logits_forward(
