@@ -280,11 +280,11 @@ void test_loss_clipping() {
 // KL-Cov (SPEC §4.6) with GRPO, three one-token rows, token-mean over 3 tokens:
 //   mean A = 0, mean ℓ = −3.5/3, so cov = A·(ℓ + 3.5/3) = [2/3, 0, 5/6]; n = max(⌊0.2·3⌋, 1)
 //   = 1 selects row 2 (the largest covariance). Every row uses the unclipped p = −A·ρ; row 2
-//   adds β·|ℓ − ℓold| = 0.5 (β = 1) and ∂ += β·sign(ℓ − ℓold) = 1.
+//   adds β·|ℓ − ℓold| = 0.5 (β = 1, set here: the default is verl's 0.1) and ∂ += β·sign(ℓ − ℓold) = 1.
 //   L = (−e^0.2 + 0 + e^0.5 + 0.5)/3, ∂L/∂ℓ = [−e^0.2, 0, e^0.5 + 1]/3, selected fraction 1/3.
 void test_loss_kl_cov() {
   const calibrl::Config cfg =
-      calibrl::Config::from_json(R"({"preset":"grpo","entropy_control":"kl_cov","kl_cov_ratio":0.2})");
+      calibrl::Config::from_json(R"({"preset":"grpo","entropy_control":"kl_cov","kl_cov_ratio":0.2,"kl_cov_coef":1})");
   std::vector<double> lp{-0.5, -1.0, -2.0}, old{-0.7, -1.0, -2.5}, adv{1.0, 0.0, -1.0};
   std::vector<double> w{1, 1, 1}, sign{1, -1, -1}, grad(3, 7.0);
   std::vector<std::int64_t> offsets{0, 1, 2, 3};
