@@ -12,7 +12,7 @@ if ! command -v valgrind >/dev/null; then
   $sudo apt-get update -qq && $sudo apt-get install -y -qq valgrind >/dev/null
 fi
 vg=(valgrind --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite
-    --show-leak-kinds=definite --quiet)
+    --show-leak-kinds=definite --quiet --suppressions=scripts/valgrind.supp)
 
 # Build the library, the C program (the c_program test compiles and runs it) and the test
 # binaries, without running the other suites again.

@@ -81,11 +81,11 @@ fi
 [[ -f "$work/unpacked/calibrl/py.typed" ]] && pass "the wheel has calibrl/py.typed" || fail "the wheel has calibrl/py.typed"
 meta="$(cat "$work"/unpacked/calibrl-*.dist-info/METADATA)"
 for extra in cuda cuda13 cuda12; do
-  wheel=nvidia-cuda-nvrtc; [[ $extra == cuda12 ]] && wheel=nvidia-cuda-nvrtc-cu12
-  if grep -q "^Provides-Extra: $extra\$" <<<"$meta" && grep -q "^Requires-Dist: $wheel[=<>!~ ].*extra == \"$extra\"" <<<"$meta"; then
-    pass "the wheel declares calibrl[$extra] ($wheel)"
+  nvrtc_pkg=nvidia-cuda-nvrtc; [[ $extra == cuda12 ]] && nvrtc_pkg=nvidia-cuda-nvrtc-cu12
+  if grep -q "^Provides-Extra: $extra\$" <<<"$meta" && grep -q "^Requires-Dist: $nvrtc_pkg[=<>!~ ].*extra == \"$extra\"" <<<"$meta"; then
+    pass "the wheel declares calibrl[$extra] ($nvrtc_pkg)"
   else
-    fail "the wheel declares calibrl[$extra] with $wheel"
+    fail "the wheel declares calibrl[$extra] with $nvrtc_pkg"
   fi
 done
 
