@@ -1,7 +1,13 @@
 //! The crate's layers (docs/architecture.md) as a test: every `crate::…` path in `src/` points
-//! to the same or a lower layer, and inside a module directory the files import each other
-//! without a circle. Comments and `#[deprecated]` compatibility aliases (which keep an old
-//! path alive and may point anywhere) are not counted.
+//! to the same or a lower layer, and inside a module directory the files, the directory's
+//! `mod.rs` included, import each other without a circle. A re-export (`pub use`, or an alias
+//! `const`/`type`/`fn` naming another module's item) is an import like any other, so an alias
+//! that points up or closes a circle fails too. Comments and `#[cfg(test)]` modules are not
+//! counted.
+//!
+//! `CALIBRL_LAYERS_SRC` points the checks at another `src/` (to see them fail on an older
+//! revision: `git archive REV src | tar -x -C /tmp/old`, then run this test with
+//! `CALIBRL_LAYERS_SRC=/tmp/old/src`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -58,31 +64,46 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// The file's code lines (1-based number, text) without comments and `#[deprecated]` items.
+/// The file's code lines (1-based number, text) without comments, up to its `#[cfg(test)]`
+/// module (in there `super::` is the file itself).
 fn code_lines(text: &str) -> Vec<(usize, String)> {
     let mut out = Vec::new();
-    let mut lines = text.lines().enumerate();
-    while let Some((n, line)) = lines.next() {
+    for (n, line) in text.lines().enumerate() {
         let t = line.trim_start();
-        if t.starts_with("//") {
-            continue;
+        if t.starts_with("#[cfg(test)]") {
+            break;
         }
-        if t.starts_with("#[deprecated") {
-            // Skip the item: to its first `;` at brace depth 0, or to its closing brace.
-            let mut depth = 0i32;
-            for (_, item) in lines.by_ref() {
-                let code = item.split("//").next().unwrap_or("");
-                depth += code.matches('{').count() as i32 - code.matches('}').count() as i32;
-                let t = code.trim_end();
-                if depth == 0 && (t.ends_with(';') || t.ends_with('}')) {
-                    break;
-                }
-            }
+        if t.starts_with("//") {
             continue;
         }
         out.push((n + 1, line.split("//").next().unwrap_or("").to_string()));
     }
     out
+}
+
+/// Identifiers used as a path's first segment in `line` (`name::…`, not `a::name::…`):
+/// in a `mod.rs`, the child modules it names.
+fn path_heads(line: &str) -> Vec<String> {
+    let mut heads = Vec::new();
+    let chars: Vec<char> = line.chars().collect();
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        if c.is_alphabetic() || c == '_' {
+            let start = i;
+            while i < chars.len() && (chars[i].is_alphanumeric() || chars[i] == '_') {
+                i += 1;
+            }
+            let after_path = start >= 2 && chars[start - 1] == ':' && chars[start - 2] == ':';
+            let followed = chars.get(i) == Some(&':') && chars.get(i + 1) == Some(&':');
+            if followed && !after_path {
+                heads.push(chars[start..i].iter().collect());
+            }
+        } else {
+            i += 1;
+        }
+    }
+    heads
 }
 
 /// Identifiers that follow `prefix` in `line` (`prefix::name` or `prefix::{a, b::c}`).
@@ -130,9 +151,16 @@ fn module_path(src: &Path, file: &Path) -> Vec<String> {
     parts
 }
 
+/// The `src/` to check: this crate's, or `CALIBRL_LAYERS_SRC`.
+fn src_dir() -> PathBuf {
+    std::env::var_os("CALIBRL_LAYERS_SRC")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("src"))
+}
+
 #[test]
 fn crate_paths_point_down_the_layers() {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let src = src_dir();
     let allowed: BTreeMap<&str, BTreeSet<&str>> = ALLOWED
         .iter()
         .map(|(m, deps)| (*m, deps.iter().copied().collect()))
@@ -171,29 +199,90 @@ fn crate_paths_point_down_the_layers() {
     assert!(violations.is_empty(), "{}", violations.join("\n"));
 }
 
+/// The directories a file belongs to and its name in each: a file `a/b.rs` is child `b` of
+/// `a`; a `a/b/mod.rs` is "mod" of `a/b` and child `b` of `a`.
+fn roles(module: &[String], file: &Path) -> Vec<(Vec<String>, String)> {
+    let is_mod = file.file_name().is_some_and(|f| f == "mod.rs");
+    let mut out = Vec::new();
+    if is_mod {
+        out.push((module.to_vec(), "mod".to_string()));
+    }
+    if module.len() >= 2 {
+        out.push((
+            module[..module.len() - 1].to_vec(),
+            module.last().unwrap().clone(),
+        ));
+    }
+    out
+}
+
 #[test]
 fn files_of_a_module_import_each_other_without_a_circle() {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let src = src_dir();
     let mut files = Vec::new();
     rust_files(&src, &mut files);
-    // Per module directory: sibling → siblings it names through `super::` or its full path.
+    // Per module directory: file → files it names. A child names a sibling through `super::x`
+    // or the directory's full path, and the directory's `mod.rs` (node "mod") through any other
+    // item of `super::`; `mod.rs` names a child by a path starting with the child's name (a
+    // `pub use child::…` or a call; the `mod child;` declaration itself is no import).
     let mut graphs: BTreeMap<Vec<String>, BTreeMap<String, BTreeSet<String>>> = BTreeMap::new();
-    for file in &files {
-        let module = module_path(&src, file);
-        if module.len() < 2 || file.file_name().is_some_and(|f| f == "mod.rs") {
-            continue;
+    let mut children: BTreeMap<Vec<String>, BTreeSet<String>> = BTreeMap::new();
+    let roles: Vec<(&PathBuf, Vec<(Vec<String>, String)>)> = files
+        .iter()
+        .map(|file| (file, roles(&module_path(&src, file), file)))
+        .collect();
+    for (_, rs) in &roles {
+        for (parent, me) in rs {
+            if me != "mod" {
+                children
+                    .entry(parent.clone())
+                    .or_default()
+                    .insert(me.clone());
+            }
+            graphs
+                .entry(parent.clone())
+                .or_default()
+                .entry(me.clone())
+                .or_default();
         }
-        let (parent, me) = (module[..module.len() - 1].to_vec(), module.last().unwrap());
-        let full = format!("crate::{}::", parent.join("::"));
+    }
+    for (file, rs) in &roles {
         let text = fs::read_to_string(file).unwrap();
-        let edges = graphs
-            .entry(parent)
-            .or_default()
-            .entry(me.clone())
-            .or_default();
-        for (_, line) in code_lines(&text) {
-            edges.extend(names_after(&line, "super::"));
-            edges.extend(names_after(&line, &full));
+        let lines = code_lines(&text);
+        for (parent, me) in rs {
+            let siblings = children.get(parent).cloned().unwrap_or_default();
+            let full = format!("crate::{}::", parent.join("::"));
+            let mut targets = BTreeSet::new();
+            for (_, line) in &lines {
+                if me == "mod" {
+                    let t = line.trim_start();
+                    let t = t
+                        .strip_prefix("pub(crate) ")
+                        .or(t.strip_prefix("pub "))
+                        .unwrap_or(t);
+                    if t.starts_with("mod ") {
+                        continue;
+                    }
+                    targets.extend(path_heads(line));
+                    targets.extend(names_after(line, "self::"));
+                    targets.extend(names_after(line, &full));
+                } else {
+                    for name in names_after(line, "super::")
+                        .into_iter()
+                        .chain(names_after(line, &full))
+                    {
+                        let to_mod = !siblings.contains(&name);
+                        targets.insert(if to_mod { "mod".to_string() } else { name });
+                    }
+                }
+            }
+            let has_mod = graphs[parent].contains_key("mod");
+            let edges = graphs.get_mut(parent).unwrap().get_mut(me).unwrap();
+            edges.extend(
+                targets
+                    .into_iter()
+                    .filter(|t| siblings.contains(t) || (t == "mod" && has_mod)),
+            );
         }
     }
     let mut circles = Vec::new();
@@ -244,20 +333,25 @@ fn files_of_a_module_import_each_other_without_a_circle() {
 
 #[test]
 fn the_checks_see_a_violation() {
-    // The scanner itself: an upward path and a grouped sibling import are found, comments and
-    // deprecated aliases are not.
-    let text = "use crate::ops::loss;\n// crate::ffi::x\n#[deprecated(note = \"old\")]\npub fn f() {\n    crate::ffi::g()\n}\nuse super::{a, b::c};\n";
+    // The scanner itself: an upward path, an alias and a grouped sibling import are found;
+    // comments and the test module are not.
+    let text = "use crate::ops::loss;\n// crate::ffi::x\n#[deprecated(note = \"old\")]\npub const F: u8 = crate::ffi::G;\nuse super::{a, b::c};\n#[cfg(test)]\nmod tests {\n    use super::d;\n}\n";
     let lines = code_lines(text);
     let numbers: Vec<usize> = lines.iter().map(|(n, _)| *n).collect();
-    assert_eq!(numbers, [1, 7]);
+    assert_eq!(numbers, [1, 3, 4, 5]);
     let crate_names: Vec<String> = lines
         .iter()
         .flat_map(|(_, l)| names_after(l, "crate::"))
         .collect();
-    assert_eq!(crate_names, ["ops"]);
+    assert_eq!(crate_names, ["ops", "ffi"]);
     let super_names: Vec<String> = lines
         .iter()
         .flat_map(|(_, l)| names_after(l, "super::"))
         .collect();
     assert_eq!(super_names, ["a", "b"]);
+    // In a mod.rs: the children named by a re-export or a path, not by nested segments.
+    assert_eq!(
+        path_heads("pub use compile::{Compiled, KernelSource}; &[&logits::LOGITS, x::loss::y]"),
+        ["compile", "logits", "x"]
+    );
 }

@@ -11,15 +11,6 @@ use crate::error::{Error, Result};
 use crate::tensor::{out_of_memory, try_collect, try_vec};
 use std::ops::Range;
 
-// Moved to `crate::desc::metrics` (shared by both backends and the C ABI); the old paths
-// stay as deprecated aliases.
-#[deprecated(note = "moved to calibrl::desc::metrics::CalibrlNormalizers")]
-pub type CalibrlNormalizers = crate::desc::metrics::CalibrlNormalizers;
-#[deprecated(note = "moved to calibrl::desc::metrics::CalibrlMetrics")]
-pub type CalibrlMetrics = crate::desc::metrics::CalibrlMetrics;
-#[deprecated(note = "moved to calibrl::desc::metrics::METRICS_LEN")]
-pub const METRICS_LEN: usize = crate::desc::metrics::METRICS_LEN;
-
 /// Expert responses' token log-probs (one row per expert slot) and each row's slot.
 #[derive(Clone, Debug, Default)]
 pub struct ExpertBaseline {

@@ -21,17 +21,6 @@ pub struct KernelSource {
     pub kernels: &'static [&'static str],
 }
 
-// The sources moved to their families' modules (`cuda::logits::LOGITS`, `cuda::loss::LOSS`)
-// and the registry to `cuda::SOURCES`; these aliases keep the old paths for one release.
-#[deprecated(note = "moved to calibrl::cuda::logits::LOGITS")]
-pub const LOGITS: KernelSource = super::logits::LOGITS;
-#[deprecated(note = "moved to calibrl::cuda::SOURCES")]
-pub const SOURCES: &[&KernelSource] = super::SOURCES;
-#[deprecated(note = "moved to calibrl::cuda::compile_all")]
-pub fn compile_all(arch: i32) -> Result<Compiled> {
-    compile_sources(super::SOURCES, arch)
-}
-
 /// Whether an NVRTC this driver can run was found (checked once).
 pub fn nvrtc_available() -> bool {
     nvrtc_lib::nvrtc().is_ok()

@@ -16,11 +16,9 @@
 //! of all ranks (an all-reduce) gives the full tensors, because every selected expert is in
 //! exactly one rank's no-grad plan.
 
-use super::{check_index, Plan, SeqKind};
+use super::plan::{check_index, Plan, SeqKind};
 use crate::desc::expert::{gather_slots, slot_sums};
-use crate::desc::Stream;
 use crate::error::{Error, Result};
-use crate::tensor::Tensor;
 
 impl Plan {
     /// For the given part of the no-grad output (`rank` `None` = all ranks in order): the
@@ -83,27 +81,4 @@ pub fn expert_sums(plan: &Plan, packed: &[f64], length_normalize: bool) -> Resul
         ));
     }
     Ok(slot_sums(&plan.expert_offsets, packed, length_normalize))
-}
-
-/// Moved to [`crate::ops::expert::collect_experts`]: it dispatches to a backend, which the
-/// planner does not depend on.
-#[deprecated(note = "moved to calibrl::ops::expert::collect_experts")]
-pub fn collect_experts(
-    plan: &Plan,
-    rank: Option<usize>,
-    nograd_logprobs: &Tensor,
-    expert_logprobs: Option<&Tensor>,
-    expert_sums_out: Option<&Tensor>,
-    length_normalize: bool,
-    stream: Stream,
-) -> Result<()> {
-    crate::ops::expert::collect_experts(
-        plan,
-        rank,
-        nograd_logprobs,
-        expert_logprobs,
-        expert_sums_out,
-        length_normalize,
-        stream,
-    )
 }

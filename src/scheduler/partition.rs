@@ -10,7 +10,7 @@
 //!    micro-batches by LPT (heaviest first into the least-loaded micro-batch). Oversize
 //!    sequences take a micro-batch each.
 
-use super::{MicroBatch, PassPlan, SeqRef};
+use super::plan::{MicroBatch, PassPlan, SeqRef};
 use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
 

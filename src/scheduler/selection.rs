@@ -1,6 +1,6 @@
 //! Expert selection: which prompts' expert responses the step forwards (SPEC §7.5).
 
-use super::{ExpertSelection, SchedulerConfig, StepInput};
+use super::input::{ExpertSelection, SchedulerConfig, StepInput};
 use crate::config::LossKind;
 use crate::error::{Error, Result};
 
