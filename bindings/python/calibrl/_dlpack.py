@@ -21,12 +21,9 @@ from ctypes import c_int64
 
 import numpy as np
 
-# The DLPack structures live in _abi with the library's own; imported here under their old
-# ``calibrl._dlpack`` names.
-from ._abi import (  # noqa: F401
+from ._abi import (
     DL_CPU,
     DL_CUDA,
-    DL_CUDA_HOST,
     DL_CUDA_MANAGED,
     DLDataType,
     DLDevice,

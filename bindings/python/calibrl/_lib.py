@@ -24,12 +24,8 @@ from ctypes import (
 )
 from pathlib import Path
 
-# The structures and exceptions are defined in _abi and _errors; importing them here keeps
-# their old ``calibrl._lib`` names.
-from ._abi import (  # noqa: F401
+from ._abi import (
     EXPECTED_ABI_VERSION,
-    METRICS_LEN,
-    METRICS_NAMES,
     AdvantageArgs,
     DLTensor,
     LinearInput,
@@ -42,24 +38,12 @@ from ._abi import (  # noqa: F401
     SchedulerConfigC,
     SeqInfo,
 )
-from ._errors import (  # noqa: F401
+from ._errors import (
     ERRORS as _ERRORS,
     AbiMismatchError,
-    BufferTooSmallError,
     CalibrlError,
-    ConfigError,
-    CudaError,
-    CudaUnavailableError,
-    DeviceError,
-    DtypeError,
-    InvalidArgumentError,
-    LayoutError,
     LibraryNotFoundError,
     MissingSymbolError,
-    NonFiniteError,
-    NullArgumentError,
-    PanicError,
-    ShapeError,
 )
 
 _T = POINTER(DLTensor)

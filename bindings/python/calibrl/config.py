@@ -9,6 +9,7 @@ from ctypes import c_size_t, c_void_p
 from typing import Any
 
 from . import _lib
+from ._errors import BufferTooSmallError
 
 PRESETS = ("paper", "reference", "grpo", "authors")
 
@@ -63,7 +64,7 @@ class Config:
         buf = ctypes.create_string_buffer(4096)
         try:
             _lib.call("calibrl_config_to_json", self._handle, buf, len(buf), ctypes.byref(length))
-        except _lib.BufferTooSmallError:
+        except BufferTooSmallError:
             buf = ctypes.create_string_buffer(length.value + 1)
             _lib.call("calibrl_config_to_json", self._handle, buf, len(buf), ctypes.byref(length))
         return json.loads(buf.value.decode())

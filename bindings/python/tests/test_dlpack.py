@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import calibrl
-from calibrl._dlpack import DL_CPU, DL_CUDA, View
+from calibrl._abi import DL_CPU, DL_CUDA
+from calibrl._dlpack import View
 from conftest import needs_cuda
 
 

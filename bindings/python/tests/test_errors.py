@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import calibrl
-from calibrl import _dlpack
+from calibrl import _abi, _dlpack
 
 SENTINEL = 123.0
 
@@ -120,7 +120,7 @@ def test_mixed_devices_are_refused_by_the_library(monkeypatch):
     def as_cuda(self, t, torch_mod):
         real(self, t, torch_mod)
         if self.name == "labels":
-            self.device_type, self.device_id = _dlpack.DL_CUDA, 0
+            self.device_type, self.device_id = _abi.DL_CUDA, 0
 
     monkeypatch.setattr(_dlpack.View, "_from_torch", as_cuda)
     out = outputs(4)

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import calibrl
-from calibrl import _lib
+from calibrl import _abi, _lib
 from conftest import REPO
 
 
@@ -17,11 +17,11 @@ def test_loaded_library_and_version_check():
     lib = _lib.lib()
     assert lib.path.name == "libcalibrl.so"
     assert calibrl.library_version() == "0.1.0"
-    assert lib.functions["calibrl_abi_version"]() == _lib.EXPECTED_ABI_VERSION
+    assert lib.functions["calibrl_abi_version"]() == _abi.EXPECTED_ABI_VERSION
 
 
 def test_abi_mismatch_is_refused(monkeypatch):
-    found = _lib.EXPECTED_ABI_VERSION
+    found = _abi.EXPECTED_ABI_VERSION
     monkeypatch.setattr(_lib, "EXPECTED_ABI_VERSION", found + 1)
     with pytest.raises(calibrl.AbiMismatchError, match=f"ABI version {found}"):
         _lib._Library(_lib.lib().path)
@@ -122,9 +122,9 @@ def _ctype_matches(c_type: str, py_type) -> bool:
         "uint16_t": ctypes.c_uint16,
         "uint32_t": ctypes.c_uint32,
         "uint64_t": ctypes.c_uint64,
-        "DLDevice": calibrl._dlpack.DLDevice,
-        "DLDataType": calibrl._dlpack.DLDataType,
-        "struct calibrl_normalizers": _lib.Normalizers,
+        "DLDevice": _abi.DLDevice,
+        "DLDataType": _abi.DLDataType,
+        "struct calibrl_normalizers": _abi.Normalizers,
     }.get(c_type) is py_type
 
 
@@ -176,17 +176,17 @@ def test_ctypes_declarations_match_the_header():
     text = HEADER.read_text()
     structs = _header_structs(text)
     ours = {
-        "DLTensor": calibrl._dlpack.DLTensor,
-        "calibrl_normalizers": _lib.Normalizers,
-        "calibrl_metrics": _lib.Metrics,
-        "calibrl_advantage_args": _lib.AdvantageArgs,
-        "calibrl_loss_args": _lib.LossArgs,
-        "calibrl_linear_input": _lib.LinearInput,
-        "calibrl_scheduler_config": _lib.SchedulerConfigC,
-        "calibrl_prompt_desc": _lib.PromptDesc,
-        "calibrl_plan_info": _lib.PlanInfo,
-        "calibrl_minibatch_info": _lib.MinibatchInfo,
-        "calibrl_seq_info": _lib.SeqInfo,
+        "DLTensor": _abi.DLTensor,
+        "calibrl_normalizers": _abi.Normalizers,
+        "calibrl_metrics": _abi.Metrics,
+        "calibrl_advantage_args": _abi.AdvantageArgs,
+        "calibrl_loss_args": _abi.LossArgs,
+        "calibrl_linear_input": _abi.LinearInput,
+        "calibrl_scheduler_config": _abi.SchedulerConfigC,
+        "calibrl_prompt_desc": _abi.PromptDesc,
+        "calibrl_plan_info": _abi.PlanInfo,
+        "calibrl_minibatch_info": _abi.MinibatchInfo,
+        "calibrl_seq_info": _abi.SeqInfo,
     }
     for cname, cls in ours.items():
         if cname not in structs:
@@ -209,21 +209,21 @@ def test_ctypes_declarations_match_the_header():
     # Every export of the header has a Python signature (no exceptions).
     missing = set(functions) - set(_lib._SIGNATURES)
     assert not missing, f"header functions without a Python signature: {sorted(missing)}"
-    assert f"#define CALIBRL_ABI_VERSION {_lib.EXPECTED_ABI_VERSION}" in text
-    assert f"#define CALIBRL_METRICS_LEN {_lib.METRICS_LEN}" in text
+    assert f"#define CALIBRL_ABI_VERSION {_abi.EXPECTED_ABI_VERSION}" in text
+    assert f"#define CALIBRL_METRICS_LEN {_abi.METRICS_LEN}" in text
 
 
 def test_param_matcher_refuses_wrong_pointer_types():
     """The header check above is only as good as its matcher: it must tell these apart."""
     import ctypes
 
-    ours = {"calibrl_seq_info": _lib.SeqInfo, "calibrl_plan_info": _lib.PlanInfo}
+    ours = {"calibrl_seq_info": _abi.SeqInfo, "calibrl_plan_info": _abi.PlanInfo}
     assert _param_matches("const uint32_t *", ctypes.POINTER(ctypes.c_uint32), ours)
     assert not _param_matches("const uint32_t *", ctypes.POINTER(ctypes.c_uint64), ours)
     assert not _param_matches("const uint32_t *", ctypes.c_void_p, ours)
     assert _param_matches("struct calibrl_plan **", ctypes.POINTER(ctypes.c_void_p), ours)
     assert not _param_matches("struct calibrl_plan **", ctypes.c_void_p, ours)
-    assert _param_matches("struct calibrl_seq_info *", ctypes.POINTER(_lib.SeqInfo), ours)
-    assert not _param_matches("struct calibrl_seq_info *", ctypes.POINTER(_lib.PlanInfo), ours)
+    assert _param_matches("struct calibrl_seq_info *", ctypes.POINTER(_abi.SeqInfo), ours)
+    assert not _param_matches("struct calibrl_seq_info *", ctypes.POINTER(_abi.PlanInfo), ours)
     assert not _param_matches("size_t", ctypes.c_uint32, ours)
     assert not _param_matches("uint32_t", ctypes.c_size_t, ours)
