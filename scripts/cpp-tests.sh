@@ -5,7 +5,8 @@
 #     compiler (it says so and fails when they are missing);
 #   - builds libcalibrl (cargo build --release) and installs it with scripts/install.sh into a
 #     temporary prefix;
-#   - checks that calibrl.hpp compiles on its own, twice, after a dlpack.h and as C++20 (spans);
+#   - checks that calibrl.hpp and each of its parts (calibrl/*.hpp) compile on their own, and
+#     calibrl.hpp twice, after a dlpack.h and as C++20 (spans);
 #     that calibrl.h compiles as C;
 #   - builds the tests and the train_step example with CMake through find_package(calibrl)
 #     against the installed package, runs them, and compares the example's loss with the value
@@ -88,6 +89,17 @@ syntax() {  # name, source text, extra flags...
 syntax alone '#include <calibrl.hpp>' -std=c++17 "${warn[@]}" &&
   pass "calibrl.hpp compiles on its own (C++17, -Wall -Wextra -Wpedantic -Werror)" ||
   fail "calibrl.hpp compiles on its own" "$work/alone.log"
+# Its parts (calibrl/*.hpp, installed next to it) each include what they use.
+parts_ok=1 parts=0
+for part in "$prefix"/include/calibrl/*.hpp; do
+  parts=$((parts + 1))
+  name="part_$(basename "$part" .hpp)"
+  syntax "$name" "#include <calibrl/$(basename "$part")>" -std=c++17 "${warn[@]}" ||
+    { parts_ok=0; fail "calibrl/$(basename "$part") compiles on its own" "$work/$name.log"; }
+done
+[[ $parts_ok -eq 1 && $parts -ge 8 ]] &&
+  pass "the $parts installed parts calibrl/*.hpp each compile on their own" ||
+  { [[ $parts -ge 8 ]] || fail "calibrl/*.hpp installed (found $parts, expected 8)"; }
 
 syntax twice $'#include <calibrl.hpp>\n#include <calibrl.hpp>\n#include <calibrl.h>\nint main() { calibrl::TensorView v(static_cast<float*>(nullptr), {0}); return v.dl()->ndim - 1; }' \
   -std=c++17 "${warn[@]}" &&

@@ -6,7 +6,8 @@
 #   PREFIX/lib/libcalibrl.so.VERSION (SONAME libcalibrl.so.MAJOR), the symlinks
 #       libcalibrl.so.MAJOR -> libcalibrl.so.VERSION and libcalibrl.so -> libcalibrl.so.MAJOR,
 #   PREFIX/lib/libcalibrl.a
-#   PREFIX/include/calibrl.h (C ABI), PREFIX/include/calibrl.hpp (C++17 wrapper)
+#   PREFIX/include/calibrl.h (C ABI), PREFIX/include/calibrl.hpp (C++17 wrapper) and the
+#       parts it includes, PREFIX/include/calibrl/*.hpp
 #   PREFIX/lib/cmake/calibrl/calibrlConfig.cmake, calibrlConfigVersion.cmake
 #       find_package(calibrl CONFIG REQUIRED) -> imported targets calibrl::calibrl (shared)
 #       and calibrl::calibrl_static
@@ -66,6 +67,15 @@ ln -s "$soname" "$lib/libcalibrl.so"
 install -m 0644 "$target_dir/libcalibrl.a" "$lib/libcalibrl.a"
 install -m 0644 "$root/include/calibrl.h" "$inc/calibrl.h"
 install -m 0644 "$root/bindings/cpp/include/calibrl.hpp" "$inc/calibrl.hpp"
+# calibrl.hpp includes its parts from calibrl/ next to it; a stale part from an older install
+# is removed with the directory.
+rm -rf "$inc/calibrl"
+mkdir -p "$inc/calibrl"
+cmake_parts=""
+for part in "$root"/bindings/cpp/include/calibrl/*.hpp; do
+  install -m 0644 "$part" "$inc/calibrl/$(basename "$part")"
+  cmake_parts+=" \"include/calibrl/$(basename "$part")\""
+done
 
 # Native libraries a Rust staticlib needs on Linux (rustc --print native-static-libs).
 static_deps="-lgcc_s -lutil -lrt -lpthread -lm -ldl -lc"
@@ -103,7 +113,7 @@ if(NOT TARGET calibrl::calibrl_static)
     INTERFACE_LINK_LIBRARIES "gcc_s;util;rt;pthread;m;dl")
 endif()
 
-foreach(_calibrl_f "$libdir_name/$realname" "$libdir_name/$soname" "include/calibrl.h" "include/calibrl.hpp")
+foreach(_calibrl_f "$libdir_name/$realname" "$libdir_name/$soname" "include/calibrl.h" "include/calibrl.hpp"$cmake_parts)
   if(NOT EXISTS "\${_calibrl_prefix}/\${_calibrl_f}")
     set(calibrl_FOUND FALSE)
     set(calibrl_NOT_FOUND_MESSAGE "calibrl: \${_calibrl_prefix}/\${_calibrl_f} is missing")

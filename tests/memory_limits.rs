@@ -4,13 +4,16 @@
 //! `RLIMIT_AS` to what it uses now plus a headroom, so an abort kills only the child and the
 //! parent reports how it died. Kept out of `tests/robustness.rs`, which valgrind runs.
 
+mod common;
+
 use calibrl::ffi::common::{calibrl_config_free, calibrl_config_new};
 use calibrl::ffi::loss::{calibrl_loss, CalibrlLossArgs};
 use calibrl::ffi::scheduler::{
-    calibrl_plan_free, calibrl_plan_new, calibrl_plan_summary, calibrl_scheduler_config_default,
-    CalibrlPlanInfo, CalibrlPromptDesc, CalibrlSchedulerConfig,
+    calibrl_plan_free, calibrl_plan_summary, calibrl_scheduler_config_default, CalibrlPlanInfo,
+    CalibrlPromptDesc, CalibrlSchedulerConfig,
 };
 use calibrl::tensor::HostTensor;
+use common::{last_error, plan_new};
 use std::process::Command;
 
 const CHILD_ENV: &str = "CALIBRL_MEMORY_LIMIT_CHILD";
@@ -56,12 +59,6 @@ fn in_child(name: &str, body: impl FnOnce()) {
         "child {name} ended with {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
         out.status
     );
-}
-
-fn last_error() -> String {
-    unsafe { std::ffi::CStr::from_ptr(calibrl::ffi::common::calibrl_last_error_message()) }
-        .to_string_lossy()
-        .into_owned()
 }
 
 /// A valid GRPO loss over `t` tokens in one packed row (f32 log-probs −0.5, A = 1), with a
@@ -153,18 +150,7 @@ fn lopsided_plan(ranks: u32, smalls: u32) -> (i32, String, CalibrlPlanInfo) {
     });
     let mut lens = vec![100 * smalls; bigs];
     lens.extend(std::iter::repeat(100).take(smalls as usize));
-    let mut plan = std::ptr::null_mut();
-    let st = unsafe {
-        calibrl_plan_new(
-            &cfg,
-            descs.as_ptr(),
-            descs.len(),
-            lens.as_ptr(),
-            lens.len(),
-            std::ptr::null(),
-            &mut plan,
-        )
-    } as i32;
+    let (st, plan) = plan_new(&cfg, &descs, &lens);
     let msg = last_error();
     let mut info: CalibrlPlanInfo = unsafe { std::mem::zeroed() };
     if st == 0 {

@@ -8,47 +8,62 @@ use calibrl::cuda::nvrtc_lib::{select, NVRTC};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-#[test]
-fn search_order_is_wheel_then_toolkit_then_system() {
-    let env = |k: &str| (k == "CUDA_HOME").then(|| "/opt/cu13".into());
-    let dirs = NVRTC.search_dirs(13, Some(Path::new("/venv/lib/site-packages/calibrl")), &env);
-    let want: Vec<Option<PathBuf>> = [
-        "/venv/lib/site-packages/nvidia/cu13/lib",
-        "/venv/lib/nvidia/cu13/lib",
-        "/opt/cu13/lib64",
-        "/opt/cu13/lib",
-        "/usr/local/cuda-13/lib64",
-        "/usr/local/cuda-13/lib",
-        "/usr/local/cuda/lib64",
-        "/usr/local/cuda/lib",
-    ]
-    .iter()
-    .map(|d| Some(PathBuf::from(d)))
-    .chain([None])
-    .collect();
-    assert_eq!(dirs, want);
+/// The directories searched for NVRTC `major` from a library in
+/// `/venv/lib/site-packages/calibrl`, with only `var` set to `value`.
+fn search_dirs(major: u32, var: &'static str, value: &'static str) -> Vec<Option<PathBuf>> {
+    let env = |k: &str| (k == var).then(|| value.into());
+    NVRTC.search_dirs(
+        major,
+        Some(Path::new("/venv/lib/site-packages/calibrl")),
+        &env,
+    )
 }
 
 #[test]
-fn the_cu12_wheel_and_toolkit_are_searched_for_nvrtc_12() {
-    let env = |k: &str| (k == "CUDA_PATH").then(|| "/opt/cuda-12.9".into());
-    let dirs = NVRTC.search_dirs(12, Some(Path::new("/venv/lib/site-packages/calibrl")), &env);
-    let want: Vec<Option<PathBuf>> = [
-        "/venv/lib/site-packages/nvidia/cuda_nvrtc/lib",
-        "/venv/lib/nvidia/cuda_nvrtc/lib",
-        "/opt/cuda-12.9/lib64",
-        "/opt/cuda-12.9/lib",
-        "/usr/local/cuda-12/lib64",
-        "/usr/local/cuda-12/lib",
-        "/usr/local/cuda/lib64",
-        "/usr/local/cuda/lib",
-    ]
-    .iter()
-    .map(|d| Some(PathBuf::from(d)))
-    .chain([None])
-    .collect();
-    assert_eq!(dirs, want);
-    assert_eq!(NVRTC.soname(12), "libnvrtc.so.12");
+fn search_order_is_wheel_then_toolkit_then_system() {
+    // (major, the toolkit variable set, its value, the directories in order; the system's
+    // default search, None, comes last). The cu12 wheel's directory is nvidia/cuda_nvrtc.
+    let cases: [(u32, &str, &str, [&str; 8]); 2] = [
+        (
+            13,
+            "CUDA_HOME",
+            "/opt/cu13",
+            [
+                "/venv/lib/site-packages/nvidia/cu13/lib",
+                "/venv/lib/nvidia/cu13/lib",
+                "/opt/cu13/lib64",
+                "/opt/cu13/lib",
+                "/usr/local/cuda-13/lib64",
+                "/usr/local/cuda-13/lib",
+                "/usr/local/cuda/lib64",
+                "/usr/local/cuda/lib",
+            ],
+        ),
+        (
+            12,
+            "CUDA_PATH",
+            "/opt/cuda-12.9",
+            [
+                "/venv/lib/site-packages/nvidia/cuda_nvrtc/lib",
+                "/venv/lib/nvidia/cuda_nvrtc/lib",
+                "/opt/cuda-12.9/lib64",
+                "/opt/cuda-12.9/lib",
+                "/usr/local/cuda-12/lib64",
+                "/usr/local/cuda-12/lib",
+                "/usr/local/cuda/lib64",
+                "/usr/local/cuda/lib",
+            ],
+        ),
+    ];
+    for (major, var, value, want) in cases {
+        let want: Vec<Option<PathBuf>> = want
+            .iter()
+            .map(|d| Some(PathBuf::from(d)))
+            .chain([None])
+            .collect();
+        assert_eq!(search_dirs(major, var, value), want, "NVRTC {major}");
+        assert_eq!(NVRTC.soname(major), format!("libnvrtc.so.{major}"));
+    }
 }
 
 #[test]

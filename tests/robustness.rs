@@ -7,10 +7,11 @@ mod common;
 
 use calibrl::ffi::loss::{calibrl_group_advantages, CalibrlAdvantageArgs};
 use calibrl::ffi::scheduler::{
-    calibrl_plan_free, calibrl_plan_new, calibrl_scheduler_config_default, CalibrlPromptDesc,
-    CalibrlSchedulerConfig,
+    calibrl_plan_free, calibrl_scheduler_config_default, CalibrlPromptDesc, CalibrlSchedulerConfig,
 };
-use common::{cfg_new, gen_case, last_error, lib_loss, CallOpts, Dt, Gen, Layout, Rng, Tensor};
+use common::{
+    cfg_new, gen_case, last_error, lib_loss, plan_new, CallOpts, Dt, Gen, Layout, Rng, Tensor,
+};
 
 const OK: i32 = 0;
 const INVALID_ARGUMENT: i32 = 2;
@@ -163,18 +164,7 @@ fn plan_status(dp_ranks: u32, minibatch_prompts: u32, prompts: usize) -> i32 {
         })
         .collect();
     let lens = vec![20u32; 2 * prompts];
-    let mut plan = std::ptr::null_mut();
-    let st = unsafe {
-        calibrl_plan_new(
-            &cfg,
-            descs.as_ptr(),
-            descs.len(),
-            lens.as_ptr(),
-            lens.len(),
-            std::ptr::null(),
-            &mut plan,
-        ) as i32
-    };
+    let (st, plan) = plan_new(&cfg, &descs, &lens);
     if st == OK {
         assert!(!plan.is_null());
         unsafe { calibrl_plan_free(plan) };

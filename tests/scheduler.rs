@@ -508,6 +508,10 @@ fn expect_err(input: &StepInput, cfg: &SchedulerConfig, status: CalibrlStatus, n
     );
 }
 
+/// A change to the configuration or to the first prompt, the status it must give and a text
+/// the message must contain.
+type Case<T> = (fn(&mut T), CalibrlStatus, &'static str);
+
 #[test]
 fn bad_input_gets_errors_that_name_the_argument() {
     let good = StepInput {
@@ -520,110 +524,99 @@ fn bad_input_gets_errors_that_name_the_argument() {
     };
     let cfg = SchedulerConfig::new(2, 100, 100, 1);
     assert!(scheduler::plan(&good, &cfg).is_ok());
-    let inv = CalibrlStatus::InvalidArgument;
-    let with = |f: &dyn Fn(&mut SchedulerConfig)| {
+    use CalibrlStatus::{InvalidArgument as Inv, NonFinite, ShapeMismatch};
+    let config_cases: [Case<SchedulerConfig>; 8] = [
+        (|c| c.dp_ranks = 0, Inv, "`config.dp_ranks`"),
+        (
+            |c| c.nograd_token_budget = 0,
+            Inv,
+            "`config.nograd_token_budget`",
+        ),
+        (
+            |c| c.train_token_budget = 0,
+            Inv,
+            "`config.train_token_budget`",
+        ),
+        (
+            |c| c.minibatch_prompts = 0,
+            Inv,
+            "`config.minibatch_prompts`",
+        ),
+        (
+            |c| c.quadratic_coef = f64::NAN,
+            Inv,
+            "`config.quadratic_coef`",
+        ),
+        (
+            |c| {
+                c.expert_selection = ExpertSelection::RandomFraction {
+                    fraction: 1.5,
+                    seed: 0,
+                }
+            },
+            Inv,
+            "`config.expert_selection.fraction`",
+        ),
+        (
+            |c| {
+                c.expert_selection = ExpertSelection::PassRate {
+                    low: 0.6,
+                    high: 0.4,
+                    threshold: 0.1,
+                }
+            },
+            Inv,
+            "`config.expert_selection`",
+        ),
+        // Pass-rate selection needs the prompts' rewards.
+        (
+            |c| {
+                c.expert_selection = ExpertSelection::PassRate {
+                    low: 0.0,
+                    high: 1.0,
+                    threshold: 0.1,
+                }
+            },
+            Inv,
+            "`prompts[0].rewards`",
+        ),
+    ];
+    for (change, status, needle) in config_cases {
         let mut c = cfg.clone();
-        f(&mut c);
-        c
-    };
-    expect_err(&good, &with(&|c| c.dp_ranks = 0), inv, "`config.dp_ranks`");
-    expect_err(
-        &good,
-        &with(&|c| c.nograd_token_budget = 0),
-        inv,
-        "`config.nograd_token_budget`",
-    );
-    expect_err(
-        &good,
-        &with(&|c| c.train_token_budget = 0),
-        inv,
-        "`config.train_token_budget`",
-    );
-    expect_err(
-        &good,
-        &with(&|c| c.minibatch_prompts = 0),
-        inv,
-        "`config.minibatch_prompts`",
-    );
-    expect_err(
-        &good,
-        &with(&|c| c.quadratic_coef = f64::NAN),
-        inv,
-        "`config.quadratic_coef`",
-    );
-    expect_err(
-        &good,
-        &with(&|c| {
-            c.expert_selection = ExpertSelection::RandomFraction {
-                fraction: 1.5,
-                seed: 0,
-            }
-        }),
-        inv,
-        "`config.expert_selection.fraction`",
-    );
-    expect_err(
-        &good,
-        &with(&|c| {
-            c.expert_selection = ExpertSelection::PassRate {
-                low: 0.6,
-                high: 0.4,
-                threshold: 0.1,
-            }
-        }),
-        inv,
-        "`config.expert_selection`",
-    );
-    expect_err(
-        &good,
-        &with(&|c| {
-            c.expert_selection = ExpertSelection::PassRate {
-                low: 0.0,
-                high: 1.0,
-                threshold: 0.1,
-            }
-        }),
-        inv,
-        "`prompts[0].rewards`",
-    );
-    expect_err(&StepInput::default(), &cfg, inv, "`prompts`");
+        change(&mut c);
+        expect_err(&good, &c, status, needle);
+    }
+    expect_err(&StepInput::default(), &cfg, Inv, "`prompts`");
 
-    let bad = |f: &dyn Fn(&mut PromptInput)| {
-        let mut i = good.clone();
-        f(&mut i.prompts[0]);
-        i
-    };
-    expect_err(
-        &bad(&|p| p.rollout_lens.clear()),
-        &cfg,
-        inv,
-        "`prompts[0].rollout_lens`",
-    );
-    expect_err(
-        &bad(&|p| p.rollout_lens[1] = 0),
-        &cfg,
-        inv,
-        "`prompts[0].rollout_lens[1]`",
-    );
-    expect_err(&bad(&|p| p.prompt_len = u32::MAX), &cfg, inv, "overflows");
-    expect_err(
-        &bad(&|p| p.expert_len = Some(u32::MAX)),
-        &cfg,
-        inv,
-        "`prompts[0].expert_len`",
-    );
-    expect_err(
-        &bad(&|p| p.rewards = Some(vec![1.0])),
-        &cfg,
-        CalibrlStatus::ShapeMismatch,
-        "`prompts[0].rewards`",
-    );
-    expect_err(
-        &bad(&|p| p.rewards = Some(vec![1.0, f64::NAN])),
-        &cfg,
-        CalibrlStatus::NonFinite,
-        "`prompts[0].rewards`",
-    );
+    let prompt_cases: [Case<PromptInput>; 6] = [
+        (|p| p.rollout_lens.clear(), Inv, "`prompts[0].rollout_lens`"),
+        (
+            |p| p.rollout_lens[1] = 0,
+            Inv,
+            "`prompts[0].rollout_lens[1]`",
+        ),
+        (|p| p.prompt_len = u32::MAX, Inv, "overflows"),
+        (
+            |p| p.expert_len = Some(u32::MAX),
+            Inv,
+            "`prompts[0].expert_len`",
+        ),
+        (
+            |p| p.rewards = Some(vec![1.0]),
+            ShapeMismatch,
+            "`prompts[0].rewards`",
+        ),
+        (
+            |p| p.rewards = Some(vec![1.0, f64::NAN]),
+            NonFinite,
+            "`prompts[0].rewards`",
+        ),
+    ];
+    for (change, status, needle) in prompt_cases {
+        let mut input = good.clone();
+        change(&mut input.prompts[0]);
+        expect_err(&input, &cfg, status, needle);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -564,6 +564,28 @@ pub fn last_error() -> String {
     }
 }
 
+/// `calibrl_plan_new` over `prompts` and their rollouts' lengths (no rewards): the status and
+/// the plan (NULL unless the status is 0).
+pub fn plan_new(
+    cfg: &calibrl::ffi::scheduler::CalibrlSchedulerConfig,
+    prompts: &[calibrl::ffi::scheduler::CalibrlPromptDesc],
+    rollout_lens: &[u32],
+) -> (i32, *mut calibrl::ffi::scheduler::CalibrlPlan) {
+    let mut plan = std::ptr::null_mut();
+    let st = unsafe {
+        calibrl::ffi::scheduler::calibrl_plan_new(
+            cfg,
+            prompts.as_ptr(),
+            prompts.len(),
+            rollout_lens.as_ptr(),
+            rollout_lens.len(),
+            std::ptr::null(),
+            &mut plan,
+        )
+    };
+    (st as i32, plan)
+}
+
 /// A config handle from JSON (panics with the library's message on failure).
 pub fn cfg_new(json: &str) -> Cfg {
     let c = CString::new(json).unwrap();
