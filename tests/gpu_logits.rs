@@ -283,6 +283,32 @@ impl DevBuf {
 // ------------------------------------------------------------------------------------------------
 // Comparison
 
+/// `calibrl_logits_forward` into `outs` = [logprobs, entropy, lse], on the host or on the
+/// device as the descriptors and `stream` say.
+fn forward_into(
+    logits: &Desc,
+    labels: &Desc,
+    temperature: f64,
+    outs: &mut [Box<Desc>],
+    stream: *mut c_void,
+) -> CalibrlStatus {
+    let [a, b, c] = outs else {
+        panic!("forward_into takes three outputs, got {}", outs.len())
+    };
+    // SAFETY: every caller's descriptors point at live memory of their stated shapes.
+    unsafe {
+        calibrl_logits_forward(
+            logits.p(),
+            labels.p(),
+            temperature,
+            a.m(),
+            b.m(),
+            c.m(),
+            stream,
+        )
+    }
+}
+
 /// Compares element-wise; `tol(i, want)` gives the allowed absolute difference. NaN must match
 /// NaN and an infinity the same infinity.
 fn compare(what: &str, got: &[f64], want: &[f64], tol: impl Fn(usize, f64) -> f64) {
@@ -460,21 +486,8 @@ fn cpu_forward(p: &Problem) -> RowOutputs {
         .iter_mut()
         .map(|b| host_desc(b, Dt::F32.dl(), &[p.n]))
         .collect();
-    let (a, rest) = o.split_at_mut(1);
-    let (b, c) = rest.split_at_mut(1);
-    // SAFETY: every descriptor points at live host memory of its stated shape.
     ok(
-        unsafe {
-            calibrl_logits_forward(
-                lg.p(),
-                lb.p(),
-                p.temperature,
-                a[0].m(),
-                b[0].m(),
-                c[0].m(),
-                std::ptr::null_mut(),
-            )
-        },
+        forward_into(&lg, &lb, p.temperature, &mut o, std::ptr::null_mut()),
         "cpu forward",
     );
     drop(o);
@@ -607,21 +620,14 @@ fn gpu_forward(g: &Gpu, p: &Problem, logits: &DevBuf, rows: &DevRows) -> (RowOut
         .iter()
         .map(|b| b.desc(g, Dt::F32.dl(), &[p.n], None, 0))
         .collect();
-    let (a, rest) = o.split_at_mut(1);
-    let (b, c) = rest.split_at_mut(1);
-    // SAFETY: every descriptor points at live device memory of its stated shape.
     ok(
-        unsafe {
-            calibrl_logits_forward(
-                lg.p(),
-                lb.p(),
-                p.temperature,
-                a[0].m(),
-                b[0].m(),
-                c[0].m(),
-                g.stream.cu_stream() as *mut c_void,
-            )
-        },
+        forward_into(
+            &lg,
+            &lb,
+            p.temperature,
+            &mut o,
+            g.stream.cu_stream() as *mut c_void,
+        ),
         "gpu forward",
     );
     let raw: Vec<Vec<u8>> = outs.iter().map(|b| b.download(g)).collect();
@@ -1047,21 +1053,8 @@ fn other_row_dtypes_match_cpu() {
             .zip(dts)
             .map(|(b, d)| host_desc(b, d.dl(), &[n]))
             .collect();
-        let (a, rest) = o.split_at_mut(1);
-        let (b, c) = rest.split_at_mut(1);
-        // SAFETY: host descriptors over live buffers.
         ok(
-            unsafe {
-                calibrl_logits_forward(
-                    lg.p(),
-                    lb.p(),
-                    1.0,
-                    a[0].m(),
-                    b[0].m(),
-                    c[0].m(),
-                    std::ptr::null_mut(),
-                )
-            },
+            forward_into(&lg, &lb, 1.0, &mut o, std::ptr::null_mut()),
             "cpu",
         );
         drop(o);
@@ -1081,21 +1074,8 @@ fn other_row_dtypes_match_cpu() {
             .zip(dts)
             .map(|(b, d)| b.desc(g, d.dl(), &[n], None, 0))
             .collect();
-        let (a, rest) = o.split_at_mut(1);
-        let (b, c) = rest.split_at_mut(1);
-        // SAFETY: device descriptors over live buffers.
         ok(
-            unsafe {
-                calibrl_logits_forward(
-                    lg.p(),
-                    lb.p(),
-                    1.0,
-                    a[0].m(),
-                    b[0].m(),
-                    c[0].m(),
-                    g.stream.cu_stream() as *mut c_void,
-                )
-            },
+            forward_into(&lg, &lb, 1.0, &mut o, g.stream.cu_stream() as *mut c_void),
             "gpu",
         );
         drop(o);
@@ -1214,21 +1194,8 @@ fn non_finite_logits_give_nan_rows_on_cuda() {
         .iter()
         .map(|b| b.desc(g, Dt::F32.dl(), &[n], None, 0))
         .collect();
-    let (a, rest) = o.split_at_mut(1);
-    let (b, c) = rest.split_at_mut(1);
-    // SAFETY: device descriptors over live buffers.
     ok(
-        unsafe {
-            calibrl_logits_forward(
-                lg.p(),
-                lb.p(),
-                1.0,
-                a[0].m(),
-                b[0].m(),
-                c[0].m(),
-                g.stream.cu_stream() as *mut c_void,
-            )
-        },
+        forward_into(&lg, &lb, 1.0, &mut o, g.stream.cu_stream() as *mut c_void),
         "gpu forward",
     );
     drop(o);

@@ -199,9 +199,12 @@ fn crate_paths_point_down_the_layers() {
     assert!(violations.is_empty(), "{}", violations.join("\n"));
 }
 
+/// A module directory (its path) and a file's name in it (a child's name, or "mod").
+type Role = (Vec<String>, String);
+
 /// The directories a file belongs to and its name in each: a file `a/b.rs` is child `b` of
 /// `a`; a `a/b/mod.rs` is "mod" of `a/b` and child `b` of `a`.
-fn roles(module: &[String], file: &Path) -> Vec<(Vec<String>, String)> {
+fn roles(module: &[String], file: &Path) -> Vec<Role> {
     let is_mod = file.file_name().is_some_and(|f| f == "mod.rs");
     let mut out = Vec::new();
     if is_mod {
@@ -227,7 +230,7 @@ fn files_of_a_module_import_each_other_without_a_circle() {
     // `pub use child::…` or a call; the `mod child;` declaration itself is no import).
     let mut graphs: BTreeMap<Vec<String>, BTreeMap<String, BTreeSet<String>>> = BTreeMap::new();
     let mut children: BTreeMap<Vec<String>, BTreeSet<String>> = BTreeMap::new();
-    let roles: Vec<(&PathBuf, Vec<(Vec<String>, String)>)> = files
+    let roles: Vec<(&PathBuf, Vec<Role>)> = files
         .iter()
         .map(|file| (file, roles(&module_path(&src, file), file)))
         .collect();

@@ -9,6 +9,8 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 impl Config {
+    /// Parses JSON: an object whose optional `"preset"` key picks the starting point (default
+    /// `paper`) and whose other keys override fields. Errors name the key.
     pub fn from_json(text: &str) -> Result<Config> {
         let Entries(map) = serde_json::from_str(text).map_err(|e| {
             Error::new(

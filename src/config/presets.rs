@@ -130,9 +130,6 @@ impl Config {
         }
     }
 
-    /// Parses JSON: an object whose optional `"preset"` key picks the starting point (default
-    /// `paper`) and whose other keys override fields. Errors name the key.
-
     /// λ as it applies: zero unless the loss kind is CalibRL.
     pub fn effective_lambda(&self) -> f64 {
         if self.loss == LossKind::Calibrl {
