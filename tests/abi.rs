@@ -723,7 +723,9 @@ fn loss_bad_input_of_every_kind() {
         ),
     ];
     // A NaN or infinity at a counted position of a float input: named, nothing written.
-    let non_finite: [(&str, &str, fn(&mut LossBufs) -> &mut Tensor, usize, f64); 8] = [
+    // (what, the argument named, which tensor, the element, the value put there)
+    type Field = fn(&mut LossBufs) -> &mut Tensor;
+    let non_finite: [(&str, &str, Field, usize, f64); 8] = [
         ("NaN logprobs", "logprobs", |b| &mut b.logp, 5, f64::NAN),
         (
             "inf logprobs",
