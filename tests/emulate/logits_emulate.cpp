@@ -20,22 +20,8 @@
 
 #include "cuda_host.h"
 
-#define CALIBRL_HOST_EMULATION
-inline float ex2(float x) {
-    const float y = std::exp2(x);
-    return std::fpclassify(y) == FP_SUBNORMAL ? 0.f : y;  // .ftz
-}
-inline float f16_to_f32(unsigned short h) {
-    _Float16 v;
-    std::memcpy(&v, &h, 2);
-    return (float)v;
-}
-inline unsigned short f32_to_f16(float f) {
-    const _Float16 v = (_Float16)f;
-    unsigned short h;
-    std::memcpy(&h, &v, 2);
-    return h;
-}
+// The PTX-only conversions (and ex2.approx.ftz) on the host, shared with the emulated driver.
+#include "driver/host_cvt.h"
 
 #include "../../cuda/logits.cu"
 
