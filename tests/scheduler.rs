@@ -1181,61 +1181,39 @@ fn c_abi_rejects_bad_input_with_named_arguments() {
         assert_eq!(last_error(), "");
         let mut n = 0;
         let mut ids = [0i64; 1];
-        assert_eq!(
-            calibrl_plan_nograd_microbatch(
-                plan,
-                2,
-                0,
-                ids.as_mut_ptr(),
-                std::ptr::null_mut(),
-                1,
-                &mut n
+        let (ids_ptr, n_ptr): (*mut i64, *mut usize) = (ids.as_mut_ptr(), &mut n);
+        let null = std::ptr::null_mut();
+        // (the call, the argument its message must name); each is refused as invalid.
+        let bad_queries: [(&dyn Fn() -> CalibrlStatus, &str); 6] = [
+            (
+                &|| calibrl_plan_nograd_microbatch(plan, 2, 0, ids_ptr, null, 1, n_ptr),
+                "`rank`",
             ),
-            inv
-        );
-        assert!(last_error().contains("`rank`"));
-        assert_eq!(
-            calibrl_plan_nograd_microbatch(
-                plan,
-                0,
-                1000,
-                ids.as_mut_ptr(),
-                std::ptr::null_mut(),
-                1,
-                &mut n
+            (
+                &|| calibrl_plan_nograd_microbatch(plan, 0, 1000, ids_ptr, null, 1, n_ptr),
+                "`mb`",
             ),
-            inv
-        );
-        assert!(last_error().contains("`mb`"));
-        assert_eq!(
-            calibrl_plan_train_microbatch(
-                plan,
-                5,
-                0,
-                0,
-                ids.as_mut_ptr(),
-                std::ptr::null_mut(),
-                1,
-                &mut n
+            (
+                &|| calibrl_plan_train_microbatch(plan, 5, 0, 0, ids_ptr, null, 1, n_ptr),
+                "`minibatch`",
             ),
-            inv
-        );
-        assert!(last_error().contains("`minibatch`"));
-        assert_eq!(
-            calibrl_plan_normalizers(plan, 2, &mut CalibrlNormalizers::default()),
-            inv
-        );
-        assert!(last_error().contains("`minibatch`"));
-        assert_eq!(
-            calibrl_plan_seq(plan, 4, &mut CalibrlSeqInfo::default()),
-            inv
-        );
-        assert!(last_error().contains("`seq_id`"));
-        assert_eq!(
-            calibrl_plan_oversize(plan, 7, std::ptr::null_mut(), 0, &mut n),
-            inv
-        );
-        assert!(last_error().contains("`pass`"));
+            (
+                &|| calibrl_plan_normalizers(plan, 2, &mut CalibrlNormalizers::default()),
+                "`minibatch`",
+            ),
+            (
+                &|| calibrl_plan_seq(plan, 4, &mut CalibrlSeqInfo::default()),
+                "`seq_id`",
+            ),
+            (
+                &|| calibrl_plan_oversize(plan, 7, std::ptr::null_mut(), 0, n_ptr),
+                "`pass`",
+            ),
+        ];
+        for (query, needle) in bad_queries {
+            assert_eq!(query(), inv, "{needle}");
+            assert!(last_error().contains(needle), "{needle}: {}", last_error());
+        }
         let mut gather = [5i64; 2];
         assert_eq!(
             calibrl_plan_gather_map(plan, gather.as_mut_ptr(), 2, &mut n),
