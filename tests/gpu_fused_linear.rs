@@ -480,8 +480,10 @@ fn run(
 }
 
 /// Each element within `tol × max|want|` of the CPU's (NaN nowhere: the CPU's are finite).
-fn compare(what: &str, got: &Outputs, want: &Outputs, tol: impl Fn(&str) -> f64) {
+/// Returns the largest |diff| / (tol × scale) seen (≤ 1).
+fn compare(what: &str, got: &Outputs, want: &Outputs, tol: impl Fn(&str) -> f64) -> f64 {
     assert_eq!(got.len(), want.len());
+    let mut used = 0f64;
     for ((name, g), (_, w)) in got.iter().zip(want) {
         let tol = tol(name);
         let scale = w.iter().fold(1e-3f64, |a, &x| a.max(x.abs()));
@@ -508,11 +510,13 @@ fn compare(what: &str, got: &Outputs, want: &Outputs, tol: impl Fn(&str) -> f64)
             w[worst.0],
             worst.1
         );
+        used = used.max(worst.1 / (tol * scale));
     }
+    used
 }
 
-/// The CUDA call against the CPU backend's.
-fn check(p: &Problem, s: &Setup, op: &Op, g: &'static Gpu) {
+/// The CUDA call against the CPU backend's; the largest fraction of the tolerance used.
+fn check(p: &Problem, s: &Setup, op: &Op, g: &'static Gpu) -> f64 {
     let what = format!("{op:?} n={} h={} v={} {s:?}", p.n, p.h, p.v);
     let what = &what[..what.len().min(300)];
     let want = run(None, p, s, op).unwrap_or_else(|e| panic!("{what}: cpu {e:?}"));
@@ -526,7 +530,14 @@ fn check(p: &Problem, s: &Setup, op: &Op, g: &'static Gpu) {
         };
         s.dt.tol().max(out.tol())
     };
-    compare(what, &got, &want, tol);
+    compare(what, &got, &want, tol)
+}
+
+/// Prints the largest fraction of the tolerance a test used, per input dtype.
+fn report(test: &str, used: &[(Dt, f64)]) {
+    for (dt, u) in used {
+        println!("{test}: {dt:?}: largest |cuda - cpu| = {u:.3} of the tolerance");
+    }
 }
 
 fn shapes() -> Vec<(usize, usize, usize)> {
@@ -544,7 +555,9 @@ fn shapes() -> Vec<(usize, usize, usize)> {
 fn every_dtype_shape_and_chunk_matches_cpu() {
     let (g, _guard) = require_gpu!();
     let mut rng = Rng::new(33);
+    let mut used = Vec::new();
     for dt in [Dt::Bf16, Dt::F16, Dt::F32] {
+        let mut u = 0f64;
         for shape in shapes() {
             let p = Problem::new(&mut rng, shape, dt);
             let n = shape.0 as i64;
@@ -553,23 +566,25 @@ fn every_dtype_shape_and_chunk_matches_cpu() {
                 s.chunk = chunk;
                 s.bias = chunk != 3;
                 s.temperature = if chunk == 1 { 0.7 } else { 1.0 };
-                check(&p, &s, &Op::Forward, g);
+                u = u.max(check(&p, &s, &Op::Forward, g));
                 let saved = Op::Backward;
-                check(&p, &s, &saved, g);
+                u = u.max(check(&p, &s, &saved, g));
                 s.accumulate = true;
                 s.grad_entropy = chunk != n;
-                check(&p, &s, &saved, g);
-                check(&p, &s, &Op::ForwardBackward, g);
+                u = u.max(check(&p, &s, &saved, g));
+                u = u.max(check(&p, &s, &Op::ForwardBackward, g));
                 // d_hidden in the inputs' dtype, [N] tensors in other dtypes.
                 if dt != Dt::F32 {
                     s.d_hidden = dt;
                 }
                 s.rows = if chunk == 1 { Dt::F64 } else { Dt::Bf16 };
                 s.accumulate = false;
-                check(&p, &s, &Op::ForwardBackward, g);
+                u = u.max(check(&p, &s, &Op::ForwardBackward, g));
             }
         }
+        used.push((dt, u));
     }
+    report("every dtype, shape and chunk", &used);
 }
 
 #[test]
@@ -577,7 +592,9 @@ fn every_dtype_shape_and_chunk_matches_cpu() {
 fn vocabulary_shards_match_cpu() {
     let (g, _guard) = require_gpu!();
     let mut rng = Rng::new(34);
+    let mut used = Vec::new();
     for dt in [Dt::Bf16, Dt::F32] {
+        let mut u = 0f64;
         let p = Problem::new(&mut rng, (11, 9, 61), dt);
         let saved = Op::Backward;
         for shard in [(0, 20), (20, 30), (50, 11)] {
@@ -585,11 +602,13 @@ fn vocabulary_shards_match_cpu() {
                 let mut s = Setup::new(dt);
                 s.shard = Some(shard);
                 s.chunk = chunk;
-                check(&p, &s, &Op::ShardStats, g);
-                check(&p, &s, &saved, g);
+                u = u.max(check(&p, &s, &Op::ShardStats, g));
+                u = u.max(check(&p, &s, &saved, g));
             }
         }
+        used.push((dt, u));
     }
+    report("vocabulary shards", &used);
 }
 
 #[test]
