@@ -428,6 +428,9 @@ fn run(
     }
     if st != CalibrlStatus::Ok {
         let msg = last_error();
+        // A refused call writes nothing; a CUDA / cuBLAS failure in the middle of the pass
+        // (queued work already ran) cannot be undone.
+        let refused = st != CalibrlStatus::CudaError;
         for (name, b, before) in [
             ("logprobs", &lp, &nan_rows),
             ("entropy", &ent, &nan_rows),
