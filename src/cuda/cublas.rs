@@ -138,19 +138,19 @@ impl Api {
             lib.symbol(name)
                 .ok_or_else(|| format!("{place} has no `{name}` (cuBLAS older than 11.4.2?)"))
         };
-        // SAFETY: the signatures of cublas_api.h (cuBLAS 11.4.2 … 13.x) for these names.
-        unsafe {
-            Ok(Api {
-                create: std::mem::transmute::<*mut c_void, _>(sym("cublasCreate_v2")?),
-                set_stream: std::mem::transmute::<*mut c_void, _>(sym("cublasSetStream_v2")?),
-                set_workspace: std::mem::transmute::<*mut c_void, _>(sym("cublasSetWorkspace_v2")?),
-                gemm_ex: std::mem::transmute::<*mut c_void, _>(sym("cublasGemmEx")?),
-                status_string: lib
-                    .symbol("cublasGetStatusString")
-                    .map(|p| std::mem::transmute::<*mut c_void, _>(p)),
-                place,
-            })
+        // SAFETY (each `f` below): the signatures of cublas_api.h (cuBLAS 11.4.2 … 13.x) for
+        // these names; a function pointer has the size of a data pointer.
+        fn f<F>(p: *mut c_void) -> F {
+            unsafe { std::mem::transmute_copy(&p) }
         }
+        Ok(Api {
+            create: f(sym("cublasCreate_v2")?),
+            set_stream: f(sym("cublasSetStream_v2")?),
+            set_workspace: f(sym("cublasSetWorkspace_v2")?),
+            gemm_ex: f(sym("cublasGemmEx")?),
+            status_string: lib.symbol("cublasGetStatusString").map(f),
+            place,
+        })
     }
 
     fn check(&self, call: &str, status: Status) -> Result<()> {
@@ -255,9 +255,7 @@ impl Session {
             .unwrap_or_else(|p| p.into_inner());
         let h = guard.0;
         // SAFETY: a live handle; the stream is the caller's (NULL: the legacy default stream).
-        api.check("cublasSetStream", unsafe {
-            (api.set_stream)(h, stream as *mut c_void)
-        })?;
+        api.check("cublasSetStream", unsafe { (api.set_stream)(h, stream) })?;
         // SAFETY: `bytes` of the caller's device workspace, reserved for cuBLAS in this call.
         api.check("cublasSetWorkspace", unsafe {
             (api.set_workspace)(h, workspace as *mut c_void, bytes)
