@@ -300,36 +300,43 @@ impl<'i, 'a> Pass<'i, 'a> {
     }
 }
 
-pub fn forward(args: &LinearForward, ordinal: i32, stream: Stream) -> Result<()> {
-    let pass = Pass::new(&args.input, ordinal, stream)?;
-    if args.input.bias.is_some() {
+/// A pass without gradients: GEMM 1, then `kernel` on each chunk's logits.
+fn statistics_pass<'a>(
+    input: &LinearInput<'a>,
+    ordinal: i32,
+    stream: Stream,
+    kernel: impl Fn(LogitsInput<'a>, usize, usize) -> Result<()>,
+) -> Result<()> {
+    let pass = Pass::new(input, ordinal, stream)?;
+    if input.bias.is_some() {
         pass.fill_ones()?;
     }
     for (k0, rows) in pass.chunks() {
-        let f = Forward {
-            input: pass.logits(k0, rows)?,
-            logprobs: rows_of(&args.logprobs, k0, rows),
-            entropy: args.entropy.as_ref().map(|t| rows_of(t, k0, rows)),
-            lse: rows_of(&args.lse, k0, rows),
-        };
-        super::logits::forward(&f, pass.ordinal, pass.stream)?;
+        kernel(pass.logits(k0, rows)?, k0, rows)?;
     }
     Ok(())
 }
 
+pub fn forward(args: &LinearForward, ordinal: i32, stream: Stream) -> Result<()> {
+    statistics_pass(&args.input, ordinal, stream, |input, k0, rows| {
+        let f = Forward {
+            input,
+            logprobs: rows_of(&args.logprobs, k0, rows),
+            entropy: args.entropy.as_ref().map(|t| rows_of(t, k0, rows)),
+            lse: rows_of(&args.lse, k0, rows),
+        };
+        super::logits::forward(&f, ordinal, stream)
+    })
+}
+
 pub fn shard_stats(args: &LinearShardStats, ordinal: i32, stream: Stream) -> Result<()> {
-    let pass = Pass::new(&args.input, ordinal, stream)?;
-    if args.input.bias.is_some() {
-        pass.fill_ones()?;
-    }
-    for (k0, rows) in pass.chunks() {
+    statistics_pass(&args.input, ordinal, stream, |input, k0, rows| {
         let s = ShardStats {
-            input: pass.logits(k0, rows)?,
+            input,
             stats: rows_of(&args.stats, k0, rows),
         };
-        super::logits::shard_stats(&s, pass.ordinal, pass.stream)?;
-    }
-    Ok(())
+        super::logits::shard_stats(&s, ordinal, stream)
+    })
 }
 
 pub fn backward(args: &LinearBackward, ordinal: i32, stream: Stream) -> Result<()> {
