@@ -59,6 +59,34 @@ fn require_element_aligned(t: &Tensor) -> Result<()> {
     Ok(())
 }
 
+/// The gradient outputs' CUDA rules (checked before anything is queued).
+fn check_grads(input: &LinearInput, grads: &LinearGrads) -> Result<()> {
+    let dtype = input.hidden.dtype;
+    let dh = grads.d_hidden.dtype;
+    if !(dh == DType::F32 || (dh == dtype && dtype != DType::F32)) {
+        return Err(Error::dtype(
+            "d_hidden",
+            format!(
+                "is {} but on CUDA it must be float32 or the hidden states' dtype ({}), \
+                 what cuBLAS writes",
+                dh.name(),
+                dtype.name()
+            ),
+        ));
+    }
+    for t in [
+        Some(&grads.d_hidden),
+        Some(&grads.d_weight),
+        grads.d_bias.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        require_element_aligned(t)?;
+    }
+    Ok(())
+}
+
 /// One call's state: the device's context made current, the cuBLAS handle bound to the
 /// caller's stream and workspace, and the workspace layout.
 struct Pass<'i, 'a> {
@@ -249,32 +277,9 @@ impl<'i, 'a> Pass<'i, 'a> {
         (0..n).step_by(c).map(move |k0| (k0, c.min(n - k0)))
     }
 
-    /// The gradient outputs' CUDA rules; zeroes `d_weight` / `d_bias` for an overwrite with no
-    /// tokens (no chunk runs then).
+    /// Fills the ones and zeroes `d_weight` / `d_bias` for an overwrite with no tokens (no
+    /// chunk runs then).
     fn prepare_grads(&self, grads: &LinearGrads) -> Result<()> {
-        let dtype = self.input.hidden.dtype;
-        let dh = grads.d_hidden.dtype;
-        if !(dh == DType::F32 || (dh == dtype && dtype != DType::F32)) {
-            return Err(Error::dtype(
-                "d_hidden",
-                format!(
-                    "is {} but on CUDA it must be float32 or the hidden states' dtype ({}), \
-                     what cuBLAS writes",
-                    dh.name(),
-                    dtype.name()
-                ),
-            ));
-        }
-        for t in [
-            Some(&grads.d_hidden),
-            Some(&grads.d_weight),
-            grads.d_bias.as_ref(),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            require_element_aligned(t)?;
-        }
         if self.input.bias.is_some() {
             self.fill_ones()?;
         }
@@ -340,6 +345,7 @@ pub fn shard_stats(args: &LinearShardStats, ordinal: i32, stream: Stream) -> Res
 }
 
 pub fn backward(args: &LinearBackward, ordinal: i32, stream: Stream) -> Result<()> {
+    check_grads(&args.input, &args.grads)?;
     let pass = Pass::new(&args.input, ordinal, stream)?;
     pass.prepare_grads(&args.grads)?;
     for (k0, rows) in pass.chunks() {
@@ -371,6 +377,7 @@ pub fn forward_backward<'a>(
     ordinal: i32,
     stream: Stream,
 ) -> Result<()> {
+    check_grads(&args.input, &args.grads)?;
     let pass = Pass::new(&args.input, ordinal, stream)?;
     pass.prepare_grads(&args.grads)?;
     let layout = pass.layout;
