@@ -37,7 +37,7 @@ pub fn workspace_bytes(chunk: usize, v: usize) -> Result<usize> {
 /// Bytes NVIDIA recommends giving cuBLAS as its workspace on Hopper (cuBLAS documentation,
 /// `cublasSetWorkspace`: 32 MiB on Hopper, 4 MiB elsewhere); the CUDA backend passes this part
 /// of the caller's workspace to cuBLAS so that cuBLAS never allocates.
-pub const CUBLAS_WORKSPACE_BYTES: usize = 32 << 20;
+pub(crate) const CUBLAS_WORKSPACE_BYTES: usize = 32 << 20;
 
 /// The CUDA backend's workspace, in byte offsets from its (16-byte aligned) start: the chunk's
 /// logits in the input dtype `[chunk, ld]` (rows padded to 16 bytes), a vector of ones
