@@ -264,6 +264,7 @@ struct Setup {
     shard: Option<(usize, usize)>,
     /// Added to the queried workspace size.
     workspace_delta: isize,
+    labels_i32: bool,
 }
 
 impl Setup {
@@ -279,6 +280,7 @@ impl Setup {
             grad_entropy: true,
             shard: None,
             workspace_delta: 0,
+            labels_i32: false,
         }
     }
 }
@@ -313,8 +315,17 @@ fn run(
         &[vl, h],
     );
     let bias = Buf::new(g, &dt.encode(&p.bias[vs..vs + vl]), dt.dl(), &[vl]);
-    let labels_bytes: Vec<u8> = p.labels.iter().flat_map(|l| l.to_le_bytes()).collect();
-    let labels = Buf::new(g, &labels_bytes, I64, &[n]);
+    let labels = if s.labels_i32 {
+        let bytes: Vec<u8> = p
+            .labels
+            .iter()
+            .flat_map(|&l| (l as i32).to_le_bytes())
+            .collect();
+        Buf::new(g, &bytes, DLDataType { bits: 32, ..I64 }, &[n])
+    } else {
+        let bytes: Vec<u8> = p.labels.iter().flat_map(|l| l.to_le_bytes()).collect();
+        Buf::new(g, &bytes, I64, &[n])
+    };
     let mut bytes = 0usize;
     // SAFETY: valid descriptors and out-pointer.
     let st =
@@ -568,6 +579,7 @@ fn every_dtype_shape_and_chunk_matches_cpu() {
                 let mut s = Setup::new(dt);
                 s.chunk = chunk;
                 s.bias = chunk != 3;
+                s.labels_i32 = chunk == 3;
                 s.temperature = if chunk == 1 { 0.7 } else { 1.0 };
                 u = u.max(check(&p, &s, &Op::Forward, g));
                 let saved = Op::Backward;
@@ -612,6 +624,28 @@ fn vocabulary_shards_match_cpu() {
         used.push((dt, u));
     }
     report("vocabulary shards", &used);
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU; run with --include-ignored on a GPU machine (scripts/gpu-check.sh does)"]
+fn no_tokens_overwrite_zeroes_and_accumulate_keeps_the_gradients() {
+    let (g, _guard) = require_gpu!();
+    let mut rng = Rng::new(37);
+    let p = Problem::new(&mut rng, (0, 3, 5), Dt::Bf16);
+    let mut s = Setup::new(Dt::Bf16);
+    for accumulate in [false, true] {
+        s.accumulate = accumulate;
+        check(&p, &s, &Op::ForwardBackward, g);
+        check(&p, &s, &Op::Backward, g);
+        let got = run(Some(g), &p, &s, &Op::ForwardBackward).unwrap();
+        let dw = &got.iter().find(|(n, _)| *n == "d_weight").unwrap().1;
+        let want = if accumulate {
+            p.d_weight0.clone()
+        } else {
+            vec![0.0; 15]
+        };
+        assert_eq!(dw, &want, "accumulate {accumulate}");
+    }
 }
 
 #[test]
