@@ -186,13 +186,21 @@ struct Prepared {
     weight_max: f64,
 }
 
-/// Row norms and largest magnitudes of a `[rows, h]` tensor, failing on NaN / ±inf.
-fn scan_rows(t: &Tensor, rows: usize, h: usize, stride: usize) -> Result<(Vec<f64>, Vec<f64>)> {
-    let mut norm = try_vec(rows, 0f64, t.name)?;
-    let mut max = try_vec(rows, 0f64, t.name)?;
+/// Norms and largest magnitudes of the rows of a `[rows, h]` tensor, failing on NaN / ±inf:
+/// per row into `per_row` (norms, maxima) when given, and their maxima returned either way
+/// (the weight needs only those: no `[V]` vectors).
+fn scan_rows(
+    t: &Tensor,
+    rows: usize,
+    h: usize,
+    stride: usize,
+    per_row: Option<(&mut [f64], &mut [f64])>,
+) -> Result<(f64, f64)> {
     let bad = std::sync::atomic::AtomicUsize::new(usize::MAX);
-    let (pn, pm) = (SyncPtr(norm.as_mut_ptr()), SyncPtr(max.as_mut_ptr()));
+    let maxima = std::sync::Mutex::new((0f64, 0f64));
+    let out = per_row.map(|(n, m)| (SyncPtr(n.as_mut_ptr()), SyncPtr(m.as_mut_ptr())));
     for_row_chunks_with_scratch(rows, min_items(h), h, |b, e, row| {
+        let (mut norm_max, mut abs_max) = (0f64, 0f64);
         for k in b..e {
             unsafe { load_f32(t, k * stride, &mut row[..h]) };
             let (mut s, mut m) = (0f64, 0f32);
@@ -203,11 +211,17 @@ fn scan_rows(t: &Tensor, rows: usize, h: usize, stride: usize) -> Result<(Vec<f6
             if !s.is_finite() || row[..h].iter().any(|x| !x.is_finite()) {
                 bad.fetch_min(k, std::sync::atomic::Ordering::Relaxed);
             }
-            unsafe {
-                *pn.get().add(k) = s.sqrt();
-                *pm.get().add(k) = m as f64;
+            let norm = s.sqrt();
+            (norm_max, abs_max) = (norm_max.max(norm), abs_max.max(m as f64));
+            if let Some((pn, pm)) = out {
+                unsafe {
+                    *pn.get().add(k) = norm;
+                    *pm.get().add(k) = m as f64;
+                }
             }
         }
+        let mut g = maxima.lock().unwrap_or_else(|p| p.into_inner());
+        *g = (g.0.max(norm_max), g.1.max(abs_max));
     })
     .map_err(|_| out_of_memory(t.name))?;
     let bad = bad.into_inner();
@@ -217,7 +231,7 @@ fn scan_rows(t: &Tensor, rows: usize, h: usize, stride: usize) -> Result<(Vec<f6
             format!("`{}`: row {bad} holds NaN or infinity", t.name),
         ));
     }
-    Ok((norm, max))
+    Ok(maxima.into_inner().unwrap_or_else(|p| p.into_inner()))
 }
 
 fn prepare(input: &LinearInput, full_vocab: bool) -> Result<Prepared> {
@@ -245,11 +259,11 @@ fn prepare(input: &LinearInput, full_vocab: bool) -> Result<Prepared> {
         ),
         None => None,
     };
-    let (hidden_norm, hidden_max) =
-        scan_rows(&input.hidden, input.n, input.h, input.hidden_stride)?;
-    let (weight_norm, weight_max) =
-        scan_rows(&input.weight, input.v, input.h, input.weight_stride)?;
-    let wn = weight_norm.iter().fold(0f64, |a, &b| a.max(b));
+    let mut hidden_norm = try_vec(input.n, 0f64, "hidden")?;
+    let mut hidden_max = try_vec(input.n, 0f64, "hidden")?;
+    let per_row = Some((&mut hidden_norm[..], &mut hidden_max[..]));
+    scan_rows(&input.hidden, input.n, input.h, input.hidden_stride, per_row)?;
+    let (wn, weight_max) = scan_rows(&input.weight, input.v, input.h, input.weight_stride, None)?;
     let bmax = bias
         .as_ref()
         .map_or(0.0, |b| b.iter().fold(0f64, |a, &x| a.max(x.abs() as f64)));
@@ -273,7 +287,7 @@ fn prepare(input: &LinearInput, full_vocab: bool) -> Result<Prepared> {
         local,
         bias,
         hidden_max,
-        weight_max: weight_max.iter().fold(0f64, |a, &b| a.max(b)),
+        weight_max,
     })
 }
 
@@ -479,13 +493,9 @@ fn check_gradient_range(
     }
     if grads.accumulate {
         // What is accumulated into must be finite (NaN would survive the sum, and `max` skips it).
-        let dw0 = grads.d_weight.read_finite_f64()?;
-        dw += dw0.iter().fold(0f64, |a, &x| a.max(x.abs()));
+        dw += max_abs_finite(&grads.d_weight)?;
         if let Some(t) = &grads.d_bias {
-            db += t
-                .read_finite_f64()?
-                .iter()
-                .fold(0f64, |a, &x| a.max(x.abs()));
+            db += max_abs_finite(t)?;
         }
     }
     let dh_max = match grads.d_hidden.dtype {
@@ -514,6 +524,23 @@ fn check_gradient_range(
         }
     }
     Ok(())
+}
+
+/// Largest |x| of a contiguous float32 gradient output (validated so by `LinearGrads`), read in
+/// place: a float64 copy of `d_weight` would be 8·V·H bytes of working memory.
+fn max_abs_finite(t: &Tensor) -> Result<f64> {
+    if t.numel() == 0 {
+        return Ok(0.0);
+    }
+    let values = unsafe { std::slice::from_raw_parts(t.ptr as *const f32, t.numel()) };
+    let mut max = 0f32;
+    for (i, &x) in values.iter().enumerate() {
+        if !x.is_finite() {
+            return Err(Error::non_finite(t.name, i, x as f64));
+        }
+        max = max.max(x.abs());
+    }
+    Ok(max as f64)
 }
 
 /// What the per-row step of a chunk does.
@@ -600,12 +627,10 @@ fn run_pass(
     }
     if let Some(grads) = grads {
         if n == 0 && !grads.accumulate {
-            // No chunk ran: "overwrite" still means zero.
-            grads
-                .d_weight
-                .write_f64(&try_vec(v * h, 0.0, "d_weight")?)?;
-            if let Some(db) = &grads.d_bias {
-                db.write_f64(&try_vec(v, 0.0, "d_bias")?)?;
+            // No chunk ran: "overwrite" still means zero (float32, contiguous: validated).
+            let outputs = [Some(&grads.d_weight), grads.d_bias.as_ref()];
+            for t in outputs.into_iter().flatten().filter(|t| t.numel() > 0) {
+                unsafe { std::slice::from_raw_parts_mut(t.ptr as *mut f32, t.numel()) }.fill(0.0);
             }
         }
     }
