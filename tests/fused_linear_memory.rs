@@ -63,10 +63,14 @@ fn measure(call: Call, (n, h, v): (usize, usize, usize), chunk: usize, dt: Dt) -
     let hid = Tensor::new(&hidden, &[n, h], dt);
     let w = Tensor::new(&weight, &[v, h], dt);
     let lab = Tensor::ints(&labels, &[n], Dt::I64);
-    let (gt, ht) = (Tensor::new(&g, &[n], Dt::F32), Tensor::new(&g, &[n], Dt::F32));
+    let (gt, ht) = (
+        Tensor::new(&g, &[n], Dt::F32),
+        Tensor::new(&g, &[n], Dt::F32),
+    );
     let mut bytes = 0usize;
-    let st =
-        unsafe { calibrl_fused_linear_workspace_size(hid.lib(), w.lib(), chunk as i64, &mut bytes) };
+    let st = unsafe {
+        calibrl_fused_linear_workspace_size(hid.lib(), w.lib(), chunk as i64, &mut bytes)
+    };
     assert_eq!(st as i32, 0);
     let mut ws = Tensor::filled(0.0, &[bytes + 16], Dt::U8);
     let off = (16 - (ws.desc.data as usize % 16)) % 16; // 16-byte aligned, as the ABI asks
@@ -128,9 +132,9 @@ fn measure(call: Call, (n, h, v): (usize, usize, usize), chunk: usize, dt: Dt) -
         assert_eq!(st as i32, 0, "{call:?}: {}", last_error());
     };
     run(); // warm-up (and the saved lse / entropy for the backward)
-    // The worker threads' thread-local buffers (the gemm crate's) are freed by their TLS
-    // destructors, which may run after the scope has joined: let them finish first, so that
-    // their frees do not land inside the measured call.
+           // The worker threads' thread-local buffers (the gemm crate's) are freed by their TLS
+           // destructors, which may run after the scope has joined: let them finish first, so that
+           // their frees do not land inside the measured call.
     std::thread::sleep(std::time::Duration::from_millis(100));
     peak_extra(run)
 }
@@ -138,7 +142,7 @@ fn measure(call: Call, (n, h, v): (usize, usize, usize), chunk: usize, dt: Dt) -
 /// What the gemm crate may hold per thread during one GEMM: its thread-local slab of one L2
 /// cache (1 MiB here; ≤ 2 MiB on current x86-64) and a packed block of at most
 /// kc × max(chunk, vocabulary block) float32 with kc ≤ 512 (≤ 4 MiB for the block sizes of
-/// src/cpu/linear). Measured: ≤ 3 MiB per thread at N = 1024, H = 512, V = 32000, chunk 256.
+/// src/cpu/linear/gemm.rs). Measured: ≤ 3 MiB per thread at N = 1024, H = 512, V = 32000, chunk 256.
 const GEMM_PER_THREAD: usize = 8 << 20;
 
 #[test]
@@ -147,7 +151,11 @@ fn working_memory_is_bounded_without_the_weight_size() {
     let threads = std::thread::available_parallelism().map_or(1, |p| p.get());
     let (n, h) = (64, 256);
     for dt in [Dt::F32, Dt::BF16] {
-        for call in [Call::Forward, Call::BackwardAccumulate, Call::ForwardBackward] {
+        for call in [
+            Call::Forward,
+            Call::BackwardAccumulate,
+            Call::ForwardBackward,
+        ] {
             for chunk in [16, 64] {
                 for v in [4096, 16384] {
                     let peak = measure(call, (n, h, v), chunk, dt);
@@ -166,7 +174,10 @@ fn working_memory_is_bounded_without_the_weight_size() {
                         bound as f64 / 1048576.0,
                         (v * h * 4) as f64 / 1048576.0
                     );
-                    assert!(peak <= bound, "{call:?} {dt:?} V = {v} chunk {chunk}: {peak} B > {bound} B");
+                    assert!(
+                        peak <= bound,
+                        "{call:?} {dt:?} V = {v} chunk {chunk}: {peak} B > {bound} B"
+                    );
                 }
             }
         }
