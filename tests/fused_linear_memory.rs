@@ -145,10 +145,44 @@ fn measure(call: Call, (n, h, v): (usize, usize, usize), chunk: usize, dt: Dt) -
 /// src/cpu/linear/gemm.rs). Measured: ≤ 3 MiB per thread at N = 1024, H = 512, V = 32000, chunk 256.
 const GEMM_PER_THREAD: usize = 8 << 20;
 
+extern "C" {
+    fn sched_getaffinity(pid: i32, size: usize, mask: *mut u64) -> i32;
+    fn sched_setaffinity(pid: i32, size: usize, mask: *const u64) -> i32;
+}
+
+/// Restricts this thread (and the threads it starts) to at most two of its CPUs, so that the
+/// per-thread terms of the bound stay small next to a `[V, H]` copy on any machine (the
+/// library sizes its thread count from `available_parallelism`, which reads this mask).
+fn at_most_two_cpus() {
+    let mut mask = [0u64; 16];
+    let size = std::mem::size_of_val(&mask);
+    if unsafe { sched_getaffinity(0, size, mask.as_mut_ptr()) } != 0 {
+        return;
+    }
+    let mut kept = 0;
+    for word in mask.iter_mut() {
+        for bit in 0..64 {
+            if *word & (1 << bit) != 0 {
+                if kept == 2 {
+                    *word &= !(1 << bit);
+                } else {
+                    kept += 1;
+                }
+            }
+        }
+    }
+    unsafe { sched_setaffinity(0, size, mask.as_ptr()) };
+}
+
 #[test]
 fn working_memory_is_bounded_without_the_weight_size() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    at_most_two_cpus();
     let threads = std::thread::available_parallelism().map_or(1, |p| p.get());
+    assert!(
+        threads <= 2,
+        "the CPU mask was not narrowed: {threads} threads"
+    );
     let (n, h) = (64, 256);
     for dt in [Dt::F32, Dt::BF16] {
         for call in [
