@@ -8,7 +8,9 @@
 #      under the `authors` preset against references in C++;
 #   2. target/emulate/libcuda.so.1, an emulated CUDA driver (tests/emulate/driver/) that runs the
 #      kernels of cuda/*.cu on the host;
-#   3. the GPU tests (tests/gpu_loss.rs, gpu_logits.rs, gpu_expert.rs) with that driver: the real
+#   2b. target/emulate/libcublas.so.13, an emulated cuBLAS (tests/emulate/cublas/) for the fused
+#      linear path's GEMMs;
+#   3. the GPU tests (tests/gpu_loss.rs, gpu_logits.rs, gpu_expert.rs, gpu_fused_linear.rs) with that driver: the real
 #      src/cuda code (argument packing, grids, workspaces) against the CPU backend, with the GPU
 #      tests' own cases and tolerances, in quick mode (CALIBRL_GPU_TEST_QUICK=1), at 2 and
 #      (the large batches) 132 emulated multiprocessors.
@@ -55,6 +57,11 @@ for pid in "${pids[@]}"; do wait "$pid"; done
 "${cxx[@]}" -fPIC -c "$out/stubs.cpp" -o "$out/stubs.o"
 "${cxx[@]}" -shared -Wl,-soname,libcuda.so.1 "$out"/{driver,loss_kernels,logits_kernels,stubs}.o -o "$out/libcuda.so.1"
 ln -sf libcuda.so.1 "$out/libcuda.so"
+# The emulated cuBLAS (tests/emulate/cublas/cublas.cpp): the GEMMs of the fused linear path,
+# checked against the emulated driver's allocations.
+echo "== emulated cuBLAS: $out/libcublas.so.13"
+"${cxx[@]}" -fPIC -shared -Wl,-soname,libcublas.so.13 tests/emulate/cublas/cublas.cpp \
+  -L"$out" -l:libcuda.so.1 -Wl,-rpath,'$ORIGIN' -o "$out/libcublas.so.13"
 
 # The GPU tests with the emulated driver first on the loader path. $1: the emulated device's
 # multiprocessors (the loss family sizes its grids by them); the rest: cargo test arguments.
@@ -73,6 +80,6 @@ gpu_tests() {
 }
 # Every test at small grids (at most 8 blocks: the kernels' grid-stride loops run many rounds),
 # then the large batches at an H100's 132 multiprocessors (grids of hundreds of blocks).
-gpu_tests "${CALIBRL_EMULATE_SMS:-2}" --test gpu_loss --test gpu_logits --test gpu_expert --
+gpu_tests "${CALIBRL_EMULATE_SMS:-2}" --test gpu_loss --test gpu_logits --test gpu_expert --test gpu_fused_linear --
 gpu_tests 132 --test gpu_loss -- large_batch
 echo "emulation: all passed"

@@ -2,9 +2,11 @@
 own schedule (``forward_backward_no_pipelining``) and ``finalize_model_grads`` on the CPU (gloo).
 
 What is not Megatron's own here, and why:
-- ``TinyLM``: a position-wise toy model (replicated embedding, vocabulary-parallel output layer)
-  with what the schedule asks of a model (``config``, ``set_input_tensor``); position-wise, so
-  context-parallel slicing needs no ring attention.
+- ``TinyLM``: a position-wise toy model (replicated embedding, Megatron's own
+  ``ColumnParallelLinear`` as the vocabulary-parallel output layer) with what the schedule asks of
+  a model (``config``, ``set_input_tensor``); position-wise, so context-parallel slicing needs no
+  ring attention. ``fused_linear=True`` applies ``skip_output_layer`` to it, as a trainer does to
+  ``GPTModel.output_layer`` for ``linear_loss_func``.
 - ``GradSync``: Megatron's ``DistributedDataParallel`` keeps its gradient buffers on CUDA, so
   this wrapper does what it does at ``finish_grad_sync`` (sum the gradients over the
   data-parallel × context-parallel group, pre-scaled by 1/size unless
@@ -29,15 +31,19 @@ import torch
 import torch.distributed as dist
 
 import calibrl
-from calibrl.integrations.megatron import loss_func, logprobs_func
+from calibrl.integrations.megatron import (
+    linear_logprobs_func, linear_loss_func, logprobs_func, loss_func, output_layer_weight, skip_output_layer,
+)
 
 
 class TinyLM(torch.nn.Module):
-    """Replicated embedding, vocabulary-parallel output layer (weight ``[V/tp, H]``)."""
+    """Replicated embedding, vocabulary-parallel output layer (``ColumnParallelLinear``, weight
+    ``[V/tp, H]``)."""
 
     def __init__(self, vocab: int, hidden: int, config, seed: int = 0):
         super().__init__()
         from megatron.core import parallel_state
+        from megatron.core.tensor_parallel import ColumnParallelLinear
 
         g = torch.Generator().manual_seed(seed)
         full_embedding = torch.randn(vocab, hidden, generator=g) * 0.5
@@ -45,22 +51,28 @@ class TinyLM(torch.nn.Module):
         tp, rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
         v = vocab // tp
         self.embedding = torch.nn.Parameter(full_embedding)
-        self.output_weight = torch.nn.Parameter(full_output[rank * v:(rank + 1) * v].clone())
-        self.config, self.tp = config, tp
+        # as GPTModel builds its output layer
+        self.output_layer = ColumnParallelLinear(hidden, vocab, config=config, init_method=torch.nn.init.zeros_,
+                                                 bias=False, skip_bias_add=False, gather_output=False)
+        with torch.no_grad():
+            self.output_layer.weight.copy_(full_output[rank * v:(rank + 1) * v])
+        self.config = config
         from megatron.core.enums import ModelType
 
         self.model_type = ModelType.encoder_or_decoder
+
+    @property
+    def output_weight(self) -> torch.nn.Parameter:
+        return self.output_layer.weight
 
     def set_input_tensor(self, input_tensor):  # no pipeline stages before this one
         pass
 
     def forward(self, tokens):
-        from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
-
         hidden = torch.tanh(self.embedding[tokens])
-        if self.tp > 1:  # identity forward, all-reduce of the gradient over TP backward
-            hidden = copy_to_tensor_model_parallel_region(hidden)
-        return hidden @ self.output_weight.t()  # [B, S, V/tp]: Megatron's logits without labels
+        # [B, S, V/tp]: Megatron's logits without labels; with skip_output_layer, hidden [B, S, H]
+        out, _ = self.output_layer(hidden)
+        return out
 
 
 class GradSync(torch.nn.Module):
@@ -122,8 +134,10 @@ def cpu_schedule():
         schedules.torch = saved
 
 
-def make_model(vocab: int, hidden: int, *, calculate_per_token_loss: bool = True, seed: int = 0) -> GradSync:
-    """TinyLM with Megatron's model config; the schedule calls Megatron's finalize_model_grads."""
+def make_model(vocab: int, hidden: int, *, calculate_per_token_loss: bool = True, seed: int = 0,
+               fused_linear: bool = False) -> GradSync:
+    """TinyLM with Megatron's model config; the schedule calls Megatron's finalize_model_grads.
+    ``fused_linear``: the model returns the output layer's input (``skip_output_layer``)."""
     from megatron.core import parallel_state
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.transformer import TransformerConfig
@@ -132,10 +146,15 @@ def make_model(vocab: int, hidden: int, *, calculate_per_token_loss: bool = True
         num_layers=1, hidden_size=hidden, num_attention_heads=4,
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
         context_parallel_size=parallel_state.get_context_parallel_world_size(),
-        calculate_per_token_loss=calculate_per_token_loss,
+        calculate_per_token_loss=calculate_per_token_loss, use_cpu_initialization=True,
     )
     config.finalize_model_grads_func = finalize_model_grads
-    return GradSync(TinyLM(vocab, hidden, config, seed))
+    model = TinyLM(vocab, hidden, config, seed)
+    if fused_linear:
+        skip_output_layer(model.output_layer)
+    wrapped = GradSync(model)
+    wrapped.fused_linear = fused_linear  # which forward_step the schedule runs
+    return wrapped
 
 
 # --- the user's forward_step, after the README change ------------------------------------
@@ -152,15 +171,32 @@ def logprob_step(data_iterator, model):
     return model(batch["tokens"]), partial(logprobs_func, batch["labels"], mask=batch.get("mask"))
 
 
+# --- the same without the logits (make_model(..., fused_linear=True)) ---------------------
+
+
+def linear_forward_step(data_iterator, model, *, cfg, loss_options=None):
+    batch = next(data_iterator)
+    hidden = model(batch["tokens"])  # the output layer's input [B, S, H]
+    return hidden, partial(linear_loss_func, batch["labels"], batch["inputs"], weight=output_layer_weight(model),
+                           config=cfg, **(loss_options or {}))
+
+
+def linear_logprob_step(data_iterator, model):
+    batch = next(data_iterator)
+    return model(batch["tokens"]), partial(linear_logprobs_func, batch["labels"], weight=output_layer_weight(model),
+                                           mask=batch.get("mask"))
+
+
 def train_step(model, optimizer, microbatches, *, cfg, loss_options=None):
     """One optimizer step over this rank's ``microbatches``: Megatron's schedule, then what
     Megatron-LM's train_step logs. Returns the logged metrics."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    step = linear_forward_step if model.fused_linear else forward_step
     optimizer.zero_grad()
     with cpu_schedule():
         losses_reduced = get_forward_backward_func()(
-            forward_step_func=partial(forward_step, cfg=cfg, loss_options=loss_options),
+            forward_step_func=partial(step, cfg=cfg, loss_options=loss_options),
             data_iterator=iter(microbatches), model=model, num_microbatches=len(microbatches),
             seq_length=microbatches[0]["labels"].shape[1], micro_batch_size=microbatches[0]["labels"].shape[0],
             forward_only=False,
@@ -176,7 +212,8 @@ def forward_logprobs(model, microbatches) -> list[torch.Tensor]:
 
     with cpu_schedule(), torch.no_grad():
         out = get_forward_backward_func()(
-            forward_step_func=logprob_step, data_iterator=iter(microbatches), model=model,
+            forward_step_func=linear_logprob_step if model.fused_linear else logprob_step,
+            data_iterator=iter(microbatches), model=model,
             num_microbatches=len(microbatches), seq_length=microbatches[0]["labels"].shape[1],
             micro_batch_size=microbatches[0]["labels"].shape[0], forward_only=True,
         )

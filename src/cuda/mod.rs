@@ -17,10 +17,12 @@
 
 pub mod compile;
 mod cov;
+pub mod cublas;
 pub mod culib;
 mod device;
 pub mod expert;
 mod launch;
+pub mod linear;
 pub mod logits;
 pub mod loss;
 pub mod nvrtc_lib;

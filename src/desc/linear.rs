@@ -34,6 +34,66 @@ pub fn workspace_bytes(chunk: usize, v: usize) -> Result<usize> {
         })
 }
 
+/// Bytes NVIDIA recommends giving cuBLAS as its workspace on Hopper (cuBLAS documentation,
+/// `cublasSetWorkspace`: 32 MiB on Hopper, 4 MiB elsewhere); the CUDA backend passes this part
+/// of the caller's workspace to cuBLAS so that cuBLAS never allocates.
+pub(crate) const CUBLAS_WORKSPACE_BYTES: usize = 32 << 20;
+
+/// The CUDA backend's workspace, in byte offsets from its (16-byte aligned) start: the chunk's
+/// logits in the input dtype `[chunk, ld]` (rows padded to 16 bytes), a vector of ones
+/// `[chunk]` in the input dtype (bias broadcast and `d_bias`), float32 scratch `[chunk]` for
+/// lse and entropy (the combined call), then cuBLAS's workspace, 256-byte aligned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CudaWorkspace {
+    /// Row stride of the logits block, in elements.
+    pub ld: usize,
+    pub ones: usize,
+    pub lse: usize,
+    pub entropy: usize,
+    /// cuBLAS's part starts at the first 256-byte boundary at or after this offset.
+    pub cublas: usize,
+    pub total: usize,
+}
+
+/// The CUDA workspace layout for chunks of `chunk` tokens over `v` entries of `dtype` logits.
+pub fn cuda_workspace(chunk: usize, v: usize, dtype: DType) -> Result<CudaWorkspace> {
+    let size = dtype.size();
+    let ld = v.div_ceil(16 / size) * (16 / size);
+    let bytes = |offset: usize, n: usize, elt: usize| -> Option<usize> {
+        offset.checked_add(n.checked_mul(elt)?.checked_next_multiple_of(16)?)
+    };
+    (|| {
+        let ones = chunk.checked_mul(ld)?.checked_mul(size)?;
+        let lse = bytes(ones, chunk, size)?;
+        let entropy = bytes(lse, chunk, 4)?;
+        let cublas = bytes(entropy, chunk, 4)?;
+        let total = cublas.checked_add(CUBLAS_WORKSPACE_BYTES + 256)?;
+        (total <= isize::MAX as usize).then_some(CudaWorkspace {
+            ld,
+            ones,
+            lse,
+            entropy,
+            cublas,
+            total,
+        })
+    })()
+    .ok_or_else(|| {
+        Error::invalid(
+            "chunk_size",
+            format!("{chunk} tokens × {v} vocabulary entries overflow the address space"),
+        )
+    })
+}
+
+/// The workspace bytes a call needs on `device` (CPU: [`workspace_bytes`]; CUDA:
+/// [`cuda_workspace`]).
+pub fn workspace_bytes_on(device: Device, chunk: usize, v: usize, dtype: DType) -> Result<usize> {
+    match device {
+        Device::Cpu => workspace_bytes(chunk, v),
+        Device::Cuda(_) => Ok(cuda_workspace(chunk, v, dtype)?.total),
+    }
+}
+
 /// Validates `chunk_size` as the ABI passes it.
 pub fn chunk_size(chunk: i64) -> Result<usize> {
     if chunk < 1 {
@@ -147,7 +207,7 @@ impl<'a> LinearInput<'a> {
         labels.require_contiguous()?;
         check_temperature_and_vocab_start(temperature, vocab_start)?;
         let chunk = self::chunk_size(chunk_size)?.min(n.max(1));
-        let need = workspace_bytes(chunk, v)?;
+        let need = workspace_bytes_on(workspace.device, chunk, v, hidden.dtype)?;
         workspace.require_contiguous()?;
         let have = workspace.numel() * workspace.dtype.size();
         if have < need {

@@ -1,24 +1,15 @@
 //! Dispatch of the fused linear path (hidden states and LM head to log-prob, entropy and their
 //! gradients without an `[N, V]` logits tensor). The descriptors and conventions are in
-//! [`crate::desc::linear`]. CPU only for now: CUDA tensors get a clear error.
+//! [`crate::desc::linear`]; the CUDA backend is [`crate::cuda::linear`].
 
 use super::on_device;
 pub use crate::desc::linear::{
-    chunk_size, workspace_bytes, LinearBackward, LinearForward, LinearForwardBackward, LinearGrads,
-    LinearInput, LinearShardStats,
+    chunk_size, cuda_workspace, workspace_bytes, workspace_bytes_on, LinearBackward, LinearForward,
+    LinearForwardBackward, LinearGrads, LinearInput, LinearShardStats,
 };
 use crate::desc::Stream;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::tensor::{common_device, Tensor};
-
-fn no_cuda(ordinal: i32) -> Result<()> {
-    Err(Error::device(
-        "hidden",
-        format!(
-            "is on cuda:{ordinal}: the fused linear path has no CUDA backend yet (CPU tensors only)"
-        ),
-    ))
-}
 
 /// Workspace bytes for chunks of `chunk_size` tokens of `hidden [N, H]` against `weight`.
 pub fn workspace_size(hidden: &Tensor, weight: &Tensor, chunk_size: i64) -> Result<usize> {
@@ -26,33 +17,41 @@ pub fn workspace_size(hidden: &Tensor, weight: &Tensor, chunk_size: i64) -> Resu
     hidden.require_ndim(2)?;
     weight.require_ndim(2)?;
     let device = common_device(&[Some(hidden), Some(weight)])?;
+    workspace_bytes_on(device, chunk, weight.shape[0], hidden.dtype)
+}
+
+pub fn forward(args: &LinearForward, stream: Stream) -> Result<()> {
+    let device = args.validate()?;
     on_device(
         device,
-        || workspace_bytes(chunk, weight.shape[0]),
-        |d| no_cuda(d).map(|_| 0),
+        || crate::cpu::linear::forward(args),
+        |d| crate::cuda::linear::forward(args, d, stream),
     )
 }
 
-pub fn forward(args: &LinearForward, _stream: Stream) -> Result<()> {
+pub fn shard_stats(args: &LinearShardStats, stream: Stream) -> Result<()> {
     let device = args.validate()?;
-    on_device(device, || crate::cpu::linear::forward(args), no_cuda)
+    on_device(
+        device,
+        || crate::cpu::linear::shard_stats(args),
+        |d| crate::cuda::linear::shard_stats(args, d, stream),
+    )
 }
 
-pub fn shard_stats(args: &LinearShardStats, _stream: Stream) -> Result<()> {
+pub fn backward(args: &LinearBackward, stream: Stream) -> Result<()> {
     let device = args.validate()?;
-    on_device(device, || crate::cpu::linear::shard_stats(args), no_cuda)
+    on_device(
+        device,
+        || crate::cpu::linear::backward(args),
+        |d| crate::cuda::linear::backward(args, d, stream),
+    )
 }
 
-pub fn backward(args: &LinearBackward, _stream: Stream) -> Result<()> {
-    let device = args.validate()?;
-    on_device(device, || crate::cpu::linear::backward(args), no_cuda)
-}
-
-pub fn forward_backward(args: &LinearForwardBackward, _stream: Stream) -> Result<()> {
+pub fn forward_backward(args: &LinearForwardBackward, stream: Stream) -> Result<()> {
     let device = args.validate()?;
     on_device(
         device,
         || crate::cpu::linear::forward_backward(args),
-        no_cuda,
+        |d| crate::cuda::linear::forward_backward(args, d, stream),
     )
 }

@@ -10,7 +10,8 @@ so the same code runs eagerly and under ``torch.compile(fullgraph=True)``:
   chunk by chunk (the saved tensors are the inputs and two ``[N]`` vectors).
 
 Feed the log-probs and entropy to :func:`calibrl.calibrl_loss` (any preset); for the old-policy
-and expert passes use :func:`fused_linear_logprobs_nograd`. CPU tensors only for now.
+and expert passes use :func:`fused_linear_logprobs_nograd`. CUDA tensors run the CUDA backend
+(cuBLAS GEMMs; proven only in the host emulation so far, never on a GPU: docs/cuda.md).
 """
 
 from __future__ import annotations

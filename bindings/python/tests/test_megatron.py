@@ -1,8 +1,10 @@
 """The Megatron-Core drop-in through Megatron-Core's own schedule and finalize_model_grads
-(the real package, gloo, 2 processes) with TP = 2, DP = 2 and CP = 2, for the `paper` preset
-(sequence Δ) and `reference` (token-aligned Δ): gradients, and the metrics Megatron-LM's
-train_step would log, against the single-process mini-batch (one loss call on the full
-vocabulary and full sequences)."""
+(the real package, gloo, 2 processes) with TP = 2, DP = 2 and CP = 2 (2 micro-batches per rank),
+for the `paper` preset (sequence Δ) and `reference` (token-aligned Δ): gradients, and the
+metrics Megatron-LM's train_step would log, against the single-process mini-batch (one loss call
+on the full vocabulary and full sequences). Both the logits path (`loss_func`) and the path
+without logits (`linear_loss_func` on the input of Megatron's `ColumnParallelLinear` output
+layer, `skip_output_layer`)."""
 
 import datetime
 import importlib.util
@@ -109,16 +111,24 @@ def _worker(rank, world, port, layout, out_dir):
         result = {"tp_rank": ps.get_tensor_model_parallel_rank(), "runs": {}}
         for name, cfg in PRESETS.items():
             for per_token in layout["per_token"]:
-                model = ex.make_model(VOCAB, HIDDEN, calculate_per_token_loss=per_token)
-                opt = torch.optim.SGD(model.parameters(), lr=0.0)
-                opts = {} if per_token else {"calculate_per_token_loss": False, "num_microbatches": len(mbs),
-                                             "dp_cp_size": ps.get_data_parallel_world_size(with_context_parallel=True)}
-                logged = ex.train_step(model, opt, [dict(m) for m in mbs], cfg=cfg, loss_options=opts)
-                result["runs"][(name, per_token)] = {
-                    "logged": logged, "embedding": model.module.embedding.grad.clone(),
-                    "output": model.module.output_weight.grad.clone(),
-                }
+                for fused in (False, True):
+                    model = ex.make_model(VOCAB, HIDDEN, calculate_per_token_loss=per_token, fused_linear=fused)
+                    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+                    opts = {} if per_token else {
+                        "calculate_per_token_loss": False, "num_microbatches": len(mbs),
+                        "dp_cp_size": ps.get_data_parallel_world_size(with_context_parallel=True)}
+                    if fused:
+                        opts["chunk_size"] = 5  # several chunks per micro-batch, the last one short
+                    logged = ex.train_step(model, opt, [dict(m) for m in mbs], cfg=cfg, loss_options=opts)
+                    result["runs"][(name, per_token, fused)] = {
+                        "logged": logged, "embedding": model.module.embedding.grad.clone(),
+                        "output": model.module.output_weight.grad.clone(),
+                    }
         result["logprobs"] = ex.forward_logprobs(ex.make_model(VOCAB, HIDDEN), [dict(m) for m in mbs])
+        result["linear_logprobs"] = ex.forward_logprobs(ex.make_model(VOCAB, HIDDEN, fused_linear=True),
+                                                        [dict(m) for m in mbs])
+        if layout["tp"] > 1:
+            result["bf16"] = _bf16_paths(mbs[0])
         result["sequence_sums"] = [sequence_sums(lp, m["mask"]) for lp, m in zip(result["logprobs"], mbs)]
         result["rows"] = (d * per_rank, mb_rows)
         if layout["cp"] > 1:
@@ -126,6 +136,36 @@ def _worker(rank, world, port, layout, out_dir):
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def _bf16_paths(mb):
+    """One bf16 micro-batch through both paths with explicit groups: the gradients of the hidden
+    states and of this rank's weight shard from the materialised logits (`loss_func`) and
+    without them (`linear_loss_func`)."""
+    from megatron.core import parallel_state as ps
+
+    from calibrl.integrations.megatron import linear_loss_func, loss_func
+
+    g = torch.Generator().manual_seed(5)
+    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    hidden = torch.randn(*mb["labels"].shape, HIDDEN, generator=g).bfloat16()
+    weight = (torch.randn(VOCAB, HIDDEN, generator=g) * 0.5).bfloat16()[rank * VOCAB // tp:(rank + 1) * VOCAB // tp]
+    groups = {"tp_group": ps.get_tensor_model_parallel_group(), "cp_group": ps.get_context_parallel_group()}
+    out = {}
+    for fused in (False, True):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        if fused:
+            loss, _, _ = linear_loss_func(mb["labels"], mb["inputs"], h, weight=w, config="paper", chunk_size=7,
+                                          **groups)
+        else:
+            # Megatron's output layer in bf16: the dgrad summed over the TP group
+            from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+
+            logits = copy_to_tensor_model_parallel_region(h, group=groups["tp_group"]) @ w.t()
+            loss, _, _ = loss_func(mb["labels"], mb["inputs"], logits, config="paper", **groups)
+        loss.backward()
+        out[fused] = {"loss": loss.detach().double(), "hidden": h.grad.double(), "weight": w.grad.double()}
+    return out
 
 
 def _cp_errors(ex, mbs):
@@ -188,6 +228,7 @@ def test_gradients_and_logged_metrics_equal_single_process_minibatch(spawned, na
         scale = max(ref["embedding"].abs().max(), ref["output"].abs().max())
         assert scale > 0
         for r in ranks:
+            assert {k[2] for k in r["runs"]} == {False, True}  # both paths ran
             for key, run in r["runs"].items():
                 if key[0] != preset:
                     continue
@@ -201,12 +242,38 @@ def test_gradients_and_logged_metrics_equal_single_process_minibatch(spawned, na
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_forward_only_logprobs_through_the_schedule(spawned, name):
+def test_linear_path_equals_logits_path(spawned, name):
+    """The update without logits equals the materialised logits path's, in the same layout."""
+    for r in spawned(name):
+        for (preset, per_token, fused), run in r["runs"].items():
+            if not fused:
+                continue
+            logits_run = r["runs"][(preset, per_token, False)]
+            for p in ("embedding", "output"):
+                scale = logits_run[p].abs().max()
+                torch.testing.assert_close(run[p], logits_run[p], rtol=1e-6, atol=1e-6 * scale)
+
+
+def test_linear_path_bf16_equals_logits_path_within_bf16_tolerance(spawned):
+    for r in spawned("tp2"):
+        materialised, fused = r["bf16"][False], r["bf16"][True]
+        # bf16 rounds the materialised logits (unit 2^-8 relative), the fused path keeps them f32
+        torch.testing.assert_close(fused["loss"], materialised["loss"], rtol=2e-2, atol=0)
+        for p in ("hidden", "weight"):
+            scale = materialised[p].abs().max()
+            assert scale > 0
+            torch.testing.assert_close(fused[p], materialised[p], rtol=0, atol=2e-2 * scale)
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.parametrize("path", ["logprobs", "linear_logprobs"])
+def test_forward_only_logprobs_through_the_schedule(spawned, name, path):
     ranks = spawned(name)
     lp = reference(PRESETS["paper"])["logprobs"]
     for k, r in enumerate(ranks):
         first, mb_rows = r["rows"]
-        for m, got in enumerate(r["logprobs"]):
+        assert len(r[path]) == 2
+        for m, got in enumerate(r[path]):
             want = lp[first + m * mb_rows: first + (m + 1) * mb_rows]
             if name == "cp2":  # this CP rank's chunks 0 and 3 (rank 0) or 1 and 2 (rank 1)
                 chunks = want.view(want.shape[0], 4, S // 4)
@@ -249,3 +316,23 @@ def test_bad_input_names_the_argument():
     with pytest.raises(ValueError, match=r"`num_microbatches`"):
         loss_func(labels, inputs, logits, config="paper", tp_group=object(), calculate_per_token_loss=False)
     assert torch.count_nonzero(logits) == 0
+
+
+def test_linear_bad_input_names_the_argument():
+    from calibrl.integrations.megatron import linear_loss_func
+
+    tokens, labels, inputs = minibatch()
+    hidden = torch.zeros(ROWS, S, HIDDEN, requires_grad=True)
+    weight = torch.zeros(VOCAB, HIDDEN, requires_grad=True)
+    with pytest.raises(ValueError, match="`output_tensor`"):
+        linear_loss_func(labels, inputs, torch.zeros(ROWS, S, HIDDEN + 1), weight=weight, tp_group=object())
+    with pytest.raises(ValueError, match="`output_tensor`"):
+        linear_loss_func(labels, inputs, torch.zeros(ROWS, S - 1, HIDDEN), weight=weight, tp_group=object())
+    with pytest.raises(ValueError, match="`weight`"):
+        linear_loss_func(labels, inputs, hidden, weight=torch.zeros(VOCAB * HIDDEN), tp_group=object())
+    with pytest.raises(ValueError, match="`bias`"):
+        linear_loss_func(labels, inputs, hidden, weight=weight, bias=torch.zeros(VOCAB + 1), tp_group=object())
+    no_expert = calibrl.LossInputs(**{**inputs.__dict__, "expert_logprobs": None})
+    with pytest.raises(ValueError, match=r"`inputs.expert_logprobs` is missing"):
+        linear_loss_func(labels, no_expert, hidden, weight=weight, config="paper", tp_group=object())
+    assert hidden.grad is None and weight.grad is None

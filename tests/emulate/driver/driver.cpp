@@ -97,6 +97,17 @@ static CUresult copy(void* dst, const void* src, size_t n, bool dst_dev, bool sr
     return SUCCESS;
 }
 
+// N elements of 2 and 4 bytes; the destination must be aligned to them (CUDA driver API docs).
+template <typename T>
+static CUresult memset_n(CUdeviceptr d, T v, size_t n, const char* call) {
+    if (d % sizeof(T) != 0 || (n && !in_allocation(d, n * sizeof(T)))) {
+        report(std::string(call) + ": misaligned or outside any device allocation");
+        return INVALID_VALUE;
+    }
+    for (size_t i = 0; i < n; ++i) std::memcpy((char*)(uintptr_t)d + i * sizeof(T), &v, sizeof(T));
+    return SUCCESS;
+}
+
 static int sms() {
     const char* e = std::getenv("CALIBRL_EMULATE_SMS");
     const int n = e ? std::atoi(e) : 2;
@@ -263,6 +274,10 @@ CUresult cuMemsetD8_v2(CUdeviceptr d, unsigned char v, size_t n) {
     return SUCCESS;
 }
 CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, CUstream) { return cuMemsetD8_v2(d, v, n); }
+CUresult cuMemsetD16Async(CUdeviceptr d, unsigned short v, size_t n, CUstream) { return memset_n(d, v, n, "cuMemsetD16Async"); }
+CUresult cuMemsetD32Async(CUdeviceptr d, unsigned v, size_t n, CUstream) { return memset_n(d, v, n, "cuMemsetD32Async"); }
+// For the emulated cuBLAS (tests/emulate/cublas): whether [p, p + n) lies in one allocation.
+int calibrl_emu_in_allocation(const void* p, size_t n) { return in_allocation((CUdeviceptr)(uintptr_t)p, n); }
 
 // ---- modules and launches
 CUresult cuModuleLoadData(CUmodule* m, const void* image) {

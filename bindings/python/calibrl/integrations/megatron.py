@@ -13,6 +13,12 @@ and data-parallel (× context-parallel) ranks to the global mini-batch values. T
 parallelism: the phase-1 softmax statistics ``[N, 4]`` are all-gathered over the TP group and
 the backward writes this rank's slice of ∂L/∂logits. Context parallelism: the per-sequence sums
 that sequence Δ needs are all-reduced over the CP group. See integration/megatron/README.md.
+
+Without the logits: :func:`skip_output_layer` makes the model's output layer (a
+``ColumnParallelLinear``) hand back its input, and :func:`linear_loss_func` computes the loss
+from those hidden states ``[B, S, H]`` and the layer's weight shard ``[V/tp, H]`` through the
+fused linear path (chunks of tokens through a GEMM, the same ``[N, 4]`` statistics exchange over
+the TP group); gradients flow to the hidden states and to the weight shard.
 """
 
 from __future__ import annotations
@@ -20,8 +26,11 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ..autograd import _all_gather_stats, vocab_parallel_calibrl_loss
+from .. import linear
+from ..autograd import _all_gather_stats, _entropy_coef, _masked_mean, calibrl_loss, vocab_parallel_calibrl_loss
 from ..config import Config
+from ..linear import DEFAULT_CHUNK
+from ..linear_autograd import vocab_parallel_fused_linear_logprobs
 from ..ops import LossInputs
 from ._common import check_inputs, masked_labels, per_row_expert
 
@@ -29,6 +38,11 @@ __all__ = [
     "loss_func",
     "logprobs_func",
     "vocab_parallel_logprobs",
+    "linear_loss_func",
+    "linear_logprobs_func",
+    "vocab_parallel_linear_logprobs",
+    "skip_output_layer",
+    "output_layer_weight",
     "sequence_sums",
     "per_row_expert",
     "tensor_parallel_group",
@@ -239,12 +253,32 @@ def loss_func(
     float64 pair for every name of :data:`REPORTED`; Megatron-LM's ``train_step`` sums the
     pairs over micro-batches and DP × CP ranks and logs ``sum / count``, the mini-batch value.
     """
-    cfg = Config.coerce(config)
     if output_tensor.dim() != 3 or tuple(output_tensor.shape[:2]) != tuple(labels.shape):
         raise ValueError(
             f"`output_tensor` must be [B, S, V/tp] matching labels {tuple(labels.shape)}, "
             f"got {tuple(output_tensor.shape)}"
         )
+    cfg, group, cp, hook = _prepare(labels, inputs, config, tp_group, cp_group, calculate_per_token_loss,
+                                    num_microbatches, dp_cp_size)
+    n, v_local = labels.numel(), output_tensor.shape[-1]
+    loss, metrics = vocab_parallel_calibrl_loss(
+        output_tensor.reshape(n, v_local),
+        masked_labels(labels, inputs),
+        inputs,
+        cfg,
+        group=group,
+        token_shape=tuple(labels.shape),
+        temperature=temperature,
+        inplace=inplace,
+        inputs_hook=hook,
+    )
+    return _megatron_result(loss, metrics, inputs, cfg, cp, hook, calculate_per_token_loss, num_microbatches,
+                            dp_cp_size)
+
+
+def _prepare(labels, inputs, config, tp_group, cp_group, calculate_per_token_loss, num_microbatches, dp_cp_size):
+    """What both loss paths check and set up: ``(cfg, tp_group, cp_group, cp_hook or None)``."""
+    cfg = Config.coerce(config)
     token_shape = tuple(labels.shape)
     check_inputs(inputs, token_shape, cfg)
     if not calculate_per_token_loss and (num_microbatches is None or dp_cp_size is None):
@@ -254,20 +288,12 @@ def loss_func(
         )
     group = tp_group if tp_group is not None else tensor_parallel_group()
     cp = cp_group if cp_group is not None else context_parallel_group()
-    cp_size = _group_size(cp)
-    hook = _ContextParallel(cp, cfg, inputs, token_shape) if cp_size > 1 else None
-    n, v_local = labels.numel(), output_tensor.shape[-1]
-    loss, metrics = vocab_parallel_calibrl_loss(
-        output_tensor.reshape(n, v_local),
-        masked_labels(labels, inputs),
-        inputs,
-        cfg,
-        group=group,
-        token_shape=token_shape,
-        temperature=temperature,
-        inplace=inplace,
-        inputs_hook=hook,
-    )
+    hook = _ContextParallel(cp, cfg, inputs, token_shape) if _group_size(cp) > 1 else None
+    return cfg, group, cp, hook
+
+
+def _megatron_result(loss, metrics, inputs, cfg, cp, hook, calculate_per_token_loss, num_microbatches, dp_cp_size):
+    """Megatron's ``(loss, num_tokens, report)`` from the mini-batch-normalised loss."""
     local_tokens = metrics["num_tokens"]
     # K: the global token count (Megatron's Σ num_tokens over micro-batches and DP × CP ranks)
     k = ops._normalizers(inputs.normalizers).token_count if inputs.normalizers is not None else local_tokens
@@ -277,8 +303,8 @@ def loss_func(
         out = loss * (num_microbatches * dp_cp_size * max(local_tokens, 1.0))
     num_tokens = torch.tensor(int(round(local_tokens)), dtype=torch.int, device=loss.device)
     row_tokens = hook.row_tokens if hook is not None and hook.sequence else None
-    report = _report(metrics, inputs, cfg, k, first_cp_rank=cp_size == 1 or _group_rank(cp) == 0, device=loss.device,
-                     row_tokens=row_tokens)
+    first_cp_rank = _group_size(cp) == 1 or _group_rank(cp) == 0
+    report = _report(metrics, inputs, cfg, k, first_cp_rank=first_cp_rank, device=loss.device, row_tokens=row_tokens)
     return out, num_tokens, report
 
 
@@ -372,3 +398,134 @@ def sequence_sums(logprobs: torch.Tensor, mask=None, *, cp_group=None) -> torch.
 
         dist.all_reduce(s, group=cp)
     return s
+
+
+# --------------------------------------------------------------------------------------------
+# Without the logits: the loss from the output layer's input and its weight shard
+
+
+def skip_output_layer(output_layer):
+    """Makes Megatron's output layer (a ``ColumnParallelLinear``, e.g. ``GPTModel.output_layer``)
+    return its input instead of the logits, so that the model called without ``labels`` returns
+    the hidden states ``[B, S, H]`` for :func:`linear_loss_func`. The weight stays a parameter of
+    the layer (optimiser, DDP buffers, checkpoints unchanged). With sequence parallelism the
+    input is all-gathered over the TP group; its backward only takes this rank's slice, because
+    :func:`linear_loss_func` already sums ∂L/∂hidden over the group. Returns the layer."""
+    from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+    def forward(input_, weight=None, runtime_gather_output=None):
+        if output_layer.sequence_parallel:
+            input_ = gather_from_sequence_parallel_region(input_, tensor_parallel_output_grad=False,
+                                                          group=output_layer.tp_group)
+        return input_, None
+
+    output_layer.forward = forward
+    return output_layer
+
+
+def output_layer_weight(model) -> torch.nn.Parameter:
+    """The output layer's weight shard ``[V/tp, H]`` of a ``GPTModel`` (``model.module``
+    wrappers are unwrapped): the word embeddings when they are shared with the output layer on
+    this pipeline stage, else ``output_layer.weight``."""
+    while not hasattr(model, "output_layer") and hasattr(model, "module"):
+        model = model.module
+    if getattr(model, "share_embeddings_and_output_weights", False):
+        return model.shared_embedding_or_output_weight()
+    return model.output_layer.weight
+
+
+def _check_hidden(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias) -> None:
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"`weight` must be the output layer's weight shard [V/tp, H], got {_shape_of(weight)}")
+    if hidden.dim() != 3 or tuple(hidden.shape[:2]) != tuple(labels.shape) or hidden.shape[2] != weight.shape[1]:
+        raise ValueError(
+            f"`output_tensor` must be the output layer's input [B, S, H] matching labels {tuple(labels.shape)} "
+            f"and weight {tuple(weight.shape)}, got {tuple(hidden.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"`bias` must be [V/tp] = [{weight.shape[0]}], got {_shape_of(bias)}")
+
+
+def _shape_of(t) -> str:
+    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def linear_loss_func(
+    labels: torch.Tensor,
+    inputs: LossInputs,
+    output_tensor: torch.Tensor,
+    *,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    config=None,
+    tp_group=None,
+    cp_group=None,
+    calculate_per_token_loss: bool = True,
+    num_microbatches: int | None = None,
+    dp_cp_size: int | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK,
+):
+    """:func:`loss_func` from the output layer's input, without the logits.
+
+    ``output_tensor`` is the hidden states ``[B, S, H]`` the output layer would multiply (the
+    model's output after :func:`skip_output_layer`), the same on every rank of the TP group;
+    ``weight`` (and ``bias``) this rank's vocabulary shard ``[V/tp, H]`` of the output layer
+    (:func:`output_layer_weight`), rows ``r·V/tp ...`` of the vocabulary. The logits are formed
+    ``chunk_size`` tokens at a time (a ``chunk_size × V/tp`` float32 workspace), the ``[N, 4]``
+    statistics all-gathered over ``tp_group``; the backward recomputes each chunk and gives
+    ∂L/∂hidden (summed over the TP group) and this shard's ∂L/∂weight. The other arguments and
+    the result are :func:`loss_func`'s.
+    """
+    _check_hidden(output_tensor, labels, weight, bias)
+    cfg, group, cp, hook = _prepare(labels, inputs, config, tp_group, cp_group, calculate_per_token_loss,
+                                    num_microbatches, dp_cp_size)
+    flat = masked_labels(labels, inputs)
+    lp, ent = vocab_parallel_fused_linear_logprobs(
+        output_tensor.reshape(flat.numel(), -1), weight, flat, group=group, bias_shard=bias,
+        temperature=temperature, chunk_size=chunk_size,
+    )
+    lp, ent = lp.view(labels.shape), ent.view(labels.shape)
+    if _entropy_coef(cfg) == 0.0:
+        ent = ent.detach()  # no ∂L/∂H term: the backward skips it
+    finish = None
+    if hook is not None:
+        inputs, finish = hook(lp.detach(), inputs)
+    loss, metrics = calibrl_loss(lp, inputs, cfg, entropy=ent)
+    if finish is not None:
+        loss = finish(loss, metrics)
+    metrics["mean_token_entropy"] = _masked_mean(ent.detach().reshape(-1), flat)
+    return _megatron_result(loss, metrics, inputs, cfg, cp, hook, calculate_per_token_loss, num_microbatches,
+                            dp_cp_size)
+
+
+@torch.no_grad()
+def vocab_parallel_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                                   bias=None, tp_group=None, mask=None, temperature: float = 1.0,
+                                   entropy: bool = False, chunk_size: int = DEFAULT_CHUNK):
+    """:func:`vocab_parallel_logprobs` from the output layer's input ``[B, S, H]`` and its
+    weight shard ``[V/tp, H]``, without the logits."""
+    import torch.distributed as dist
+
+    _check_hidden(hidden, labels, weight, bias)
+    group = tp_group if tp_group is not None else tensor_parallel_group()
+    n = labels.numel()
+    flat = labels.reshape(n).long()
+    if mask is not None:
+        flat = torch.where(mask.reshape(n) != 0, flat, torch.full_like(flat, -1))
+    stats = linear.shard_stats(hidden.reshape(n, -1), weight, flat, temperature, bias=bias, chunk_size=chunk_size,
+                               vocab_start=dist.get_rank(group) * weight.shape[0])
+    lp, ent, _ = ops.logits_shard_finish(_all_gather_stats(stats, group), flat, entropy=entropy)
+    lp = lp.view(labels.shape)
+    return (lp, ent.view(labels.shape)) if entropy else lp
+
+
+def linear_logprobs_func(labels: torch.Tensor, output_tensor: torch.Tensor, *, weight: torch.Tensor, bias=None,
+                         mask=None, tp_group=None, temperature: float = 1.0, non_loss_data: bool = False,
+                         chunk_size: int = DEFAULT_CHUNK):
+    """:func:`logprobs_func` from the output layer's input and its weight shard."""
+    lp = vocab_parallel_linear_logprobs(output_tensor, weight, labels, bias=bias, tp_group=tp_group, mask=mask,
+                                        temperature=temperature, chunk_size=chunk_size)
+    if non_loss_data:
+        return {"logprobs": lp}
+    return torch.zeros((), device=lp.device), {"logprobs": lp}
