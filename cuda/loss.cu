@@ -13,30 +13,7 @@
 // and the scheduler's helper that builds the expert baseline from the no-grad pass's output
 // (collect_experts, one block per expert slot).
 
-// No header is included, so a bare NVRTC compiles this file.
-typedef long long i64;
-typedef unsigned short u16;
-
-__device__ __forceinline__ float bf16_bits_to_f32(u16 h) { return __uint_as_float(((unsigned)h) << 16); }
-// PTX conversions. `tests/emulate/loss_emulate.cpp` (a host-side emulation for machines without
-// a GPU) defines CALIBRL_HOST_EMULATION and supplies host versions of these.
-#ifndef CALIBRL_HOST_EMULATION
-__device__ __forceinline__ u16 f32_to_bf16_bits(float f) {
-  u16 r;
-  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
-  return r;
-}
-__device__ __forceinline__ float f16_bits_to_f32(u16 h) {
-  float f;
-  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-  return f;
-}
-__device__ __forceinline__ u16 f32_to_f16_bits(float f) {
-  u16 r;
-  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(f));
-  return r;
-}
-#endif
+#include "dtype.cuh"  // u16, i64, the bf16 / f16 conversions
 
 // dtype codes shared with src/cuda/loss.rs
 #define DT_F32 0
@@ -52,8 +29,8 @@ __device__ __forceinline__ double ld(const void* p, i64 code, i64 i) {
   switch (code) {
     case DT_F32: return (double)((const float*)p)[i];
     case DT_F64: return ((const double*)p)[i];
-    case DT_BF16: return (double)bf16_bits_to_f32(((const u16*)p)[i]);
-    case DT_F16: return (double)f16_bits_to_f32(((const u16*)p)[i]);
+    case DT_BF16: return (double)bf16_to_f32(((const u16*)p)[i]);
+    case DT_F16: return (double)f16_to_f32(((const u16*)p)[i]);
     case DT_U8: return (double)((const unsigned char*)p)[i];
     case DT_I8: return (double)((const signed char*)p)[i];
     case DT_I32: return (double)((const int*)p)[i];
@@ -69,8 +46,8 @@ __device__ __forceinline__ void st(void* p, i64 code, i64 i, double v) {
   switch (code) {
     case DT_F32: ((float*)p)[i] = (float)v; break;
     case DT_F64: ((double*)p)[i] = v; break;
-    case DT_BF16: ((u16*)p)[i] = f32_to_bf16_bits((float)v); break;
-    default: ((u16*)p)[i] = f32_to_f16_bits((float)v); break;
+    case DT_BF16: ((u16*)p)[i] = f32_to_bf16((float)v); break;
+    default: ((u16*)p)[i] = f32_to_f16((float)v); break;
   }
 }
 
@@ -351,16 +328,16 @@ template <int FT>
 __device__ __forceinline__ double ldf(const void* p, i64 code, i64 i) {
   if constexpr (FT == DT_F32) return (double)((const float*)p)[i];
   else if constexpr (FT == DT_F64) return ((const double*)p)[i];
-  else if constexpr (FT == DT_BF16) return (double)bf16_bits_to_f32(((const u16*)p)[i]);
-  else if constexpr (FT == DT_F16) return (double)f16_bits_to_f32(((const u16*)p)[i]);
+  else if constexpr (FT == DT_BF16) return (double)bf16_to_f32(((const u16*)p)[i]);
+  else if constexpr (FT == DT_F16) return (double)f16_to_f32(((const u16*)p)[i]);
   else return ld(p, code, i);
 }
 template <int FT>
 __device__ __forceinline__ void stf(void* p, i64 code, i64 i, double v) {
   if constexpr (FT == DT_F32) ((float*)p)[i] = (float)v;
   else if constexpr (FT == DT_F64) ((double*)p)[i] = v;
-  else if constexpr (FT == DT_BF16) ((u16*)p)[i] = f32_to_bf16_bits((float)v);
-  else if constexpr (FT == DT_F16) ((u16*)p)[i] = f32_to_f16_bits((float)v);
+  else if constexpr (FT == DT_BF16) ((u16*)p)[i] = f32_to_bf16((float)v);
+  else if constexpr (FT == DT_F16) ((u16*)p)[i] = f32_to_f16((float)v);
   else st(p, code, i, v);
 }
 
@@ -911,8 +888,8 @@ __device__ __forceinline__ typename RawOf<FT>::T ld_raw(const void* p, i64 code,
 }
 template <int FT>
 __device__ __forceinline__ double raw_value(typename RawOf<FT>::T r) {
-  if constexpr (FT == DT_BF16) return (double)bf16_bits_to_f32(r);
-  else if constexpr (FT == DT_F16) return (double)f16_bits_to_f32(r);
+  if constexpr (FT == DT_BF16) return (double)bf16_to_f32(r);
+  else if constexpr (FT == DT_F16) return (double)f16_to_f32(r);
   else return (double)r;
 }
 

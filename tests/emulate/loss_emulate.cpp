@@ -35,25 +35,7 @@
 
 #include "cuda_host.h"
 
-#define CALIBRL_HOST_EMULATION
-inline unsigned short f32_to_bf16_bits(float f) {  // round to nearest even (finite inputs)
-    unsigned u;
-    std::memcpy(&u, &f, 4);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (unsigned short)(u >> 16);
-}
-inline float f16_bits_to_f32(unsigned short h) {
-    _Float16 v;
-    std::memcpy(&v, &h, 2);
-    return (float)v;
-}
-inline unsigned short f32_to_f16_bits(float f) {
-    const _Float16 v = (_Float16)f;
-    unsigned short h;
-    std::memcpy(&h, &v, 2);
-    return h;
-}
-
+#include "driver/host_cvt.h"
 #include "../../cuda/loss.cu"
 
 // ---------------------------------------------------------------------------------------------
@@ -178,9 +160,9 @@ static void encode(int dt, const std::vector<double>& v, std::vector<unsigned ch
             std::memcpy(&raw[4 * i], &f, 4);
             back[i] = f;
         } else {
-            unsigned short h = f32_to_bf16_bits((float)v[i]);
+            unsigned short h = f32_to_bf16((float)v[i]);
             std::memcpy(&raw[2 * i], &h, 2);
-            back[i] = bf16_bits_to_f32(h);
+            back[i] = bf16_to_f32(h);
         }
     }
 }
