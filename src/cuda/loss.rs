@@ -527,7 +527,6 @@ pub fn loss(
         launch(
             dev,
             "calibrl_loss_counts",
-        "calibrl_loss_rows",
             count_blocks,
             THREADS,
             stream,
