@@ -1166,35 +1166,7 @@ __device__ __forceinline__ void loss_kernel(const LossParams& p) {
   normalisers(p, n);
   const double lambda = effective_lambda(p);
   TokenSums acc;
-  double seqs = 0.0, rollouts = 0.0, wsum = 0.0, correct = 0.0, seq_ex = 0.0, exp_sum = 0.0, exp_cnt = 0.0;
-
-  // Per-row metrics (grid-strided rows) and the sequence-Δ terms of the row pass.
-  for (i64 i = (i64)blockIdx.x * LOSS_THREADS + tid; i < p.rows; i += (i64)gridDim.x * LOSS_THREADS) {
-    if (!expert_row(p, i) || p.authors) {
-      const double c = ld(p.signs, p.signs_dt, i);
-      rollouts += 1.0;
-      wsum += ld(p.weights, p.weights_dt, i);
-      if (c > 0.0) correct += 1.0;
-    }
-    if (p.row_pass && p.row_ws[i * ROW_WS + RW_HAS] != 0.0) {
-      seq_ex += p.row_ws[i * ROW_WS + RW_WPHI];
-      acc.dsum += p.row_ws[i * ROW_WS + RW_DELTA];
-      acc.delta += 1;
-    }
-  }
-  // The expert rows' Σ m*ℓ*, Σ m* (metric), a warp per expert row.
-  if (p.expert_logprobs) {
-    const i64 warps = LOSS_THREADS / 32;
-    for (i64 s = (i64)blockIdx.x * warps + (tid >> 5); s < p.expert_rows; s += (i64)gridDim.x * warps) {
-      i64 es, el;
-      expert_range(p, s, es, el);
-      for (i64 t = tid & 31; t < el; t += 32)
-        if (mask_at(p.expert_mask, p.expert_mask_dt, es + t)) {
-          exp_sum += ld(p.expert_logprobs, p.expert_dt, es + t);
-          exp_cnt += 1.0;
-        }
-    }
-  }
+  double seqs = 0.0;
 
   // The tokens.
   const i64 k_begin = (i64)blockIdx.x * p.block_tokens;
@@ -1303,6 +1275,36 @@ __device__ __forceinline__ void loss_kernel(const LossParams& p) {
       if (first) { first_row = r0 + tid; first_seen = here; }
       if (m > 0) r0 = stage[m - 1].end > ck1 ? r0 + m - 1 : r0 + m;
       ck0 = ck1;
+    }
+  }
+
+  // Per-row metrics (grid-strided rows) and the sequence-Δ terms of the row pass (after the
+  // tokens, so that their sums take no registers during the token loop).
+  double rollouts = 0.0, wsum = 0.0, correct = 0.0, seq_ex = 0.0, exp_sum = 0.0, exp_cnt = 0.0;
+  for (i64 i = (i64)blockIdx.x * LOSS_THREADS + tid; i < p.rows; i += (i64)gridDim.x * LOSS_THREADS) {
+    if (!expert_row(p, i) || p.authors) {
+      const double c = ld(p.signs, p.signs_dt, i);
+      rollouts += 1.0;
+      wsum += ld(p.weights, p.weights_dt, i);
+      if (c > 0.0) correct += 1.0;
+    }
+    if (p.row_pass && p.row_ws[i * ROW_WS + RW_HAS] != 0.0) {
+      seq_ex += p.row_ws[i * ROW_WS + RW_WPHI];
+      acc.dsum += p.row_ws[i * ROW_WS + RW_DELTA];
+      acc.delta += 1;
+    }
+  }
+  // The expert rows' Σ m*ℓ*, Σ m* (metric), a warp per expert row.
+  if (p.expert_logprobs) {
+    const i64 warps = LOSS_THREADS / 32;
+    for (i64 s = (i64)blockIdx.x * warps + (tid >> 5); s < p.expert_rows; s += (i64)gridDim.x * warps) {
+      i64 es, el;
+      expert_range(p, s, es, el);
+      for (i64 t = tid & 31; t < el; t += 32)
+        if (mask_at(p.expert_mask, p.expert_mask_dt, es + t)) {
+          exp_sum += ld(p.expert_logprobs, p.expert_dt, es + t);
+          exp_cnt += 1.0;
+        }
     }
   }
 
