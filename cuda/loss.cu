@@ -937,7 +937,7 @@ __device__ __forceinline__ RowInfo row_info(const LossParams& p, i64 i) {
 // 2^team_log2 threads (up to the block: few long rows still fill the device) owns one row at a
 // time: n_i, S_i = Σ m·ℓ, Σ m·ℓref and the expert's Σ m*ℓ*, Σ m* (the expert row read inline),
 // then the row's sequence-Δ gradient constant and metric terms, written to row_ws.
-extern "C" __global__ void __launch_bounds__(LOSS_THREADS) calibrl_loss_rows(LossParams p) {
+extern "C" __global__ void __launch_bounds__(LOSS_THREADS, 2) calibrl_loss_rows(LossParams p) {
   __shared__ double scratch[(LOSS_THREADS / 32) * 5];
   const int team = 1 << p.team_log2;
   const int lane = threadIdx.x & (team - 1);
@@ -1013,8 +1013,8 @@ extern "C" __global__ void __launch_bounds__(LOSS_THREADS) calibrl_loss_rows(Los
 }
 
 // The token pass. Block b owns the consecutive tokens [b·block_tokens, (b+1)·block_tokens),
-// walked in tiles of LOSS_THREADS·V tokens, V consecutive tokens per thread (one 16-byte vector
-// of ℓ and of ℓold where aligned, else scalar loads). The rows a tile touches are staged in
+// walked in tiles of LOSS_THREADS·V tokens, V consecutive tokens per thread (one vector of ℓ
+// and of ℓold where aligned, else scalar loads; `TokVec`). The rows a tile touches are staged in
 // shared memory (at most STAGE at a time: a tile of many tiny or empty rows takes several
 // chunks); each thread finds its first token's row by a binary search over the stage. Row
 // sums come from row_ws (the row pass). Metrics: per-thread sums, block_sum, the blocks'
@@ -1034,13 +1034,17 @@ struct RowStage {
 #define RS_COUNTED 4
 #define RS_TOK_EXPLORE 8
 
-// Tokens per thread and tile: one 16-byte vector (DT_ANY: 4 scalar loads).
+// Tokens per thread and tile: one 16-byte vector for f32 (4) and f64 (2); 4 for bf16 / f16 (an
+// 8-byte vector: 8 tokens per thread spilled at 128 registers on sm_90); DT_ANY: 4 scalar loads.
 template <int FT> struct TokVec { static constexpr int V = 16 / sizeof(typename RawOf<FT>::T); };
+template <> struct TokVec<DT_BF16> { static constexpr int V = 4; };
+template <> struct TokVec<DT_F16> { static constexpr int V = 4; };
 template <> struct TokVec<DT_ANY> { static constexpr int V = 4; };
-template <class T, int V> struct __align__(16) Raw16 { T v[V]; };
+// V elements of T loaded or stored as one vector (aligned to its size: 8 or 16 bytes).
+template <class T, int V> struct __align__(sizeof(T) * V) RawVec { T v[V]; };
 
 // Loads ℓ (or ℓold, ∂L/∂ℓ's dtype) of tokens kb … kb+V−1 that lie in [lo, hi); one vector load
-// when all do and the address is 16-byte aligned.
+// when all do and the address is aligned to the vector's size.
 template <int FT>
 __device__ __forceinline__ void load_tokens(const void* base, i64 code, i64 kb, i64 lo, i64 hi,
                                             typename RawOf<FT>::T (&out)[TokVec<FT>::V]) {
@@ -1048,8 +1052,8 @@ __device__ __forceinline__ void load_tokens(const void* base, i64 code, i64 kb, 
   constexpr int V = TokVec<FT>::V;
   if constexpr (FT != DT_ANY) {
     const T* ptr = (const T*)base + kb;
-    if (kb >= lo && kb + V <= hi && ((u64)ptr & 15u) == 0) {
-      const Raw16<T, V> r = *reinterpret_cast<const Raw16<T, V>*>(ptr);
+    if (kb >= lo && kb + V <= hi && ((u64)ptr & (sizeof(T) * V - 1)) == 0) {
+      const RawVec<T, V> r = *reinterpret_cast<const RawVec<T, V>*>(ptr);
 #pragma unroll
       for (int u = 0; u < V; ++u) out[u] = r.v[u];
       return;
@@ -1063,27 +1067,27 @@ __device__ __forceinline__ void load_tokens(const void* base, i64 code, i64 kb, 
 }
 
 // Stores ∂L/∂ℓ of the tokens whose bit is set in `wrote`; one vector store when all are and
-// the address is 16-byte aligned.
+// the address is aligned to the vector's size.
 template <int FT>
 __device__ __forceinline__ void store_tokens(void* base, i64 code, i64 kb, unsigned wrote, const double (&g)[TokVec<FT>::V]) {
   constexpr int V = TokVec<FT>::V;
   if constexpr (FT != DT_ANY && FT != DT_BF16 && FT != DT_F16) {
     typedef typename RawOf<FT>::T T;
     T* ptr = (T*)base + kb;
-    if (wrote == (1u << V) - 1u && ((u64)ptr & 15u) == 0) {
-      Raw16<T, V> r;
+    if (wrote == (1u << V) - 1u && ((u64)ptr & (sizeof(T) * V - 1)) == 0) {
+      RawVec<T, V> r;
 #pragma unroll
       for (int u = 0; u < V; ++u) r.v[u] = (T)g[u];
-      *reinterpret_cast<Raw16<T, V>*>(ptr) = r;
+      *reinterpret_cast<RawVec<T, V>*>(ptr) = r;
       return;
     }
   } else if constexpr (FT == DT_BF16 || FT == DT_F16) {
     u16* ptr = (u16*)base + kb;
-    if (wrote == (1u << V) - 1u && ((u64)ptr & 15u) == 0) {
-      Raw16<u16, V> r;
+    if (wrote == (1u << V) - 1u && ((u64)ptr & (2 * V - 1)) == 0) {
+      RawVec<u16, V> r;
 #pragma unroll
       for (int u = 0; u < V; ++u) r.v[u] = FT == DT_BF16 ? f32_to_bf16((float)g[u]) : f32_to_f16((float)g[u]);
-      *reinterpret_cast<Raw16<u16, V>*>(ptr) = r;
+      *reinterpret_cast<RawVec<u16, V>*>(ptr) = r;
       return;
     }
   }
@@ -1346,7 +1350,7 @@ __device__ __forceinline__ void loss_kernel(const LossParams& p) {
 }
 
 #define LOSS_KERNEL(suffix, FT) \
-  extern "C" __global__ void __launch_bounds__(LOSS_THREADS) calibrl_loss_##suffix(LossParams p) { loss_kernel<FT>(p); }
+  extern "C" __global__ void __launch_bounds__(LOSS_THREADS, 2) calibrl_loss_##suffix(LossParams p) { loss_kernel<FT>(p); }
 LOSS_KERNEL(f32, DT_F32)
 LOSS_KERNEL(f64, DT_F64)
 LOSS_KERNEL(bf16, DT_BF16)
