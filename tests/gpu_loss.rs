@@ -178,7 +178,9 @@ impl Pair {
     /// Like `new`, with the tensor starting `shift` elements into its buffer (`byte_offset`): a
     /// base address that is not 16-byte aligned for shift 1 (the kernels' scalar fallback).
     fn new_shifted(g: &Gpu, dt: Dt, values: &[f64], shape: &[usize], shift: usize) -> Box<Pair> {
-        let padded: Vec<f64> = std::iter::repeat_n(0.0, shift).chain(values.iter().copied()).collect();
+        let padded: Vec<f64> = std::iter::repeat_n(0.0, shift)
+            .chain(values.iter().copied())
+            .collect();
         let mut p = Pair::new(g, dt, &padded, shape);
         let skip = (shift * dt.size()) as u64;
         p.host_desc.byte_offset = skip;
@@ -642,7 +644,11 @@ fn large_batch_token_pass_shapes_match_cpu() {
     empty_runs.extend(std::iter::repeat_n(0, 257));
     let shapes: Vec<(&str, Vec<usize>, bool)> = vec![
         ("8 x 4096", vec![4096; 8], true),
-        ("8 x 4095..4097", (0..8).map(|i| 4095 + i % 3).collect(), false),
+        (
+            "8 x 4095..4097",
+            (0..8).map(|i| 4095 + i % 3).collect(),
+            false,
+        ),
         ("24 x 4096", vec![4096; 24], false),
         ("4096 x 16", vec![16; 4096], true),
         ("3000 x 1", vec![1; 3000], false),
@@ -652,7 +658,11 @@ fn large_batch_token_pass_shapes_match_cpu() {
     for (si, (name, lens, padded)) in shapes.into_iter().enumerate() {
         let b = batch_of(&mut rng, lens, padded, true);
         for (ci, cfg) in configs.iter().enumerate() {
-            let dt = if (si + ci) % 2 == 0 { Dt::F32 } else { Dt::Bf16 };
+            let dt = if (si + ci) % 2 == 0 {
+                Dt::F32
+            } else {
+                Dt::Bf16
+            };
             let inputs = Inputs {
                 shift: (si + ci) % 3 % 2,
                 ..ALL_INPUTS

@@ -130,9 +130,8 @@ fn header_sources() -> Result<Vec<(CString, CString)>> {
         .map(|&(name, embedded)| {
             let path = dir.as_ref().map(|d| std::path::Path::new(d).join(name));
             let text = match path.filter(|p| p.exists()) {
-                Some(p) => std::fs::read_to_string(&p).map_err(|e| {
-                    Error::cuda(format!("{} cannot be read: {e}", p.display()))
-                })?,
+                Some(p) => std::fs::read_to_string(&p)
+                    .map_err(|e| Error::cuda(format!("{} cannot be read: {e}", p.display())))?,
                 None => embedded.to_string(),
             };
             let text = CString::new(text)
@@ -167,8 +166,10 @@ pub fn compile_module(src: &KernelSource, arch: i32, output: Output) -> Result<V
         .map_err(|_| Error::cuda(format!("{}.cu contains a NUL byte", src.name)))?;
     let name = CString::new(format!("{}.cu", src.name)).expect("module names have no NUL");
     let headers = header_sources()?;
-    let header_refs: Vec<(&std::ffi::CStr, &std::ffi::CStr)> =
-        headers.iter().map(|(n, t)| (n.as_c_str(), t.as_c_str())).collect();
+    let header_refs: Vec<(&std::ffi::CStr, &std::ffi::CStr)> = headers
+        .iter()
+        .map(|(n, t)| (n.as_c_str(), t.as_c_str()))
+        .collect();
     let target = target_name(arch, output);
     let image = nvrtc
         .compile(&code, &name, &header_refs, &options(arch, output), output)

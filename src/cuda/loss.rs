@@ -347,8 +347,7 @@ fn needs_row_pass(cfg: &Config, args: &Loss) -> bool {
         // The authors' arithmetic explores against ℓ* = 0 without expert data.
         Baseline::Expert => args.expert.is_some() || cfg.authors(),
     };
-    cfg.agg == Aggregation::SeqMeanTokenMean
-        || (cfg.delta_mode == DeltaMode::Sequence && baseline)
+    cfg.agg == Aggregation::SeqMeanTokenMean || (cfg.delta_mode == DeltaMode::Sequence && baseline)
 }
 
 fn counts_mode(cfg: &Config, args: &Loss) -> Counts {
@@ -534,7 +533,14 @@ pub fn loss(
         )?;
     }
     if p.row_pass != 0 && rows > 0 {
-        launch(dev, "calibrl_loss_rows", row_blocks, THREADS, stream, &mut p)?;
+        launch(
+            dev,
+            "calibrl_loss_rows",
+            row_blocks,
+            THREADS,
+            stream,
+            &mut p,
+        )?;
     }
     launch(dev, loss_kernel(args), blocks, THREADS, stream, &mut p)?;
     if let Some(h) = host_metrics {
