@@ -178,7 +178,8 @@ impl Pair {
     /// Like `new`, with the tensor starting `shift` elements into its buffer (`byte_offset`): a
     /// base address that is not 16-byte aligned for shift 1 (the kernels' scalar fallback).
     fn new_shifted(g: &Gpu, dt: Dt, values: &[f64], shape: &[usize], shift: usize) -> Box<Pair> {
-        let padded: Vec<f64> = std::iter::repeat_n(0.0, shift)
+        let padded: Vec<f64> = std::iter::repeat(0.0)
+            .take(shift)
             .chain(values.iter().copied())
             .collect();
         let mut p = Pair::new(g, dt, &padded, shape);
@@ -637,11 +638,11 @@ fn large_batch_token_pass_shapes_match_cpu() {
     let (g, _guard) = require_gpu!();
     let mut rng = Rng::new(18);
     let mut empty_runs = vec![5];
-    empty_runs.extend(std::iter::repeat_n(0, 600));
+    empty_runs.extend(std::iter::repeat(0).take(600));
     empty_runs.push(3000);
-    empty_runs.extend(std::iter::repeat_n(0, 300));
+    empty_runs.extend(std::iter::repeat(0).take(300));
     empty_runs.extend([1, 0, 0, 700]);
-    empty_runs.extend(std::iter::repeat_n(0, 257));
+    empty_runs.extend(std::iter::repeat(0).take(257));
     let shapes: Vec<(&str, Vec<usize>, bool)> = vec![
         ("8 x 4096", vec![4096; 8], true),
         (
