@@ -23,14 +23,7 @@
 // returns CALIBRL_STATUS_NON_FINITE instead). -inf entries in an otherwise finite row are exact
 // zeros of the softmax.
 
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef long long i64;
-typedef unsigned long long u64;
-
-struct __align__(16) Vec16 {
-    u32 w[4];
-};
+#include "dtype.cuh"
 
 #define CALIBRL_INF (__int_as_float(0x7f800000))
 #define CALIBRL_NAN (__int_as_float(0x7fffffff))
@@ -49,25 +42,13 @@ struct __align__(16) Vec16 {
 // ---------------------------------------------------------------------------------------------
 // Scalar helpers (no cuda_fp16.h / cuda_bf16.h: conversions are bit operations or PTX cvt).
 
-// PTX-only primitives. `tests/emulate` (a host-side emulation of the kernels for machines
-// without a GPU) defines CALIBRL_HOST_EMULATION and supplies host versions of these.
+// PTX-only primitive. `tests/emulate` (a host-side emulation of the kernels for machines
+// without a GPU) defines CALIBRL_HOST_EMULATION and supplies a host version.
 #ifndef CALIBRL_HOST_EMULATION
 __device__ __forceinline__ float ex2(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
-}
-
-__device__ __forceinline__ float f16_to_f32(u16 h) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-}
-
-__device__ __forceinline__ u16 f32_to_f16(float f) {
-    u16 r;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(f));
-    return r;
 }
 #endif
 
@@ -79,21 +60,6 @@ __device__ __forceinline__ float max_nan(float a, float b) {
     return r;
 #else
     return (a != a || b != b) ? CALIBRL_NAN : fmaxf(a, b);
-#endif
-}
-
-__device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
-
-__device__ __forceinline__ u16 f32_to_bf16(float f) {
-#if __CUDA_ARCH__ >= 800
-    u16 r;
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
-    return r;
-#else
-    u32 u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (u16)((u >> 16) | 0x40u);  // quiet NaN
-    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
-    return (u16)(u >> 16);
 #endif
 }
 

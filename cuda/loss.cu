@@ -9,34 +9,12 @@
 //
 // One loss call, on the caller's stream, workspace owned by the library (see the loss section):
 //   loss_counts (only when N_tok, N_seq are neither given nor known from the layout)
-//   loss_<dtype> (a team of threads per row: row sums, gradients, metrics in the last block)
+//   loss_rows (only where a row sum is needed: a team of threads per row)
+//   loss_<dtype> (token-parallel: gradients, metrics in the last block)
 // and the scheduler's helper that builds the expert baseline from the no-grad pass's output
 // (collect_experts, one block per expert slot).
 
-// No header is included, so a bare NVRTC compiles this file.
-typedef long long i64;
-typedef unsigned short u16;
-
-__device__ __forceinline__ float bf16_bits_to_f32(u16 h) { return __uint_as_float(((unsigned)h) << 16); }
-// PTX conversions. `tests/emulate/loss_emulate.cpp` (a host-side emulation for machines without
-// a GPU) defines CALIBRL_HOST_EMULATION and supplies host versions of these.
-#ifndef CALIBRL_HOST_EMULATION
-__device__ __forceinline__ u16 f32_to_bf16_bits(float f) {
-  u16 r;
-  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
-  return r;
-}
-__device__ __forceinline__ float f16_bits_to_f32(u16 h) {
-  float f;
-  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-  return f;
-}
-__device__ __forceinline__ u16 f32_to_f16_bits(float f) {
-  u16 r;
-  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(f));
-  return r;
-}
-#endif
+#include "dtype.cuh"  // u16, i64, the bf16 / f16 conversions
 
 // dtype codes shared with src/cuda/loss.rs
 #define DT_F32 0
@@ -52,8 +30,8 @@ __device__ __forceinline__ double ld(const void* p, i64 code, i64 i) {
   switch (code) {
     case DT_F32: return (double)((const float*)p)[i];
     case DT_F64: return ((const double*)p)[i];
-    case DT_BF16: return (double)bf16_bits_to_f32(((const u16*)p)[i]);
-    case DT_F16: return (double)f16_bits_to_f32(((const u16*)p)[i]);
+    case DT_BF16: return (double)bf16_to_f32(((const u16*)p)[i]);
+    case DT_F16: return (double)f16_to_f32(((const u16*)p)[i]);
     case DT_U8: return (double)((const unsigned char*)p)[i];
     case DT_I8: return (double)((const signed char*)p)[i];
     case DT_I32: return (double)((const int*)p)[i];
@@ -69,8 +47,8 @@ __device__ __forceinline__ void st(void* p, i64 code, i64 i, double v) {
   switch (code) {
     case DT_F32: ((float*)p)[i] = (float)v; break;
     case DT_F64: ((double*)p)[i] = v; break;
-    case DT_BF16: ((u16*)p)[i] = f32_to_bf16_bits((float)v); break;
-    default: ((u16*)p)[i] = f32_to_f16_bits((float)v); break;
+    case DT_BF16: ((u16*)p)[i] = f32_to_bf16((float)v); break;
+    default: ((u16*)p)[i] = f32_to_f16((float)v); break;
   }
 }
 
@@ -198,18 +176,18 @@ extern "C" __global__ void calibrl_group_advantages(AdvParams p) {
 
 // ------------------------------------------------------------------------- loss (SPEC §4)
 //
-// One call is one kernel, `calibrl_loss_<dtype>` (plus `calibrl_loss_counts` first when the
-// token and row counts of the normalisers are neither given nor known from the layout). A team
-// of 2^team_log2 threads owns one row at a time:
-//   pass 1 (only when the row needs a row sum: sequence Δ, seq-mean-token-mean): n_i, S_i and
-//          the expert baseline E_g (summed inline from the expert row, so no kernel runs before);
-//   pass 2: per token ρ, p, ∂p/∂ℓ, the regularisers and the token-aligned term; writes ∂L/∂ℓ
-//          and ∂L/∂H and keeps the metrics' partial sums in registers.
-// Pass 2 re-reads the row right after pass 1, from L2, so DRAM sees each input once. Each
-// block writes its partial sums; the last block to finish (a ticket counter, reset by that
-// block) adds them in block order and writes the metrics. Reductions have a fixed order and
-// the geometry depends only on the shape and the device, so results are bitwise repeatable.
-// Arithmetic is in double (as the CPU reference); ρ's exp is computed once per token.
+// One call is split by tokens, not rows (issue 34):
+//   calibrl_loss_counts (first, only when the normalisers' token and row counts are neither
+//          given nor known from the layout);
+//   calibrl_loss_rows (only when a row sum is needed: sequence Δ, seq-mean-token-mean): a team
+//          of threads per row sums n_i, S_i and the expert baseline E_g, and writes the row's
+//          n_i, its sequence-Δ gradient constant and metric terms to a per-row workspace;
+//   calibrl_loss_<dtype>: a flat token-parallel pass (consecutive tokens per block, 16-byte
+//          vector loads, each tile's rows staged in shared memory), writing ∂L/∂ℓ and ∂L/∂H
+//          and the metrics' partial sums; the last block to finish (a ticket counter, reset by
+//          that block) adds them in block order and writes the metrics.
+// Reductions have a fixed order and the geometry depends only on the shape and the device, so
+// results are bitwise repeatable. Arithmetic is in double (as the CPU reference).
 
 // Enumerations shared with src/cuda/loss.rs.
 #define LOSS_CALIBRL 0
@@ -295,12 +273,16 @@ struct LossParams {
   void* grad_entropy; i64 grad_entropy_dt;
   void* metrics; i64 metrics_dt;
   // workspace
-  double* block_ws;   // [gridDim.x * BLOCK_FIELDS]: each block's partial sums
+  double* block_ws;   // [gridDim.x * (BLOCK_FIELDS + EDGE_FIELDS)]: each block's partial sums
   double* final_ws;   // [FINAL_FIELDS + METRICS]: N_tok, N_seq, then the metrics
   unsigned* tickets;  // [2], zero between calls: blocks finished (counts kernel, loss kernel)
+  double* row_ws;     // [rows * ROW_WS]: calibrl_loss_rows' per-row results (row_pass only)
   // geometry and counts
-  i64 team_log2;  // threads per row = 1 << team_log2 (1 … 5: a team lies within one warp)
-  i64 counts;     // COUNTS_*
+  i64 team_log2;     // calibrl_loss_rows: threads per row = 1 << team_log2 (1 … LOSS_THREADS)
+  i64 row_pass;      // 1: calibrl_loss_rows runs before the token pass (a row sum is needed)
+  i64 block_tokens;  // the token pass: consecutive tokens per block (a multiple of its tiles)
+  i64 numel;         // flat length of the policy tensors
+  i64 counts;        // COUNTS_*
   // configuration
   i64 loss_kind, token_aligned, length_normalize, activation, baseline_ref, agg, kl_kind;
   // SPEC §4.7 (preset `authors`, never with LUFFY / RL-PLUS): every row counts in entropy,
@@ -316,23 +298,21 @@ struct LossParams {
 };
 
 #define LOSS_THREADS 256
-#define MAX_TEAMS (LOSS_THREADS / 2)
 #define FINAL_FIELDS 4  // N_tok, N_seq, then every row's N_tok, N_seq (SPEC §4.7), as used
 #define METRICS 16
-// Block partial sums (block_ws): per-thread sums, then per-row sums kept by each team's leader.
-#define B_NTOK 0     // Σ m over trained rows (the metric num_tokens)
-#define B_CLIP 1     // clipped rollout tokens
-#define B_LOWER 2    // dual-clipped rollout tokens
-#define B_RTOK 3     // rollout tokens
-#define B_DCNT 4     // count of Δ (token-aligned: tokens)
-#define B_PPO_KL 5   // Σ (ℓold − ℓ) over rollout tokens
-#define B_DSUM 6     // Σ Δ
-#define B_PG 7       // Σ f·p
-#define B_ENT 8      // Σ f·H
-#define B_KL 9       // Σ f·k(ℓ, ℓref)
-#define B_TOK_EX 10  // token-aligned Σ f·w·φ(x)
-#define THREAD_FIELDS 11
-#define B_SEQS 11      // trained rows
+// Block partial sums (block_ws), each a per-thread sum added by block_sum.
+#define B_NTOK 0       // Σ m over trained rows (the metric num_tokens)
+#define B_CLIP 1       // clipped rollout tokens
+#define B_LOWER 2      // dual-clipped rollout tokens
+#define B_RTOK 3       // rollout tokens
+#define B_DCNT 4       // count of Δ (token-aligned: tokens; sequence: rows)
+#define B_PPO_KL 5     // Σ (ℓold − ℓ) over rollout tokens
+#define B_DSUM 6       // Σ Δ
+#define B_PG 7         // Σ f·p
+#define B_ENT 8        // Σ f·H
+#define B_KL 9         // Σ f·k(ℓ, ℓref)
+#define B_TOK_EX 10    // token-aligned Σ f·w·φ(x)
+#define B_SEQS 11      // trained rows with a counted token, lying within one block
 #define B_ROLLOUTS 12  // rollout rows
 #define B_WSUM 13      // Σ w over rollouts
 #define B_CORRECT 14   // correct rollouts
@@ -340,7 +320,16 @@ struct LossParams {
 #define B_EXP_SUM 16   // Σ m*ℓ* over expert rows
 #define B_EXP_CNT 17   // Σ m* over expert rows
 #define BLOCK_FIELDS 18
-#define ROW_FIELDS (BLOCK_FIELDS - THREAD_FIELDS)
+// After every block's partial sums, each block's two edge rows (rows it may share with the
+// previous and the next block): row index (−1: none) and whether it has a counted token here.
+#define EDGE_FIELDS 4
+// calibrl_loss_rows' results per row (row_ws).
+#define RW_NROW 0   // n_i: counted tokens
+#define RW_COEF 1   // sequence Δ: the constant ∂L/∂ℓ of every counted token of the row
+#define RW_WPHI 2   // sequence Δ: w·φ(x) (metric)
+#define RW_DELTA 3  // sequence Δ: Δ (metric)
+#define RW_HAS 4    // 1 where the row has a Δ (metric count)
+#define ROW_WS 5
 
 #define NAN_D __longlong_as_double(0x7ff8000000000000ll)
 #define INF_D __longlong_as_double(0x7ff0000000000000ll)
@@ -351,16 +340,16 @@ template <int FT>
 __device__ __forceinline__ double ldf(const void* p, i64 code, i64 i) {
   if constexpr (FT == DT_F32) return (double)((const float*)p)[i];
   else if constexpr (FT == DT_F64) return ((const double*)p)[i];
-  else if constexpr (FT == DT_BF16) return (double)bf16_bits_to_f32(((const u16*)p)[i]);
-  else if constexpr (FT == DT_F16) return (double)f16_bits_to_f32(((const u16*)p)[i]);
+  else if constexpr (FT == DT_BF16) return (double)bf16_to_f32(((const u16*)p)[i]);
+  else if constexpr (FT == DT_F16) return (double)f16_to_f32(((const u16*)p)[i]);
   else return ld(p, code, i);
 }
 template <int FT>
 __device__ __forceinline__ void stf(void* p, i64 code, i64 i, double v) {
   if constexpr (FT == DT_F32) ((float*)p)[i] = (float)v;
   else if constexpr (FT == DT_F64) ((double*)p)[i] = v;
-  else if constexpr (FT == DT_BF16) ((u16*)p)[i] = f32_to_bf16_bits((float)v);
-  else if constexpr (FT == DT_F16) ((u16*)p)[i] = f32_to_f16_bits((float)v);
+  else if constexpr (FT == DT_BF16) ((u16*)p)[i] = f32_to_bf16((float)v);
+  else if constexpr (FT == DT_F16) ((u16*)p)[i] = f32_to_f16((float)v);
   else st(p, code, i, v);
 }
 
@@ -892,8 +881,10 @@ __device__ void write_metrics(const LossParams& p, const double (&a)[BLOCK_FIELD
   for (int j = 0; j < METRICS; ++j) p.final_ws[FINAL_FIELDS + j] = m[j];
 }
 
-// Tokens each thread loads before using any of them: keeps enough bytes in flight to cover
-// the memory latency (a row round is otherwise a chain of dependent waits).
+// ------------------------------------------------------------ the loss kernels: rows, then tokens
+
+// Tokens each thread of the row pass loads before using any of them: keeps enough bytes in
+// flight to cover the memory latency.
 #define BATCH 8
 
 // Raw storage of the main float inputs while a batch is in flight (the loaded bits, converted
@@ -911,237 +902,450 @@ __device__ __forceinline__ typename RawOf<FT>::T ld_raw(const void* p, i64 code,
 }
 template <int FT>
 __device__ __forceinline__ double raw_value(typename RawOf<FT>::T r) {
-  if constexpr (FT == DT_BF16) return (double)bf16_bits_to_f32(r);
-  else if constexpr (FT == DT_F16) return (double)f16_bits_to_f32(r);
+  if constexpr (FT == DT_BF16) return (double)bf16_to_f32(r);
+  else if constexpr (FT == DT_F16) return (double)f16_to_f32(r);
   else return (double)r;
+}
+
+// What a row contributes, from its per-row scalars (shared by the row pass and the token pass).
+struct RowInfo {
+  double a, w, c;
+  i64 slot, start, len;
+  bool is_exp, trained, counted, seq_explore, tok_explore;
+};
+
+__device__ __forceinline__ RowInfo row_info(const LossParams& p, i64 i) {
+  // The authors' arithmetic explores against ℓ* = 0 even without expert data.
+  const bool baseline = has_baseline(p) || (p.authors && !p.baseline_ref);
+  const bool expert_baseline = !p.baseline_ref && p.expert_logprobs != nullptr;
+  RowInfo r;
+  r.is_exp = expert_row(p, i);
+  r.trained = !r.is_exp || trains_experts(p);
+  r.counted = r.trained || p.authors;  // in the normalisers, regularisers and metrics
+  r.a = ld(p.advantages, p.advantages_dt, i);
+  r.w = ld(p.weights, p.weights_dt, i);
+  r.c = ld(p.signs, p.signs_dt, i);
+  r.slot = expert_baseline ? slot_of(p, i) : -1;
+  row_range(p, i, r.start, r.len);
+  const bool explores = baseline && r.trained && !r.is_exp && (p.baseline_ref || r.slot != -1 || p.authors);
+  r.seq_explore = explores && !p.token_aligned;
+  r.tok_explore = explores && p.token_aligned;
+  return r;
+}
+
+// The row pass (only when a row sum is needed: sequence Δ, seq-mean-token-mean). A team of
+// 2^team_log2 threads (up to the block: few long rows still fill the device) owns one row at a
+// time: n_i, S_i = Σ m·ℓ, Σ m·ℓref and the expert's Σ m*ℓ*, Σ m* (the expert row read inline),
+// then the row's sequence-Δ gradient constant and metric terms, written to row_ws.
+extern "C" __global__ void __launch_bounds__(LOSS_THREADS, 2) calibrl_loss_rows(LossParams p) {
+  __shared__ double scratch[(LOSS_THREADS / 32) * 5];
+  const int team = 1 << p.team_log2;
+  const int lane = threadIdx.x & (team - 1);
+  const int teams = LOSS_THREADS >> p.team_log2;
+  double n[4];
+  normalisers(p, n);
+  const double lambda = effective_lambda(p);
+  const bool expert_baseline = !p.baseline_ref && p.expert_logprobs != nullptr;
+  const bool with_ref = p.baseline_ref && p.ref_logprobs;
+  const i64 per_round = (i64)gridDim.x * teams;
+  const i64 rounds = (p.rows + per_round - 1) / per_round;  // the same in every block
+  for (i64 rd = 0; rd < rounds; ++rd) {
+    const i64 i = (rd * gridDim.x + blockIdx.x) * teams + (threadIdx.x >> p.team_log2);
+    const bool active = i < p.rows;
+    RowInfo r{};
+    if (active) r = row_info(p, i);
+    double s1[5] = {0.0, 0.0, 0.0, 0.0, 0.0};
+    if (active && r.counted && (p.agg == AGG_SEQ_MEAN || r.seq_explore)) {
+      for (i64 t0 = lane; t0 < r.len; t0 += (i64)BATCH * team) {
+        double lr[BATCH], rr[BATCH];
+        unsigned in = 0;
+#pragma unroll
+        for (int u = 0; u < BATCH; ++u) {
+          const i64 t = t0 + (i64)u * team, k = r.start + t;
+          const bool ok = t < r.len && mask_at(p.mask, p.mask_dt, k);
+          in |= (unsigned)ok << u;
+          lr[u] = ok ? ld(p.logprobs, p.logprobs_dt, k) : 0.0;
+          rr[u] = (ok && with_ref) ? ld(p.ref_logprobs, p.ref_dt, k) : 0.0;
+        }
+#pragma unroll
+        for (int u = 0; u < BATCH; ++u) {
+          if (!((in >> u) & 1u)) continue;
+          s1[0] += 1.0;
+          s1[1] += lr[u];
+          s1[2] += rr[u];
+        }
+      }
+      if (r.seq_explore && expert_baseline && r.slot >= 0) {
+        i64 es, el;
+        expert_range(p, r.slot, es, el);
+        for (i64 t = lane; t < el; t += team)
+          if (mask_at(p.expert_mask, p.expert_mask_dt, es + t)) {
+            s1[3] += ld(p.expert_logprobs, p.expert_dt, es + t);
+            s1[4] += 1.0;
+          }
+      }
+    }
+    team_sum<5>(s1, team, scratch);
+    if (!active || lane != 0) continue;
+    const double n_row = s1[0];
+    double coef = 0.0, wphi = 0.0, delta = 0.0, has = 0.0;
+    // An empty rollout adds nothing, not even φ of a length-normalised Δ (SPEC §4.5).
+    if (r.seq_explore && n_row > 0.0) {
+      const double scale = p.length_normalize ? inv(n_row) : 1.0;
+      double e;
+      if (p.baseline_ref) e = s1[2] * scale;
+      else if (r.slot == -2) e = NAN_D;
+      else e = p.length_normalize ? (s1[4] > 0.0 ? s1[3] / s1[4] : 0.0) : s1[3];
+      delta = s1[1] * scale - e;
+      double phi, dphi;
+      activation(p, -r.c * delta, phi, dphi);
+      coef = lambda * inv(n[1]) * r.w * dphi * -r.c * scale;
+      wphi = r.w * phi;
+      has = 1.0;
+    }
+    double* o = p.row_ws + i * ROW_WS;
+    o[RW_NROW] = n_row;
+    o[RW_COEF] = coef;
+    o[RW_WPHI] = wphi;
+    o[RW_DELTA] = delta;
+    o[RW_HAS] = has;
+  }
+}
+
+// The token pass. Block b owns the consecutive tokens [b·block_tokens, (b+1)·block_tokens),
+// walked in tiles of LOSS_THREADS·V tokens, V consecutive tokens per thread (one vector of ℓ
+// and of ℓold where aligned, else scalar loads; `TokVec`). The rows a tile touches are staged in
+// shared memory (at most STAGE at a time: a tile of many tiny or empty rows takes several
+// chunks); each thread finds its first token's row by a binary search over the stage. Row
+// sums come from row_ws (the row pass). Metrics: per-thread sums, block_sum, the blocks'
+// partials added in block order by the last block; N_seq's rows that lie within one block are
+// counted there, the rows a block shares with its neighbours (its first and last) are merged
+// in block order by the last block. Everything has a fixed order: bitwise repeatable.
+#define STAGE LOSS_THREADS
+
+// Per-row scalars of the rows in the current chunk.
+struct RowStage {
+  double a, w, c, f, f_all, seq_coef;
+  i64 start, end, slot;
+  int flags;  // RS_*
+};
+#define RS_EXPERT 1
+#define RS_TRAINED 2
+#define RS_COUNTED 4
+#define RS_TOK_EXPLORE 8
+
+// Tokens per thread and tile: one 16-byte vector for f32 (4) and f64 (2); 4 for bf16 / f16 (an
+// 8-byte vector: 8 tokens per thread spilled at 128 registers on sm_90); DT_ANY: 4 scalar loads.
+template <int FT> struct TokVec { static constexpr int V = 16 / sizeof(typename RawOf<FT>::T); };
+template <> struct TokVec<DT_BF16> { static constexpr int V = 4; };
+template <> struct TokVec<DT_F16> { static constexpr int V = 4; };
+template <> struct TokVec<DT_ANY> { static constexpr int V = 4; };
+// V elements of T loaded or stored as one vector (aligned to its size: 8 or 16 bytes).
+template <class T, int V> struct __align__(sizeof(T) * V) RawVec { T v[V]; };
+
+// Loads ℓ (or ℓold, ∂L/∂ℓ's dtype) of tokens kb … kb+V−1 that lie in [lo, hi); one vector load
+// when all do and the address is aligned to the vector's size.
+template <int FT>
+__device__ __forceinline__ void load_tokens(const void* base, i64 code, i64 kb, i64 lo, i64 hi,
+                                            typename RawOf<FT>::T (&out)[TokVec<FT>::V]) {
+  typedef typename RawOf<FT>::T T;
+  constexpr int V = TokVec<FT>::V;
+  if constexpr (FT != DT_ANY) {
+    const T* ptr = (const T*)base + kb;
+    if (kb >= lo && kb + V <= hi && ((u64)ptr & (sizeof(T) * V - 1)) == 0) {
+      const RawVec<T, V> r = *reinterpret_cast<const RawVec<T, V>*>(ptr);
+#pragma unroll
+      for (int u = 0; u < V; ++u) out[u] = r.v[u];
+      return;
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < V; ++u) {
+    const i64 k = kb + u;
+    out[u] = (k >= lo && k < hi) ? ld_raw<FT>(base, code, k) : T(0);
+  }
+}
+
+// Stores ∂L/∂ℓ of the tokens whose bit is set in `wrote`; one vector store when all are and
+// the address is aligned to the vector's size.
+template <int FT>
+__device__ __forceinline__ void store_tokens(void* base, i64 code, i64 kb, unsigned wrote, const double (&g)[TokVec<FT>::V]) {
+  constexpr int V = TokVec<FT>::V;
+  if constexpr (FT != DT_ANY && FT != DT_BF16 && FT != DT_F16) {
+    typedef typename RawOf<FT>::T T;
+    T* ptr = (T*)base + kb;
+    if (wrote == (1u << V) - 1u && ((u64)ptr & (sizeof(T) * V - 1)) == 0) {
+      RawVec<T, V> r;
+#pragma unroll
+      for (int u = 0; u < V; ++u) r.v[u] = (T)g[u];
+      *reinterpret_cast<RawVec<T, V>*>(ptr) = r;
+      return;
+    }
+  } else if constexpr (FT == DT_BF16 || FT == DT_F16) {
+    u16* ptr = (u16*)base + kb;
+    if (wrote == (1u << V) - 1u && ((u64)ptr & (2 * V - 1)) == 0) {
+      RawVec<u16, V> r;
+#pragma unroll
+      for (int u = 0; u < V; ++u) r.v[u] = FT == DT_BF16 ? f32_to_bf16((float)g[u]) : f32_to_f16((float)g[u]);
+      *reinterpret_cast<RawVec<u16, V>*>(ptr) = r;
+      return;
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < V; ++u)
+    if ((wrote >> u) & 1u) stf<FT>(base, code, kb + u, g[u]);
+}
+
+// The row holding token k: the last r with start(r) ≤ k (empty rows share their start); 0 when
+// k precedes every row.
+__device__ i64 row_at(const LossParams& p, i64 k) {
+  if (!p.offsets) return p.seq_len > 0 ? k / p.seq_len : 0;
+  i64 lo = 0, hi = p.rows;
+  while (hi - lo > 1) {
+    const i64 mid = (lo + hi) >> 1;
+    if (ld_index(p.offsets, p.offsets_dt, mid) <= k) lo = mid; else hi = mid;
+  }
+  return lo;
+}
+
+// Per-thread sums of the token pass.
+struct TokenSums {
+  double pg = 0.0, ent = 0.0, kl = 0.0, tok_ex = 0.0, ppo_kl = 0.0, dsum = 0.0;
+  int counted = 0, clip = 0, lower = 0, rtok = 0, delta = 0;
+};
+
+// ∂L/∂ℓ (returned) and ∂L/∂H (gh) of one counted token k of row `r`, adding its metric terms.
+template <int FT>
+__device__ __forceinline__ double token_grad(const LossParams& p, const RowStage& r, i64 k, double logp, double old,
+                                             double lambda, TokenSums& acc, double& gh) {
+  const bool is_exp = r.flags & RS_EXPERT, trained = r.flags & RS_TRAINED;
+  double pv, dv;
+  if (is_exp && trained) {
+    off_policy(p, r.a, logp, old, pv, dv);
+  } else {
+    bool clipped, lower;
+    clipped_pg(p, r.a, logp, old, pv, dv, clipped, lower);
+    acc.clip += clipped; acc.lower += lower; acc.ppo_kl += old - logp; acc.rtok += 1;
+    if (!trained) { pv = 0.0; dv = 0.0; }  // an expert row under the authors' arithmetic
+    else if (p.cov.control != EC_NONE) cov_pg(p, r.a, logp, old, k, clipped, pv, dv);
+  }
+  if (p.token_weights) {
+    const double omega = ld(p.token_weights, p.token_weights_dt, k);
+    pv *= omega; dv *= omega;
+  }
+  acc.counted += trained;
+  acc.pg += r.f * pv;
+  double g = r.f * dv;
+  gh = 0.0;
+  if (p.entropy) { acc.ent += r.f_all * ld(p.entropy, p.entropy_dt, k); gh = -p.entropy_coef * r.f_all; }
+  if (p.ref_logprobs) {
+    double kv, dk;
+    kl_term(p.kl_kind, logp, ld(p.ref_logprobs, p.ref_dt, k), kv, dk);
+    acc.kl += r.f_all * kv;
+    if (p.kl_coef != 0.0) g += p.kl_coef * r.f_all * dk;
+  }
+  if (r.flags & RS_TOK_EXPLORE) {
+    const double delta = r.slot == -2 ? NAN_D : logp - token_baseline(p, r.slot, k - r.start, k);
+    double phi, dphi;
+    activation(p, -r.c * delta, phi, dphi);
+    acc.tok_ex += r.f * r.w * phi; acc.dsum += delta; acc.delta += 1;
+    g += lambda * r.f * r.w * dphi * -r.c;
+  }
+  return g + r.seq_coef;
 }
 
 template <int FT>
 __device__ __forceinline__ void loss_kernel(const LossParams& p) {
+  typedef typename RawOf<FT>::T Raw;
+  constexpr int V = TokVec<FT>::V;
+  constexpr i64 TILE = (i64)LOSS_THREADS * V;
   __shared__ double scratch[32 * BLOCK_FIELDS];
-  __shared__ double team_rows[MAX_TEAMS][ROW_FIELDS];  // per-row sums, kept by each team's leader
-  const int team = 1 << p.team_log2;
-  const int lane = threadIdx.x & (team - 1);
-  const int slot_in_block = threadIdx.x >> p.team_log2;
-  const int teams = LOSS_THREADS >> p.team_log2;
-  const bool leader = lane == 0;
-  if (leader)
-    for (int j = 0; j < ROW_FIELDS; ++j) team_rows[slot_in_block][j] = 0.0;
+  __shared__ RowStage stage[STAGE];
+  __shared__ int seen[STAGE];  // the staged row has a counted token of a trained row here
+  __shared__ int staged;
+  __shared__ i64 first_row, carry_row;  // the block's edge rows (−1: none)
+  __shared__ int first_seen, carry_seen;
+  const int tid = threadIdx.x;
   double n[4];
   normalisers(p, n);
-  const double n_tok = n[0], n_seq = n[1];
   const double lambda = effective_lambda(p);
-  // The authors' arithmetic explores against ℓ* = 0 even without expert data.
-  const bool baseline = has_baseline(p) || (p.authors && !p.baseline_ref);
-  const bool expert_baseline = !p.baseline_ref && p.expert_logprobs != nullptr;
-  // Whether any row may need pass 1 (block-uniform, so the team sums below are too).
-  const bool row_pass = p.agg == AGG_SEQ_MEAN || (!p.token_aligned && baseline);
+  TokenSums acc;
+  double seqs = 0.0;
 
-  double acc_pg = 0.0, acc_ent = 0.0, acc_kl = 0.0, acc_tok_ex = 0.0, acc_ppo_kl = 0.0, acc_dsum = 0.0;
-  int n_counted = 0, n_clip = 0, n_lower = 0, n_rtok = 0, n_delta = 0;
-
-  const i64 per_round = (i64)gridDim.x * teams;
-  const i64 rounds = (p.rows + per_round - 1) / per_round;
-  for (i64 r = 0; r < rounds; ++r) {
-    const i64 i = (r * gridDim.x + blockIdx.x) * teams + slot_in_block;
-    const bool active = i < p.rows;
-    bool is_exp = false, trained = false, counted = false;
-    double a = 0.0, w = 0.0, c = 0.0;
-    i64 slot = -1, start = 0, len = 0;
-    if (active) {
-      is_exp = expert_row(p, i);
-      trained = !is_exp || trains_experts(p);
-      counted = trained || p.authors;  // in the normalisers, regularisers and metrics
-      a = ld(p.advantages, p.advantages_dt, i);
-      w = ld(p.weights, p.weights_dt, i);
-      c = ld(p.signs, p.signs_dt, i);
-      slot = expert_baseline ? slot_of(p, i) : -1;
-      row_range(p, i, start, len);
-    }
-    const bool explores = baseline && trained && !is_exp && (p.baseline_ref || slot != -1 || p.authors);
-    const bool seq_explore = explores && !p.token_aligned;
-    const bool tok_explore = explores && p.token_aligned;
-
-    // Pass 1: n_i, S_i = Σ m·ℓ, Σ m·ℓref, and the expert's Σ m*ℓ*, Σ m*.
-    double s1[5] = {0.0, 0.0, 0.0, 0.0, 0.0};
-    if (row_pass) {
-      if (counted && (p.agg == AGG_SEQ_MEAN || seq_explore)) {
-        const bool with_ref = p.baseline_ref && p.ref_logprobs;
-        for (i64 t0 = lane; t0 < len; t0 += (i64)BATCH * team) {
-          typename RawOf<FT>::T lr[BATCH];
-          double rr[BATCH];
-          unsigned in = 0;
-#pragma unroll
-          for (int u = 0; u < BATCH; ++u) {
-            const i64 t = t0 + (i64)u * team, k = start + t;
-            const bool ok = t < len && mask_at(p.mask, p.mask_dt, k);
-            in |= (unsigned)ok << u;
-            lr[u] = ok ? ld_raw<FT>(p.logprobs, p.logprobs_dt, k) : typename RawOf<FT>::T(0);
-            rr[u] = (ok && with_ref) ? ld(p.ref_logprobs, p.ref_dt, k) : 0.0;
-          }
-#pragma unroll
-          for (int u = 0; u < BATCH; ++u) {
-            if (!((in >> u) & 1u)) continue;
-            s1[0] += 1.0;
-            s1[1] += raw_value<FT>(lr[u]);
-            s1[2] += rr[u];
-          }
+  // The tokens.
+  const i64 k_begin = (i64)blockIdx.x * p.block_tokens;
+  const i64 k_end = k_begin + p.block_tokens < p.numel ? k_begin + p.block_tokens : p.numel;
+  __shared__ i64 begin_row;
+  if (tid == 0) {
+    first_row = -1; carry_row = -1; first_seen = 0; carry_seen = 0;
+    begin_row = k_begin < k_end ? row_at(p, k_begin) : 0;
+  }
+  __syncthreads();
+  i64 r0 = begin_row;  // the chunk's first row (the same in every thread)
+  for (i64 tb = k_begin; tb < k_end; tb += TILE) {
+    const i64 tile_end = tb + TILE < k_end ? tb + TILE : k_end;
+    i64 ck0 = tb;
+    while (ck0 < tile_end) {
+      // Stage rows r0, r0 + 1, … that start before the tile's end (a prefix of the threads).
+      __syncthreads();  // the previous chunk is done with the stage
+      if (tid == 0) staged = 0;
+      __syncthreads();
+      {
+        const i64 r = r0 + tid;
+        i64 rs = 0, rl = 0;
+        if (r < p.rows) row_range(p, r, rs, rl);
+        if (r < p.rows && rs < tile_end) {
+          const RowInfo ri = row_info(p, r);
+          RowStage& st = stage[tid];
+          const double n_row = p.row_pass ? p.row_ws[r * ROW_WS + RW_NROW] : 0.0;
+          st.a = ri.a; st.w = ri.w; st.c = ri.c;
+          st.f = ri.counted ? agg_factor(p, n_row, n[0], n[1]) : 0.0;
+          st.f_all = ri.counted ? agg_factor(p, n_row, n[2], n[3]) : 0.0;  // entropy, KL
+          st.seq_coef = p.row_pass ? p.row_ws[r * ROW_WS + RW_COEF] : 0.0;
+          st.start = rs; st.end = rs + rl; st.slot = ri.slot;
+          st.flags = (ri.is_exp ? RS_EXPERT : 0) | (ri.trained ? RS_TRAINED : 0) |
+                     (ri.counted ? RS_COUNTED : 0) | (ri.tok_explore ? RS_TOK_EXPLORE : 0);
+          seen[tid] = 0;
+          atomicAdd(&staged, 1);
         }
-        if (seq_explore && expert_baseline && slot >= 0) {
-          i64 es, el;
-          expert_range(p, slot, es, el);
-          for (i64 t0 = lane; t0 < el; t0 += (i64)BATCH * team) {
-            double ev[BATCH];
+      }
+      __syncthreads();
+      const int m = staged;
+      // The chunk: tokens [ck0, ck1). With a full stage it ends where the last staged row does
+      // (possibly where it began, when every staged row lies before ck0: then only r0 moves).
+      i64 ck1 = tile_end;
+      if (m == STAGE) {
+        const i64 e = stage[m - 1].end > ck0 ? stage[m - 1].end : ck0;
+        if (e < ck1) ck1 = e;
+      }
+      const i64 kb = tb + (i64)tid * V;
+      if (m > 0 && kb < ck1 && kb + V > ck0) {
+        Raw lr[V], orr[V];
+        load_tokens<FT>(p.logprobs, p.logprobs_dt, kb, ck0, ck1, lr);
+        if (p.old_logprobs) load_tokens<FT>(p.old_logprobs, p.old_dt, kb, ck0, ck1, orr);
+        else
 #pragma unroll
-            for (int u = 0; u < BATCH; ++u) {
-              const i64 t = t0 + (i64)u * team;
-              ev[u] = (t < el && mask_at(p.expert_mask, p.expert_mask_dt, es + t))
-                          ? ld(p.expert_logprobs, p.expert_dt, es + t) : NAN_D;
+          for (int u = 0; u < V; ++u) orr[u] = lr[u];
+        // The row of the first token in the chunk: the last staged row starting at or before it.
+        const i64 k_first = kb > ck0 ? kb : ck0;
+        int j = -1;
+        {
+          int lo = 0, hi = m;  // stage[lo].start ≤ k_first < stage[hi].start, if any
+          if (stage[0].start <= k_first) {
+            while (hi - lo > 1) {
+              const int mid = (lo + hi) >> 1;
+              if (stage[mid].start <= k_first) lo = mid; else hi = mid;
             }
-#pragma unroll
-            for (int u = 0; u < BATCH; ++u)
-              if (t0 + (i64)u * team < el && mask_at(p.expert_mask, p.expert_mask_dt, es + t0 + (i64)u * team)) {
-                s1[3] += ev[u];
-                s1[4] += 1.0;
-              }
+            j = lo;
           }
         }
-      }
-      team_sum<5>(s1, team, scratch);
-    }
-    const double n_row = s1[0];
-    const double f = counted ? agg_factor(p, n_row, n_tok, n_seq) : 0.0;
-    const double f_all = counted ? agg_factor(p, n_row, n[2], n[3]) : 0.0;  // entropy, KL
-    double seq_coef = 0.0;
-    // An empty rollout adds nothing, not even φ of a length-normalised Δ (SPEC §4.5).
-    if (seq_explore && n_row > 0.0) {
-      const double scale = p.length_normalize ? inv(n_row) : 1.0;
-      double e;
-      if (p.baseline_ref) e = s1[2] * scale;
-      else if (slot == -2) e = NAN_D;
-      else e = p.length_normalize ? (s1[4] > 0.0 ? s1[3] / s1[4] : 0.0) : s1[3];
-      const double delta = s1[1] * scale - e;
-      double phi, dphi;
-      activation(p, -c * delta, phi, dphi);
-      seq_coef = lambda * inv(n_seq) * w * dphi * -c * scale;
-      if (leader) {
-        team_rows[slot_in_block][B_SEQ_EX - THREAD_FIELDS] += w * phi;
-        acc_dsum += delta;
-        n_delta += 1;
-      }
-    }
-    if (active && leader) {
-      double* tr = team_rows[slot_in_block];
-      if (!is_exp || p.authors) {
-        tr[B_ROLLOUTS - THREAD_FIELDS] += 1.0;
-        tr[B_WSUM - THREAD_FIELDS] += w;
-        if (c > 0.0) tr[B_CORRECT - THREAD_FIELDS] += 1.0;
-      }
-    }
-
-    // Pass 2: every element of the row gets its gradients (0 where nothing flows).
-    bool row_counted = false;  // this thread saw a counted token of the row
-    for (i64 t0 = lane; t0 < len; t0 += (i64)BATCH * team) {
-      typename RawOf<FT>::T lr[BATCH], orr[BATCH];
-      unsigned in = 0;  // bit u: token u of the batch counts
+        double g[V];
+        unsigned wrote = 0;  // bit u: token u is in a row of this chunk (its gradient is written)
 #pragma unroll
-      for (int u = 0; u < BATCH; ++u) {
-        const i64 t = t0 + (i64)u * team, k = start + t;
-        const bool ok = t < len && counted;
-        // Loaded whatever the mask says (in bounds), so the mask's load is not waited for first;
-        // a masked value is never used.
-        lr[u] = ok ? ld_raw<FT>(p.logprobs, p.logprobs_dt, k) : typename RawOf<FT>::T(0);
-        orr[u] = (ok && p.old_logprobs) ? ld_raw<FT>(p.old_logprobs, p.old_dt, k) : lr[u];
-        in |= (unsigned)(ok && mask_at(p.mask, p.mask_dt, k)) << u;
-      }
-      row_counted |= in != 0u;
-#pragma unroll 1
-      for (int u = 0; u < BATCH; ++u) {
-        const i64 t = t0 + (i64)u * team, k = start + t;
-        if (t >= len) break;
-        double g = 0.0, gh = 0.0;
-        if ((in >> u) & 1u) {
-          const double logp = raw_value<FT>(lr[u]), old = raw_value<FT>(orr[u]);
-          double pv, dv;
-          if (is_exp && trained) {
-            off_policy(p, a, logp, old, pv, dv);
-          } else {
-            bool clipped, lower;
-            clipped_pg(p, a, logp, old, pv, dv, clipped, lower);
-            n_clip += clipped; n_lower += lower; acc_ppo_kl += old - logp; n_rtok += 1;
-            if (!trained) { pv = 0.0; dv = 0.0; }  // an expert row under the authors' arithmetic
-            else if (p.cov.control != EC_NONE) cov_pg(p, a, logp, old, k, clipped, pv, dv);
+        for (int u = 0; u < V; ++u) {
+          g[u] = 0.0;
+          const i64 k = kb + u;
+          if (k < ck0 || k >= ck1) continue;
+          while (j + 1 < m && stage[j + 1].start <= k) ++j;
+          if (j < 0 || k >= stage[j].end) continue;  // in no row: left untouched
+          wrote |= 1u << u;
+          const RowStage& r = stage[j];
+          double gh = 0.0;
+          if ((r.flags & RS_COUNTED) && mask_at(p.mask, p.mask_dt, k)) {
+            if (r.flags & RS_TRAINED) seen[j] = 1;  // every writer stores 1
+            g[u] = token_grad<FT>(p, r, k, raw_value<FT>(lr[u]), raw_value<FT>(orr[u]), lambda, acc, gh);
           }
-          if (p.token_weights) {
-            const double omega = ld(p.token_weights, p.token_weights_dt, k);
-            pv *= omega; dv *= omega;
-          }
-          n_counted += trained;
-          acc_pg += f * pv;
-          g = f * dv;
-          if (p.entropy) { acc_ent += f_all * ld(p.entropy, p.entropy_dt, k); gh = -p.entropy_coef * f_all; }
-          if (p.ref_logprobs) {
-            double kv, dk;
-            kl_term(p.kl_kind, logp, ld(p.ref_logprobs, p.ref_dt, k), kv, dk);
-            acc_kl += f_all * kv;
-            if (p.kl_coef != 0.0) g += p.kl_coef * f_all * dk;
-          }
-          if (tok_explore) {
-            const double delta = slot == -2 ? NAN_D : logp - token_baseline(p, slot, t, k);
-            double phi, dphi;
-            activation(p, -c * delta, phi, dphi);
-            acc_tok_ex += f * w * phi; acc_dsum += delta; n_delta += 1;
-            g += lambda * f * w * dphi * -c;
-          }
-          g += seq_coef;
+          if (p.grad_entropy) st(p.grad_entropy, p.grad_entropy_dt, k, gh);
         }
-        if (p.grad_logprobs) stf<FT>(p.grad_logprobs, p.grad_dt, k, g);
-        if (p.grad_entropy) st(p.grad_entropy, p.grad_entropy_dt, k, gh);
+        if (p.grad_logprobs) store_tokens<FT>(p.grad_logprobs, p.grad_dt, kb, wrote, g);
       }
+      // N_seq: a staged row that ends in this chunk and began in this block is complete; the
+      // row that goes on past the chunk is carried (its flag merged into the next chunk's first
+      // row); the block's first row, begun in an earlier block, is an edge row.
+      __syncthreads();  // every token's `seen` is written
+      int here = 0;
+      bool carries = false, first = false;
+      if (tid < m) {
+        here = seen[tid];
+        if (tid == 0 && r0 == carry_row) here |= carry_seen;
+        if (stage[tid].end > ck1) carries = true;
+        else if (stage[tid].start < k_begin) first = true;
+        else seqs += here;
+      }
+      __syncthreads();  // thread 0 has read the carry
+      if (tid == 0 && m > 0) { carry_row = -1; carry_seen = 0; }
+      __syncthreads();
+      if (carries) { carry_row = r0 + tid; carry_seen = here; }
+      if (first) { first_row = r0 + tid; first_seen = here; }
+      if (m > 0) r0 = stage[m - 1].end > ck1 ? r0 + m - 1 : r0 + m;
+      ck0 = ck1;
     }
-    // N_seq counts trained rows with a counted token. Teams lie within one warp (team ≤ 32),
-    // so the team's votes are its bits of the warp's ballot.
-    const unsigned votes = __ballot_sync(0xffffffffu, row_counted);
-    const unsigned team_bits = team >= 32 ? votes : (votes >> (threadIdx.x & 31 & ~(team - 1))) & ((1u << team) - 1u);
-    if (active && leader && trained && team_bits != 0u) team_rows[slot_in_block][B_SEQS - THREAD_FIELDS] += 1.0;
   }
 
-  // The expert rows' Σ m*ℓ*, Σ m* (metric), one team per expert row.
+  // Per-row metrics (grid-strided rows) and the sequence-Δ terms of the row pass (after the
+  // tokens, so that their sums take no registers during the token loop).
+  double rollouts = 0.0, wsum = 0.0, correct = 0.0, seq_ex = 0.0, exp_sum = 0.0, exp_cnt = 0.0;
+  for (i64 i = (i64)blockIdx.x * LOSS_THREADS + tid; i < p.rows; i += (i64)gridDim.x * LOSS_THREADS) {
+    if (!expert_row(p, i) || p.authors) {
+      const double c = ld(p.signs, p.signs_dt, i);
+      rollouts += 1.0;
+      wsum += ld(p.weights, p.weights_dt, i);
+      if (c > 0.0) correct += 1.0;
+    }
+    if (p.row_pass && p.row_ws[i * ROW_WS + RW_HAS] != 0.0) {
+      seq_ex += p.row_ws[i * ROW_WS + RW_WPHI];
+      acc.dsum += p.row_ws[i * ROW_WS + RW_DELTA];
+      acc.delta += 1;
+    }
+  }
+  // The expert rows' Σ m*ℓ*, Σ m* (metric), a warp per expert row.
   if (p.expert_logprobs) {
-    const i64 slot_rounds = (p.expert_rows + per_round - 1) / per_round;
-    for (i64 r = 0; r < slot_rounds; ++r) {
-      const i64 s = (r * gridDim.x + blockIdx.x) * teams + slot_in_block;
-      double e[2] = {0.0, 0.0};
-      if (s < p.expert_rows) {
-        i64 es, el;
-        expert_range(p, s, es, el);
-        for (i64 t = lane; t < el; t += team) {
-          if (!mask_at(p.expert_mask, p.expert_mask_dt, es + t)) continue;
-          e[0] += ld(p.expert_logprobs, p.expert_dt, es + t);
-          e[1] += 1.0;
+    const i64 warps = LOSS_THREADS / 32;
+    for (i64 s = (i64)blockIdx.x * warps + (tid >> 5); s < p.expert_rows; s += (i64)gridDim.x * warps) {
+      i64 es, el;
+      expert_range(p, s, es, el);
+      for (i64 t = tid & 31; t < el; t += 32)
+        if (mask_at(p.expert_mask, p.expert_mask_dt, es + t)) {
+          exp_sum += ld(p.expert_logprobs, p.expert_dt, es + t);
+          exp_cnt += 1.0;
         }
-      }
-      team_sum<2>(e, team, scratch);
-      if (leader) {
-        team_rows[slot_in_block][B_EXP_SUM - THREAD_FIELDS] += e[0];
-        team_rows[slot_in_block][B_EXP_CNT - THREAD_FIELDS] += e[1];
-      }
     }
   }
 
-  // This block's partial sums, then the last block's totals and metrics.
+  // This block's partial sums and edge rows, then the last block's totals and metrics.
   double v[BLOCK_FIELDS];
-  v[B_NTOK] = n_counted; v[B_CLIP] = n_clip; v[B_LOWER] = n_lower; v[B_RTOK] = n_rtok;
-  v[B_DCNT] = n_delta; v[B_PPO_KL] = acc_ppo_kl; v[B_DSUM] = acc_dsum; v[B_PG] = acc_pg;
-  v[B_ENT] = acc_ent; v[B_KL] = acc_kl; v[B_TOK_EX] = acc_tok_ex;
-  for (int j = THREAD_FIELDS; j < BLOCK_FIELDS; ++j) v[j] = 0.0;
-  block_sum<BLOCK_FIELDS>(v, scratch);  // ends with a barrier after which team_rows is final
-  if (threadIdx.x == 0)
-    for (int tm = 0; tm < teams; ++tm)
-      for (int j = THREAD_FIELDS; j < BLOCK_FIELDS; ++j) v[j] += team_rows[tm][j - THREAD_FIELDS];
+  v[B_NTOK] = acc.counted; v[B_CLIP] = acc.clip; v[B_LOWER] = acc.lower; v[B_RTOK] = acc.rtok;
+  v[B_DCNT] = acc.delta; v[B_PPO_KL] = acc.ppo_kl; v[B_DSUM] = acc.dsum; v[B_PG] = acc.pg;
+  v[B_ENT] = acc.ent; v[B_KL] = acc.kl; v[B_TOK_EX] = acc.tok_ex; v[B_SEQS] = seqs;
+  v[B_ROLLOUTS] = rollouts; v[B_WSUM] = wsum; v[B_CORRECT] = correct; v[B_SEQ_EX] = seq_ex;
+  v[B_EXP_SUM] = exp_sum; v[B_EXP_CNT] = exp_cnt;
+  block_sum<BLOCK_FIELDS>(v, scratch);  // its barriers order the edge rows' last writes
+  double* edges = p.block_ws + (i64)gridDim.x * BLOCK_FIELDS;
+  if (tid == 0) {
+    double* e = edges + (i64)blockIdx.x * EDGE_FIELDS;
+    e[0] = (double)first_row; e[1] = first_seen; e[2] = (double)carry_row; e[3] = carry_seen;
+  }
   if (publish_partials<BLOCK_FIELDS>(v, p.block_ws, &p.tickets[1])) {
     gather_partials<BLOCK_FIELDS>(v, p.block_ws, scratch);
-    if (threadIdx.x == 0) write_metrics(p, v, n);
+    if (tid == 0) {
+      // The edge rows in token order: each distinct row counts once if any block saw a
+      // counted token of it.
+      const volatile double* e = edges;
+      i64 cur = -1;
+      int cur_seen = 0;
+      for (unsigned b = 0; b < gridDim.x; ++b)
+        for (int h = 0; h < 2; ++h) {
+          const i64 row = (i64)e[(i64)b * EDGE_FIELDS + 2 * h];
+          const int s = e[(i64)b * EDGE_FIELDS + 2 * h + 1] != 0.0;
+          if (row < 0) continue;
+          if (row == cur) { cur_seen |= s; continue; }
+          v[B_SEQS] += cur_seen;
+          cur = row;
+          cur_seen = s;
+        }
+      v[B_SEQS] += cur_seen;
+      write_metrics(p, v, n);
+    }
   }
 }
 

@@ -17,8 +17,8 @@
 # Environment: CALIBRL_EMULATE_SEED (block order and thread schedule, default 1),
 # CALIBRL_EMULATE_SMS (multiprocessors of the first GPU-test run, default 2),
 # CALIBRL_EMULATE_ONLY=driver to skip part 1, CALIBRL_EMULATE_KERNEL_DIR=<dir> to build the
-# emulated driver from <dir>/loss.cu and <dir>/logits.cu instead of cuda/ (e.g. a deliberately
-# broken copy, to see the gate fail: docs/cuda.md).
+# emulated driver from <dir>/loss.cu and <dir>/logits.cu (and the <dir>/dtype.cuh they include)
+# instead of cuda/ (e.g. a deliberately broken copy of cuda/*, to see the gate fail: docs/cuda.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="$(pwd)"

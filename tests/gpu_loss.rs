@@ -92,6 +92,14 @@ impl Dt {
             _ => unreachable!("outputs are float"),
         }
     }
+    fn size(self) -> usize {
+        match self {
+            Dt::F64 | Dt::I64 => 8,
+            Dt::F32 => 4,
+            Dt::Bf16 | Dt::F16 => 2,
+            Dt::U8 => 1,
+        }
+    }
     /// Tolerance of one output rounding (two f64 results that differ in the last bits may round
     /// to neighbouring values).
     fn ulp(self) -> f64 {
@@ -110,6 +118,8 @@ struct Pair {
     shape: Vec<i64>,
     host: Vec<u64>,
     len: usize,
+    /// Bytes before the tensor's first element (`new_shifted`).
+    skip: usize,
     dev: Option<CudaSlice<u8>>,
     host_desc: DLTensor,
     dev_desc: DLTensor,
@@ -144,6 +154,7 @@ impl Pair {
             shape: shape.iter().map(|&s| s as i64).collect(),
             host,
             len: bytes.len(),
+            skip: 0,
             dev: Some(dev),
             host_desc: DLTensor { ..blank },
             dev_desc: DLTensor {
@@ -164,6 +175,20 @@ impl Pair {
         p.dev_desc.data = ptr as usize as *mut c_void;
         p
     }
+    /// Like `new`, with the tensor starting `shift` elements into its buffer (`byte_offset`): a
+    /// base address that is not 16-byte aligned for shift 1 (the kernels' scalar fallback).
+    fn new_shifted(g: &Gpu, dt: Dt, values: &[f64], shape: &[usize], shift: usize) -> Box<Pair> {
+        let padded: Vec<f64> = std::iter::repeat(0.0)
+            .take(shift)
+            .chain(values.iter().copied())
+            .collect();
+        let mut p = Pair::new(g, dt, &padded, shape);
+        let skip = (shift * dt.size()) as u64;
+        p.host_desc.byte_offset = skip;
+        p.dev_desc.byte_offset = skip;
+        p.skip = skip as usize;
+        p
+    }
     fn desc(&mut self, on_gpu: bool) -> *mut DLTensor {
         if on_gpu {
             &mut self.dev_desc
@@ -174,11 +199,11 @@ impl Pair {
     fn host_values(&self) -> Vec<f64> {
         // SAFETY: `host` holds `len` initialised bytes.
         let b = unsafe { std::slice::from_raw_parts(self.host.as_ptr() as *const u8, self.len) };
-        self.dt.decode(b)
+        self.dt.decode(&b[self.skip..])
     }
     fn dev_values(&self, g: &Gpu) -> Vec<f64> {
         let b = g.stream.memcpy_dtov(self.dev.as_ref().unwrap()).unwrap();
-        self.dt.decode(&b[..self.len])
+        self.dt.decode(&b[self.skip..self.len])
     }
 }
 
@@ -244,7 +269,6 @@ fn batch_with_lengths(
     expert_rows: bool,
     max_len: usize,
 ) -> Batch {
-    let prompts = rows.div_ceil(4).max(1);
     let lens: Vec<usize> = (0..rows)
         .map(|_| {
             if rng.below(9) == 0 {
@@ -254,6 +278,13 @@ fn batch_with_lengths(
             }
         })
         .collect();
+    batch_of(rng, lens, padded, expert_rows)
+}
+
+/// Rows of the given lengths (0: an empty row).
+fn batch_of(rng: &mut Rng, lens: Vec<usize>, padded: bool, expert_rows: bool) -> Batch {
+    let rows = lens.len();
+    let prompts = rows.div_ceil(4).max(1);
     let seq_len = lens.iter().copied().max().unwrap_or(0).max(1);
     let tokens = if padded {
         rows * seq_len
@@ -335,6 +366,8 @@ struct Inputs {
     expert: bool,
     /// ℓold's dtype when it differs from ℓ's (the mixed-dtype kernel `calibrl_loss_any`).
     old_dtype: Option<Dt>,
+    /// Elements by which ℓ, ℓold and the gradients start into their buffers (`new_shifted`).
+    shift: usize,
 }
 
 const ALL_INPUTS: Inputs = Inputs {
@@ -345,6 +378,7 @@ const ALL_INPUTS: Inputs = Inputs {
     token_weights: false,
     expert: true,
     old_dtype: None,
+    shift: 0,
 };
 
 struct Outputs {
@@ -388,10 +422,11 @@ fn run_both_with(
         eoff.push(eoff.last().unwrap() + l as f64);
     }
     let et = b.expert_logprobs.len();
-    let mut t_lp = Pair::new(g, dt, &b.logprobs, &shape);
+    let mut t_lp = Pair::new_shifted(g, dt, &b.logprobs, &shape, inputs.shift);
     let mut t_off = Pair::new(g, Dt::I64, &offsets, &[b.rows + 1]);
     let mut t_mask = Pair::new(g, Dt::U8, &b.mask, &shape);
-    let mut t_old = Pair::new(g, inputs.old_dtype.unwrap_or(dt), &b.old, &shape);
+    let old_dt = inputs.old_dtype.unwrap_or(dt);
+    let mut t_old = Pair::new_shifted(g, old_dt, &b.old, &shape, inputs.shift);
     let mut t_ref = Pair::new(g, Dt::F32, &b.reference, &shape); // mixed dtypes on purpose
     let mut t_ent = Pair::new(g, dt, &b.entropy, &shape);
     let mut t_adv = Pair::new(g, Dt::F64, &b.advantages, &[b.rows]);
@@ -414,8 +449,8 @@ fn run_both_with(
     };
     let mut run = |on_gpu: bool| -> Outputs {
         let nan = vec![f64::NAN; n];
-        let mut t_grad = Pair::new(g, dt, &nan, &shape);
-        let mut t_gent = Pair::new(g, dt, &nan, &shape);
+        let mut t_grad = Pair::new_shifted(g, dt, &nan, &shape, inputs.shift);
+        let mut t_gent = Pair::new_shifted(g, dt, &nan, &shape, inputs.shift);
         let mut t_met = Pair::new(g, Dt::F64, &[f64::NAN; 16], &[16]);
         let norm = normalizers.unwrap_or_default();
         let args = CalibrlLossArgs {
@@ -592,6 +627,66 @@ fn large_batch_matches_cpu() {
 
 #[test]
 #[ignore = "needs an NVIDIA GPU; run with --include-ignored on a GPU machine (scripts/gpu-check.sh does)"]
+fn large_batch_token_pass_shapes_match_cpu() {
+    // The token pass's geometry (issue 34): blocks own runs of 2048·k consecutive tokens, so
+    // rows of 4095…4097 tokens cross block and tile boundaries; few long rows (8 × 4096, and
+    // 256 × 4096 reduced to 24 rows) and many short ones (65536 × 16 reduced to 4096 rows);
+    // one-token rows and runs of empty rows longer than the 256 rows a block stages at a time
+    // (a tile then takes several chunks); base addresses 4 or 2 bytes off 16-byte alignment
+    // (the scalar fallback of the vector loads and stores). Each against the CPU backend,
+    // with a row pass (sequence Δ, seq-mean-token-mean) and without, and bitwise repeatable.
+    let (g, _guard) = require_gpu!();
+    let mut rng = Rng::new(18);
+    let mut empty_runs = vec![5];
+    empty_runs.extend(std::iter::repeat(0).take(600));
+    empty_runs.push(3000);
+    empty_runs.extend(std::iter::repeat(0).take(300));
+    empty_runs.extend([1, 0, 0, 700]);
+    empty_runs.extend(std::iter::repeat(0).take(257));
+    let shapes: Vec<(&str, Vec<usize>, bool)> = vec![
+        ("8 x 4096", vec![4096; 8], true),
+        (
+            "8 x 4095..4097",
+            (0..8).map(|i| 4095 + i % 3).collect(),
+            false,
+        ),
+        ("24 x 4096", vec![4096; 24], false),
+        ("4096 x 16", vec![16; 4096], true),
+        ("3000 x 1", vec![1; 3000], false),
+        ("empty runs", empty_runs, false),
+    ];
+    let configs = [CONFIGS[0], CONFIGS[3], CONFIGS[6], CONFIGS[10], CONFIGS[19]];
+    for (si, (name, lens, padded)) in shapes.into_iter().enumerate() {
+        let b = batch_of(&mut rng, lens, padded, true);
+        for (ci, cfg) in configs.iter().enumerate() {
+            let dt = if (si + ci) % 2 == 0 {
+                Dt::F32
+            } else {
+                Dt::Bf16
+            };
+            let inputs = Inputs {
+                shift: (si + ci) % 3 % 2,
+                ..ALL_INPUTS
+            };
+            let label = format!("{cfg} {name} {dt:?} shift={}", inputs.shift);
+            let (cpu, gpu) = run_both_with(g, cfg, &b, dt, None, inputs);
+            compare(&label, &cpu, &gpu, dt);
+            if ci == 0 {
+                let (_, again) = run_both_with(g, cfg, &b, dt, None, inputs);
+                let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&gpu.grad), bits(&again.grad), "{label}: repeat");
+                assert_eq!(
+                    bits(&gpu.metrics.to_array()),
+                    bits(&again.metrics.to_array()),
+                    "{label}: repeat"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU; run with --include-ignored on a GPU machine (scripts/gpu-check.sh does)"]
 fn long_rows_match_cpu() {
     // Rows of hundreds to thousands of tokens (each row kernel strides a row many times).
     let (g, _guard) = require_gpu!();
@@ -640,6 +735,7 @@ fn loss_matches_cpu_without_optional_inputs_and_with_token_weights() {
                     token_weights,
                     expert: true,
                     old_dtype: None,
+                    shift: 0,
                 };
                 for dt in [Dt::F32, Dt::Bf16] {
                     let (cpu, gpu) = run_both_with(g, cfg, &b, dt, None, inputs);

@@ -4,9 +4,9 @@
 //! first use for the device's compute capability: to PTX, which the driver JIT-compiles (its
 //! compute cache keeps the result across processes), or, where the NVRTC is newer than the
 //! driver within the same CUDA major, straight to a cubin for the device's architecture
-//! (`nvrtc_lib` explains the rules and picks NVRTC 13 or 12). The sources include no header, so
-//! a bare NVRTC (the `nvidia-cuda-nvrtc` wheel, or the toolkit's `libnvrtc.so.13`/`.12`) is
-//! enough.
+//! (`nvrtc_lib` explains the rules and picks NVRTC 13 or 12). The sources include no system
+//! header, only the project's own (`HEADERS`, handed to NVRTC by name), so a bare NVRTC (the
+//! `nvidia-cuda-nvrtc` wheel, or the toolkit's `libnvrtc.so.13`/`.12`) is enough.
 
 use super::nvrtc_lib::{self, Nvrtc, Output};
 use crate::error::{Error, Result};
@@ -107,6 +107,29 @@ pub fn options(arch: i32, output: Output) -> Vec<String> {
     ]
 }
 
+/// The project's headers, `#include "<name>"` in `cuda/*.cu`: (name, embedded source).
+const HEADERS: &[(&str, &str)] = &[("dtype.cuh", include_str!("../../cuda/dtype.cuh"))];
+
+/// The headers as NVRTC takes them: embedded, or read from `$CALIBRL_KERNEL_DIR` where that
+/// folder has the file (so a variant can change a header too).
+fn header_sources() -> Result<Vec<(CString, CString)>> {
+    let dir = std::env::var_os("CALIBRL_KERNEL_DIR");
+    HEADERS
+        .iter()
+        .map(|&(name, embedded)| {
+            let path = dir.as_ref().map(|d| std::path::Path::new(d).join(name));
+            let text = match path.filter(|p| p.exists()) {
+                Some(p) => std::fs::read_to_string(&p)
+                    .map_err(|e| Error::cuda(format!("{} cannot be read: {e}", p.display())))?,
+                None => embedded.to_string(),
+            };
+            let text = CString::new(text)
+                .map_err(|_| Error::cuda(format!("{name} contains a NUL byte")))?;
+            Ok((CString::new(name).expect("header names have no NUL"), text))
+        })
+        .collect()
+}
+
 /// The source NVRTC compiles: the embedded one, or `$CALIBRL_KERNEL_DIR/<name>.cu` when that
 /// variable is set (kernel development: try a variant on a GPU machine without rebuilding).
 fn kernel_source(src: &KernelSource) -> Result<String> {
@@ -131,9 +154,14 @@ pub fn compile_module(src: &KernelSource, arch: i32, output: Output) -> Result<V
     let code = CString::new(kernel_source(src)?)
         .map_err(|_| Error::cuda(format!("{}.cu contains a NUL byte", src.name)))?;
     let name = CString::new(format!("{}.cu", src.name)).expect("module names have no NUL");
+    let headers = header_sources()?;
+    let header_refs: Vec<(&std::ffi::CStr, &std::ffi::CStr)> = headers
+        .iter()
+        .map(|(n, t)| (n.as_c_str(), t.as_c_str()))
+        .collect();
     let target = target_name(arch, output);
     let image = nvrtc
-        .compile(&code, &name, &options(arch, output), output)
+        .compile(&code, &name, &header_refs, &options(arch, output), output)
         .map_err(|e| {
             Error::cuda(format!(
                 "NVRTC {}.{} failed to compile {}.cu for {target} ({}):\n{}",

@@ -30,6 +30,7 @@ pub const LOSS: KernelSource = KernelSource {
         "calibrl_group_stats",
         "calibrl_group_advantages",
         "calibrl_loss_counts",
+        "calibrl_loss_rows",
         "calibrl_loss_f32",
         "calibrl_loss_f64",
         "calibrl_loss_bf16",
@@ -42,13 +43,18 @@ pub const LOSS: KernelSource = KernelSource {
 };
 
 const BLOCK_FIELDS: usize = 18; // BLOCK_FIELDS in cuda/loss.cu
+const EDGE_FIELDS: usize = 4; // EDGE_FIELDS in cuda/loss.cu
+const ROW_WS: usize = 5; // ROW_WS in cuda/loss.cu
 const FINAL_FIELDS: usize = 4; // FINAL_FIELDS in cuda/loss.cu
 const THREADS: u32 = 256; // LOSS_THREADS in cuda/loss.cu
-/// Tokens a thread loads before using them (BATCH in cuda/loss.cu).
+/// Tokens a thread of the row pass loads before using them (BATCH in cuda/loss.cu).
 const BATCH: usize = 8;
-/// The most threads that share a row: a team within one warp needs no block barrier.
-const MAX_TEAM: usize = 32;
-/// Resident blocks per SM the grids are sized for (the kernels loop over rows).
+/// The most threads that share a row in the row pass: a whole block (few long rows).
+const MAX_TEAM: usize = THREADS as usize;
+/// The token pass's blocks own a multiple of this many consecutive tokens: a multiple of every
+/// instantiation's tile (LOSS_THREADS × 16-byte vector: 512 f64 … 2048 bf16 tokens).
+const TOKEN_QUANTUM: usize = 2048;
+/// Resident blocks per SM the grids are sized for (the kernels loop over rows or tiles).
 const BLOCKS_PER_SM: usize = 4;
 
 /// dtype codes (`DT_*` in cuda/loss.cu).
@@ -229,7 +235,11 @@ struct LossParams {
     block_ws: sys::CUdeviceptr,
     final_ws: sys::CUdeviceptr,
     tickets: sys::CUdeviceptr,
+    row_ws: sys::CUdeviceptr,
     team_log2: i64,
+    row_pass: i64,
+    block_tokens: i64,
+    numel: i64,
     counts: i64,
     loss_kind: i64,
     token_aligned: i64,
@@ -318,14 +328,26 @@ fn loss_kernel(args: &Loss) -> &'static str {
     }
 }
 
-/// log2 of the threads that share one row: about two batches of BATCH tokens per thread and
-/// pass for the mean row length, between 2 threads (many short rows) and a warp (long rows).
+/// log2 of the threads that share one row in the row pass: about two batches of BATCH tokens
+/// per thread for the mean row length, between 2 threads (many short rows) and a block (few
+/// long rows: 8 × 4096 still gives 8 full blocks).
 fn team_log2(tokens: usize, rows: usize) -> i64 {
     let threads = tokens.div_ceil(rows.max(1)).div_ceil(2 * BATCH);
     threads
         .clamp(2, MAX_TEAM)
         .next_power_of_two()
         .trailing_zeros() as i64
+}
+
+/// Whether a row sum is needed (sequence Δ with a baseline, seq-mean-token-mean): then
+/// `calibrl_loss_rows` runs before the token pass (`has_baseline` in cuda/loss.cu).
+fn needs_row_pass(cfg: &Config, args: &Loss) -> bool {
+    let baseline = match cfg.baseline {
+        Baseline::RefPolicy => args.ref_logprobs.is_some(),
+        // The authors' arithmetic explores against ℓ* = 0 without expert data.
+        Baseline::Expert => args.expert.is_some() || cfg.authors(),
+    };
+    cfg.agg == Aggregation::SeqMeanTokenMean || (cfg.delta_mode == DeltaMode::Sequence && baseline)
 }
 
 fn counts_mode(cfg: &Config, args: &Loss) -> Counts {
@@ -409,7 +431,11 @@ fn loss_params(cfg: &Config, args: &Loss) -> Result<LossParams> {
         block_ws: 0,
         final_ws: 0,
         tickets: 0,
+        row_ws: 0,
         team_log2: team_log2(args.policy.values.numel(), args.policy.rows),
+        row_pass: needs_row_pass(cfg, args) as i64,
+        block_tokens: 0,
+        numel: args.policy.values.numel() as i64,
         counts: counts_mode(cfg, args) as i64,
         loss_kind: match cfg.loss {
             LossKind::Calibrl => 0,
@@ -472,15 +498,24 @@ pub fn loss(
     let rows = args.policy.rows;
     let max_blocks = dev.sms * BLOCKS_PER_SM;
     let teams = (THREADS as usize) >> p.team_log2;
-    let blocks = rows.div_ceil(teams).clamp(1, max_blocks);
+    let row_blocks = rows.div_ceil(teams).clamp(1, max_blocks);
     let count_blocks = rows.div_ceil(THREADS as usize / 32).clamp(1, max_blocks);
-    // Workspace: the final values (N_tok, N_seq, metrics), then the blocks' partial sums.
-    // Then the entropy control's (src/cuda/cov.rs).
+    // The token pass: consecutive tokens per block, whole quanta, at most max_blocks blocks.
+    let numel = args.policy.values.numel();
+    let quanta = numel.div_ceil(TOKEN_QUANTUM).max(1);
+    let block_tokens = quanta.div_ceil(max_blocks) * TOKEN_QUANTUM;
+    let blocks = numel.div_ceil(block_tokens).max(1);
+    p.block_tokens = block_tokens as i64;
+    // Workspace: the final values (N_tok, N_seq, metrics), the blocks' partial sums and edge
+    // rows, the row pass's per-row results, then the entropy control's (src/cuda/cov.rs).
     let final_doubles = FINAL_FIELDS + METRICS_LEN;
-    let loss_bytes = (final_doubles + blocks.max(count_blocks) * BLOCK_FIELDS) * 8;
+    let block_doubles = blocks.max(count_blocks) * (BLOCK_FIELDS + EDGE_FIELDS);
+    let row_doubles = if p.row_pass != 0 { rows * ROW_WS } else { 0 };
+    let loss_bytes = (final_doubles + block_doubles + row_doubles) * 8;
     let ws = workspace(dev, ordinal, stream, loss_bytes + p.cov.workspace_bytes())?;
     p.final_ws = ws;
     p.block_ws = ws + (final_doubles * 8) as u64;
+    p.row_ws = p.block_ws + (block_doubles * 8) as u64;
     p.cov.set_workspace(ws + loss_bytes as u64);
     p.tickets = tickets(dev, ordinal, stream)?;
     for (kernel, cov_blocks, pass) in p.cov.launches(max_blocks) {
@@ -492,6 +527,16 @@ pub fn loss(
             dev,
             "calibrl_loss_counts",
             count_blocks,
+            THREADS,
+            stream,
+            &mut p,
+        )?;
+    }
+    if p.row_pass != 0 && rows > 0 {
+        launch(
+            dev,
+            "calibrl_loss_rows",
+            row_blocks,
             THREADS,
             stream,
             &mut p,

@@ -342,11 +342,12 @@ impl Nvrtc {
     }
 
     /// Compiles `code` (file name `name`) with `options` and returns the PTX (NUL-terminated) or
-    /// the cubin.
+    /// the cubin. `headers`: (include name, source) pairs `#include "name"` resolves to.
     pub fn compile(
         &self,
         code: &CStr,
         name: &CStr,
+        headers: &[(&CStr, &CStr)],
         options: &[String],
         output: Output,
     ) -> Result<Vec<u8>, CompileError> {
@@ -359,18 +360,20 @@ impl Nvrtc {
             .map(|o| std::ffi::CString::new(o.as_str()).expect("options have no NUL"))
             .collect();
         let opt_ptrs: Vec<*const c_char> = opts.iter().map(|o| o.as_ptr()).collect();
+        let header_names: Vec<*const c_char> = headers.iter().map(|h| h.0.as_ptr()).collect();
+        let header_sources: Vec<*const c_char> = headers.iter().map(|h| h.1.as_ptr()).collect();
         let api = &self.api;
         let mut prog: Program = std::ptr::null_mut();
-        // SAFETY: `code`/`name` outlive the program, which is destroyed below; every buffer is
-        // sized by NVRTC's own size query.
+        // SAFETY: `code`/`name`/`headers` outlive the program, which is destroyed below; every
+        // buffer is sized by NVRTC's own size query.
         unsafe {
             let created = (api.create)(
                 &mut prog,
                 code.as_ptr(),
                 name.as_ptr(),
-                0,
-                std::ptr::null(),
-                std::ptr::null(),
+                headers.len() as c_int,
+                header_sources.as_ptr(),
+                header_names.as_ptr(),
             );
             api.check("nvrtcCreateProgram", created).map_err(fail)?;
             let compiled = api.check(

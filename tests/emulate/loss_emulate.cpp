@@ -162,9 +162,9 @@ static void encode(int dt, const std::vector<double>& v, std::vector<unsigned ch
             std::memcpy(&raw[4 * i], &f, 4);
             back[i] = f;
         } else {
-            unsigned short h = f32_to_bf16_bits((float)v[i]);
+            unsigned short h = f32_to_bf16((float)v[i]);
             std::memcpy(&raw[2 * i], &h, 2);
-            back[i] = bf16_bits_to_f32(h);
+            back[i] = bf16_to_f32(h);
         }
     }
 }
@@ -225,6 +225,36 @@ struct Run {
     std::vector<double> grad, metrics;
 };
 
+// The loss kernels as src/cuda/loss.rs `loss` launches them (after the counts kernel and the
+// entropy control's): the row pass where a row sum is needed, then the token pass, its blocks
+// owning whole quanta of 2048 consecutive tokens, at most `max_blocks` of them. `p.final_ws`,
+// `p.block_ws`, `p.row_ws` point into `ws` (sized here; NaN-filled: nothing may read unwritten
+// values).
+static void launch_loss(LossParams& p, unsigned max_blocks, std::vector<double>& ws) {
+    const bool seq_explore = !p.token_aligned && (p.baseline_ref ? p.ref_logprobs != nullptr
+                                                                 : (p.expert_logprobs != nullptr || p.authors));
+    p.row_pass = (p.agg == AGG_SEQ_MEAN || seq_explore) ? 1 : 0;
+    const long long quanta = std::max((p.numel + 2047) / 2048, 1LL);
+    p.block_tokens = (quanta + max_blocks - 1) / max_blocks * 2048;
+    const unsigned blocks = (unsigned)std::max((p.numel + p.block_tokens - 1) / p.block_tokens, 1LL);
+    long long threads = (p.numel + std::max(p.rows, 1LL) - 1) / std::max(p.rows, 1LL);
+    threads = std::clamp((threads + 15) / 16, 2LL, (long long)LOSS_THREADS);
+    long long team = 1;
+    while (team < threads) team <<= 1;
+    p.team_log2 = __builtin_ctzll(team);
+    const unsigned row_blocks = (unsigned)std::clamp((p.rows + LOSS_THREADS / team - 1) / (LOSS_THREADS / team), 1LL,
+                                                     (long long)max_blocks);
+    const unsigned count_blocks = std::max(blocks, max_blocks);
+    const size_t block_doubles = (size_t)count_blocks * (BLOCK_FIELDS + EDGE_FIELDS);
+    ws.assign(FINAL_FIELDS + METRICS + block_doubles + (p.row_pass ? (size_t)p.rows * ROW_WS : 0), NAN);
+    p.final_ws = ws.data();
+    p.block_ws = ws.data() + FINAL_FIELDS + METRICS;
+    p.row_ws = p.block_ws + block_doubles;
+    if (p.counts == COUNTS_KERNEL) launch(std::min(count_blocks, max_blocks), LOSS_THREADS, [&] { calibrl_loss_counts(p); });
+    if (p.row_pass && p.rows > 0) launch(row_blocks, LOSS_THREADS, [&] { calibrl_loss_rows(p); });
+    launch(blocks, LOSS_THREADS, [&] { calibrl_loss_any(p); });
+}
+
 // The launches of src/cuda/loss.rs `loss` with entropy control (normalisers given, so no
 // counts kernel), with the grids capped at `max_blocks`.
 static Run run(const Batch& b, int control, double ratio, double lb, double ub, unsigned long long seed, double coef,
@@ -256,18 +286,9 @@ static Run run(const Batch& b, int control, double ratio, double lb, double ub, 
     p.grad_dt = DT_F64;
     p.metrics = out.metrics.data();
     p.metrics_dt = DT_F64;
-    // Same geometry rules as src/cuda/loss.rs.
-    long long threads = (b.numel + std::max(b.rows, 1LL) - 1) / std::max(b.rows, 1LL);
-    threads = std::clamp((threads + 15) / 16, 2LL, 32LL);
-    long long team = 1;
-    while (team < threads) team <<= 1;
-    p.team_log2 = __builtin_ctzll(team);
-    const long long teams = LOSS_THREADS / team;
-    const unsigned blocks = (unsigned)std::clamp((b.rows + teams - 1) / teams, 1LL, (long long)max_blocks);
-    std::vector<double> ws(FINAL_FIELDS + METRICS + (size_t)blocks * BLOCK_FIELDS);
+    p.numel = b.numel;
+    std::vector<double> ws;
     unsigned tickets[64] = {};
-    p.final_ws = ws.data();
-    p.block_ws = ws.data() + FINAL_FIELDS + METRICS;
     p.tickets = tickets;
     p.counts = COUNTS_GIVEN;
     p.norm_tokens = norm_tokens;
@@ -304,7 +325,7 @@ static Run run(const Batch& b, int control, double ratio, double lb, double ub, 
         p.cov.pass = pass;
         launch(cov_blocks, COV_THREADS, [&] { calibrl_cov_histogram(p); });
     }
-    launch(blocks, LOSS_THREADS, [&] { calibrl_loss_any(p); });
+    launch_loss(p, max_blocks, ws);
     out.state = *p.cov.state;
     for (long long i = 0; i < b.rows; ++i) {
         if (b.is_expert[i]) continue;
@@ -432,12 +453,9 @@ static int authors_cases(std::mt19937_64& rng) {
                 p.grad_entropy_dt = DT_F64;
                 p.metrics = metrics.data();
                 p.metrics_dt = DT_F64;
-                p.team_log2 = 2;
-                const unsigned blocks = 3;
-                std::vector<double> ws(FINAL_FIELDS + METRICS + (size_t)blocks * BLOCK_FIELDS, NAN);
+                p.numel = b.numel;
+                std::vector<double> ws;
                 unsigned tickets[64] = {};
-                p.final_ws = ws.data();
-                p.block_ws = ws.data() + FINAL_FIELDS + METRICS;
                 p.tickets = tickets;
                 p.counts = counts;
                 p.norm_tokens = given[0];
@@ -459,8 +477,7 @@ static int authors_cases(std::mt19937_64& rng) {
                 p.dual_clip = cdual;
                 p.entropy_coef = ent_coef;
                 p.kl_coef = kl_coef;
-                if (counts == COUNTS_KERNEL) launch(blocks, LOSS_THREADS, [&] { calibrl_loss_counts(p); });
-                launch(blocks, LOSS_THREADS, [&] { calibrl_loss_any(p); });
+                launch_loss(p, 3, ws);
                 char tag[128];
                 std::snprintf(tag, sizeof tag, "authors agg=%d counts=%d packed=%d", agg, counts, (int)packed);
                 auto close = [](double x, double y) { return std::fabs(x - y) <= 1e-13 + 1e-12 * std::fabs(y); };
