@@ -258,6 +258,9 @@ inline bool run_block(Block& b, unsigned n) {
             why += " " + std::to_string(at_barrier) + " threads wait in __syncthreads, ";
             if (b.ctas > 1) why += std::to_string(b.at_cluster) + " in cluster_sync, ";
             why += std::to_string(b.done_all) + " have exited";
+            unsigned in_warp = 0;
+            for (const Fiber& f : b.fibers) in_warp += f.state == State::Warp;
+            if (in_warp) why += ", " + std::to_string(in_warp) + " wait in warp collectives";
             b.error = why;
             break;
         }
@@ -335,7 +338,7 @@ inline void complete(unsigned w) {
             }
         }
         g.state = State::Ready;
-        b.ready.push_back(g.tid);
+        b.ready.push_back((unsigned)(&g - b.fibers.data()));
     }
     op.arrived = 0;
     op.kind = -1;
