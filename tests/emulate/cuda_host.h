@@ -156,6 +156,7 @@ inline void yield() {
 }
 
 inline void complete(unsigned w);
+inline void release(Block& b, unsigned from, unsigned to, State s);
 
 inline void poison_smem(Block& b, unsigned cta) {
     std::memset(b.smem[cta].data(), 0xff, b.smem[cta].size() * sizeof(uint64_t));
@@ -212,13 +213,6 @@ inline bool run_block(Block& b, unsigned n) {
         makecontext(&f.ctx, entry, 0);
         b.ready.push_back(i);
     }
-    auto release = [&](unsigned from, unsigned to, State s) {
-        for (unsigned i = from; i < to; ++i)
-            if (b.fibers[i].state == s) {
-                b.fibers[i].state = State::Ready;
-                b.ready.push_back(i);
-            }
-    };
     while (b.error.empty()) {
         if (b.ready.empty()) {
             if (b.done_all == total) return true;
@@ -231,7 +225,7 @@ inline bool run_block(Block& b, unsigned n) {
                               " have exited";
                     break;
                 }
-                release(c * n, (c + 1) * n, State::Barrier);
+                release(b, c * n, (c + 1) * n, State::Barrier);
                 b.at_barrier[c] = 0;
                 released = true;
             }
@@ -243,7 +237,7 @@ inline bool run_block(Block& b, unsigned n) {
                               std::to_string(b.done_all) + " have exited";
                     break;
                 }
-                release(0, total, State::ClusterBarrier);
+                release(b, 0, total, State::ClusterBarrier);
                 b.at_cluster = 0;
                 released = true;
             }
@@ -359,10 +353,28 @@ T shuffle(int kind, unsigned mask, T v, int arg, int width) {
 
 }  // namespace cuda_emu
 
+namespace cuda_emu {
+// Makes the fibers [from, to) that wait in state `s` ready again.
+inline void release(Block& b, unsigned from, unsigned to, State s) {
+    for (unsigned i = from; i < to; ++i)
+        if (b.fibers[i].state == s) {
+            b.fibers[i].state = State::Ready;
+            b.ready.push_back(i);
+        }
+}
+}  // namespace cuda_emu
+
+// A barrier opens as soon as its last thread arrives (the other CTAs of a cluster may be
+// anywhere, so a CTA runs ahead of the others as on a GPU); a barrier that some exited thread
+// can never reach is reported by the scheduler.
 inline void __syncthreads() {
     cuda_emu::Block& b = *cuda_emu::g_block;
+    const unsigned c = b.current->cta;
     b.current->state = cuda_emu::State::Barrier;
-    ++b.at_barrier[b.current->cta];
+    if (++b.at_barrier[c] == b.threads && b.done[c] == 0) {
+        cuda_emu::release(b, c * b.threads, (c + 1) * b.threads, cuda_emu::State::Barrier);
+        b.at_barrier[c] = 0;
+    }
     cuda_emu::switch_out();
 }
 
@@ -375,7 +387,10 @@ inline unsigned cluster_count() { return gridDim.x / cuda_emu::g_block->ctas; }
 inline void cluster_sync() {
     cuda_emu::Block& b = *cuda_emu::g_block;
     b.current->state = cuda_emu::State::ClusterBarrier;
-    ++b.at_cluster;
+    if (++b.at_cluster == b.threads * b.ctas && b.done_all == 0) {
+        cuda_emu::release(b, 0, b.threads * b.ctas, cuda_emu::State::ClusterBarrier);
+        b.at_cluster = 0;
+    }
     cuda_emu::switch_out();
 }
 inline unsigned char* dynamic_smem() {
