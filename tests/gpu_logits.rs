@@ -11,12 +11,12 @@
 //! Every output buffer is filled with NaN before a GPU call, so a comparison against the
 //! (always finite or ±inf) CPU result also proves each element was written.
 
+use calibrl::cuda::logits::{forward_backward_path, LogitsPath};
 use calibrl::ffi::common::calibrl_last_error_message;
 use calibrl::ffi::logits::{
     calibrl_logits_backward, calibrl_logits_forward, calibrl_logits_shard_finish,
     calibrl_logits_shard_stats,
 };
-use calibrl::cuda::logits::{forward_backward_path, LogitsPath};
 use calibrl::ops::logits::{forward_backward, ForwardBackward, LogitsInput};
 use calibrl::tensor::{DLDataType, DLDevice, DLTensor, DType, Tensor, DL_CPU, DL_CUDA};
 use calibrl::CalibrlStatus;
@@ -836,16 +836,27 @@ fn gpu_forward_backward(
             )
             .unwrap(),
             grad_logprobs: Tensor::from_raw(gl.p(), "grad_logprobs").unwrap(),
-            grad_entropy: Tensor::optional(ge.as_ref().map_or(std::ptr::null(), |d| d.p()), "grad_entropy")
-                .unwrap(),
+            grad_entropy: Tensor::optional(
+                ge.as_ref().map_or(std::ptr::null(), |d| d.p()),
+                "grad_entropy",
+            )
+            .unwrap(),
             logprobs: Tensor::from_raw(o[0].p(), "logprobs").unwrap(),
-            entropy: Tensor::optional(if entropy_out { o[1].p() } else { std::ptr::null() }, "entropy")
-                .unwrap(),
+            entropy: Tensor::optional(
+                if entropy_out {
+                    o[1].p()
+                } else {
+                    std::ptr::null()
+                },
+                "entropy",
+            )
+            .unwrap(),
             lse: Tensor::from_raw(o[2].p(), "lse").unwrap(),
             grad_logits: Tensor::from_raw(gd.p(), "grad_logits").unwrap(),
         }
     };
-    forward_backward(&args, g.stream.cu_stream() as *mut c_void).unwrap_or_else(|e| panic!("gpu forward_backward: {e}"));
+    forward_backward(&args, g.stream.cu_stream() as *mut c_void)
+        .unwrap_or_else(|e| panic!("gpu forward_backward: {e}"));
     drop(args);
     let raw: Vec<Vec<u8>> = outs.iter().map(|b| b.download(g)).collect();
     let d = |b: &[u8]| Dt::F32.decode(b);
@@ -909,18 +920,26 @@ fn forward_backward_single_pass_matches_cpu_and_three_passes() {
             }
         } else {
             shapes[0].1 = None;
-            println!("single pass unavailable on this device: checking the three-pass fallback only");
+            println!(
+                "single pass unavailable on this device: checking the three-pass fallback only"
+            );
         }
         for &(v, cluster) in &shapes {
             case += 1;
             let path = forward_backward_path(0, v, dtype).unwrap();
             match (cluster, path) {
-                (Some(c), LogitsPath::SinglePass { cluster, .. }) => assert_eq!(cluster, c, "{dt:?} V={v}: {path:?}"),
+                (Some(c), LogitsPath::SinglePass { cluster, .. }) => {
+                    assert_eq!(cluster, c, "{dt:?} V={v}: {path:?}")
+                }
                 (None, LogitsPath::ThreePass) => {}
                 _ => panic!("{dt:?} V={v}: expected cluster {cluster:?}, the plan is {path:?}"),
             }
             let n = if quick() { 5 } else { 19 };
-            let kind = if case % 3 == 0 { Kind::Extreme } else { Kind::Normal };
+            let kind = if case % 3 == 0 {
+                Kind::Extreme
+            } else {
+                Kind::Normal
+            };
             let temperature = [1.0, 0.7, 1.3][case % 3];
             let with_h = case % 2 == 0;
             let mut p = Problem::new(&mut rng, n, v, dt, kind, temperature, with_h);
@@ -943,15 +962,33 @@ fn forward_backward_single_pass_matches_cpu_and_three_passes() {
                 runs.push((got, raw, out.download(g)));
             }
             let (got, raw, grad) = &runs[0];
-            compare(&format!("{what}: logprobs"), &got.0, &want.0, p.forward_tol());
+            compare(
+                &format!("{what}: logprobs"),
+                &got.0,
+                &want.0,
+                p.forward_tol(),
+            );
             if entropy_out {
-                compare(&format!("{what}: entropy"), &got.1, &want.1, p.forward_tol());
+                compare(
+                    &format!("{what}: entropy"),
+                    &got.1,
+                    &want.1,
+                    p.forward_tol(),
+                );
             } else {
-                assert!(got.1.iter().all(|x| x.is_nan()), "{what}: entropy written without an entropy output");
+                assert!(
+                    got.1.iter().all(|x| x.is_nan()),
+                    "{what}: entropy written without an entropy output"
+                );
             }
             compare(&format!("{what}: lse"), &got.2, &want.2, p.forward_tol());
             let tol = p.backward_tol(&want.1);
-            compare(&format!("{what}: d-logits vs CPU"), &dt.decode(grad), &want_grad, &tol);
+            compare(
+                &format!("{what}: d-logits vs CPU"),
+                &dt.decode(grad),
+                &want_grad,
+                &tol,
+            );
             bits_equal(&format!("{what}: row outputs"), raw, &runs[1].1);
             bits_equal(&format!("{what}: d-logits"), grad, &runs[1].2);
             bits_equal(
@@ -962,14 +999,38 @@ fn forward_backward_single_pass_matches_cpu_and_three_passes() {
 
             // Today's three passes (forward, then backward from its saved lse and entropy).
             let (three, _) = gpu_forward(g, &p, &logits, &rows);
-            compare(&format!("{what}: logprobs vs three passes"), &got.0, &three.0, p.forward_tol());
-            compare(&format!("{what}: lse vs three passes"), &got.2, &three.2, p.forward_tol());
+            compare(
+                &format!("{what}: logprobs vs three passes"),
+                &got.0,
+                &three.0,
+                p.forward_tol(),
+            );
+            compare(
+                &format!("{what}: lse vs three passes"),
+                &got.2,
+                &three.2,
+                p.forward_tol(),
+            );
             if entropy_out {
-                compare(&format!("{what}: entropy vs three passes"), &got.1, &three.1, p.forward_tol());
+                compare(
+                    &format!("{what}: entropy vs three passes"),
+                    &got.1,
+                    &three.1,
+                    p.forward_tol(),
+                );
             }
             let three_rows = DevRows::upload(g, &p, &Saved::from(&three));
             let three_grad = DevBuf::upload(g, &dt.nan(n * v));
-            gpu_backward_into(g, &p, &logits, View::full(&p), &three_grad, View::full(&p), 0, &three_rows);
+            gpu_backward_into(
+                g,
+                &p,
+                &logits,
+                View::full(&p),
+                &three_grad,
+                View::full(&p),
+                0,
+                &three_rows,
+            );
             compare(
                 &format!("{what}: d-logits vs three passes"),
                 &dt.decode(grad),
@@ -978,9 +1039,14 @@ fn forward_backward_single_pass_matches_cpu_and_three_passes() {
             );
 
             // In place: the same bits as out of place.
-            let (_, raw_in_place) = gpu_forward_backward(g, &p, &logits, &logits, &rows, entropy_out);
+            let (_, raw_in_place) =
+                gpu_forward_backward(g, &p, &logits, &logits, &rows, entropy_out);
             bits_equal(&format!("{what}: row outputs in place"), &raw_in_place, raw);
-            bits_equal(&format!("{what}: d-logits in place"), &logits.download(g), grad);
+            bits_equal(
+                &format!("{what}: d-logits in place"),
+                &logits.download(g),
+                grad,
+            );
         }
     }
 }

@@ -144,7 +144,8 @@ impl Device {
         let output = compile::output()?;
         let arch = compile::arch_for_device(major, minor)?;
         let sms = attr(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(1) as usize;
-        let smem_optin = attr(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?.max(0) as usize;
+        let smem_optin =
+            attr(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?.max(0) as usize;
         // SAFETY: `dev` is valid. The primary context is retained for the life of the process.
         let ctx = unsafe { drv::primary_ctx::retain(dev) }
             .map_err(|e| driver_error("cuDevicePrimaryCtxRetain", e))?;

@@ -18,7 +18,9 @@
 use super::compile::KernelSource;
 use super::device::device;
 use super::launch::{launch, launch_cluster, Arg, ClusterLaunch, Geometry};
-use crate::desc::logits::{Backward, Forward, ForwardBackward, LogitsInput, ShardFinish, ShardStats};
+use crate::desc::logits::{
+    Backward, Forward, ForwardBackward, LogitsInput, ShardFinish, ShardStats,
+};
 use crate::desc::Stream;
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor};
@@ -334,7 +336,9 @@ pub fn forward_backward(args: &ForwardBackward, ordinal: i32, stream: Stream) ->
     };
     let threads = single_pass_threads(chunk, dtype);
     // Clusters that can be resident at once (rows are cluster-strided), at most one per row.
-    let per_sm = (dev.smem_optin / smem_bytes).min(2048 / threads as usize).max(1);
+    let per_sm = (dev.smem_optin / smem_bytes)
+        .min(2048 / threads as usize)
+        .max(1);
     let clusters = (dev.sms * per_sm / cluster)
         .max(1)
         .min(input.n)

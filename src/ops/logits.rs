@@ -4,8 +4,8 @@
 
 use super::on_device;
 pub use crate::desc::logits::{
-    inv_temperature, Backward, Forward, ForwardBackward, LogitsInput, ShardFinish, ShardStats, LOGITS_DTYPES,
-    OUT_DTYPES, STATS_WIDTH,
+    inv_temperature, Backward, Forward, ForwardBackward, LogitsInput, ShardFinish, ShardStats,
+    LOGITS_DTYPES, OUT_DTYPES, STATS_WIDTH,
 };
 use crate::desc::Stream;
 use crate::error::Result;
