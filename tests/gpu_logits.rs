@@ -1051,6 +1051,70 @@ fn forward_backward_single_pass_matches_cpu_and_three_passes() {
     }
 }
 
+/// `forward_backward` on the CPU backend (its reference on CUDA's fallback side): the bits of
+/// `forward` then `backward`, and the argument rules of `ForwardBackward` (no GPU needed).
+#[test]
+fn forward_backward_on_cpu_is_forward_then_backward_and_checks_arguments() {
+    let mut rng = Rng::new(4);
+    let p = Problem::new(&mut rng, 6, 37, Dt::Bf16, Kind::Normal, 0.9, true);
+    let want = cpu_forward(&p);
+    let want_grad = cpu_backward(&p, &Saved::from(&want));
+    let f = Dt::F32.dl();
+    let mut logits = HostBuf::new(&p.logits_bytes());
+    let mut labels = HostBuf::new(&labels_bytes(&p.labels, p.labels_i64));
+    let mut gl = HostBuf::new(&Dt::F32.encode(&p.grad_logprobs));
+    let mut ge = HostBuf::new(&Dt::F32.encode(p.grad_entropy.as_ref().unwrap()));
+    let mut outs: Vec<HostBuf> = (0..3).map(|_| HostBuf::new(&Dt::F32.nan(p.n))).collect();
+    let mut half = HostBuf::new(&Dt::F16.nan(p.n));
+    let mut grad = HostBuf::new(&p.dt.nan(p.n * p.v));
+    let lg = host_desc(&mut logits, p.dt.dl(), &[p.n, p.v]);
+    let lb = host_desc(&mut labels, label_dtype(p.labels_i64), &[p.n]);
+    let gld = host_desc(&mut gl, f, &[p.n]);
+    let ged = host_desc(&mut ge, f, &[p.n]);
+    let o: Vec<Box<Desc>> = outs.iter_mut().map(|b| host_desc(b, f, &[p.n])).collect();
+    let hd = host_desc(&mut half, Dt::F16.dl(), &[p.n]);
+    let gd = host_desc(&mut grad, p.dt.dl(), &[p.n, p.v]);
+    // (f16 logprobs, with entropy output) → result
+    let run = |half_logprobs: bool, entropy: bool| {
+        // SAFETY: every descriptor points at live host memory of its stated shape.
+        let args = unsafe {
+            ForwardBackward {
+                input: LogitsInput::new(
+                    Tensor::from_raw(lg.p(), "logits").unwrap(),
+                    Tensor::from_raw(lb.p(), "labels").unwrap(),
+                    p.temperature,
+                    0,
+                )
+                .unwrap(),
+                grad_logprobs: Tensor::from_raw(gld.p(), "grad_logprobs").unwrap(),
+                grad_entropy: Tensor::optional(ged.p(), "grad_entropy").unwrap(),
+                logprobs: Tensor::from_raw(
+                    if half_logprobs { hd.p() } else { o[0].p() },
+                    "logprobs",
+                )
+                .unwrap(),
+                entropy: Tensor::optional(
+                    if entropy { o[1].p() } else { std::ptr::null() },
+                    "entropy",
+                )
+                .unwrap(),
+                lse: Tensor::from_raw(o[2].p(), "lse").unwrap(),
+                grad_logits: Tensor::from_raw(gd.p(), "grad_logits").unwrap(),
+            }
+        };
+        forward_backward(&args, std::ptr::null_mut())
+    };
+    let e = run(true, true).unwrap_err().to_string();
+    assert!(e.contains("logprobs") && e.contains("float16"), "{e}");
+    let e = run(false, false).unwrap_err().to_string();
+    assert!(e.contains("entropy") && e.contains("grad_entropy"), "{e}");
+    run(false, true).unwrap();
+    drop((o, gd));
+    let d = |b: &HostBuf| Dt::F32.decode(b.bytes());
+    assert_eq!((d(&outs[0]), d(&outs[1]), d(&outs[2])), want);
+    assert_eq!(p.dt.decode(grad.bytes()), want_grad);
+}
+
 /// Splits `v` into `parts` uneven, non-empty shards: (start, len).
 fn shards(rng: &mut Rng, v: usize, parts: usize) -> Vec<(usize, usize)> {
     let parts = parts.min(v);
