@@ -187,15 +187,19 @@ struct SoftmaxAcc {
 };
 
 // Accumulates the `len` elements of `row` into the calling thread's accumulator (each thread
-// takes a strided subset), unrolled four vectors deep for memory-level parallelism.
-template <class T>
-__device__ __forceinline__ void accumulate_row(const typename T::S* row, i64 len, float k, SoftmaxAcc& acc) {
+// takes a strided subset), unrolled four vectors deep for memory-level parallelism. With COPY,
+// also copies them to `copy` (an address equal to `row` mod 16: the single pass's shared memory).
+template <class T, bool COPY = false>
+__device__ __forceinline__ void accumulate_row(const typename T::S* row, i64 len, float k, SoftmaxAcc& acc,
+                                               typename T::S* copy = nullptr) {
     constexpr int W = T::kVec;
     const i64 tid = threadIdx.x, nt = blockDim.x;
     const i64 head = unaligned_head(row, len);
     const i64 nvec = (len - head) / W;
     const i64 tail = head + nvec * W;
+    Vec16* vcopy = COPY ? reinterpret_cast<Vec16*>(copy + head) : nullptr;
     for (i64 i = tid; i < head; i += nt) {
+        if (COPY) copy[i] = row[i];
         float x[1] = {T::load(row[i])};
         acc.add<1>(x, k);
     }
@@ -203,6 +207,12 @@ __device__ __forceinline__ void accumulate_row(const typename T::S* row, i64 len
     i64 i = tid;
     for (; i + 3 * nt < nvec; i += 4 * nt) {
         Vec16 v0 = vrow[i], v1 = vrow[i + nt], v2 = vrow[i + 2 * nt], v3 = vrow[i + 3 * nt];
+        if (COPY) {
+            vcopy[i] = v0;
+            vcopy[i + nt] = v1;
+            vcopy[i + 2 * nt] = v2;
+            vcopy[i + 3 * nt] = v3;
+        }
         float x0[W], x1[W], x2[W], x3[W];
         unpack<T>(v0, x0);
         unpack<T>(v1, x1);
@@ -215,20 +225,21 @@ __device__ __forceinline__ void accumulate_row(const typename T::S* row, i64 len
     }
     for (; i < nvec; i += nt) {
         const Vec16 v = vrow[i];
+        if (COPY) vcopy[i] = v;
         float x[W];
         unpack<T>(v, x);
         acc.add<W>(x, k);
     }
     for (i64 j = tail + tid; j < len; j += nt) {
+        if (COPY) copy[j] = row[j];
         float x[1] = {T::load(row[j])};
         acc.add<1>(x, k);
     }
 }
 
-// Block-wide reduction; every thread returns with the row's totals. `blockDim.x` is a multiple
-// of 32 and at most 1024.
-__device__ __forceinline__ void block_reduce(SoftmaxAcc& acc, float k) {
-    __shared__ float sm[3][32];
+// Block-wide reduction through `sm` (shared memory); every thread returns with the row's
+// totals. `blockDim.x` is a multiple of 32 and at most 1024.
+__device__ __forceinline__ void reduce_through(SoftmaxAcc& acc, float k, float (*sm)[32]) {
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) {
         float om = __shfl_xor_sync(0xffffffffu, acc.m, off);
@@ -260,6 +271,11 @@ __device__ __forceinline__ void block_reduce(SoftmaxAcc& acc, float k) {
         float oc = __shfl_xor_sync(0xffffffffu, acc.c, off);
         acc.merge(om, os, oc, k);
     }
+}
+
+__device__ __forceinline__ void block_reduce(SoftmaxAcc& acc, float k) {
+    __shared__ float sm[3][32];
+    reduce_through(acc, k, sm);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -547,90 +563,6 @@ __device__ __forceinline__ unsigned char* dynamic_smem() {
 }
 #endif
 
-// Copies `len` elements of `src` to `dst` (same address mod 16) while accumulating their softmax
-// statistics: the element-to-thread assignment of `accumulate_row`.
-template <class T>
-__device__ __forceinline__ void load_chunk(const typename T::S* src, typename T::S* dst, i64 len, float k,
-                                           SoftmaxAcc& acc) {
-    constexpr int W = T::kVec;
-    const i64 tid = threadIdx.x, nt = blockDim.x;
-    const i64 head = unaligned_head(src, len);
-    const i64 nvec = (len - head) / W;
-    const i64 tail = head + nvec * W;
-    for (i64 i = tid; i < head; i += nt) {
-        dst[i] = src[i];
-        float x[1] = {T::load(src[i])};
-        acc.add<1>(x, k);
-    }
-    const Vec16* vsrc = reinterpret_cast<const Vec16*>(src + head);
-    Vec16* vdst = reinterpret_cast<Vec16*>(dst + head);
-    i64 i = tid;
-    for (; i + 3 * nt < nvec; i += 4 * nt) {
-        Vec16 v0 = vsrc[i], v1 = vsrc[i + nt], v2 = vsrc[i + 2 * nt], v3 = vsrc[i + 3 * nt];
-        vdst[i] = v0;
-        vdst[i + nt] = v1;
-        vdst[i + 2 * nt] = v2;
-        vdst[i + 3 * nt] = v3;
-        float x0[W], x1[W], x2[W], x3[W];
-        unpack<T>(v0, x0);
-        unpack<T>(v1, x1);
-        unpack<T>(v2, x2);
-        unpack<T>(v3, x3);
-        acc.add<W>(x0, k);
-        acc.add<W>(x1, k);
-        acc.add<W>(x2, k);
-        acc.add<W>(x3, k);
-    }
-    for (; i < nvec; i += nt) {
-        const Vec16 v = vsrc[i];
-        vdst[i] = v;
-        float x[W];
-        unpack<T>(v, x);
-        acc.add<W>(x, k);
-    }
-    for (i64 j = tail + tid; j < len; j += nt) {
-        dst[j] = src[j];
-        float x[1] = {T::load(src[j])};
-        acc.add<1>(x, k);
-    }
-}
-
-// block_reduce over the CTA with `red` (dynamic shared memory) instead of a static array: static
-// shared memory is not per CTA in the host emulation of a cluster.
-__device__ __forceinline__ void cta_reduce(SoftmaxAcc& acc, float k, float (*red)[32]) {
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-        float om = __shfl_xor_sync(0xffffffffu, acc.m, off);
-        float os = __shfl_xor_sync(0xffffffffu, acc.s, off);
-        float oc = __shfl_xor_sync(0xffffffffu, acc.c, off);
-        acc.merge(om, os, oc, k);
-    }
-    const int warps = blockDim.x >> 5;
-    if (warps == 1) return;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    __syncthreads();  // the previous row's readers are done with `red`
-    if (lane == 0) {
-        red[0][warp] = acc.m;
-        red[1][warp] = acc.s;
-        red[2][warp] = acc.c;
-    }
-    __syncthreads();
-    if (lane < warps) {
-        acc.m = red[0][lane];
-        acc.s = red[1][lane];
-        acc.c = red[2][lane];
-    } else {
-        acc.init();
-    }
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-        float om = __shfl_xor_sync(0xffffffffu, acc.m, off);
-        float os = __shfl_xor_sync(0xffffffffu, acc.s, off);
-        float oc = __shfl_xor_sync(0xffffffffu, acc.c, off);
-        acc.merge(om, os, oc, k);
-    }
-}
-
 // Writes the d-logits of `len` elements from the chunk in shared memory (`src`, same address mod
 // 16 as the logits) to `dst`; `gr.label` is local to the chunk.
 template <class T>
@@ -706,8 +638,9 @@ __device__ __forceinline__ void logits_single_pass(
         __syncthreads();  // this CTA's threads are done with the previous row's chunk
         SoftmaxAcc acc;
         acc.init();
-        load_chunk<T>(src, chunk_buf, len, k, acc);
-        cta_reduce(acc, k, red);
+        accumulate_row<T, true>(src, len, k, acc, chunk_buf);
+        // Not block_reduce: static shared memory is not per CTA in the host emulation of a cluster.
+        reduce_through(acc, k, red);
         if (threadIdx.x == 0) {
             partial[parity][0] = acc.m;
             partial[parity][1] = acc.s;
