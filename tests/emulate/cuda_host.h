@@ -4,9 +4,9 @@
 // Each CUDA thread of a block is a fiber (ucontext) on the launching host thread; blocks run one
 // after another, in a shuffled order. A thread-block cluster (sm_90; `try_launch` with
 // cluster > 1) runs as one group: the fibers of all its CTAs are scheduled together, so its CTAs
-// run concurrently, each with its own dynamic shared memory. A fiber runs until it reaches a
-// synchronising built-in,
-// then the scheduler resumes a ready fiber picked at random (seeded, so a run is repeatable), so
+// run concurrently, each with its own dynamic shared memory; the scheduler mostly runs one
+// leading CTA (picked at random at the start and after each cluster barrier) so that CTAs drift
+// apart. A fiber runs until it reaches a synchronising built-in, then the scheduler resumes a ready fiber picked at random (seeded, so a run is repeatable), so
 // a missing __syncthreads shows up as a read of a value not yet written.
 //   __syncthreads     waits for every thread of the block; reaching it while another thread of
 //                     the block has exited, or while lanes wait in a warp collective, is an error.
@@ -99,6 +99,7 @@ struct Block {
     unsigned threads = 0, ctas = 1, warps_per_cta = 0, first_block = 0;
     std::vector<unsigned> at_barrier, done;  // per CTA
     unsigned at_cluster = 0, done_all = 0;
+    unsigned lead = 0;  // the CTA a cluster's scheduler favours (changes at each cluster barrier)
     size_t smem_bytes = 0;
     std::vector<std::vector<uint64_t>> smem;  // per CTA, dynamic shared memory (8-byte aligned words)
     Fiber* current = nullptr;
@@ -197,6 +198,7 @@ inline bool run_block(Block& b, unsigned n) {
     b.at_barrier.assign(b.ctas, 0);
     b.done.assign(b.ctas, 0);
     b.at_cluster = b.done_all = 0;
+    b.lead = b.ctas > 1 ? (unsigned)(b.rng() % b.ctas) : 0;  // single CTAs: the schedule as before
     b.smem.resize(b.ctas);
     for (unsigned c = 0; c < b.ctas; ++c) {
         b.smem[c].assign((b.smem_bytes + 7) / 8, 0);
@@ -258,7 +260,11 @@ inline bool run_block(Block& b, unsigned n) {
             b.error = why;
             break;
         }
-        const size_t j = b.rng() % b.ready.size();
+        size_t j = b.rng() % b.ready.size();
+        // In a cluster, mostly run the leading CTA's threads, so that one CTA runs far ahead of
+        // the others (a missing cluster barrier then reads what they have not written yet).
+        if (b.ctas > 1 && b.rng() % 4 != 0)
+            for (int tries = 0; tries < 16 && b.fibers[b.ready[j]].cta != b.lead; ++tries) j = b.rng() % b.ready.size();
         const unsigned t = b.ready[j];
         b.ready[j] = b.ready.back();
         b.ready.pop_back();
@@ -390,6 +396,7 @@ inline void cluster_sync() {
     if (++b.at_cluster == b.threads * b.ctas && b.done_all == 0) {
         cuda_emu::release(b, 0, b.threads * b.ctas, cuda_emu::State::ClusterBarrier);
         b.at_cluster = 0;
+        b.lead = (unsigned)(b.rng() % b.ctas);
     }
     cuda_emu::switch_out();
 }
