@@ -187,15 +187,19 @@ struct SoftmaxAcc {
 };
 
 // Accumulates the `len` elements of `row` into the calling thread's accumulator (each thread
-// takes a strided subset), unrolled four vectors deep for memory-level parallelism.
-template <class T>
-__device__ __forceinline__ void accumulate_row(const typename T::S* row, i64 len, float k, SoftmaxAcc& acc) {
+// takes a strided subset), unrolled four vectors deep for memory-level parallelism. With COPY,
+// also copies them to `copy` (an address equal to `row` mod 16: the single pass's shared memory).
+template <class T, bool COPY = false>
+__device__ __forceinline__ void accumulate_row(const typename T::S* row, i64 len, float k, SoftmaxAcc& acc,
+                                               typename T::S* copy = nullptr) {
     constexpr int W = T::kVec;
     const i64 tid = threadIdx.x, nt = blockDim.x;
     const i64 head = unaligned_head(row, len);
     const i64 nvec = (len - head) / W;
     const i64 tail = head + nvec * W;
+    Vec16* vcopy = COPY ? reinterpret_cast<Vec16*>(copy + head) : nullptr;
     for (i64 i = tid; i < head; i += nt) {
+        if (COPY) copy[i] = row[i];
         float x[1] = {T::load(row[i])};
         acc.add<1>(x, k);
     }
@@ -203,6 +207,12 @@ __device__ __forceinline__ void accumulate_row(const typename T::S* row, i64 len
     i64 i = tid;
     for (; i + 3 * nt < nvec; i += 4 * nt) {
         Vec16 v0 = vrow[i], v1 = vrow[i + nt], v2 = vrow[i + 2 * nt], v3 = vrow[i + 3 * nt];
+        if (COPY) {
+            vcopy[i] = v0;
+            vcopy[i + nt] = v1;
+            vcopy[i + 2 * nt] = v2;
+            vcopy[i + 3 * nt] = v3;
+        }
         float x0[W], x1[W], x2[W], x3[W];
         unpack<T>(v0, x0);
         unpack<T>(v1, x1);
@@ -215,20 +225,21 @@ __device__ __forceinline__ void accumulate_row(const typename T::S* row, i64 len
     }
     for (; i < nvec; i += nt) {
         const Vec16 v = vrow[i];
+        if (COPY) vcopy[i] = v;
         float x[W];
         unpack<T>(v, x);
         acc.add<W>(x, k);
     }
     for (i64 j = tail + tid; j < len; j += nt) {
+        if (COPY) copy[j] = row[j];
         float x[1] = {T::load(row[j])};
         acc.add<1>(x, k);
     }
 }
 
-// Block-wide reduction; every thread returns with the row's totals. `blockDim.x` is a multiple
-// of 32 and at most 1024.
-__device__ __forceinline__ void block_reduce(SoftmaxAcc& acc, float k) {
-    __shared__ float sm[3][32];
+// Block-wide reduction through `sm` (shared memory); every thread returns with the row's
+// totals. `blockDim.x` is a multiple of 32 and at most 1024.
+__device__ __forceinline__ void reduce_through(SoftmaxAcc& acc, float k, float (*sm)[32]) {
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) {
         float om = __shfl_xor_sync(0xffffffffu, acc.m, off);
@@ -260,6 +271,11 @@ __device__ __forceinline__ void block_reduce(SoftmaxAcc& acc, float k) {
         float oc = __shfl_xor_sync(0xffffffffu, acc.c, off);
         acc.merge(om, os, oc, k);
     }
+}
+
+__device__ __forceinline__ void block_reduce(SoftmaxAcc& acc, float k) {
+    __shared__ float sm[3][32];
+    reduce_through(acc, k, sm);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -479,6 +495,213 @@ __device__ __forceinline__ void logits_backward(const typename T::S* logits, typ
 CALIBRL_LOGITS_KERNELS(bf16, BF16)
 CALIBRL_LOGITS_KERNELS(f16, F16)
 CALIBRL_LOGITS_KERNELS(f32, F32)
+
+// ---------------------------------------------------------------------------------------------
+// Single pass (sm_90): forward and backward of full-vocabulary rows for token-local losses, whose
+// ∂L/∂ℓ and ∂L/∂H are known per token before the call. Each row is read from global memory once,
+// kept in the dynamic shared memory of a thread-block cluster (rank r of C holds elements
+// [r·chunk, (r+1)·chunk)), and its d-logits written once: 2·N·V elements moved instead of 3.
+//
+// Per row: every CTA streams its chunk into shared memory while accumulating the online softmax,
+// reduces it over the CTA and publishes (m, s, c) in its shared memory; cluster_sync; every
+// thread merges the C partials read through DSMEM in rank order 0 … C−1 (the same bits in every
+// CTA: deterministic), then each CTA writes the gradient of its chunk from shared memory. The
+// partials are double-buffered by the parity of the row count, so one cluster barrier per row
+// suffices; a last cluster_sync keeps every CTA's shared memory alive until the others have read
+// it. The label's logit is read before the first barrier, i.e. before any CTA writes d-logits
+// (in place, the label's element may belong to another CTA).
+//
+// Dynamic shared memory (bytes, `CALIBRL_SP_HEADER` mirrored by src/cuda/logits.rs):
+//   [0, 32)    float partial[2][4]   (m, s, c, −) per row parity
+//   [32, 416)  float red[3][32]      the CTA reduction's per-warp values
+//   [416, …)   the chunk, element j at slot shift + j, where shift = (row address mod 16) / size,
+//              so the chunk's 16-byte-aligned vectors are 16-byte-aligned here too:
+//              (chunk + kVec) elements.
+// Launched with cuLaunchKernelEx (cluster dimension C ∈ {1, 2, 4, 8}, grid a multiple of C);
+// selected by the host only on sm_90+ when the chunk fits the device's dynamic shared memory.
+
+#define CALIBRL_SP_HEADER 416
+
+#if __CUDA_ARCH__ >= 900 || defined(CALIBRL_HOST_EMULATION)
+#define CALIBRL_HAS_CLUSTERS 1
+#ifndef CALIBRL_HOST_EMULATION
+__device__ __forceinline__ unsigned cluster_ctarank() {
+    unsigned r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+}
+__device__ __forceinline__ unsigned cluster_nctarank() {
+    unsigned r;
+    asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(r));
+    return r;
+}
+__device__ __forceinline__ unsigned cluster_id() {
+    unsigned r;
+    asm volatile("mov.u32 %0, %%clusterid.x;" : "=r"(r));
+    return r;
+}
+__device__ __forceinline__ unsigned cluster_count() {
+    unsigned r;
+    asm volatile("mov.u32 %0, %%nclusterid.x;" : "=r"(r));
+    return r;
+}
+// Every thread of every CTA of the cluster; release/acquire orders shared-memory writes before it
+// against DSMEM reads after it.
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release;\n\tbarrier.cluster.wait.acquire;" ::: "memory");
+}
+// The generic address of the same shared-memory location in CTA `rank` of the cluster.
+template <class X>
+__device__ __forceinline__ X* cluster_map(X* p, unsigned rank) {
+    u64 out;
+    asm volatile("mapa.u64 %0, %1, %2;" : "=l"(out) : "l"((u64)p), "r"(rank));
+    return (X*)out;
+}
+__device__ __forceinline__ unsigned char* dynamic_smem() {
+    extern __shared__ __align__(16) unsigned char calibrl_smem[];
+    return calibrl_smem;
+}
+#endif
+
+// Writes the d-logits of `len` elements from the chunk in shared memory (`src`, same address mod
+// 16 as the logits) to `dst`; `gr.label` is local to the chunk.
+template <class T>
+__device__ __forceinline__ void write_chunk_grad(const typename T::S* src, typename T::S* dst, i64 len,
+                                                 bool vec_ok, const GradRow& gr) {
+    constexpr int W = T::kVec;
+    const i64 tid = threadIdx.x, nt = blockDim.x;
+    if (!vec_ok) {
+        for (i64 i = tid; i < len; i += nt) {
+            float d = grad_elem<T>(T::load(src[i]), gr);
+            if (i == gr.label) d = __fadd_rn(d, gr.g_t);
+            dst[i] = T::store(d);
+        }
+        return;
+    }
+    const i64 head = unaligned_head(dst, len);
+    const i64 nvec = (len - head) / W;
+    const i64 tail = head + nvec * W;
+    for (i64 i = tid; i < head; i += nt) {
+        float d = grad_elem<T>(T::load(src[i]), gr);
+        if (i == gr.label) d = __fadd_rn(d, gr.g_t);
+        dst[i] = T::store(d);
+    }
+    const Vec16* vsrc = reinterpret_cast<const Vec16*>(src + head);
+    Vec16* vdst = reinterpret_cast<Vec16*>(dst + head);
+    for (i64 i = tid; i < nvec; i += nt) {
+        Vec16 o;
+        grad_vec<T>(vsrc[i], o, head + i * W, gr);
+        vdst[i] = o;
+    }
+    for (i64 j = tail + tid; j < len; j += nt) {
+        float d = grad_elem<T>(T::load(src[j]), gr);
+        if (j == gr.label) d = __fadd_rn(d, gr.g_t);
+        dst[j] = T::store(d);
+    }
+}
+
+template <class T>
+__device__ __forceinline__ void logits_single_pass(
+    const typename T::S* logits, typename T::S* grad, i64 n_rows, i64 row_stride, i64 grad_row_stride, i64 vocab,
+    i64 chunk, const void* __restrict__ labels, int labels_are_i64, float inv_t,
+    const void* __restrict__ grad_logprobs, int grad_logprobs_code, const void* __restrict__ grad_entropy,
+    int grad_entropy_code, void* logprobs, int logprobs_code, void* entropy, int entropy_code, void* lse,
+    int lse_code) {
+    typedef typename T::S S;
+    unsigned char* smem = dynamic_smem();
+    float(*partial)[4] = reinterpret_cast<float(*)[4]>(smem);
+    float(*red)[32] = reinterpret_cast<float(*)[32]>(smem + 32);
+    S* buf = reinterpret_cast<S*>(smem + CALIBRL_SP_HEADER);
+    const unsigned rank = cluster_ctarank(), ctas = cluster_nctarank();
+    const float k = inv_t * CALIBRL_LOG2E;
+    const i64 c0 = (i64)rank * chunk;
+    const i64 len = vocab - c0 < 0 ? 0 : (vocab - c0 < chunk ? vocab - c0 : chunk);
+    const bool writer = rank == 0 && threadIdx.x == 0;
+    unsigned parity = 0;
+    for (i64 row = cluster_id(); row < n_rows; row += cluster_count()) {
+        const S* src = logits + row * row_stride + c0;
+        S* dst = grad + row * grad_row_stride + c0;
+        const i64 label = load_label(labels, labels_are_i64, row);
+        if (label < 0) {  // ignored row (every CTA takes this branch): zeros, the logits are not read
+            const S zero = T::store(0.f);
+            for (i64 i = threadIdx.x; i < len; i += blockDim.x) dst[i] = zero;
+            if (writer) {
+                store_scalar(logprobs, logprobs_code, row, 0.f);
+                if (entropy) store_scalar(entropy, entropy_code, row, 0.f);
+                store_scalar(lse, lse_code, row, 0.f);
+            }
+            continue;
+        }
+        // Before the barrier below: after it, another CTA may overwrite the label's element.
+        const float zy = (writer && label < vocab) ? T::load(logits[row * row_stride + label]) : 0.f;
+        S* chunk_buf = buf + (((u64)src & 15u) / sizeof(S));
+        __syncthreads();  // this CTA's threads are done with the previous row's chunk
+        SoftmaxAcc acc;
+        acc.init();
+        accumulate_row<T, true>(src, len, k, acc, chunk_buf);
+        // Not block_reduce: static shared memory is not per CTA in the host emulation of a cluster.
+        reduce_through(acc, k, red);
+        if (threadIdx.x == 0) {
+            partial[parity][0] = acc.m;
+            partial[parity][1] = acc.s;
+            partial[parity][2] = acc.c;
+        }
+        cluster_sync();  // every CTA's partials and chunk are in place
+        SoftmaxAcc tot;
+        tot.init();
+        for (unsigned q = 0; q < ctas; ++q) {
+            const float* o = cluster_map(&partial[parity][0], q);
+            tot.merge(o[0], o[1], o[2], k);
+        }
+        parity ^= 1u;
+        const float log_s = logf(tot.s);
+        const float lse_v = fmaf(tot.m, inv_t, log_s);
+        const float ent = log_s - CALIBRL_LN2 * tot.c / tot.s;
+        if (writer) {
+            const float lp = label < vocab ? fmaf(zy - tot.m, inv_t, -log_s) : CALIBRL_NAN;
+            store_scalar(logprobs, logprobs_code, row, lp);
+            if (entropy) store_scalar(entropy, entropy_code, row, ent);
+            store_scalar(lse, lse_code, row, lse_v);
+        }
+        const float g = load_scalar(grad_logprobs, grad_logprobs_code, row);
+        const float h = grad_entropy ? load_scalar(grad_entropy, grad_entropy_code, row) : 0.f;
+        GradRow gr;
+        gr.k = k;
+        gr.lse2 = lse_v * CALIBRL_LOG2E;
+        gr.A = fmaf(h, grad_entropy ? ent : 0.f, g) * inv_t;
+        gr.B = h * CALIBRL_LN2 * inv_t;
+        gr.g_t = g * inv_t;
+        const i64 local = label - c0;
+        gr.label = (local >= 0 && local < len) ? local : -1;
+        write_chunk_grad<T>(chunk_buf, dst, len, (((u64)src ^ (u64)dst) & 15u) == 0, gr);
+    }
+    cluster_sync();  // no CTA leaves while another may still read its partials
+}
+#endif
+
+// The kernels exist for every architecture (the module's kernel list is the same everywhere);
+// below sm_90 the body is empty and the host never launches them.
+#ifdef CALIBRL_HAS_CLUSTERS
+#define CALIBRL_SINGLE_PASS_BODY(T)                                                                            \
+    logits_single_pass<T>(logits, grad, n_rows, row_stride, grad_row_stride, vocab, chunk, labels,           \
+                          labels_are_i64, inv_t, grad_logprobs, grad_logprobs_code, grad_entropy,              \
+                          grad_entropy_code, logprobs, logprobs_code, entropy, entropy_code, lse, lse_code);
+#else
+#define CALIBRL_SINGLE_PASS_BODY(T)
+#endif
+
+#define CALIBRL_SINGLE_PASS_KERNEL(SUFFIX, T)                                                                  \
+    extern "C" __global__ void __launch_bounds__(1024, 1) calibrl_logits_single_pass_##SUFFIX(               \
+        const T::S* logits, T::S* grad, i64 n_rows, i64 row_stride, i64 grad_row_stride, i64 vocab, i64 chunk, \
+        const void* __restrict__ labels, int labels_are_i64, float inv_t, const void* __restrict__ grad_logprobs, \
+        int grad_logprobs_code, const void* __restrict__ grad_entropy, int grad_entropy_code, void* logprobs,   \
+        int logprobs_code, void* entropy, int entropy_code, void* lse, int lse_code) {                         \
+        CALIBRL_SINGLE_PASS_BODY(T)                                                                            \
+    }
+
+CALIBRL_SINGLE_PASS_KERNEL(bf16, BF16)
+CALIBRL_SINGLE_PASS_KERNEL(f16, F16)
+CALIBRL_SINGLE_PASS_KERNEL(f32, F32)
 
 // Phase 2: combines all-gathered shard statistics `[R, N, 4]` (one thread per row, shards in
 // order, in f64 like the CPU backend) into logprobs, entropy (optional) and lse.

@@ -16,6 +16,9 @@
 #      (the large batches) 132 emulated multiprocessors.
 # Environment: CALIBRL_EMULATE_SEED (block order and thread schedule, default 1),
 # CALIBRL_EMULATE_SMS (multiprocessors of the first GPU-test run, default 2),
+# CALIBRL_EMULATE_SMEM (the emulated device's opt-in shared memory per block in bytes; default
+# here 49152, so that gpu_logits reaches clusters of 1, 2, 4 and 8 CTAs with rows of at most
+# ~220k elements; the driver's own default is sm_90's 227 KB),
 # CALIBRL_EMULATE_ONLY=driver to skip part 1, CALIBRL_EMULATE_KERNEL_DIR=<dir> to build the
 # emulated driver from <dir>/loss.cu and <dir>/logits.cu (and the <dir>/dtype.cuh they include)
 # instead of cuda/ (e.g. a deliberately broken copy of cuda/*, to see the gate fail: docs/cuda.md).
@@ -70,6 +73,7 @@ gpu_tests() {
   shift
   echo "== GPU tests on the emulated driver, $sms multiprocessors (CALIBRL_GPU_TEST_QUICK=1): $*"
   LD_LIBRARY_PATH="$out${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" CALIBRL_EMULATE_SMS="$sms" CALIBRL_GPU_TEST_QUICK=1 \
+    CALIBRL_EMULATE_SMEM="${CALIBRL_EMULATE_SMEM:-49152}" \
     CALIBRL_GPU_TEST_SEED="${CALIBRL_GPU_TEST_SEED:-1}" \
     cargo test --release "$@" --include-ignored --test-threads=1 --nocapture >"$log" 2>&1 || status=$?
   grep -E '^test result|calibrl emulated CUDA|panicked' "$log" || true

@@ -11,12 +11,14 @@
 //! Every output buffer is filled with NaN before a GPU call, so a comparison against the
 //! (always finite or ±inf) CPU result also proves each element was written.
 
+use calibrl::cuda::logits::{forward_backward_path, LogitsPath};
 use calibrl::ffi::common::calibrl_last_error_message;
 use calibrl::ffi::logits::{
     calibrl_logits_backward, calibrl_logits_forward, calibrl_logits_shard_finish,
     calibrl_logits_shard_stats,
 };
-use calibrl::tensor::{DLDataType, DLDevice, DLTensor, DL_CPU, DL_CUDA};
+use calibrl::ops::logits::{forward_backward, ForwardBackward, LogitsInput};
+use calibrl::tensor::{DLDataType, DLDevice, DLTensor, DType, Tensor, DL_CPU, DL_CUDA};
 use calibrl::CalibrlStatus;
 use cudarc::driver::{CudaSlice, DevicePtr};
 use half::{bf16, f16};
@@ -802,6 +804,321 @@ fn forward_and_backward_match_cpu() {
             );
         }
     }
+}
+
+/// Runs `forward_backward` (the Rust API: the C ABI has no entry for it yet) writing d-logits
+/// into `out` (`logits` itself for in place) and fresh NaN-poisoned f32 row outputs (entropy only
+/// when `entropy_out`); returns (outputs, raw output bytes). A missing entropy output reads NaN.
+fn gpu_forward_backward(
+    g: &Gpu,
+    p: &Problem,
+    logits: &DevBuf,
+    out: &DevBuf,
+    rows: &DevRows,
+    entropy_out: bool,
+) -> (RowOutputs, Vec<u8>) {
+    let outs: Vec<DevBuf> = (0..3)
+        .map(|_| DevBuf::upload(g, &Dt::F32.nan(p.n)))
+        .collect();
+    let f = Dt::F32.dl();
+    let lg = View::full(p).desc(g, logits, p.dt);
+    let gd = View::full(p).desc(g, out, p.dt);
+    let lb = rows.labels_desc(g, p);
+    let gl = rows.grad_logprobs.desc(g, f, &[p.n], None, 0);
+    let ge = rows
+        .grad_entropy
+        .as_ref()
+        .map(|b| b.desc(g, f, &[p.n], None, 0));
+    let o: Vec<Box<Desc>> = outs.iter().map(|b| b.desc(g, f, &[p.n], None, 0)).collect();
+    // SAFETY: every descriptor points at live device memory of its stated shape and outlives
+    // the call.
+    let args = unsafe {
+        ForwardBackward {
+            input: LogitsInput::new(
+                Tensor::from_raw(lg.p(), "logits").unwrap(),
+                Tensor::from_raw(lb.p(), "labels").unwrap(),
+                p.temperature,
+                0,
+            )
+            .unwrap(),
+            grad_logprobs: Tensor::from_raw(gl.p(), "grad_logprobs").unwrap(),
+            grad_entropy: Tensor::optional(
+                ge.as_ref().map_or(std::ptr::null(), |d| d.p()),
+                "grad_entropy",
+            )
+            .unwrap(),
+            logprobs: Tensor::from_raw(o[0].p(), "logprobs").unwrap(),
+            entropy: Tensor::optional(
+                if entropy_out {
+                    o[1].p()
+                } else {
+                    std::ptr::null()
+                },
+                "entropy",
+            )
+            .unwrap(),
+            lse: Tensor::from_raw(o[2].p(), "lse").unwrap(),
+            grad_logits: Tensor::from_raw(gd.p(), "grad_logits").unwrap(),
+        }
+    };
+    forward_backward(&args, g.stream.cu_stream() as *mut c_void)
+        .unwrap_or_else(|e| panic!("gpu forward_backward: {e}"));
+    drop(args);
+    let raw: Vec<Vec<u8>> = outs.iter().map(|b| b.download(g)).collect();
+    let d = |b: &[u8]| Dt::F32.decode(b);
+    ((d(&raw[0]), d(&raw[1]), d(&raw[2])), raw.concat())
+}
+
+/// The largest V whose rows of `dt` the single pass holds in one CTA on this device (0: the
+/// single pass does not apply, e.g. below sm_90).
+fn single_cta_capacity(dt: DType) -> usize {
+    let one = |v| {
+        matches!(
+            forward_backward_path(0, v, dt).unwrap(),
+            LogitsPath::SinglePass { cluster: 1, .. }
+        )
+    };
+    if !one(1) {
+        return 0;
+    }
+    let (mut lo, mut hi) = (1usize, 1usize << 24);
+    while hi - lo > 1 {
+        let mid = (lo + hi) / 2;
+        if one(mid) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
+}
+
+/// An odd V near `x`, divisible by none of 3, 5, 7 (no vector or thread count divides it).
+fn odd_near(x: usize) -> usize {
+    let mut v = x.max(1) | 1;
+    while v > 7 && (v % 3 == 0 || v % 5 == 0 || v % 7 == 0) {
+        v += 2;
+    }
+    v
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU; run with --include-ignored on a GPU machine (scripts/gpu-check.sh does)"]
+fn forward_backward_single_pass_matches_cpu_and_three_passes() {
+    let (g, _lock) = require_gpu!();
+    let mut rng = Rng::new(3);
+    let mut case = 0;
+    for (dt, dtype) in [
+        (Dt::Bf16, DType::BF16),
+        (Dt::F16, DType::F16),
+        (Dt::F32, DType::F32),
+    ] {
+        let cap = single_cta_capacity(dtype);
+        // V for clusters of 1, 2, 4 and 8 CTAs, and one past 8 CTAs (the three-pass fallback).
+        let mut shapes: Vec<(usize, Option<usize>)> = vec![(odd_near(5), Some(1))];
+        if cap > 0 {
+            shapes.push((odd_near(cap * 2 / 3), Some(1)));
+            shapes.push((odd_near(cap * 3 / 2), Some(2)));
+            shapes.push((odd_near(cap * 3), Some(4)));
+            if !quick() || cap <= 1 << 15 {
+                shapes.push((odd_near(cap * 6), Some(8)));
+                shapes.push((odd_near(cap * 9), None));
+            }
+        } else {
+            shapes[0].1 = None;
+            println!(
+                "single pass unavailable on this device: checking the three-pass fallback only"
+            );
+        }
+        for &(v, cluster) in &shapes {
+            case += 1;
+            let path = forward_backward_path(0, v, dtype).unwrap();
+            match (cluster, path) {
+                (Some(c), LogitsPath::SinglePass { cluster, .. }) => {
+                    assert_eq!(cluster, c, "{dt:?} V={v}: {path:?}")
+                }
+                (None, LogitsPath::ThreePass) => {}
+                _ => panic!("{dt:?} V={v}: expected cluster {cluster:?}, the plan is {path:?}"),
+            }
+            let n = if quick() { 5 } else { 19 };
+            let kind = if case % 3 == 0 {
+                Kind::Extreme
+            } else {
+                Kind::Normal
+            };
+            let temperature = [1.0, 0.7, 1.3][case % 3];
+            let with_h = case % 2 == 0;
+            let mut p = Problem::new(&mut rng, n, v, dt, kind, temperature, with_h);
+            p.labels[1] = -1; // always an ignored row
+            let entropy_out = with_h || case % 4 == 1;
+            let what = format!("{dt:?} N={n} V={v} {path:?} {kind:?} T={temperature} grad_entropy={with_h} entropy_out={entropy_out}");
+            println!("{what}");
+
+            let want = cpu_forward(&p);
+            let saved = Saved::from(&want);
+            let want_grad = cpu_backward(&p, &saved);
+            let logits = DevBuf::upload(g, &p.logits_bytes());
+            let rows = DevRows::upload(g, &p, &saved);
+
+            // Out of place, twice (determinism), into NaN-poisoned buffers.
+            let mut runs = Vec::new();
+            for _ in 0..2 {
+                let out = DevBuf::upload(g, &dt.nan(n * v));
+                let (got, raw) = gpu_forward_backward(g, &p, &logits, &out, &rows, entropy_out);
+                runs.push((got, raw, out.download(g)));
+            }
+            let (got, raw, grad) = &runs[0];
+            compare(
+                &format!("{what}: logprobs"),
+                &got.0,
+                &want.0,
+                p.forward_tol(),
+            );
+            if entropy_out {
+                compare(
+                    &format!("{what}: entropy"),
+                    &got.1,
+                    &want.1,
+                    p.forward_tol(),
+                );
+            } else {
+                assert!(
+                    got.1.iter().all(|x| x.is_nan()),
+                    "{what}: entropy written without an entropy output"
+                );
+            }
+            compare(&format!("{what}: lse"), &got.2, &want.2, p.forward_tol());
+            let tol = p.backward_tol(&want.1);
+            compare(
+                &format!("{what}: d-logits vs CPU"),
+                &dt.decode(grad),
+                &want_grad,
+                &tol,
+            );
+            bits_equal(&format!("{what}: row outputs"), raw, &runs[1].1);
+            bits_equal(&format!("{what}: d-logits"), grad, &runs[1].2);
+            bits_equal(
+                &format!("{what}: logits after out-of-place forward_backward"),
+                &logits.download(g),
+                &p.logits_bytes(),
+            );
+
+            // Today's three passes (forward, then backward from its saved lse and entropy).
+            let (three, _) = gpu_forward(g, &p, &logits, &rows);
+            compare(
+                &format!("{what}: logprobs vs three passes"),
+                &got.0,
+                &three.0,
+                p.forward_tol(),
+            );
+            compare(
+                &format!("{what}: lse vs three passes"),
+                &got.2,
+                &three.2,
+                p.forward_tol(),
+            );
+            if entropy_out {
+                compare(
+                    &format!("{what}: entropy vs three passes"),
+                    &got.1,
+                    &three.1,
+                    p.forward_tol(),
+                );
+            }
+            let three_rows = DevRows::upload(g, &p, &Saved::from(&three));
+            let three_grad = DevBuf::upload(g, &dt.nan(n * v));
+            gpu_backward_into(
+                g,
+                &p,
+                &logits,
+                View::full(&p),
+                &three_grad,
+                View::full(&p),
+                0,
+                &three_rows,
+            );
+            compare(
+                &format!("{what}: d-logits vs three passes"),
+                &dt.decode(grad),
+                &dt.decode(&three_grad.download(g)),
+                &tol,
+            );
+
+            // In place: the same bits as out of place.
+            let (_, raw_in_place) =
+                gpu_forward_backward(g, &p, &logits, &logits, &rows, entropy_out);
+            bits_equal(&format!("{what}: row outputs in place"), &raw_in_place, raw);
+            bits_equal(
+                &format!("{what}: d-logits in place"),
+                &logits.download(g),
+                grad,
+            );
+        }
+    }
+}
+
+/// `forward_backward` on the CPU backend (its reference on CUDA's fallback side): the bits of
+/// `forward` then `backward`, and the argument rules of `ForwardBackward` (no GPU needed).
+#[test]
+fn forward_backward_on_cpu_is_forward_then_backward_and_checks_arguments() {
+    let mut rng = Rng::new(4);
+    let p = Problem::new(&mut rng, 6, 37, Dt::Bf16, Kind::Normal, 0.9, true);
+    let want = cpu_forward(&p);
+    let want_grad = cpu_backward(&p, &Saved::from(&want));
+    let f = Dt::F32.dl();
+    let mut logits = HostBuf::new(&p.logits_bytes());
+    let mut labels = HostBuf::new(&labels_bytes(&p.labels, p.labels_i64));
+    let mut gl = HostBuf::new(&Dt::F32.encode(&p.grad_logprobs));
+    let mut ge = HostBuf::new(&Dt::F32.encode(p.grad_entropy.as_ref().unwrap()));
+    let mut outs: Vec<HostBuf> = (0..3).map(|_| HostBuf::new(&Dt::F32.nan(p.n))).collect();
+    let mut half = HostBuf::new(&Dt::F16.nan(p.n));
+    let mut grad = HostBuf::new(&p.dt.nan(p.n * p.v));
+    let lg = host_desc(&mut logits, p.dt.dl(), &[p.n, p.v]);
+    let lb = host_desc(&mut labels, label_dtype(p.labels_i64), &[p.n]);
+    let gld = host_desc(&mut gl, f, &[p.n]);
+    let ged = host_desc(&mut ge, f, &[p.n]);
+    let o: Vec<Box<Desc>> = outs.iter_mut().map(|b| host_desc(b, f, &[p.n])).collect();
+    let hd = host_desc(&mut half, Dt::F16.dl(), &[p.n]);
+    let gd = host_desc(&mut grad, p.dt.dl(), &[p.n, p.v]);
+    // (f16 logprobs, with entropy output) → result
+    let run = |half_logprobs: bool, entropy: bool| {
+        // SAFETY: every descriptor points at live host memory of its stated shape.
+        let args = unsafe {
+            ForwardBackward {
+                input: LogitsInput::new(
+                    Tensor::from_raw(lg.p(), "logits").unwrap(),
+                    Tensor::from_raw(lb.p(), "labels").unwrap(),
+                    p.temperature,
+                    0,
+                )
+                .unwrap(),
+                grad_logprobs: Tensor::from_raw(gld.p(), "grad_logprobs").unwrap(),
+                grad_entropy: Tensor::optional(ged.p(), "grad_entropy").unwrap(),
+                logprobs: Tensor::from_raw(
+                    if half_logprobs { hd.p() } else { o[0].p() },
+                    "logprobs",
+                )
+                .unwrap(),
+                entropy: Tensor::optional(
+                    if entropy { o[1].p() } else { std::ptr::null() },
+                    "entropy",
+                )
+                .unwrap(),
+                lse: Tensor::from_raw(o[2].p(), "lse").unwrap(),
+                grad_logits: Tensor::from_raw(gd.p(), "grad_logits").unwrap(),
+            }
+        };
+        forward_backward(&args, std::ptr::null_mut())
+    };
+    let e = run(true, true).unwrap_err().to_string();
+    assert!(e.contains("logprobs") && e.contains("float16"), "{e}");
+    let e = run(false, false).unwrap_err().to_string();
+    assert!(e.contains("entropy") && e.contains("grad_entropy"), "{e}");
+    run(false, true).unwrap();
+    drop((o, gd));
+    let d = |b: &HostBuf| Dt::F32.decode(b.bytes());
+    assert_eq!((d(&outs[0]), d(&outs[1]), d(&outs[2])), want);
+    assert_eq!(p.dt.decode(grad.bytes()), want_grad);
 }
 
 /// Splits `v` into `parts` uneven, non-empty shards: (start, len).

@@ -94,6 +94,8 @@ pub(crate) struct Device {
     pub output: Output,
     /// Streaming multiprocessors (sizes the grids of kernels that loop over their work).
     pub sms: usize,
+    /// Dynamic shared memory one block may opt into (bytes; `MAX_SHARED_MEMORY_PER_BLOCK_OPTIN`).
+    pub smem_optin: usize,
     modules: Mutex<HashMap<&'static str, Arc<Module>>>,
 }
 // SAFETY: a primary context handle may be pushed by any thread; the module map is locked.
@@ -142,6 +144,8 @@ impl Device {
         let output = compile::output()?;
         let arch = compile::arch_for_device(major, minor)?;
         let sms = attr(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(1) as usize;
+        let smem_optin =
+            attr(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?.max(0) as usize;
         // SAFETY: `dev` is valid. The primary context is retained for the life of the process.
         let ctx = unsafe { drv::primary_ctx::retain(dev) }
             .map_err(|e| driver_error("cuDevicePrimaryCtxRetain", e))?;
@@ -150,6 +154,7 @@ impl Device {
             arch,
             output,
             sms,
+            smem_optin,
             modules: Mutex::new(HashMap::new()),
         })
     }

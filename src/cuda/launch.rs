@@ -92,6 +92,71 @@ pub(crate) unsafe fn launch_raw(
     .map_err(|e| driver_error(&format!("cuLaunchKernel({name})"), e))
 }
 
+/// A launch of 1-D thread-block clusters of `cluster` CTAs (sm_90+), each with `smem_bytes` of
+/// dynamic shared memory (the function's limit is raised to it first), through cuLaunchKernelEx.
+pub(crate) struct ClusterLaunch {
+    pub geometry: Geometry,
+    pub cluster: u32,
+    pub smem_bytes: u32,
+}
+
+/// Launches `f` as [`ClusterLaunch`] says, with `launch`'s typed argument list.
+pub(crate) fn launch_cluster(
+    dev: &Device,
+    f: Function,
+    name: &str,
+    how: ClusterLaunch,
+    stream: Stream,
+    args: &[Arg],
+) -> Result<()> {
+    let g = how.geometry;
+    if g.blocks == 0 || g.threads == 0 || g.threads > 1024 || how.cluster == 0 {
+        return Err(Error::cuda(format!(
+            "{name}: invalid launch geometry {g:?}, cluster {}",
+            how.cluster
+        )));
+    }
+    let mut slots: Vec<u64> = args.iter().map(|a| a.slot()).collect();
+    let mut params: Vec<*mut c_void> = slots
+        .iter_mut()
+        .map(|s| s as *mut u64 as *mut c_void)
+        .collect();
+    let _ctx = dev.activate()?;
+    // SAFETY: `f` is a loaded function of the current context.
+    unsafe {
+        sys::cuFuncSetAttribute(
+            f.raw(),
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            how.smem_bytes as i32,
+        )
+    }
+    .result()
+    .map_err(|e| driver_error(&format!("cuFuncSetAttribute({name})"), e))?;
+    // SAFETY: an all-zero CUlaunchAttribute is a valid value (plain data).
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+    attr.value.clusterDim.x = how.cluster;
+    attr.value.clusterDim.y = 1;
+    attr.value.clusterDim.z = 1;
+    let config = sys::CUlaunchConfig {
+        gridDimX: g.blocks,
+        gridDimY: 1,
+        gridDimZ: 1,
+        blockDimX: g.threads,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: how.smem_bytes,
+        hStream: stream as sys::CUstream,
+        attrs: &mut attr,
+        numAttrs: 1,
+    };
+    // SAFETY: one live slot per kernel parameter, in order (as `launch`); `config` and `attr`
+    // outlive the call.
+    unsafe { sys::cuLaunchKernelEx(&config, f.raw(), params.as_mut_ptr(), std::ptr::null_mut()) }
+        .result()
+        .map_err(|e| driver_error(&format!("cuLaunchKernelEx({name})"), e))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

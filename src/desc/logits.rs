@@ -333,3 +333,72 @@ impl<'a> ShardFinish<'a> {
         Ok(device)
     }
 }
+
+/// Forward and backward in one call, for losses whose `∂L/∂ℓ` and `∂L/∂H` are known per token
+/// before the call (token-local losses with their normalisers given): the forward's outputs and
+/// `grad_logits` exactly as `Forward` followed by `Backward` with the saved `lse` and `entropy`.
+/// Full vocabulary only. `logprobs`, `entropy`, `lse` are float32 or float64 (the backward reads
+/// them back where the backend runs the two steps); `entropy` is required with `grad_entropy`.
+/// On CUDA this is where the single-pass kernel applies (`crate::cuda::logits`).
+pub struct ForwardBackward<'a> {
+    pub input: LogitsInput<'a>,
+    pub grad_logprobs: Tensor<'a>,
+    pub grad_entropy: Option<Tensor<'a>>,
+    pub logprobs: Tensor<'a>,
+    pub entropy: Option<Tensor<'a>>,
+    pub lse: Tensor<'a>,
+    pub grad_logits: Tensor<'a>,
+}
+
+impl<'a> ForwardBackward<'a> {
+    fn input_view(&self) -> LogitsInput<'a> {
+        LogitsInput {
+            logits: self.input.logits.clone(),
+            labels: self.input.labels.clone(),
+            ..self.input
+        }
+    }
+
+    /// The forward step of this call.
+    pub fn forward(&self) -> Forward<'a> {
+        Forward {
+            input: self.input_view(),
+            logprobs: self.logprobs.clone(),
+            entropy: self.entropy.clone(),
+            lse: self.lse.clone(),
+        }
+    }
+
+    /// The backward step of this call, reading the forward's `lse` and `entropy`.
+    pub fn backward(&self) -> Backward<'a> {
+        Backward {
+            input: self.input_view(),
+            lse: self.lse.clone(),
+            entropy: self.entropy.clone(),
+            grad_logprobs: self.grad_logprobs.clone(),
+            grad_entropy: self.grad_entropy.clone(),
+            grad_logits: self.grad_logits.clone(),
+        }
+    }
+
+    pub fn validate(&self) -> Result<Device> {
+        for t in [Some(&self.logprobs), self.entropy.as_ref(), Some(&self.lse)]
+            .into_iter()
+            .flatten()
+        {
+            t.require_dtype(&[DType::F32, DType::F64])?;
+        }
+        let device = self.forward().validate()?;
+        self.backward().validate()?;
+        // The forward's outputs must not alias what the backward reads or writes.
+        require_disjoint(
+            &[Some(&self.logprobs), self.entropy.as_ref(), Some(&self.lse)],
+            &[
+                Some(&self.grad_logprobs),
+                self.grad_entropy.as_ref(),
+                Some(&self.grad_logits),
+            ],
+        )?;
+        Ok(device)
+    }
+}

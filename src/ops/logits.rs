@@ -4,8 +4,8 @@
 
 use super::on_device;
 pub use crate::desc::logits::{
-    inv_temperature, Backward, Forward, LogitsInput, ShardFinish, ShardStats, LOGITS_DTYPES,
-    OUT_DTYPES, STATS_WIDTH,
+    inv_temperature, Backward, Forward, ForwardBackward, LogitsInput, ShardFinish, ShardStats,
+    LOGITS_DTYPES, OUT_DTYPES, STATS_WIDTH,
 };
 use crate::desc::Stream;
 use crate::error::Result;
@@ -25,6 +25,20 @@ pub fn backward(args: &Backward, stream: Stream) -> Result<()> {
         device,
         || crate::cpu::logits::backward(args),
         |d| crate::cuda::logits::backward(args, d, stream),
+    )
+}
+
+/// Forward and backward of a token-local loss in one call (see [`ForwardBackward`]). The CPU
+/// backend runs its forward then its backward; CUDA picks the single-pass kernel where it applies.
+pub fn forward_backward(args: &ForwardBackward, stream: Stream) -> Result<()> {
+    let device = args.validate()?;
+    on_device(
+        device,
+        || {
+            crate::cpu::logits::forward(&args.forward())?;
+            crate::cpu::logits::backward(&args.backward())
+        },
+        |d| crate::cuda::logits::forward_backward(args, d, stream),
     )
 }
 

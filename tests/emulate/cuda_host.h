@@ -2,8 +2,11 @@
 // folder (tests/emulate/*_emulate.cpp) and the emulated driver (tests/emulate/driver/).
 //
 // Each CUDA thread of a block is a fiber (ucontext) on the launching host thread; blocks run one
-// after another, in a shuffled order. A fiber runs until it reaches a synchronising built-in,
-// then the scheduler resumes a ready fiber picked at random (seeded, so a run is repeatable), so
+// after another, in a shuffled order. A thread-block cluster (sm_90; `try_launch` with
+// cluster > 1) runs as one group: the fibers of all its CTAs are scheduled together, so its CTAs
+// run concurrently, each with its own dynamic shared memory; the scheduler mostly runs one
+// leading CTA (picked at random at the start and after each cluster barrier) so that CTAs drift
+// apart. A fiber runs until it reaches a synchronising built-in, then the scheduler resumes a ready fiber picked at random (seeded, so a run is repeatable), so
 // a missing __syncthreads shows up as a read of a value not yet written.
 //   __syncthreads     waits for every thread of the block; reaching it while another thread of
 //                     the block has exited, or while lanes wait in a warp collective, is an error.
@@ -15,9 +18,17 @@
 //                     does not take part (outside `mask`, or exited) gets an undefined value,
 //                     here a NaN-patterned poison; only taking part lanes count in a vote.
 //   atomics           return the old value; with __threadfence they are also switch points.
+//   cluster_sync      barrier.cluster.arrive + wait: every thread of every CTA of the cluster.
+//   cluster_map       mapa: the address in CTA `rank`'s dynamic shared memory at the same offset
+//                     (an address outside the caller's dynamic shared memory is an error).
+//   dynamic_smem      the calling CTA's dynamic shared memory (`extern __shared__`), filled with
+//                     0xff bytes (NaN) at the start of each cluster and again when all of a
+//                     CTA's threads have exited, so a read before a write, or a DSMEM read of a
+//                     CTA that has already exited, sees NaN.
 // An error (mismatched collective, divergent barrier, deadlock) stops the launch and is reported
-// by `try_launch`; `launch` prints it and exits. Shared memory (`__shared__` is `static`) keeps
-// its bits from block to block, where a GPU leaves it undefined.
+// by `try_launch`; `launch` prints it and exits. Static shared memory (`__shared__` is `static`)
+// keeps its bits from block to block, where a GPU leaves it undefined, and is one object for all
+// CTAs of a cluster: a kernel launched with clusters must use only dynamic shared memory.
 //
 // Include it before the kernel source; the file then defines CALIBRL_HOST_EMULATION and its
 // source's PTX-only helpers.
@@ -51,7 +62,7 @@ inline thread_local Dim threadIdx, blockIdx, blockDim, gridDim;
 
 namespace cuda_emu {
 
-enum class State { Ready, Barrier, Warp, Done };
+enum class State { Ready, Barrier, ClusterBarrier, Warp, Done };
 enum Collective { SHFL_IDX, SHFL_UP, SHFL_DOWN, SHFL_XOR, BALLOT, ANY, ALL };
 inline const char* collective_name(int c) {
     static const char* names[] = {"__shfl_sync", "__shfl_up_sync", "__shfl_down_sync", "__shfl_xor_sync",
@@ -65,7 +76,8 @@ constexpr size_t STACK_BYTES = 256 << 10;
 struct Fiber {
     ucontext_t ctx;
     State state = State::Ready;
-    unsigned tid = 0;
+    unsigned tid = 0;  // threadIdx.x
+    unsigned cta = 0;  // rank of its CTA in the cluster
     uint64_t result = 0;  // of the last warp collective
 };
 
@@ -78,11 +90,18 @@ struct WarpOp {
     int src[32];  // shuffles: the lane read (−1: own value); votes: the predicate
 };
 
+// The CTAs of one cluster (one CTA without clusters): fiber cta·threads + tid, warp
+// cta·warps_per_cta + tid/32.
 struct Block {
     std::vector<Fiber> fibers;
     std::vector<WarpOp> warps;
     std::vector<unsigned> ready;
-    unsigned at_barrier = 0, done = 0;
+    unsigned threads = 0, ctas = 1, warps_per_cta = 0, first_block = 0;
+    std::vector<unsigned> at_barrier, done;  // per CTA
+    unsigned at_cluster = 0, done_all = 0;
+    unsigned lead = 0;  // the CTA a cluster's scheduler favours (changes at each cluster barrier)
+    size_t smem_bytes = 0;
+    std::vector<std::vector<uint64_t>> smem;  // per CTA, dynamic shared memory (8-byte aligned words)
     Fiber* current = nullptr;
     ucontext_t scheduler;
     std::string error;
@@ -138,14 +157,23 @@ inline void yield() {
 }
 
 inline void complete(unsigned w);
+inline void release(Block& b, unsigned from, unsigned to, State s);
+
+inline void poison_smem(Block& b, unsigned cta) {
+    std::memset(b.smem[cta].data(), 0xff, b.smem[cta].size() * sizeof(uint64_t));
+}
 
 inline void entry() {
     Block& b = *g_block;
     (*b.kernel)();
     b.current->state = State::Done;
-    ++b.done;
+    const unsigned cta = b.current->cta;
+    ++b.done[cta];
+    ++b.done_all;
+    // An exited CTA's shared memory is gone: a later DSMEM read of it sees NaN.
+    if (b.done[cta] == b.threads) poison_smem(b, cta);
     // A collective waiting only for lanes that have now exited completes without them.
-    const unsigned w = b.current->tid >> 5;
+    const unsigned w = cta * b.warps_per_cta + (b.current->tid >> 5);
     WarpOp& op = b.warps[w];
     op.exited |= 1u << (b.current->tid & 31);
     if (op.arrived && op.arrived == (op.mask & ~op.exited)) complete(w);
@@ -158,55 +186,91 @@ inline std::string hex(unsigned m) {
     return s;
 }
 
-// Runs one block to completion; returns false (and b.error) on an error.
+// Runs one cluster (`b.ctas` CTAs of `n` threads, blocks first_block ...) to completion; returns
+// false (and b.error) on an error.
 inline bool run_block(Block& b, unsigned n) {
-    b.fibers.assign(n, Fiber{});
-    b.warps.assign((n + 31) / 32, WarpOp{});
+    const unsigned total = n * b.ctas;
+    b.threads = n;
+    b.warps_per_cta = (n + 31) / 32;
+    b.fibers.assign(total, Fiber{});
+    b.warps.assign(b.warps_per_cta * b.ctas, WarpOp{});
     b.ready.clear();
-    b.at_barrier = b.done = 0;
-    for (unsigned t = 0; t < n; ++t) {
-        Fiber& f = b.fibers[t];
-        f.tid = t;
+    b.at_barrier.assign(b.ctas, 0);
+    b.done.assign(b.ctas, 0);
+    b.at_cluster = b.done_all = 0;
+    b.lead = b.ctas > 1 ? (unsigned)(b.rng() % b.ctas) : 0;  // single CTAs: the schedule as before
+    b.smem.resize(b.ctas);
+    for (unsigned c = 0; c < b.ctas; ++c) {
+        b.smem[c].assign((b.smem_bytes + 7) / 8, 0);
+        poison_smem(b, c);
+    }
+    for (unsigned i = 0; i < total; ++i) {
+        Fiber& f = b.fibers[i];
+        f.tid = i % n;
+        f.cta = i / n;
         getcontext(&f.ctx);
-        f.ctx.uc_stack.ss_sp = stack(t);
+        f.ctx.uc_stack.ss_sp = stack(i);
         f.ctx.uc_stack.ss_size = STACK_BYTES;
         f.ctx.uc_link = &b.scheduler;
         makecontext(&f.ctx, entry, 0);
-        b.ready.push_back(t);
+        b.ready.push_back(i);
     }
     while (b.error.empty()) {
         if (b.ready.empty()) {
-            if (b.done == n) return true;
-            if (b.at_barrier == n - b.done) {
-                if (b.done > 0) {
-                    b.error = "block " + std::to_string(blockIdx.x) + ": __syncthreads reached by " +
-                              std::to_string(b.at_barrier) + " threads while " + std::to_string(b.done) +
+            if (b.done_all == total) return true;
+            bool released = false;
+            for (unsigned c = 0; c < b.ctas && b.error.empty(); ++c) {
+                if (b.at_barrier[c] == 0 || b.at_barrier[c] != n - b.done[c]) continue;
+                if (b.done[c] > 0) {
+                    b.error = "block " + std::to_string(b.first_block + c) + ": __syncthreads reached by " +
+                              std::to_string(b.at_barrier[c]) + " threads while " + std::to_string(b.done[c]) +
                               " have exited";
                     break;
                 }
-                for (Fiber& f : b.fibers) {
-                    f.state = State::Ready;
-                    b.ready.push_back(f.tid);
-                }
-                b.at_barrier = 0;
-                continue;
+                release(b, c * n, (c + 1) * n, State::Barrier);
+                b.at_barrier[c] = 0;
+                released = true;
             }
-            std::string why = "block " + std::to_string(blockIdx.x) + ": deadlock:";
+            if (!b.error.empty()) break;
+            if (!released && b.at_cluster > 0 && b.at_cluster == total - b.done_all) {
+                if (b.done_all > 0) {
+                    b.error = "cluster of blocks " + std::to_string(b.first_block) + "+" + std::to_string(b.ctas) +
+                              ": cluster_sync reached by " + std::to_string(b.at_cluster) + " threads while " +
+                              std::to_string(b.done_all) + " have exited";
+                    break;
+                }
+                release(b, 0, total, State::ClusterBarrier);
+                b.at_cluster = 0;
+                released = true;
+            }
+            if (released) continue;
+            std::string why = "block " + std::to_string(b.first_block) + (b.ctas > 1 ? " (cluster)" : "") + ": deadlock:";
             for (size_t w = 0; w < b.warps.size(); ++w)
                 if (b.warps[w].arrived)
                     why += " warp " + std::to_string(w) + " waits in " + collective_name(b.warps[w].kind) +
                            " (mask " + hex(b.warps[w].mask) + ", arrived " + hex(b.warps[w].arrived) + ");";
-            why += " " + std::to_string(b.at_barrier) + " threads wait in __syncthreads, " +
-                   std::to_string(b.done) + " have exited";
+            unsigned at_barrier = 0;
+            for (unsigned c = 0; c < b.ctas; ++c) at_barrier += b.at_barrier[c];
+            why += " " + std::to_string(at_barrier) + " threads wait in __syncthreads, ";
+            if (b.ctas > 1) why += std::to_string(b.at_cluster) + " in cluster_sync, ";
+            why += std::to_string(b.done_all) + " have exited";
+            unsigned in_warp = 0;
+            for (const Fiber& f : b.fibers) in_warp += f.state == State::Warp;
+            if (in_warp) why += ", " + std::to_string(in_warp) + " wait in warp collectives";
             b.error = why;
             break;
         }
-        const size_t j = b.rng() % b.ready.size();
+        size_t j = b.rng() % b.ready.size();
+        // In a cluster, mostly run the leading CTA's threads, so that one CTA runs far ahead of
+        // the others (a missing cluster barrier then reads what they have not written yet).
+        if (b.ctas > 1 && b.rng() % 4 != 0)
+            for (int tries = 0; tries < 16 && b.fibers[b.ready[j]].cta != b.lead; ++tries) j = b.rng() % b.ready.size();
         const unsigned t = b.ready[j];
         b.ready[j] = b.ready.back();
         b.ready.pop_back();
         b.current = &b.fibers[t];
-        threadIdx.x = t;
+        threadIdx.x = b.current->tid;
+        blockIdx.x = b.first_block + b.current->cta;
         swapcontext(&b.scheduler, &b.current->ctx);
         b.current = nullptr;
     }
@@ -231,8 +295,8 @@ inline int shfl_source(int kind, unsigned lane, int arg, int width) {
 inline uint64_t collective(int kind, unsigned mask, uint64_t value, int arg) {
     Block& b = *g_block;
     Fiber& f = *b.current;
-    const unsigned lane = f.tid & 31, w = f.tid >> 5;
-    const unsigned lanes = blockDim.x - 32 * w < 32 ? blockDim.x - 32 * w : 32;
+    const unsigned lane = f.tid & 31, lw = f.tid >> 5, w = f.cta * b.warps_per_cta + lw;
+    const unsigned lanes = blockDim.x - 32 * lw < 32 ? blockDim.x - 32 * lw : 32;
     const unsigned exist = lanes == 32 ? ~0u : (1u << lanes) - 1u;
     if (!((mask >> lane) & 1u)) fail(std::string(collective_name(kind)) + " with mask " + hex(mask) + " that excludes the calling lane");
     if (mask & ~exist) fail(std::string(collective_name(kind)) + " with mask " + hex(mask) + " naming lanes the block does not have");
@@ -241,7 +305,7 @@ inline uint64_t collective(int kind, unsigned mask, uint64_t value, int arg) {
         op.kind = kind;
         op.mask = mask;
     } else if (op.kind != kind || op.mask != mask) {
-        fail(std::string("warp ") + std::to_string(w) + ": " + collective_name(kind) + " (mask " + hex(mask) +
+        fail(std::string("warp ") + std::to_string(lw) + ": " + collective_name(kind) + " (mask " + hex(mask) +
              ") while other lanes wait in " + collective_name(op.kind) + " (mask " + hex(op.mask) + ")");
     }
     op.value[lane] = value;
@@ -263,7 +327,7 @@ inline void complete(unsigned w) {
         if (((in >> l) & 1u) && op.src[l]) votes |= 1u << l;
     for (unsigned l = 0; l < 32; ++l) {
         if (!((in >> l) & 1u)) continue;
-        Fiber& g = b.fibers[32 * w + l];
+        Fiber& g = b.fibers[(w / b.warps_per_cta) * b.threads + 32 * (w % b.warps_per_cta) + l];
         switch (op.kind) {
             case BALLOT: g.result = votes; break;
             case ANY: g.result = votes != 0; break;
@@ -274,7 +338,7 @@ inline void complete(unsigned w) {
             }
         }
         g.state = State::Ready;
-        b.ready.push_back(g.tid);
+        b.ready.push_back((unsigned)(&g - b.fibers.data()));
     }
     op.arrived = 0;
     op.kind = -1;
@@ -295,11 +359,61 @@ T shuffle(int kind, unsigned mask, T v, int arg, int width) {
 
 }  // namespace cuda_emu
 
+namespace cuda_emu {
+// Makes the fibers [from, to) that wait in state `s` ready again.
+inline void release(Block& b, unsigned from, unsigned to, State s) {
+    for (unsigned i = from; i < to; ++i)
+        if (b.fibers[i].state == s) {
+            b.fibers[i].state = State::Ready;
+            b.ready.push_back(i);
+        }
+}
+}  // namespace cuda_emu
+
+// A barrier opens as soon as its last thread arrives (the other CTAs of a cluster may be
+// anywhere, so a CTA runs ahead of the others as on a GPU); a barrier that some exited thread
+// can never reach is reported by the scheduler.
 inline void __syncthreads() {
     cuda_emu::Block& b = *cuda_emu::g_block;
+    const unsigned c = b.current->cta;
     b.current->state = cuda_emu::State::Barrier;
-    ++b.at_barrier;
+    if (++b.at_barrier[c] == b.threads && b.done[c] == 0) {
+        cuda_emu::release(b, c * b.threads, (c + 1) * b.threads, cuda_emu::State::Barrier);
+        b.at_barrier[c] = 0;
+    }
     cuda_emu::switch_out();
+}
+
+// Thread-block clusters (sm_90; the PTX in cuda/logits.cu): %cluster_ctarank, %cluster_nctarank,
+// %clusterid.x, %nclusterid.x, barrier.cluster.arrive + wait, mapa, extern __shared__.
+inline unsigned cluster_ctarank() { return cuda_emu::g_block->current->cta; }
+inline unsigned cluster_nctarank() { return cuda_emu::g_block->ctas; }
+inline unsigned cluster_id() { return blockIdx.x / cuda_emu::g_block->ctas; }
+inline unsigned cluster_count() { return gridDim.x / cuda_emu::g_block->ctas; }
+inline void cluster_sync() {
+    cuda_emu::Block& b = *cuda_emu::g_block;
+    b.current->state = cuda_emu::State::ClusterBarrier;
+    if (++b.at_cluster == b.threads * b.ctas && b.done_all == 0) {
+        cuda_emu::release(b, 0, b.threads * b.ctas, cuda_emu::State::ClusterBarrier);
+        b.at_cluster = 0;
+        b.lead = (unsigned)(b.rng() % b.ctas);
+    }
+    cuda_emu::switch_out();
+}
+inline unsigned char* dynamic_smem() {
+    cuda_emu::Block& b = *cuda_emu::g_block;
+    return (unsigned char*)b.smem[b.current->cta].data();
+}
+template <class T>
+T* cluster_map(T* p, unsigned rank) {
+    cuda_emu::Block& b = *cuda_emu::g_block;
+    const unsigned char* own = dynamic_smem();
+    const size_t off = (size_t)((const unsigned char*)p - own);
+    if ((const unsigned char*)p < own || off >= b.smem_bytes)
+        cuda_emu::fail("cluster_map of an address outside the CTA's dynamic shared memory");
+    if (rank >= b.ctas)
+        cuda_emu::fail("cluster_map to rank " + std::to_string(rank) + " of a cluster of " + std::to_string(b.ctas));
+    return (T*)((unsigned char*)b.smem[rank].data() + off);
 }
 inline void __threadfence() {
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
@@ -357,25 +471,32 @@ inline uint64_t seed() {
 }
 }  // namespace cuda_emu
 
-// Runs `kernel` as a grid of `grid` blocks of `block` threads, block by block in a shuffled
-// order; returns "" or the first error.
-inline std::string try_launch(unsigned grid, unsigned block, const std::function<void()>& kernel) {
+// Runs `kernel` as a grid of `grid` blocks of `block` threads, block by block (or cluster by
+// cluster of `cluster` blocks) in a shuffled order, with `smem_bytes` of dynamic shared memory
+// per block; returns "" or the first error.
+inline std::string try_launch(unsigned grid, unsigned block, const std::function<void()>& kernel,
+                              unsigned cluster = 1, size_t smem_bytes = 0) {
     using namespace cuda_emu;
     if (grid == 0 || block == 0 || block > 1024) return "invalid launch geometry " + std::to_string(grid) + " x " + std::to_string(block);
+    if (cluster == 0 || grid % cluster) return "grid " + std::to_string(grid) + " is not a multiple of the cluster size " + std::to_string(cluster);
     gridDim.x = grid;
     blockDim.x = block;
     Block b;
     b.kernel = &kernel;
+    b.ctas = cluster;
+    b.smem_bytes = smem_bytes;
     const uint64_t launch_seed = seed() * 0x9e3779b97f4a7c15ull + ++g_launches;
     b.rng.seed(launch_seed);
-    std::vector<unsigned> order(grid);
-    for (unsigned i = 0; i < grid; ++i) order[i] = i;
-    for (unsigned i = grid; i > 1; --i) std::swap(order[i - 1], order[b.rng() % i]);
+    const unsigned clusters = grid / cluster;
+    std::vector<unsigned> order(clusters);
+    for (unsigned i = 0; i < clusters; ++i) order[i] = i;
+    for (unsigned i = clusters; i > 1; --i) std::swap(order[i - 1], order[b.rng() % i]);
     Block* outer = g_block;
     g_block = &b;
     std::string error;
-    for (unsigned i = 0; i < grid && error.empty(); ++i) {
-        blockIdx.x = order[i];
+    for (unsigned i = 0; i < clusters && error.empty(); ++i) {
+        b.first_block = order[i] * cluster;
+        blockIdx.x = b.first_block;
         if (!run_block(b, block)) error = b.error + " (CALIBRL_EMULATE_SEED=" + std::to_string(seed()) + ")";
     }
     g_block = outer;
@@ -383,8 +504,9 @@ inline std::string try_launch(unsigned grid, unsigned block, const std::function
 }
 
 // try_launch for the standalone emulations: an error ends the program.
-inline void launch(unsigned grid, unsigned block, const std::function<void()>& kernel) {
-    const std::string e = try_launch(grid, block, kernel);
+inline void launch(unsigned grid, unsigned block, const std::function<void()>& kernel, unsigned cluster = 1,
+                   size_t smem_bytes = 0) {
+    const std::string e = try_launch(grid, block, kernel, cluster, smem_bytes);
     if (!e.empty()) {
         std::printf("FAIL emulated launch: %s\n", e.c_str());
         std::exit(2);

@@ -167,6 +167,58 @@ int main() {
     }
     expect(wrong > 0, "a read without __syncthreads sees unwritten values in some schedule");
 
+
+    // Clusters: each CTA writes its rank into its own dynamic shared memory; after cluster_sync
+    // every thread reads every CTA's value through cluster_map (DSMEM).
+    {
+        const unsigned C = 4, B = 64;
+        std::vector<float> seen(8 * B * C, -1.f);
+        launch(8 * C, B, [&] {
+            float* mine = (float*)dynamic_smem();
+            if (threadIdx.x == 0) mine[1] = (float)(cluster_ctarank() + 10 * cluster_id());
+            expect(blockIdx.x == cluster_id() * C + cluster_ctarank() && cluster_count() == 8 && cluster_nctarank() == C,
+                   "cluster indices");
+            cluster_sync();
+            float s = 0.f;
+            for (unsigned r = 0; r < C; ++r) s += *cluster_map(&mine[1], r);
+            seen[blockIdx.x * B + threadIdx.x] = s;
+            cluster_sync();  // no CTA exits while another may still read its shared memory
+        }, C, 64);
+        bool right = true;
+        for (unsigned blk = 0; blk < 8 * C; ++blk)
+            for (unsigned t = 0; t < B; ++t) right = right && seen[blk * B + t] == 6.f + 40.f * (float)(blk / C);
+        expect(right, "cluster_map reads every CTA's shared memory after cluster_sync");
+    }
+    // Without the first cluster_sync, or without the last one (a CTA exits while the others
+    // still read its shared memory), some schedule reads NaN (unwritten or released memory).
+    for (int missing = 0; missing < 2; ++missing) {
+        int nan_reads = 0;
+        for (int run = 0; run < 20; ++run)
+            launch(2, 32, [&] {
+                float* mine = (float*)dynamic_smem();
+                if (threadIdx.x == 0) mine[0] = 1.f;
+                if (missing == 1) cluster_sync();
+                __syncthreads();
+                const float other = *cluster_map(&mine[0], cluster_ctarank() ^ 1u);
+                if (other != other) __atomic_fetch_add(&nan_reads, 1, __ATOMIC_RELAXED);
+            }, 2, 16);
+        expect(nan_reads > 0, missing == 0 ? "a DSMEM read without cluster_sync sees unwritten memory"
+                                           : "a DSMEM read of an exited CTA sees released memory");
+    }
+    expect_error(try_launch(2, 32, [&] {
+                     if (cluster_ctarank() == 0 || threadIdx.x < 16) cluster_sync();
+                     else __syncthreads();
+                 }, 2, 16),
+                 "deadlock", "cluster_sync in one CTA, half of the other in __syncthreads");
+    expect_error(try_launch(2, 32, [&] {
+                     if (threadIdx.x == 3) return;
+                     cluster_sync();
+                 }, 2, 16),
+                 "have exited", "cluster_sync after a thread exited");
+    expect_error(try_launch(2, 32, [&] { float x = 0; cluster_map(&x, 1); }, 2, 16), "outside the CTA's dynamic shared memory",
+                 "cluster_map of a non-shared address");
+    expect_error(try_launch(3, 32, [&] {}, 2, 16), "not a multiple of the cluster size", "a grid not made of whole clusters");
+
     std::printf("primitives_emulate: %d failures\n", failures);
     return failures == 0 ? 0 : 1;
 }

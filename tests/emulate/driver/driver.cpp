@@ -11,7 +11,13 @@
 // - Streams exist as handles; every operation completes before its call returns.
 // - cuModuleLoadData keeps the PTX that NVRTC produced; cuModuleGetFunction requires the kernel
 //   both as a `.entry` of that PTX and in the host kernel table (kernels.h).
-// - cuLaunchKernel runs the grid (1-D only, no dynamic shared memory); an emulation error
+// - cuLaunchKernel runs the grid (1-D only); cuLaunchKernelEx too, with a thread-block cluster
+//   (CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION, at most 8 CTAs, the grid a multiple of it: its CTAs
+//   run concurrently, see cuda_host.h). Dynamic shared memory as on sm_90: up to 48 KB, more
+//   after cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES) up to the opt-in limit the device
+//   reports (CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN: 227 KB, or
+//   CALIBRL_EMULATE_SMEM bytes, so tests can reach multi-CTA clusters with small rows); an
+//   emulation error
 //   (divergent barrier, mismatched warp collective, deadlock) fails the launch with
 //   CUDA_ERROR_LAUNCH_FAILED and a line on stderr.
 // - Every other entry point cudarc loads exists as a weak stub (stubs.cpp, generated) that
@@ -47,6 +53,7 @@ enum : CUresult {
     NOT_FOUND = 500,
     LAUNCH_FAILED = 719,
     NOT_SUPPORTED = 801,
+    INVALID_CLUSTER_SIZE = 912,
 };
 
 namespace emu_driver {
@@ -64,6 +71,7 @@ Invoke find_kernel(const char* name) {
 struct Function {
     std::string name;
     Invoke invoke;
+    int max_dynamic_smem = 48 << 10;  // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
 };
 struct Module {
     std::string ptx;
@@ -108,6 +116,13 @@ static CUresult memset_n(CUdeviceptr d, T v, size_t n, const char* call) {
     return SUCCESS;
 }
 
+// sm_90's opt-in dynamic shared memory per block (227 KB), or CALIBRL_EMULATE_SMEM.
+static int smem_optin() {
+    const char* e = std::getenv("CALIBRL_EMULATE_SMEM");
+    const int n = e ? std::atoi(e) : 227 << 10;
+    return n > 0 ? n : 227 << 10;
+}
+
 static int sms() {
     const char* e = std::getenv("CALIBRL_EMULATE_SMS");
     const int n = e ? std::atoi(e) : 2;
@@ -143,6 +158,7 @@ CUresult cuGetErrorName(CUresult e, const char** s) {
         case NOT_FOUND: *s = "CUDA_ERROR_NOT_FOUND"; break;
         case LAUNCH_FAILED: *s = "CUDA_ERROR_LAUNCH_FAILED"; break;
         case NOT_SUPPORTED: *s = "CUDA_ERROR_NOT_SUPPORTED"; break;
+        case INVALID_CLUSTER_SIZE: *s = "CUDA_ERROR_INVALID_CLUSTER_SIZE"; break;
         default: *s = nullptr; return INVALID_VALUE;
     }
     return SUCCESS;
@@ -185,6 +201,7 @@ CUresult cuDeviceGetAttribute(int* v, int attribute, CUdevice d) {
         case 16: *v = sms(); break; // MULTIPROCESSOR_COUNT
         case 75: *v = 9; break;     // COMPUTE_CAPABILITY_MAJOR
         case 76: *v = 0; break;     // COMPUTE_CAPABILITY_MINOR
+        case 97: *v = smem_optin(); break;  // MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
         case 115: *v = 0; break;    // MEMORY_POOLS_SUPPORTED: cudarc then uses cuMemAlloc
         default: report("cuDeviceGetAttribute(" + std::to_string(attribute) + ") is not emulated"); return NOT_SUPPORTED;
     }
@@ -316,20 +333,90 @@ CUresult cuModuleGetFunction(CUfunction* f, CUmodule m, const char* name) {
     *f = &it->second;
     return SUCCESS;
 }
+static CUresult run(const Function* fn, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
+                    unsigned shared_bytes, unsigned cluster, void** params, void** extra) {
+    if (gy != 1 || gz != 1 || by != 1 || bz != 1 || extra) {
+        report(fn->name + ": only 1-D launches with a parameter array are emulated");
+        return NOT_SUPPORTED;
+    }
+    if (shared_bytes > (unsigned)fn->max_dynamic_smem) {
+        report(fn->name + ": " + std::to_string(shared_bytes) + " bytes of dynamic shared memory, above the function's " +
+               std::to_string(fn->max_dynamic_smem) + " (cuFuncSetAttribute MAX_DYNAMIC_SHARED_SIZE_BYTES)");
+        return INVALID_VALUE;
+    }
+    std::lock_guard<std::mutex> lock(g_mutex);  // `__shared__` is static: one launch at a time
+    const std::string error = try_launch(gx, bx, [&] { fn->invoke(params); }, cluster, shared_bytes);
+    if (!error.empty()) {
+        report(fn->name + " <<<" + std::to_string(gx) + ", " + std::to_string(bx) + ", cluster " + std::to_string(cluster) +
+               ">>>: " + error);
+        return LAUNCH_FAILED;
+    }
+    return SUCCESS;
+}
+
 CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
                         unsigned shared_bytes, CUstream, void** params, void** extra) {
     const Function* fn = (const Function*)f;
     if (!fn) return INVALID_HANDLE;
-    if (gy != 1 || gz != 1 || by != 1 || bz != 1 || shared_bytes != 0 || extra) {
-        report(fn->name + ": only 1-D launches with static shared memory and a parameter array are emulated");
+    return run(fn, gx, gy, gz, bx, by, bz, shared_bytes, 1, params, extra);
+}
+
+// CUlaunchConfig and CUlaunchAttribute as in cuda.h (12.0+).
+struct LaunchAttribute {
+    int id;
+    char pad[4];
+    union {
+        char bytes[64];
+        struct {
+            unsigned x, y, z;
+        } cluster;
+    } value;
+};
+struct LaunchConfig {
+    unsigned gx, gy, gz, bx, by, bz, shared_bytes;
+    CUstream stream;
+    LaunchAttribute* attrs;
+    unsigned num_attrs;
+};
+
+CUresult cuLaunchKernelEx(const LaunchConfig* config, CUfunction f, void** params, void** extra) {
+    const Function* fn = (const Function*)f;
+    if (!fn) return INVALID_HANDLE;
+    if (!config) return INVALID_VALUE;
+    unsigned cluster = 1;
+    for (unsigned i = 0; i < config->num_attrs; ++i) {
+        const LaunchAttribute& a = config->attrs[i];
+        if (a.id != 4) {  // CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+            report(fn->name + ": cuLaunchKernelEx attribute " + std::to_string(a.id) + " is not emulated");
+            return NOT_SUPPORTED;
+        }
+        const auto& c = a.value.cluster;
+        if (c.y != 1 || c.z != 1 || c.x == 0 || c.x > 8 || config->gx % c.x) {
+            report(fn->name + ": cluster " + std::to_string(c.x) + "x" + std::to_string(c.y) + "x" + std::to_string(c.z) +
+                   " for a grid of " + std::to_string(config->gx) +
+                   " (at most 8 CTAs, 1-D, dividing the grid; no non-portable sizes)");
+            return INVALID_CLUSTER_SIZE;
+        }
+        cluster = c.x;
+    }
+    return run(fn, config->gx, config->gy, config->gz, config->bx, config->by, config->bz, config->shared_bytes, cluster,
+               params, extra);
+}
+
+CUresult cuFuncSetAttribute(CUfunction f, int attribute, int value) {
+    Function* fn = (Function*)f;
+    if (!fn) return INVALID_HANDLE;
+    if (attribute != 8) {  // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+        report(fn->name + ": cuFuncSetAttribute(" + std::to_string(attribute) + ") is not emulated");
         return NOT_SUPPORTED;
     }
-    std::lock_guard<std::mutex> lock(g_mutex);  // `__shared__` is static: one launch at a time
-    const std::string error = try_launch(gx, bx, [&] { fn->invoke(params); });
-    if (!error.empty()) {
-        report(fn->name + " <<<" + std::to_string(gx) + ", " + std::to_string(bx) + ">>>: " + error);
-        return LAUNCH_FAILED;
+    if (value < 0 || value > smem_optin()) {
+        report(fn->name + ": MAX_DYNAMIC_SHARED_SIZE_BYTES " + std::to_string(value) + " above the device's " +
+               std::to_string(smem_optin()));
+        return INVALID_VALUE;
     }
+    std::lock_guard<std::mutex> lock(g_mutex);
+    fn->max_dynamic_smem = value;
     return SUCCESS;
 }
 
