@@ -6,7 +6,7 @@
 //! glibc retained about 20 MiB of freed per-thread buffers in fresh arenas on every fused
 //! linear call (docs/perf.md). One caller at a time uses the pool; a concurrent caller (or a
 //! nested loop inside a job) runs its chunks on its own thread, with the same chunk boundaries,
-//! so results never depend on which thread ran what.
+//! so results never depend on which thread ran what; so does a child process made by `fork`.
 
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -67,6 +67,9 @@ struct Pool {
     busy: Mutex<()>,
     /// Workers started.
     workers: AtomicUsize,
+    /// The process that started them: a child made by `fork` has none of them, and its copy
+    /// of the locks may be held by a thread that does not exist there, so it runs inline.
+    pid: u32,
 }
 
 /// Poisoning cannot leave `State` inconsistent (tasks run outside the lock, and panics are
@@ -97,6 +100,7 @@ impl Pool {
                 finished: Condvar::new(),
                 busy: Mutex::new(()),
                 workers: AtomicUsize::new(0),
+                pid: std::process::id(),
             }));
             let mut started = 0;
             for i in 0..want {
@@ -204,7 +208,8 @@ pub fn for_row_chunks(n: usize, min_rows_per_thread: usize, f: impl Fn(usize, us
         }
     };
     let pool = Pool::get();
-    if pool.workers.load(Ordering::Relaxed) == 0 || pool.run(threads, &task).is_none() {
+    let usable = pool.workers.load(Ordering::Relaxed) > 0 && pool.pid == std::process::id();
+    if !usable || pool.run(threads, &task).is_none() {
         (0..threads).for_each(task);
     }
 }
