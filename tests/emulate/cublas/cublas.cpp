@@ -76,11 +76,21 @@ float load(const void* base, int type, size_t i) {
     if (type == R_32F) return ((const float*)base)[i];
     unsigned short b;
     std::memcpy(&b, (const char*)base + 2 * i, 2);
-    if (type == R_16F) return f16_bits_to_f32(b);
+    if (type == R_16F) return f16_to_f32(b);
     const unsigned u = (unsigned)b << 16;
     float f;
     std::memcpy(&f, &u, 4);
     return f;
+}
+
+// cuBLAS rounds its bf16 results to nearest even (written here, not taken from the kernels'
+// cuda/dtype.cuh, so that the emulated library stays independent of the code it checks).
+unsigned short f32_to_bf16_rne(float f) {
+    unsigned u;
+    std::memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);  // quiet NaN
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (unsigned short)(u >> 16);
 }
 
 void store(void* base, int type, size_t i, float v) {
@@ -88,7 +98,7 @@ void store(void* base, int type, size_t i, float v) {
         ((float*)base)[i] = v;
         return;
     }
-    const unsigned short b = type == R_16F ? f32_to_f16_bits(v) : f32_to_bf16_bits(v);
+    const unsigned short b = type == R_16F ? f32_to_f16(v) : f32_to_bf16_rne(v);
     std::memcpy((char*)base + 2 * i, &b, 2);
 }
 
