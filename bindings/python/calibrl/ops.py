@@ -367,6 +367,59 @@ def logits_backward(
     return out
 
 
+def logits_forward_backward(
+    logits,
+    labels,
+    grad_logprobs,
+    temperature: float = 1.0,
+    *,
+    grad_entropy=None,
+    entropy=None,
+    logprobs=None,
+    lse=None,
+    out=None,
+):
+    """:func:`logits_forward` and :func:`logits_backward` in one call, for losses whose
+    ``∂L/∂logprobs`` (and ``∂L/∂entropy``) are known per token before it (token-local losses
+    with their normalisers given). Returns ``(logprobs, entropy, lse, grad_logits)``: the same
+    values as the two calls. ``logprobs``, ``entropy``, ``lse`` are float32 or float64 ``[N]``
+    (float32 allocated); ``entropy`` defaults to an output exactly when ``grad_entropy`` is
+    given (``True`` / ``False`` / a buffer otherwise). ``out=None`` allocates d-logits;
+    ``out=logits`` overwrites the logits in place. Full vocabulary only; on CUDA sm_90+ one
+    kernel reads each logits row once where it fits a thread-block cluster."""
+    logits = as_array(logits, "logits")
+    n = _shape(logits)[0] if len(_shape(logits)) else 0
+    logprobs = _new(logits, (n,)) if logprobs is None else logprobs
+    if entropy is None:
+        entropy = grad_entropy is not None
+    if entropy is True:
+        entropy = _new(logits, (n,))
+    elif entropy is False:
+        entropy = None
+    lse = _new(logits, (n,)) if lse is None else lse
+    if out is None:
+        out = _new(logits, _shape(logits), str(logits.dtype).replace("torch.", ""), zeros=False)
+    views = [
+        view(logits, "logits", rows_may_stride=True),
+        view(labels, "labels"),
+        view(grad_logprobs, "grad_logprobs"),
+        view(grad_entropy, "grad_entropy"),
+        view(logprobs, "logprobs", writable=True),
+        view(entropy, "entropy", writable=True),
+        view(lse, "lse", writable=True),
+        view(out, "grad_logits", writable=True),
+    ]
+    _lib.call(
+        "calibrl_logits_forward_backward",
+        ptr(views[0]),
+        ptr(views[1]),
+        float(temperature),
+        *[ptr(x) for x in views[2:]],
+        stream_for(views),
+    )
+    return logprobs, entropy, lse, out
+
+
 def logits_shard_stats(logits, labels, temperature: float = 1.0, *, vocab_start: int = 0, stats=None):
     """Phase 1 of the vocabulary-parallel forward: ``[N, 4]`` float32 statistics of this
     shard (``logits[:, vocab_start : vocab_start + V_local]``); all-gather them to
