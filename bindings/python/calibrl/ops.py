@@ -290,6 +290,18 @@ def metrics_dict(metrics_tensor) -> dict[str, float]:
 # SPEC §6
 
 
+def _row_outputs(like, n: int, logprobs, entropy, lse):
+    """A forward's ``[n]`` outputs: the buffers given, or new float32 ones of ``like``'s kind
+    (``entropy=True`` allocates one, ``False`` passes none)."""
+    logprobs = _new(like, (n,)) if logprobs is None else logprobs
+    if entropy is True:
+        entropy = _new(like, (n,))
+    elif entropy is False:
+        entropy = None
+    lse = _new(like, (n,)) if lse is None else lse
+    return logprobs, entropy, lse
+
+
 def logits_forward(logits, labels, temperature: float = 1.0, *, entropy=True, logprobs=None, lse=None):
     """Log-probs, entropy and log-sum-exp of ``[N, V]`` logits at ``labels [N]``.
 
@@ -298,12 +310,7 @@ def logits_forward(logits, labels, temperature: float = 1.0, *, entropy=True, lo
     """
     logits = as_array(logits, "logits")
     n = _shape(logits)[0] if len(_shape(logits)) else 0
-    logprobs = _new(logits, (n,)) if logprobs is None else logprobs
-    if entropy is True:
-        entropy = _new(logits, (n,))
-    elif entropy is False:
-        entropy = None
-    lse = _new(logits, (n,)) if lse is None else lse
+    logprobs, entropy, lse = _row_outputs(logits, n, logprobs, entropy, lse)
     views = [
         view(logits, "logits", rows_may_stride=True),
         view(labels, "labels"),
@@ -389,14 +396,9 @@ def logits_forward_backward(
     kernel reads each logits row once where it fits a thread-block cluster."""
     logits = as_array(logits, "logits")
     n = _shape(logits)[0] if len(_shape(logits)) else 0
-    logprobs = _new(logits, (n,)) if logprobs is None else logprobs
     if entropy is None:
         entropy = grad_entropy is not None
-    if entropy is True:
-        entropy = _new(logits, (n,))
-    elif entropy is False:
-        entropy = None
-    lse = _new(logits, (n,)) if lse is None else lse
+    logprobs, entropy, lse = _row_outputs(logits, n, logprobs, entropy, lse)
     if out is None:
         out = _new(logits, _shape(logits), str(logits.dtype).replace("torch.", ""), zeros=False)
     views = [
@@ -444,12 +446,7 @@ def logits_shard_finish(stats, labels, *, entropy=True, logprobs=None, lse=None)
     """Phase 2: ``(logprobs, entropy, lse)`` from all-gathered ``[R, N, 4]`` statistics."""
     labels = as_array(labels, "labels")
     n = _shape(labels)[0]
-    logprobs = _new(labels, (n,)) if logprobs is None else logprobs
-    if entropy is True:
-        entropy = _new(labels, (n,))
-    elif entropy is False:
-        entropy = None
-    lse = _new(labels, (n,)) if lse is None else lse
+    logprobs, entropy, lse = _row_outputs(labels, n, logprobs, entropy, lse)
     views = [
         view(stats, "stats"),
         view(labels, "labels"),
