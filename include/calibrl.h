@@ -721,6 +721,30 @@ enum calibrl_status calibrl_logits_backward(const DLTensor *logits,
                                             calibrl_stream stream);
 
 /**
+ * Forward and backward in one call, for losses whose `∂L/∂ℓ` (`grad_logprobs`) and `∂L/∂H`
+ * (`grad_entropy`, may be NULL; then `entropy` may be NULL too) are known per token before
+ * the call (token-local losses with their normalisers given). Writes `logprobs`, `entropy`
+ * (may be NULL unless `grad_entropy` is given) and `lse`, each `[N]` float32 or float64, and
+ * `grad_logits` (the logits' dtype; may be `logits` itself, in place): the same values as
+ * `calibrl_logits_forward` followed by `calibrl_logits_backward` with its saved `lse` and
+ * `entropy`. Full vocabulary only. On CUDA sm_90+ one kernel reads each logits row once where
+ * the row fits a thread-block cluster; elsewhere the two steps run in turn.
+ *
+ * # Safety
+ * As `calibrl_logits_forward`.
+ */
+enum calibrl_status calibrl_logits_forward_backward(const DLTensor *logits,
+                                                    const DLTensor *labels,
+                                                    double temperature,
+                                                    const DLTensor *grad_logprobs,
+                                                    const DLTensor *grad_entropy,
+                                                    DLTensor *logprobs,
+                                                    DLTensor *entropy,
+                                                    DLTensor *lse,
+                                                    DLTensor *grad_logits,
+                                                    calibrl_stream stream);
+
+/**
  * Phase 1 of the vocabulary-parallel forward: `stats[N, 4]` (f32) of the shard
  * `logits[:, vocab_start : vocab_start + V_local]`. All-gather them across the tensor-parallel
  * group into `[R, N, 4]` and call `calibrl_logits_shard_finish`.

@@ -5,7 +5,9 @@
 
 use calibrl::desc::metrics::CalibrlMetrics;
 use calibrl::ffi::common::{calibrl_config_free, calibrl_config_new, calibrl_last_error_message};
-use calibrl::ffi::logits::{calibrl_logits_backward, calibrl_logits_forward};
+use calibrl::ffi::logits::{
+    calibrl_logits_backward, calibrl_logits_forward, calibrl_logits_forward_backward,
+};
 use calibrl::ffi::loss::{
     calibrl_group_advantages, calibrl_loss, CalibrlAdvantageArgs, CalibrlLossArgs,
 };
@@ -200,5 +202,22 @@ fn logits_take_empty_tensors_with_zero_strides() {
             )
         },
         "logits_backward",
+    );
+    check(
+        unsafe {
+            calibrl_logits_forward_backward(
+                logits.t.as_ptr(),
+                labels.t.as_ptr(),
+                1.0,
+                g.t.as_ptr(),
+                gh.t.as_ptr(),
+                lp.t.as_mut_ptr(),
+                ent.t.as_mut_ptr(),
+                lse.t.as_mut_ptr(),
+                dz.t.as_mut_ptr(),
+                null_mut(),
+            )
+        },
+        "logits_forward_backward",
     );
 }

@@ -806,7 +806,7 @@ fn forward_and_backward_match_cpu() {
     }
 }
 
-/// Runs `forward_backward` (the Rust API: the C ABI has no entry for it yet) writing d-logits
+/// Runs `forward_backward` (the Rust API behind `calibrl_logits_forward_backward`) writing d-logits
 /// into `out` (`logits` itself for in place) and fresh NaN-poisoned f32 row outputs (entropy only
 /// when `entropy_out`); returns (outputs, raw output bytes). A missing entropy output reads NaN.
 fn gpu_forward_backward(

@@ -1,7 +1,10 @@
-//! calibrl_logits_forward and calibrl_logits_backward (out of place and in place).
+//! calibrl_logits_forward, calibrl_logits_backward and calibrl_logits_forward_backward (out of
+//! place and in place).
 #![no_main]
 
-use calibrl::ffi::logits::{calibrl_logits_backward, calibrl_logits_forward};
+use calibrl::ffi::logits::{
+    calibrl_logits_backward, calibrl_logits_forward, calibrl_logits_forward_backward,
+};
 use calibrl_fuzz::*;
 use libfuzzer_sys::fuzz_target;
 
@@ -100,6 +103,11 @@ fuzz_target!(|data: &[u8]| {
         };
         Some(t)
     };
+    // Read last, so that the committed seeds keep their meaning (false once the bytes run out).
+    if b.rare(3) {
+        forward_backward(&mut b, n, logits, label_t, t, g, h, grad);
+        return;
+    }
     let logits_ptr = logits.ptr();
     let out = match grad.as_mut() {
         Some(t) => t.mptr(),
@@ -137,3 +145,75 @@ fuzz_target!(|data: &[u8]| {
         in_place.then_some(0),
     );
 });
+
+/// calibrl_logits_forward_backward with the backward's upstream gradients and `grad_logits`
+/// (None: in place), fresh row outputs of any float dtype (float16 / bfloat16 are refused), and
+/// sometimes `lse` passed as a second descriptor of `grad_logprobs` or `entropy` of `lse`.
+#[allow(clippy::too_many_arguments)]
+fn forward_backward(
+    b: &mut Bytes,
+    n: usize,
+    mut logits: FTensor,
+    labels: FTensor,
+    temperature: f64,
+    g: FTensor,
+    h: Option<FTensor>,
+    mut grad: Option<FTensor>,
+) {
+    let Some((mut lp, mut ent, mut lse)) = row_outputs(b, n) else {
+        return;
+    };
+    match b.u8() % 16 {
+        0 => lse = FTensor::alias_of(&g, true),
+        1 => ent = Some(FTensor::alias_of(&lse, true)),
+        _ => {}
+    }
+    let in_place = grad.is_none();
+    let logits_ptr = logits.ptr();
+    let out = match grad.as_mut() {
+        Some(t) => t.mptr(),
+        None => logits.mptr(),
+    };
+    let tensors = [
+        Some(&logits),
+        Some(&labels),
+        Some(&g),
+        h.as_ref(),
+        Some(&lp),
+        ent.as_ref(),
+        Some(&lse),
+        grad.as_ref(),
+    ];
+    let before = snapshot(&tensors);
+    let st = unsafe {
+        calibrl_logits_forward_backward(
+            logits_ptr,
+            labels.ptr(),
+            temperature,
+            g.ptr(),
+            ptr_of(&h),
+            lp.mptr(),
+            mptr_of(&mut ent),
+            lse.mptr(),
+            out,
+            std::ptr::null_mut(),
+        )
+    } as i32;
+    let tensors = [
+        Some(&logits),
+        Some(&labels),
+        Some(&g),
+        h.as_ref(),
+        Some(&lp),
+        ent.as_ref(),
+        Some(&lse),
+        grad.as_ref(),
+    ];
+    check(
+        "logits_forward_backward",
+        st,
+        &tensors,
+        &before,
+        in_place.then_some(0),
+    );
+}

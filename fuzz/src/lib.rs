@@ -430,7 +430,7 @@ impl FTensor {
     /// A one-line description (for reproducing a finding).
     pub fn describe(&self) -> String {
         format!(
-            "dtype {:?} device {} shape {:?} strides {:?} offset {} data {} values {:?}",
+            "dtype {:?} device {} shape {:?} strides {:?} offset {} data {} values {}",
             self.desc.dtype,
             self.desc.device.device_type,
             self.shape,
@@ -441,7 +441,12 @@ impl FTensor {
             } else {
                 "set"
             },
-            self.values()
+            // An alias holds no bytes of its own (see `alias_of`).
+            if self.alias {
+                "(those of the tensor it aliases)".to_string()
+            } else {
+                format!("{:?}", self.values())
+            }
         )
     }
     pub fn numel(&self) -> usize {

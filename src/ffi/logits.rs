@@ -2,7 +2,9 @@
 
 use super::guard;
 use crate::error::CalibrlStatus;
-use crate::ops::logits::{self, Backward, Forward, LogitsInput, ShardFinish, ShardStats};
+use crate::ops::logits::{
+    self, Backward, Forward, ForwardBackward, LogitsInput, ShardFinish, ShardStats,
+};
 use crate::ops::Stream;
 use crate::tensor::{DLTensor, Tensor};
 
@@ -72,6 +74,49 @@ pub unsafe extern "C" fn calibrl_logits_backward(
             grad_logits: Tensor::from_raw(grad_logits, "grad_logits")?,
         };
         logits::backward(&args, stream)
+    })
+}
+
+/// Forward and backward in one call, for losses whose `∂L/∂ℓ` (`grad_logprobs`) and `∂L/∂H`
+/// (`grad_entropy`, may be NULL; then `entropy` may be NULL too) are known per token before
+/// the call (token-local losses with their normalisers given). Writes `logprobs`, `entropy`
+/// (may be NULL unless `grad_entropy` is given) and `lse`, each `[N]` float32 or float64, and
+/// `grad_logits` (the logits' dtype; may be `logits` itself, in place): the same values as
+/// `calibrl_logits_forward` followed by `calibrl_logits_backward` with its saved `lse` and
+/// `entropy`. Full vocabulary only. On CUDA sm_90+ one kernel reads each logits row once where
+/// the row fits a thread-block cluster; elsewhere the two steps run in turn.
+///
+/// # Safety
+/// As `calibrl_logits_forward`.
+#[no_mangle]
+pub unsafe extern "C" fn calibrl_logits_forward_backward(
+    logits: *const DLTensor,
+    labels: *const DLTensor,
+    temperature: f64,
+    grad_logprobs: *const DLTensor,
+    grad_entropy: *const DLTensor,
+    logprobs: *mut DLTensor,
+    entropy: *mut DLTensor,
+    lse: *mut DLTensor,
+    grad_logits: *mut DLTensor,
+    stream: Stream,
+) -> CalibrlStatus {
+    guard(|| {
+        let args = ForwardBackward {
+            input: LogitsInput::new(
+                Tensor::from_raw(logits, "logits")?,
+                Tensor::from_raw(labels, "labels")?,
+                temperature,
+                0,
+            )?,
+            grad_logprobs: Tensor::from_raw(grad_logprobs, "grad_logprobs")?,
+            grad_entropy: Tensor::optional(grad_entropy, "grad_entropy")?,
+            logprobs: Tensor::from_raw(logprobs, "logprobs")?,
+            entropy: Tensor::optional(entropy, "entropy")?,
+            lse: Tensor::from_raw(lse, "lse")?,
+            grad_logits: Tensor::from_raw(grad_logits, "grad_logits")?,
+        };
+        logits::forward_backward(&args, stream)
     })
 }
 

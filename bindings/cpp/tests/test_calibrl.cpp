@@ -365,6 +365,24 @@ void test_logits() {
   report(near(dz[0], -1.0 / 6, 1e-6) && near(dz[1], -1.0 / 3, 1e-6) && near(dz[2], 0.5, 1e-6),
          "logits_backward: dL/dz = onehot - p");
 
+  // Both in one call, in place: the same bits as the two calls above (CPU backend), and a
+  // NaN grad_logprobs is refused by name with every output untouched.
+  std::vector<float> z1 = z, lp1{-7.f}, ent1{-7.f}, lse1{-7.f};
+  calibrl::logits_forward_backward(calibrl::TensorView(z1, {1, 3}), labels, 1.0, g, std::nullopt,
+                                   lp1, ent1, lse1, calibrl::TensorView(z1, {1, 3}));
+  report(lp1 == lp && ent1 == ent && lse1 == lse && z1 == dz,
+         "logits_forward_backward in place = logits_forward + logits_backward");
+  std::vector<float> nan_g{std::nanf("")}, z2 = z, dz2(3, -7.f), lp2{-7.f}, lse2{-7.f};
+  expect_error(
+      [&] {
+        calibrl::logits_forward_backward(calibrl::TensorView(z2, {1, 3}), labels, 1.0, nan_g,
+                                         std::nullopt, lp2, std::nullopt, lse2,
+                                         calibrl::TensorView(dz2, {1, 3}));
+      },
+      CALIBRL_STATUS_NON_FINITE, "`grad_logprobs`", "logits_forward_backward: NaN grad_logprobs");
+  report(lp2[0] == -7.f && lse2[0] == -7.f && dz2 == std::vector<float>(3, -7.f) && z2 == z,
+         "logits_forward_backward: outputs untouched on error");
+
   // Vocabulary-parallel: two shards of the synthetic batch's logits give the full forward.
   const SyntheticBatch b = make_synthetic_batch();
   const std::int64_t N = b.tokens(), V = b.vocab, H2 = V / 2;

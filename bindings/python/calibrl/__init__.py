@@ -32,6 +32,7 @@ from .ops import (
     group_advantages,
     logits_backward,
     logits_forward,
+    logits_forward_backward,
     logits_shard_finish,
     logits_shard_stats,
     TensorLike,
@@ -77,7 +78,8 @@ __all__ = [
     "LibraryNotFoundError", "MissingSymbolError", "NonFiniteError", "NullArgumentError",
     "PanicError", "ShapeError",
     "Config", "DLPackTensor", "LossInputs", "LossResult", "TensorLike",
-    "group_advantages", "logits_backward", "logits_forward", "logits_shard_finish",
+    "group_advantages", "logits_backward", "logits_forward", "logits_forward_backward",
+    "logits_shard_finish",
     "logits_shard_stats", "loss", "metrics_dict", "library_version",
     "linear", "Minibatch", "Plan", "Prompt", "SchedulerConfig", "SeqKind", "SeqRef", "plan",
 ]

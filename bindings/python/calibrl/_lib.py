@@ -76,6 +76,9 @@ _SIGNATURES: dict[str, tuple[object, list]] = {
     # SPEC §6
     "calibrl_logits_forward": (_status, [_T, _T, c_double, _T, _T, _T, _stream]),
     "calibrl_logits_backward": (_status, [_T, _T, c_double, c_int64, _T, _T, _T, _T, _T, _stream]),
+    "calibrl_logits_forward_backward": (
+        _status, [_T, _T, c_double, _T, _T, _T, _T, _T, _T, _stream]
+    ),
     "calibrl_logits_shard_stats": (_status, [_T, _T, c_double, c_int64, _T, _stream]),
     "calibrl_logits_shard_finish": (_status, [_T, _T, _T, _T, _T, _stream]),
     # the fused linear path (docs/abi.md)

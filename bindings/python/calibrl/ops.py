@@ -290,6 +290,18 @@ def metrics_dict(metrics_tensor) -> dict[str, float]:
 # SPEC §6
 
 
+def _row_outputs(like, n: int, logprobs, entropy, lse):
+    """A forward's ``[n]`` outputs: the buffers given, or new float32 ones of ``like``'s kind
+    (``entropy=True`` allocates one, ``False`` passes none)."""
+    logprobs = _new(like, (n,)) if logprobs is None else logprobs
+    if entropy is True:
+        entropy = _new(like, (n,))
+    elif entropy is False:
+        entropy = None
+    lse = _new(like, (n,)) if lse is None else lse
+    return logprobs, entropy, lse
+
+
 def logits_forward(logits, labels, temperature: float = 1.0, *, entropy=True, logprobs=None, lse=None):
     """Log-probs, entropy and log-sum-exp of ``[N, V]`` logits at ``labels [N]``.
 
@@ -298,12 +310,7 @@ def logits_forward(logits, labels, temperature: float = 1.0, *, entropy=True, lo
     """
     logits = as_array(logits, "logits")
     n = _shape(logits)[0] if len(_shape(logits)) else 0
-    logprobs = _new(logits, (n,)) if logprobs is None else logprobs
-    if entropy is True:
-        entropy = _new(logits, (n,))
-    elif entropy is False:
-        entropy = None
-    lse = _new(logits, (n,)) if lse is None else lse
+    logprobs, entropy, lse = _row_outputs(logits, n, logprobs, entropy, lse)
     views = [
         view(logits, "logits", rows_may_stride=True),
         view(labels, "labels"),
@@ -367,6 +374,54 @@ def logits_backward(
     return out
 
 
+def logits_forward_backward(
+    logits,
+    labels,
+    grad_logprobs,
+    temperature: float = 1.0,
+    *,
+    grad_entropy=None,
+    entropy=None,
+    logprobs=None,
+    lse=None,
+    out=None,
+):
+    """:func:`logits_forward` and :func:`logits_backward` in one call, for losses whose
+    ``∂L/∂logprobs`` (and ``∂L/∂entropy``) are known per token before it (token-local losses
+    with their normalisers given). Returns ``(logprobs, entropy, lse, grad_logits)``: the same
+    values as the two calls. ``logprobs``, ``entropy``, ``lse`` are float32 or float64 ``[N]``
+    (float32 allocated); ``entropy`` defaults to an output exactly when ``grad_entropy`` is
+    given (``True`` / ``False`` / a buffer otherwise). ``out=None`` allocates d-logits;
+    ``out=logits`` overwrites the logits in place. Full vocabulary only; on CUDA sm_90+ one
+    kernel reads each logits row once where it fits a thread-block cluster."""
+    logits = as_array(logits, "logits")
+    n = _shape(logits)[0] if len(_shape(logits)) else 0
+    if entropy is None:
+        entropy = grad_entropy is not None
+    logprobs, entropy, lse = _row_outputs(logits, n, logprobs, entropy, lse)
+    if out is None:
+        out = _new(logits, _shape(logits), str(logits.dtype).replace("torch.", ""), zeros=False)
+    views = [
+        view(logits, "logits", rows_may_stride=True),
+        view(labels, "labels"),
+        view(grad_logprobs, "grad_logprobs"),
+        view(grad_entropy, "grad_entropy"),
+        view(logprobs, "logprobs", writable=True),
+        view(entropy, "entropy", writable=True),
+        view(lse, "lse", writable=True),
+        view(out, "grad_logits", writable=True),
+    ]
+    _lib.call(
+        "calibrl_logits_forward_backward",
+        ptr(views[0]),
+        ptr(views[1]),
+        float(temperature),
+        *[ptr(x) for x in views[2:]],
+        stream_for(views),
+    )
+    return logprobs, entropy, lse, out
+
+
 def logits_shard_stats(logits, labels, temperature: float = 1.0, *, vocab_start: int = 0, stats=None):
     """Phase 1 of the vocabulary-parallel forward: ``[N, 4]`` float32 statistics of this
     shard (``logits[:, vocab_start : vocab_start + V_local]``); all-gather them to
@@ -391,12 +446,7 @@ def logits_shard_finish(stats, labels, *, entropy=True, logprobs=None, lse=None)
     """Phase 2: ``(logprobs, entropy, lse)`` from all-gathered ``[R, N, 4]`` statistics."""
     labels = as_array(labels, "labels")
     n = _shape(labels)[0]
-    logprobs = _new(labels, (n,)) if logprobs is None else logprobs
-    if entropy is True:
-        entropy = _new(labels, (n,))
-    elif entropy is False:
-        entropy = None
-    lse = _new(labels, (n,)) if lse is None else lse
+    logprobs, entropy, lse = _row_outputs(labels, n, logprobs, entropy, lse)
     views = [
         view(stats, "stats"),
         view(labels, "labels"),

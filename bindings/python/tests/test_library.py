@@ -44,6 +44,7 @@ def test_every_declared_signature_is_bound_or_reported_missing():
         assert (name in lib.functions) != (name in lib.missing), name
     # The exports of the crate foundation are always there.
     for name in ["calibrl_config_new", "calibrl_logits_forward", "calibrl_logits_backward",
+                 "calibrl_logits_forward_backward",
                  "calibrl_logits_shard_stats", "calibrl_logits_shard_finish"]:
         assert name in lib.functions
 

@@ -105,3 +105,52 @@ def test_row_strided_logits_are_accepted():
     lp, ent, lse = calibrl.logits_forward(z, y.clamp(max=49))
     e_lp, e_ent, _ = ref.logits_outputs(z, y.clamp(max=49), 1.0)
     torch.testing.assert_close(lp.double(), e_lp, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("temperature", [1.0, 0.8])
+@pytest.mark.parametrize("with_entropy", [False, True])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_forward_backward_equals_the_two_calls(dtype, temperature, with_entropy, in_place):
+    z, y = make(n=9, v=37, dtype=dtype, seed=7)
+    gen = torch.Generator().manual_seed(8)
+    g = torch.randn(z.shape[0], generator=gen)
+    h = torch.randn(z.shape[0], generator=gen) if with_entropy else None
+    lp, ent, lse = calibrl.logits_forward(z, y, temperature, entropy=with_entropy)
+    grad = calibrl.logits_backward(z, y, lse, g, temperature, entropy=ent, grad_entropy=h)
+
+    z_in = z.clone()
+    got = calibrl.logits_forward_backward(
+        z_in, y, g, temperature, grad_entropy=h, out=z_in if in_place else None
+    )
+    f_lp, f_ent, f_lse, f_grad = got
+    assert (f_grad is z_in) == in_place and f_grad.dtype == dtype
+    if not in_place:
+        assert torch.equal(z_in, z)  # the logits are only read
+    assert (f_ent is None) == (not with_entropy)
+    # Bit-equal to the two calls (the CPU backend runs them in turn).
+    for a, b in [(f_lp, lp), (f_lse, lse), (f_grad, grad)] + ([(f_ent, ent)] if with_entropy else []):
+        assert torch.equal(a, b)
+    assert f_lp[2] == 0 and torch.all(f_grad[2] == 0)
+
+
+def test_forward_backward_numpy_and_bad_input_untouched():
+    z, y = make(seed=9)
+    g = np.linspace(-1, 1, z.shape[0]).astype(np.float32)
+    lp, ent, lse, grad = calibrl.logits_forward_backward(z.numpy(), y.numpy(), g, 0.9, entropy=True)
+    assert isinstance(grad, np.ndarray) and grad.dtype == np.float32
+    want = calibrl.logits_backward(z.numpy(), y.numpy(), lse, g, 0.9)
+    np.testing.assert_array_equal(grad, want)
+    np.testing.assert_array_equal(lp, calibrl.logits_forward(z.numpy(), y.numpy(), 0.9)[0])
+    # A NaN upstream gradient is refused by name; no output is written.
+    bad = g.copy()
+    bad[3] = np.nan
+    outs = [np.full(z.shape[0], -7.0, np.float32) for _ in range(3)]
+    d = np.full(z.shape, -7.0, np.float32)
+    with pytest.raises(calibrl.NonFiniteError, match="grad_logprobs"):
+        calibrl.logits_forward_backward(z.numpy(), y.numpy(), bad, logprobs=outs[0], entropy=outs[1],
+                                        lse=outs[2], out=d)
+    assert all(np.all(o == -7.0) for o in outs) and np.all(d == -7.0)
+    # float16 row outputs are refused (the backward reads them back).
+    with pytest.raises(calibrl.DtypeError, match="logprobs"):
+        calibrl.logits_forward_backward(z, y, torch.from_numpy(g), logprobs=torch.zeros(z.shape[0], dtype=torch.float16))
