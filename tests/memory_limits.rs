@@ -223,3 +223,98 @@ fn planning_without_the_memory_it_needs_returns_an_error() {
         },
     );
 }
+
+// Found by the fuzz campaign of issue 30 (planner target, run G): `calibrl_plan_collect_experts`
+// asked for only the sums staged every expert token in a float64 buffer (8·T* bytes, 4 GiB
+// there) although no tensor of the call holds T* values — the plan's input only declares the
+// experts' lengths. Asking for the sums alone now needs no buffer of the expert tokens' size.
+#[test]
+fn collecting_only_the_expert_sums_needs_no_buffer_of_the_expert_tokens() {
+    use calibrl::ffi::scheduler::{
+        calibrl_plan_collect_experts, calibrl_plan_nograd_microbatch, calibrl_plan_seq,
+        CalibrlSeqInfo,
+    };
+    in_child(
+        "collecting_only_the_expert_sums_needs_no_buffer_of_the_expert_tokens",
+        || {
+            const BIG: i64 = 1 << 28; // 2 GiB of float64 staging before the fix
+            let mut cfg: CalibrlSchedulerConfig = unsafe { std::mem::zeroed() };
+            unsafe { calibrl_scheduler_config_default(&mut cfg) };
+            cfg.dp_ranks = 2;
+            cfg.nograd_token_budget = 100;
+            cfg.train_token_budget = 100;
+            cfg.minibatch_prompts = 2;
+            let descs = [
+                CalibrlPromptDesc {
+                    prompt_len: 0,
+                    num_rollouts: 1,
+                    expert_len: BIG,
+                },
+                CalibrlPromptDesc {
+                    prompt_len: 0,
+                    num_rollouts: 1,
+                    expert_len: 3,
+                },
+            ];
+            let (st, plan) = plan_new(&cfg, &descs, &[10, 10]);
+            assert_eq!(st, 0, "{}", last_error());
+            let mut info: CalibrlPlanInfo = unsafe { std::mem::zeroed() };
+            assert_eq!(unsafe { calibrl_plan_summary(plan, &mut info) } as i32, 0);
+            assert_eq!(info.expert_tokens, BIG as u64 + 3);
+            limit_address_space(256 * MIB);
+            let mut collected = 0;
+            for rank in 0..2usize {
+                // This rank's no-grad response tokens, and whether it holds the big expert.
+                let mut tokens = 0u64;
+                let mut small_expert_here = false;
+                for mb in 0..info.nograd_microbatches as usize {
+                    let (mut ids, mut kinds, mut len) = ([0i64; 8], [0u8; 8], 0usize);
+                    let st = unsafe {
+                        calibrl_plan_nograd_microbatch(
+                            plan,
+                            rank,
+                            mb,
+                            ids.as_mut_ptr(),
+                            kinds.as_mut_ptr(),
+                            8,
+                            &mut len,
+                        )
+                    };
+                    assert_eq!(st as i32, 0, "{}", last_error());
+                    for &id in &ids[..len] {
+                        let mut s = CalibrlSeqInfo::default();
+                        assert_eq!(unsafe { calibrl_plan_seq(plan, id, &mut s) } as i32, 0);
+                        tokens += s.response_len as u64;
+                        small_expert_here |= s.response_len == 3;
+                    }
+                }
+                if tokens >= BIG as u64 {
+                    continue; // the rank holding the big expert: its no-grad output is 1 GiB
+                }
+                let mut nograd = vec![0.5f32; tokens as usize];
+                let mut sums = vec![-1.0f32; info.num_expert_slots as usize];
+                let src = HostTensor::f32(&mut nograd, &[tokens as usize]);
+                let mut out = HostTensor::f32(&mut sums, &[info.num_expert_slots as usize]);
+                let st = unsafe {
+                    calibrl_plan_collect_experts(
+                        plan,
+                        rank as i64,
+                        src.as_ptr(),
+                        std::ptr::null(),
+                        out.as_mut_ptr(),
+                        false,
+                        std::ptr::null_mut(),
+                    )
+                };
+                assert_eq!(st as i32, 0, "rank {rank}: {}", last_error());
+                drop(out);
+                // Slot 0 is the big expert (held by the other rank: 0 here); slot 1 the small one.
+                let small = if small_expert_here { 1.5 } else { 0.0 };
+                assert_eq!(sums, [0.0, small], "rank {rank}");
+                collected += 1;
+            }
+            assert_eq!(collected, 1, "exactly one rank holds the big expert");
+            unsafe { calibrl_plan_free(plan) };
+        },
+    );
+}

@@ -83,12 +83,43 @@ pub fn slot_sums(offsets: &[i64], packed: &[f64], length_normalize: bool) -> Vec
         .windows(2)
         .map(|w| {
             let seg = &packed[w[0] as usize..w[1] as usize];
-            let sum: f64 = seg.iter().sum();
-            if length_normalize {
-                sum / seg.len() as f64
-            } else {
-                sum
-            }
+            slot_value(seg.iter().sum(), seg.len(), length_normalize)
         })
         .collect()
+}
+
+/// `slot_sums(offsets, &gather_slots(source, offsets, nograd)?, length_normalize)` (the same
+/// values and the same first error) without the packed buffer, for a call that wants only the
+/// sums: its memory does not grow with the number of expert tokens, which the plan's input
+/// declares but no tensor of the call holds. A slot whose `source` is −1 sums zeros.
+pub fn slot_sums_from_source(
+    source: &[i64],
+    offsets: &[i64],
+    nograd: &[f64],
+    length_normalize: bool,
+) -> Result<Vec<f64>> {
+    let mut sums = try_vec(source.len(), 0.0, "expert_sums")?;
+    for (slot, &start) in source.iter().enumerate() {
+        let len = (offsets[slot + 1] - offsets[slot]) as usize;
+        let sum: f64 = if start < 0 {
+            std::iter::repeat(0.0).take(len).sum()
+        } else {
+            let start = start as usize;
+            let src = &nograd[start..start + len];
+            if let Some((j, &v)) = src.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+                return Err(Error::non_finite("nograd_logprobs", start + j, v));
+            }
+            src.iter().sum()
+        };
+        sums[slot] = slot_value(sum, len, length_normalize);
+    }
+    Ok(sums)
+}
+
+fn slot_value(sum: f64, len: usize, length_normalize: bool) -> f64 {
+    if length_normalize {
+        sum / len as f64
+    } else {
+        sum
+    }
 }
