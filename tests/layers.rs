@@ -370,7 +370,8 @@ fn second_names(lines: &[(usize, String)], root: bool) -> Vec<(usize, String)> {
             .take_while(|c| c.is_alphanumeric() || *c == '_')
             .collect();
         let own_child = children.contains(&head) && path[head.len()..].starts_with("::");
-        if !own_child && !(root && ROOT_REEXPORTS.contains(&path)) {
+        let front_door = root && ROOT_REEXPORTS.contains(&path);
+        if !(own_child || front_door) {
             out.push((*n, path.to_string()));
         }
     }

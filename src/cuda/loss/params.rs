@@ -115,8 +115,6 @@ fn layout(rows: &Rows) -> Result<(*const c_void, i64, i64)> {
     }
 }
 
-/// The same requirements the CPU reference enforces before computing.
-
 /// log2 of the threads that share one row in the row pass: about two batches of BATCH tokens
 /// per thread for the mean row length, between 2 threads (many short rows) and a block (few
 /// long rows: 8 × 4096 still gives 8 full blocks).
