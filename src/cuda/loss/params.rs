@@ -152,6 +152,8 @@ fn counts_mode(cfg: &Config, args: &Loss) -> Counts {
     }
 }
 
+/// The parameter block of `args` under `cfg`, its workspace pointers and `block_tokens` still 0
+/// (set by the launch once the grid is sized).
 pub(super) fn loss_params(cfg: &Config, args: &Loss) -> Result<LossParams> {
     let (logprobs, logprobs_dt) = req(&args.policy.values)?;
     let (offsets, offsets_dt, seq_len) = layout(&args.policy)?;
