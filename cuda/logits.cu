@@ -33,7 +33,7 @@
 // 0·d finite for -inf logits without changing any non-zero term.
 #define CALIBRL_MIN_EXP2 (-256.0f)
 
-// Output / scalar dtype codes (match src/cuda/logits.rs `ScalarCode`).
+// Output / scalar dtype codes (match src/cuda/logits/args.rs `scalar_code`).
 #define CODE_F32 0
 #define CODE_F64 1
 #define CODE_BF16 2
@@ -511,7 +511,7 @@ CALIBRL_LOGITS_KERNELS(f32, F32)
 // it. The label's logit is read before the first barrier, i.e. before any CTA writes d-logits
 // (in place, the label's element may belong to another CTA).
 //
-// Dynamic shared memory (bytes, `CALIBRL_SP_HEADER` mirrored by src/cuda/logits.rs):
+// Dynamic shared memory (bytes, `CALIBRL_SP_HEADER` mirrored by src/cuda/logits/geometry.rs):
 //   [0, 32)    float partial[2][4]   (m, s, c, −) per row parity
 //   [32, 416)  float red[3][32]      the CTA reduction's per-warp values
 //   [416, …)   the chunk, element j at slot shift + j, where shift = (row address mod 16) / size,

@@ -16,7 +16,7 @@
 
 #include "dtype.cuh"  // u16, i64, the bf16 / f16 conversions
 
-// dtype codes shared with src/cuda/loss.rs
+// dtype codes shared with src/cuda/loss/args.rs
 #define DT_F32 0
 #define DT_F64 1
 #define DT_BF16 2
@@ -189,7 +189,7 @@ extern "C" __global__ void calibrl_group_advantages(AdvParams p) {
 // Reductions have a fixed order and the geometry depends only on the shape and the device, so
 // results are bitwise repeatable. Arithmetic is in double (as the CPU reference).
 
-// Enumerations shared with src/cuda/loss.rs.
+// Enumerations shared with src/cuda/loss/params.rs.
 #define LOSS_CALIBRL 0
 #define LOSS_GRPO 1
 #define LOSS_LUFFY 2

@@ -12,12 +12,13 @@
 //! (always finite or ±inf) CPU result also proves each element was written.
 
 use calibrl::cuda::logits::{forward_backward_path, LogitsPath};
+use calibrl::desc::logits::{ForwardBackward, LogitsInput};
 use calibrl::ffi::common::calibrl_last_error_message;
 use calibrl::ffi::logits::{
     calibrl_logits_backward, calibrl_logits_forward, calibrl_logits_shard_finish,
     calibrl_logits_shard_stats,
 };
-use calibrl::ops::logits::{forward_backward, ForwardBackward, LogitsInput};
+use calibrl::ops::logits::forward_backward;
 use calibrl::tensor::{DLDataType, DLDevice, DLTensor, DType, Tensor, DL_CPU, DL_CUDA};
 use calibrl::CalibrlStatus;
 use cudarc::driver::{CudaSlice, DevicePtr};

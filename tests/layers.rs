@@ -3,7 +3,9 @@
 //! `mod.rs` included, import each other without a circle. A re-export (`pub use`, or an alias
 //! `const`/`type`/`fn` naming another module's item) is an import like any other, so an alias
 //! that points up or closes a circle fails too. Comments and `#[cfg(test)]` modules are not
-//! counted.
+//! counted. Every item has one public path: a `pub use` may only re-export a private child
+//! module's items from that child's `mod.rs` (or parent file), besides the crate root's few
+//! named in `ROOT_REEXPORTS`.
 //!
 //! `CALIBRL_LAYERS_SRC` points the checks at another `src/` (to see them fail on an older
 //! revision: `git archive REV src | tar -x -C /tmp/old`, then run this test with
@@ -334,6 +336,68 @@ fn files_of_a_module_import_each_other_without_a_circle() {
     );
 }
 
+/// Re-exports at the crate root that name an item a second time, on purpose: the crate's
+/// front door (`calibrl::Config`, `calibrl::Result`, ...). Nothing else may.
+const ROOT_REEXPORTS: &[&str] = &["config::Config", "error::{CalibrlStatus, Error, Result}"];
+
+/// The private child modules a file declares (`mod x;`, `pub(crate) mod x;`, not `pub mod x;`).
+fn private_children(lines: &[(usize, String)]) -> BTreeSet<String> {
+    lines
+        .iter()
+        .filter_map(|(_, line)| {
+            let t = line.trim();
+            let t = t.strip_prefix("pub(crate) ").unwrap_or(t);
+            let name = t.strip_prefix("mod ")?.strip_suffix(';')?;
+            Some(name.trim().to_string())
+        })
+        .collect()
+}
+
+/// The public re-exports of `lines` that give an item a second public path: a `pub use` of
+/// anything but a private child module declared in the same file (which is how a split module
+/// keeps one public path per item). Returns (line number, what it re-exports).
+fn second_names(lines: &[(usize, String)], root: bool) -> Vec<(usize, String)> {
+    let children = private_children(lines);
+    let mut out = Vec::new();
+    for (n, line) in lines {
+        let Some(path) = line.trim().strip_prefix("pub use ") else {
+            continue;
+        };
+        let path = path.trim_end().trim_end_matches(';');
+        let path = path.strip_prefix("self::").unwrap_or(path);
+        let head: String = path
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect();
+        let own_child = children.contains(&head) && path[head.len()..].starts_with("::");
+        let front_door = root && ROOT_REEXPORTS.contains(&path);
+        if !(own_child || front_door) {
+            out.push((*n, path.to_string()));
+        }
+    }
+    out
+}
+
+#[test]
+fn every_item_has_one_public_path() {
+    let src = src_dir();
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let mut violations = Vec::new();
+    for file in &files {
+        let lines = code_lines(&fs::read_to_string(file).unwrap());
+        let root = file.strip_prefix(&src).unwrap() == Path::new("lib.rs");
+        for (n, path) in second_names(&lines, root) {
+            violations.push(format!(
+                "{}:{n}: `pub use {path}` gives an item a second public path; import it from \
+                 its owner instead (only a `mod.rs` re-exports its private children)",
+                file.display()
+            ));
+        }
+    }
+    assert!(violations.is_empty(), "{}", violations.join("\n"));
+}
+
 #[test]
 fn the_checks_see_a_violation() {
     // The scanner itself: an upward path, an alias and a grouped sibling import are found;
@@ -352,6 +416,17 @@ fn the_checks_see_a_violation() {
         .flat_map(|(_, l)| names_after(l, "super::"))
         .collect();
     assert_eq!(super_names, ["a", "b"]);
+    // A re-export of another module's item, or of a public child's, is a second name; a
+    // private child's is not, nor is a `pub(crate) use`.
+    let text = "pub mod open;\nmod shut;\npub(crate) mod inner;\npub use shut::{A, B};\npub use self::inner::C;\npub use open::D;\npub use crate::desc::Stream;\npub use super::x::E;\npub(crate) use crate::y::F;\npub use config::Config;\n";
+    let lines = code_lines(text);
+    let found: Vec<usize> = second_names(&lines, false)
+        .iter()
+        .map(|(n, _)| *n)
+        .collect();
+    assert_eq!(found, [6, 7, 8, 10]);
+    let found: Vec<usize> = second_names(&lines, true).iter().map(|(n, _)| *n).collect();
+    assert_eq!(found, [6, 7, 8]);
     // In a mod.rs: the children named by a re-export or a path, not by nested segments.
     assert_eq!(
         path_heads("pub use compile::{Compiled, KernelSource}; &[&logits::LOGITS, x::loss::y]"),

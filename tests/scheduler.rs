@@ -1,13 +1,14 @@
 //! Scheduler properties on random inputs of many sizes, bad input, and the C ABI.
 
 use calibrl::config::LossKind;
+use calibrl::desc::metrics::CalibrlNormalizers;
 use calibrl::error::CalibrlStatus;
 use calibrl::ffi::common::calibrl_last_error_message;
 use calibrl::ffi::scheduler::*;
 use calibrl::ops::expert::collect_experts;
 use calibrl::scheduler::{
-    self, expert_sums, scatter_expert_logprobs, CalibrlNormalizers, ExpertSelection, PassKind,
-    PassPlan, Plan, PromptInput, SchedulerConfig, SeqKind, StepInput,
+    self, expert_sums, scatter_expert_logprobs, ExpertSelection, PassKind, PassPlan, Plan,
+    PromptInput, SchedulerConfig, SeqKind, StepInput,
 };
 use calibrl::tensor::{HostTensor, Tensor};
 use std::collections::BTreeSet;

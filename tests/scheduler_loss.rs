@@ -70,7 +70,7 @@ fn batch(
     d: &StepData,
     seqs: &[SeqRef],
     expert: &[f64],
-    norm: Option<scheduler::CalibrlNormalizers>,
+    norm: Option<calibrl::desc::metrics::CalibrlNormalizers>,
 ) -> LossBatch {
     let r = plan.num_rollouts();
     let mut b = LossBatch {

@@ -9,7 +9,7 @@
 //!   caller's current context is left as it was.
 //! - Kernels: `cuda/*.cu`, compiled with NVRTC at first use for the device's architecture and
 //!   cached per (device, module) for the life of the process (see [`compile`]). Each family's
-//!   module declares its own [`KernelSource`]; [`SOURCES`] lists them.
+//!   module declares its own [`compile::KernelSource`]; [`SOURCES`] lists them.
 //! - Launches: asynchronous on the caller's `CUstream`; no host synchronisation, no device
 //!   allocation, no float atomics (deterministic). Safe to capture in a CUDA graph once the
 //!   module is loaded (make one un-captured call first, e.g. a warm-up step, so that the
@@ -28,7 +28,7 @@ pub mod loss;
 pub mod nvrtc_lib;
 mod workspace;
 
-pub use compile::{Compiled, KernelSource};
+use compile::{Compiled, KernelSource};
 pub use device::driver_available;
 
 /// Every kernel source of the library (the CI compile check covers exactly these and fails when

@@ -4,12 +4,13 @@
 //! conventions.
 
 use super::{deref, guard};
-use crate::error::{CalibrlStatus, Error};
-use crate::ops::linear::{
-    self, LinearBackward, LinearForward, LinearForwardBackward, LinearGrads, LinearInput,
+use crate::desc::linear::{
+    LinearBackward, LinearForward, LinearForwardBackward, LinearGrads, LinearInput,
     LinearShardStats,
 };
-use crate::ops::Stream;
+use crate::desc::Stream;
+use crate::error::{CalibrlStatus, Error};
+use crate::ops::linear;
 use crate::tensor::{DLTensor, Tensor};
 
 /// The inputs every fused linear call takes. `hidden [N, H]`, `weight [V, H]` (this rank's

@@ -1,11 +1,12 @@
 //! C ABI of the fused logits path (SPEC §6); see `crate::desc::logits` for the conventions.
 
 use super::guard;
-use crate::error::CalibrlStatus;
-use crate::ops::logits::{
-    self, Backward, Forward, ForwardBackward, LogitsInput, ShardFinish, ShardStats,
+use crate::desc::logits::{
+    Backward, Forward, ForwardBackward, LogitsInput, ShardFinish, ShardStats,
 };
-use crate::ops::Stream;
+use crate::desc::Stream;
+use crate::error::CalibrlStatus;
+use crate::ops::logits;
 use crate::tensor::{DLTensor, Tensor};
 
 /// Forward over full-vocabulary logits `[N, V]`: writes `logprobs[N]`, `entropy[N]` (may be

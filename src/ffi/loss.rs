@@ -2,10 +2,11 @@
 
 use super::common::CalibrlConfig;
 use super::{deref, guard};
+use crate::desc::loss::{Advantages, Loss, LossTensors};
 use crate::desc::metrics::{CalibrlMetrics, CalibrlNormalizers, METRICS_LEN};
+use crate::desc::Stream;
 use crate::error::{CalibrlStatus, Error};
-use crate::ops::loss::{self, Advantages, Loss, LossTensors};
-use crate::ops::Stream;
+use crate::ops::loss;
 use crate::tensor::{DLTensor, Tensor};
 
 /// Length of the `metrics` output tensor (the fields of `calibrl_metrics`, in order).

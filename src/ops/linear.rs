@@ -3,9 +3,9 @@
 //! [`crate::desc::linear`]; the CUDA backend is [`crate::cuda::linear`].
 
 use super::on_device;
-pub use crate::desc::linear::{
-    chunk_size, cuda_workspace, workspace_bytes, workspace_bytes_on, LinearBackward, LinearForward,
-    LinearForwardBackward, LinearGrads, LinearInput, LinearShardStats,
+use crate::desc::linear::{
+    chunk_size, workspace_bytes_on, LinearBackward, LinearForward, LinearForwardBackward,
+    LinearShardStats,
 };
 use crate::desc::Stream;
 use crate::error::Result;

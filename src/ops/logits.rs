@@ -3,10 +3,7 @@
 //! [`crate::desc::logits`].
 
 use super::on_device;
-pub use crate::desc::logits::{
-    inv_temperature, Backward, Forward, ForwardBackward, LogitsInput, ShardFinish, ShardStats,
-    LOGITS_DTYPES, OUT_DTYPES, STATS_WIDTH,
-};
+use crate::desc::logits::{Backward, Forward, ForwardBackward, ShardFinish, ShardStats};
 use crate::desc::Stream;
 use crate::error::Result;
 use crate::tensor::{try_vec, Tensor};

@@ -4,7 +4,7 @@
 
 use super::on_device;
 use crate::config::Config;
-pub use crate::desc::loss::{Advantages, Layout, Loss, LossTensors, Rows};
+use crate::desc::loss::{Advantages, Loss};
 use crate::desc::metrics::CalibrlMetrics;
 use crate::desc::Stream;
 use crate::error::Result;

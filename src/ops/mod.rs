@@ -7,7 +7,6 @@ pub mod linear;
 pub mod logits;
 pub mod loss;
 
-pub use crate::desc::Stream;
 use crate::error::Result;
 use crate::tensor::Device;
 

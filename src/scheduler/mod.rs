@@ -38,7 +38,3 @@ pub(crate) use plan::check_index;
 pub use plan::{MicroBatch, Minibatch, PassKind, PassPlan, Plan, SeqKind, SeqRef};
 pub use planner::plan;
 pub use selection::SplitMix64;
-
-/// The global normalisers of one mini-batch (SPEC §4.5), the type `calibrl_loss` takes: the
-/// plan fills them with the response tokens and the number of the rows that are trained.
-pub use crate::desc::metrics::CalibrlNormalizers;

@@ -27,7 +27,7 @@
 
 // ---------------------------------------------------------------------------------------------
 
-// Same rule as src/cuda/logits.rs `row_geometry`.
+// Same rule as src/cuda/logits/geometry.rs `row_geometry`.
 static unsigned row_threads(long long v, int elem_size) {
     long long wanted = (v + (16 / elem_size) * 4 - 1) / ((16 / elem_size) * 4);
     long long p = 1;

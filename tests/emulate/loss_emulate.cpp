@@ -2,7 +2,7 @@
 // §4.6) for machines without a GPU (CUDA built-ins from cuda_host.h: threads are std::threads,
 // blocks run one after another, so the "last block" of a ticket is the final one). It runs
 // calibrl_cov_prepare, the calibrl_cov_histogram passes and calibrl_loss_any as src/cuda/cov.rs
-// and src/cuda/loss.rs launch them, and checks against a plain reference written here after
+// and src/cuda/loss/ launch them, and checks against a plain reference written here after
 // src/cpu/cov.rs (sort the candidates' (key, flat index), take n):
 //   - the same selected tokens (many tied advantages and log-probs, so KL-Cov ties are common;
 //     n = 1, n = candidates − 1, = candidates, > candidates; caller-given means and count),
@@ -225,7 +225,7 @@ struct Run {
     std::vector<double> grad, metrics;
 };
 
-// The loss kernels as src/cuda/loss.rs `loss` launches them (after the counts kernel and the
+// The loss kernels as src/cuda/loss/run.rs `loss` launches them (after the counts kernel and the
 // entropy control's): the row pass where a row sum is needed, then the token pass, its blocks
 // owning whole quanta of 2048 consecutive tokens, at most `max_blocks` of them. `p.final_ws`,
 // `p.block_ws`, `p.row_ws` point into `ws` (sized here; NaN-filled: nothing may read unwritten
@@ -255,7 +255,7 @@ static void launch_loss(LossParams& p, unsigned max_blocks, std::vector<double>&
     launch(blocks, LOSS_THREADS, [&] { calibrl_loss_any(p); });
 }
 
-// The launches of src/cuda/loss.rs `loss` with entropy control (normalisers given, so no
+// The launches of src/cuda/loss/run.rs `loss` with entropy control (normalisers given, so no
 // counts kernel), with the grids capped at `max_blocks`.
 static Run run(const Batch& b, int control, double ratio, double lb, double ub, unsigned long long seed, double coef,
                const Given& g, unsigned max_blocks, double norm_tokens) {

@@ -1,9 +1,10 @@
 //! Fixed-size queries of a plan: its counts, a mini-batch, its normalisers, one sequence.
 
 use super::types::*;
+use crate::desc::metrics::CalibrlNormalizers;
 use crate::error::{CalibrlStatus, Error, Result};
 use crate::ffi::{deref, guard};
-use crate::scheduler::{self, CalibrlNormalizers, PassKind, Plan};
+use crate::scheduler::{self, PassKind, Plan};
 
 /// Writes the plan's counts into `*out`.
 ///

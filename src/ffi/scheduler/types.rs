@@ -1,6 +1,7 @@
 //! The scheduler ABI's constants, `#[repr(C)]` structures and the opaque plan handle.
 
-use crate::scheduler::{CalibrlNormalizers, Plan};
+use crate::desc::metrics::CalibrlNormalizers;
+use crate::scheduler::Plan;
 
 /// `calibrl_scheduler_config.loss_kind`: CalibRL (expert rows forwarded once, never trained).
 pub const CALIBRL_LOSS_CALIBRL: u32 = 0;

@@ -1,5 +1,5 @@
 // cuda/logits.cu compiled for the host, its kernels registered with the emulated driver (the
-// list of src/cuda/logits.rs `LOGITS.kernels`). The host takes the file's pre-sm_80 branches
+// list of src/cuda/logits/source.rs `LOGITS.kernels`). The host takes the file's pre-sm_80 branches
 // (max_nan, f32_to_bf16 in plain C instead of max.NaN / cvt.rn.bf16).
 #include "../cuda_host.h"
 #include "host_cvt.h"

@@ -1,5 +1,5 @@
 // cuda/loss.cu compiled for the host, its kernels registered with the emulated driver (the list
-// of src/cuda/loss.rs `LOSS.kernels`; cuModuleGetFunction also requires each in the PTX).
+// of src/cuda/loss/source.rs `LOSS.kernels`; cuModuleGetFunction also requires each in the PTX).
 #include "../cuda_host.h"
 #include "host_cvt.h"
 #include "loss.cu"  // from cuda/, or CALIBRL_EMULATE_KERNEL_DIR (scripts/emulate-kernels.sh)
