@@ -1131,57 +1131,52 @@ fn logits_bad_input() {
     let g_nan = Tensor::new(&[0.5, f64::NAN, 0.1], &[n], Dt::F32);
     let g = Tensor::new(&[0.5; 3], &[n], Dt::F32);
     let mut out = Tensor::filled(SENTINEL, &[n, v], Dt::F32);
-    let st = unsafe {
-        (api().logits_backward)(
-            zt.ptr(),
-            lt.ptr(),
-            1.0,
-            0,
-            lse.ptr(),
-            std::ptr::null(),
-            g_nan.ptr(),
-            std::ptr::null(),
-            out.mptr(),
-            std::ptr::null_mut(),
-        )
-    };
-    expect_error(st, NON_FINITE, "grad_logprobs", "backward NaN grad");
-    let st = unsafe {
-        (api().logits_backward)(
-            zt.ptr(),
-            lt.ptr(),
-            1.0,
-            0,
-            lse.ptr(),
-            std::ptr::null(),
-            g.ptr(),
-            g.ptr(),
-            out.mptr(),
-            std::ptr::null_mut(),
-        )
-    };
-    expect_error(
-        st,
-        NULL_ARGUMENT,
-        "entropy",
-        "backward grad_entropy without entropy",
-    );
     let mut small = Tensor::filled(SENTINEL, &[n, v - 1], Dt::F32);
-    let st = unsafe {
-        (api().logits_backward)(
-            zt.ptr(),
-            lt.ptr(),
-            1.0,
-            0,
-            lse.ptr(),
-            std::ptr::null(),
-            g.ptr(),
-            std::ptr::null(),
-            small.mptr(),
-            std::ptr::null_mut(),
-        )
-    };
-    expect_error(st, SHAPE_MISMATCH, "grad_logits", "backward grad shape");
+    // (what, grad_logprobs, grad_entropy, grad_logits of the wrong shape, status, named argument)
+    let backward_cases = [
+        (
+            "backward NaN grad",
+            &g_nan,
+            None,
+            false,
+            NON_FINITE,
+            "grad_logprobs",
+        ),
+        (
+            "backward grad_entropy without entropy",
+            &g,
+            Some(&g),
+            false,
+            NULL_ARGUMENT,
+            "entropy",
+        ),
+        (
+            "backward grad shape",
+            &g,
+            None,
+            true,
+            SHAPE_MISMATCH,
+            "grad_logits",
+        ),
+    ];
+    for (what, grad_logprobs, grad_entropy, wrong_shape, status, name) in backward_cases {
+        let grad_logits = if wrong_shape { &mut small } else { &mut out };
+        let st = unsafe {
+            (api().logits_backward)(
+                zt.ptr(),
+                lt.ptr(),
+                1.0,
+                0,
+                lse.ptr(),
+                std::ptr::null(),
+                grad_logprobs.ptr(),
+                grad_entropy.map_or(std::ptr::null(), |t| t.ptr()),
+                grad_logits.mptr(),
+                std::ptr::null_mut(),
+            )
+        };
+        expect_error(st, status, name, what);
+    }
     assert!(untouched(&out) && untouched(&small));
     // Full-vocabulary forward refuses a shard offset; finish refuses a bad stats shape.
     let mut st_t = Tensor::filled(SENTINEL, &[2, n, 3], Dt::F32);

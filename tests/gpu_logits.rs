@@ -251,6 +251,35 @@ fn ok(status: CalibrlStatus, what: &str) {
     assert_eq!(status, CalibrlStatus::Ok, "{what}: {}", last_error());
 }
 
+/// `calibrl_logits_backward` over built descriptors; `rows` are `[lse, entropy, grad_logprobs,
+/// grad_entropy]` (null where absent), `stream` null for the CPU backend.
+fn logits_backward(
+    logits: &Desc,
+    labels: &Desc,
+    temperature: f64,
+    vocab_start: i64,
+    rows: [*const DLTensor; 4],
+    grad_logits: &mut Desc,
+    stream: *mut c_void,
+) -> CalibrlStatus {
+    // SAFETY: every descriptor (and each non-null row pointer) describes live memory of its
+    // stated shape, on the device `stream` belongs to.
+    unsafe {
+        calibrl_logits_backward(
+            logits.p(),
+            labels.p(),
+            temperature,
+            vocab_start,
+            rows[0],
+            rows[1],
+            rows[2],
+            rows[3],
+            grad_logits.m(),
+            stream,
+        )
+    }
+}
+
 /// Device buffer of raw bytes.
 struct DevBuf {
     slice: CudaSlice<u8>,
@@ -533,24 +562,17 @@ fn cpu_backward(p: &Problem, saved: &Saved) -> Vec<f64> {
     let gld = host_desc(&mut gl, f, &[p.n]);
     let ged = ge.as_mut().map(|b| host_desc(b, f, &[p.n]));
     let ged_p = ged.as_ref().map_or(std::ptr::null(), |d| d.p());
-    // SAFETY: as in `cpu_forward`.
-    ok(
-        unsafe {
-            calibrl_logits_backward(
-                lg.p(),
-                lb.p(),
-                p.temperature,
-                0,
-                ls.p(),
-                en.p(),
-                gld.p(),
-                ged_p,
-                gd.m(),
-                std::ptr::null_mut(),
-            )
-        },
-        "cpu backward",
+    let rows = [ls.p(), en.p(), gld.p(), ged_p];
+    let st = logits_backward(
+        &lg,
+        &lb,
+        p.temperature,
+        0,
+        rows,
+        &mut gd,
+        std::ptr::null_mut(),
     );
+    ok(st, "cpu backward");
     drop(gd);
     p.dt.decode(grad.bytes())
 }
@@ -664,24 +686,10 @@ fn gpu_backward_into(
         .map(|b| b.desc(g, f, &[p.n], None, 0));
     let ge_p = ge.as_ref().map_or(std::ptr::null(), |d| d.p());
     // In place: pass the very same descriptor contents for logits and grad_logits.
-    // SAFETY: every descriptor points at live device memory of its stated shape.
-    ok(
-        unsafe {
-            calibrl_logits_backward(
-                lg.p(),
-                lb.p(),
-                p.temperature,
-                vocab_start,
-                ls.p(),
-                en.p(),
-                gl.p(),
-                ge_p,
-                gd.m(),
-                g.stream.cu_stream() as *mut c_void,
-            )
-        },
-        "gpu backward",
-    );
+    let stream = g.stream.cu_stream() as *mut c_void;
+    let rows = [ls.p(), en.p(), gl.p(), ge_p];
+    let st = logits_backward(&lg, &lb, p.temperature, vocab_start, rows, &mut gd, stream);
+    ok(st, "gpu backward");
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -1313,35 +1321,24 @@ fn vocabulary_shards_match_full_vocabulary() {
                 &want_grad,
                 &tol,
             );
+            // Out of place into a fresh buffer, then in place over the logits themselves.
             let sharded = DevBuf::upload(g, &dt.nan(n * v));
-            for &(start, len) in &sh {
-                let view = View {
-                    n,
-                    v: len,
-                    stride: v,
-                    offset: start,
-                };
-                gpu_backward_into(g, &p, &logits, view, &sharded, view, start as i64, &rows);
+            for (place, dst) in [("out-of-place", &sharded), ("in-place", &logits)] {
+                for &(start, len) in &sh {
+                    let view = View {
+                        n,
+                        v: len,
+                        stride: v,
+                        offset: start,
+                    };
+                    gpu_backward_into(g, &p, &logits, view, dst, view, start as i64, &rows);
+                }
+                bits_equal(
+                    &format!("{what}: sharded {place} backward vs full"),
+                    &dst.download(g),
+                    &full_grad,
+                );
             }
-            bits_equal(
-                &format!("{what}: sharded out-of-place backward vs full"),
-                &sharded.download(g),
-                &full_grad,
-            );
-            for &(start, len) in &sh {
-                let view = View {
-                    n,
-                    v: len,
-                    stride: v,
-                    offset: start,
-                };
-                gpu_backward_into(g, &p, &logits, view, &logits, view, start as i64, &rows);
-            }
-            bits_equal(
-                &format!("{what}: sharded in-place backward vs full"),
-                &logits.download(g),
-                &full_grad,
-            );
         }
     }
 }
@@ -1433,24 +1430,9 @@ fn other_row_dtypes_match_cpu() {
                 .map(|(b, (d, _))| host_desc(b, d.dl(), &[n]))
                 .collect();
             let mut gd = host_desc(&mut grad_host, p.dt.dl(), &[n, v]);
-            // SAFETY: host descriptors over live buffers.
-            ok(
-                unsafe {
-                    calibrl_logits_backward(
-                        lg.p(),
-                        lb.p(),
-                        1.0,
-                        0,
-                        r[0].p(),
-                        r[1].p(),
-                        r[2].p(),
-                        r[3].p(),
-                        gd.m(),
-                        std::ptr::null_mut(),
-                    )
-                },
-                "cpu backward",
-            );
+            let rows = [r[0].p(), r[1].p(), r[2].p(), r[3].p()];
+            let st = logits_backward(&lg, &lb, 1.0, 0, rows, &mut gd, std::ptr::null_mut());
+            ok(st, "cpu backward");
             let lg = dl.desc(g, p.dt.dl(), &[n, v], None, 0);
             let lb = dlab.desc(g, label_dtype(p.labels_i64), &[n], None, 0);
             let r: Vec<Box<Desc>> = dev_rows
@@ -1459,22 +1441,10 @@ fn other_row_dtypes_match_cpu() {
                 .map(|(b, (d, _))| b.desc(g, d.dl(), &[n], None, 0))
                 .collect();
             let mut gd = grad_dev.desc(g, p.dt.dl(), &[n, v], None, 0);
-            // SAFETY: device descriptors over live buffers.
+            let stream = g.stream.cu_stream() as *mut c_void;
+            let rows = [r[0].p(), r[1].p(), r[2].p(), r[3].p()];
             ok(
-                unsafe {
-                    calibrl_logits_backward(
-                        lg.p(),
-                        lb.p(),
-                        1.0,
-                        0,
-                        r[0].p(),
-                        r[1].p(),
-                        r[2].p(),
-                        r[3].p(),
-                        gd.m(),
-                        g.stream.cu_stream() as *mut c_void,
-                    )
-                },
+                logits_backward(&lg, &lb, 1.0, 0, rows, &mut gd, stream),
                 "gpu backward",
             );
         }
