@@ -4,15 +4,18 @@ materialised path (PyTorch CPU's ``hidden @ W.T``, calibrl's fused logits forwar
 the ``[N, V]`` logits, PyTorch's matmuls for ``d_hidden``/``d_weight``), forward + backward
 with entropy, in the same run.
 
-Methods: ``materialised``; ``fused`` (forward, then a backward that recomputes each chunk:
-4 GEMMs, for losses that need whole-sequence sums first); ``fused-1pass`` (the combined call:
-3 GEMMs, for token-local losses whose ∂L/∂ℓ is known before the call).
+Methods: ``materialised``; for bf16 also ``materialised-f32`` (the same path on float32 copies
+of the bf16 hidden states and weight: the faster choice on CPUs without native bf16 dot
+products, where PyTorch's bf16 matmul is emulated); ``fused`` (forward, then a backward that
+recomputes each chunk: 4 GEMMs, for losses that need whole-sequence sums first);
+``fused-1pass`` (the combined call: 3 GEMMs, for token-local losses whose ∂L/∂ℓ is known
+before the call).
 
 Each (method, size, dtype) runs in its own process: after a warm-up on a vocabulary slice, the
 high-water RSS is reset (/proc/self/clear_refs) and the peak extra memory is the high-water RSS
 of one call minus the RSS before it (outputs, i.e. log-probs, d_hidden and d_weight, are listed
-apart from the working memory); the time is the median of ``--iters`` runs
-after that first one. Prints a table and the ratios against ``materialised``.
+apart from the working memory); the time is the median of ``--iters`` runs after that first
+one. Prints a table and the ratios against the faster materialised baseline.
 
 Usage: PYTHONPATH=bindings/python CALIBRL_LIBRARY=target/release/libcalibrl.so \\
        python3 benchmarks/bench_fused_linear.py [--sizes 1024x512x32000,1024x512x152064]
@@ -28,6 +31,8 @@ import sys
 import time
 
 METHODS = ("materialised", "fused", "fused-1pass")
+# bf16 only: the materialised path on float32 copies (a baseline, not a calibrl method).
+BF16_BASELINES = ("materialised-f32",)
 
 
 def rss_bytes() -> int:
@@ -71,6 +76,13 @@ def run_one(method: str, n: int, h: int, v: int, dtype: str, chunk: int, iters: 
         d_weight = dz.T @ hidden
         return lp, d_hidden, d_weight
 
+    def materialised_f32():
+        h32, w32 = hidden.float(), weight.float()
+        logits = h32 @ w32.T
+        lp, ent, lse = calibrl.logits_forward(logits, labels)
+        dz = calibrl.logits_backward(logits, labels, lse, g, entropy=ent, grad_entropy=gh, out=logits)
+        return lp, (dz @ w32).to(hidden.dtype), (dz.T @ h32).to(weight.dtype)
+
     def fused():
         lp, ent, lse = linear.forward(hidden, weight, labels, chunk_size=chunk)
         dh, dw, _ = linear.backward(hidden, weight, labels, lse, g, entropy=ent, grad_entropy=gh, chunk_size=chunk)
@@ -80,7 +92,7 @@ def run_one(method: str, n: int, h: int, v: int, dtype: str, chunk: int, iters: 
         r = linear.forward_backward(hidden, weight, labels, g, grad_entropy=gh, chunk_size=chunk)
         return r["logprobs"], r["d_hidden"], r["d_weight"]
 
-    fn = {"materialised": materialised, "fused": fused, "fused-1pass": fused_1pass}[method]
+    fn = {"materialised": materialised, "materialised-f32": materialised_f32, "fused": fused, "fused-1pass": fused_1pass}[method]
     torch.set_num_threads(os.cpu_count() or 1)
     # Warm-up on a slice of the vocabulary: loads the library, starts the thread pools, sizes
     # the GEMM packing buffers; then the peak is reset so that only the measured call counts.
@@ -124,7 +136,8 @@ def main() -> None:
     for size in a.sizes.split(","):
         n, h, v = (int(x) for x in size.split("x"))
         for dtype in a.dtypes.split(","):
-            for method in METHODS:
+            methods = METHODS + (BF16_BASELINES if dtype == "bf16" else ())
+            for method in methods:
                 out = subprocess.run(
                     [sys.executable, __file__, "--one", f"{method},{n},{h},{v},{dtype}",
                      "--chunk", str(a.chunk), "--iters", str(a.iters)],
@@ -135,8 +148,13 @@ def main() -> None:
                 print(f"N={n} H={h} V={v} {dtype:4} {method:12} median {r['median_s']:.3f} s "
                       f"(first {r['first_s']:.3f} s)  peak extra {r['peak_extra_mb']:.0f} MiB "
                       f"(outputs {r['outputs_mb']:.0f}, working {r['working_mb']:.0f})", flush=True)
-            base = next(r for r in rows[-3:] if r["method"] == "materialised")
-            for r in rows[-2:]:
+            these = rows[-len(methods):]
+            base = min((r for r in these if r["method"].startswith("materialised")),
+                       key=lambda r: r["median_s"])
+            print(f"    baseline: {base['method']}", flush=True)
+            for r in these:
+                if r["method"].startswith("materialised"):
+                    continue
                 print(f"    {r['method']:12} time ×{r['median_s'] / base['median_s']:.2f}, working memory "
                       f"{r['working_mb']:.0f} vs {base['working_mb']:.0f} MiB "
                       f"(chunk·V·4 = {a.chunk * v * 4 / 2**20:.0f} MiB)", flush=True)
