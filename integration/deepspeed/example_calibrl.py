@@ -13,6 +13,7 @@ the mean reward per step).
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from pathlib import Path
@@ -80,6 +81,13 @@ def _worker(rank: int, world: int, port: int, stage: int, steps: int, out_dir: s
             print(f"step {step}: mean reward {data.rewards.mean():.3f}, loss {float(total):.4f}", flush=True)
     if rank == 0:
         torch.save(log, os.path.join(out_dir, "log.pt"))
+    # Teardown in order: every rank done with its collectives, the engine's buffers and group
+    # references released, then the process group; left to interpreter shutdown, one rank once
+    # aborted at exit ("terminate called without an active exception").
+    dist.barrier()
+    engine.destroy()
+    del engine, module
+    gc.collect()
     dist.destroy_process_group()
 
 

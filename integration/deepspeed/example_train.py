@@ -13,6 +13,7 @@ single-process mini-batch update.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import socket
 import sys
@@ -108,6 +109,11 @@ def _worker(rank: int, world: int, port: int, stages: list[int], out_dir: str):
                 "head": params[1].detach().clone(),
             }
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    # Teardown in order (see example_calibrl.py): collectives done, engine released, then the group.
+    torch.distributed.barrier()
+    engine.destroy()
+    del engine
+    gc.collect()
     torch.distributed.destroy_process_group()
 
 
